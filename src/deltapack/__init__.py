@@ -1,0 +1,10 @@
+"""deltapack: store full fine-tunes as compressed deltas against their base, rebuild and serve them."""
+
+__version__ = "0.1.0"
+
+FORMAT_NAME = "deltapack"
+FORMAT_VERSION = 1
+
+from deltapack.errors import DeltapackError  # noqa: E402
+
+__all__ = ["__version__", "FORMAT_NAME", "FORMAT_VERSION", "DeltapackError"]

@@ -1,0 +1,233 @@
+"""Python API: the same operations as the CLI.
+
+    from deltapack import api
+    api.compress(base, finetuned, "delta/", method="delta-come", ratio=16)
+    api.merge(base, "delta/", "rebuilt/")
+    api.inspect("delta/")          # dict: per-tensor codec, bits/element, true and nominal ratio
+    api.verify(base, "delta/")     # dict: checksums, base fingerprint
+    model, tok = api.load_merged(base, "delta/")   # in memory, no dense copy on disk
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from deltapack.compress import base_fingerprint, combine_fingerprint, compress, tensor_digest  # noqa: F401
+from deltapack.errors import FormatError, MismatchError
+from deltapack.format.directory import DeltaDir
+from deltapack.io.sources import TOKENIZER_FILES, ModelSource, open_model
+from deltapack.io.writer import AtomicDir, ShardedSafetensorsWriter, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+def _check_base(delta: DeltaDir, base: ModelSource) -> None:
+    want = delta.manifest.base.structure
+    if want and base.structure_hash() != want:
+        raise MismatchError(
+            f"this delta was made against a different base ({delta.manifest.base.id}): tensor names/shapes differ"
+        )
+
+
+def iter_merged(base: ModelSource, delta: DeltaDir, *, progress: bool = False, verify_base: bool = True):
+    """Yield (name, fine-tune tensor) for every tensor of the fine-tune, streaming. Raises MismatchError at the end
+    if the base's content fingerprint differs from the one recorded (callers write to temp paths first)."""
+    _check_base(delta, base)
+    man = delta.manifest
+    removed = set(man.removed)
+    digests, metas = {}, {}
+    names = base.keys()
+    for n, b in tqdm(base.iter_tensors(names), total=len(names), desc="merge", disable=not progress):
+        if verify_base:
+            digests[n] = tensor_digest(b)
+            metas[n] = (str(b.dtype).replace("torch.", ""), tuple(b.shape))
+        if n in removed:
+            continue
+        yield n, (delta.merge_tensor(n, b) if n in man.tensors else b)
+    for n, te in man.tensors.items():
+        if not te.in_base:
+            yield n, delta.merge_tensor(n, None)
+    if verify_base and man.base.fingerprint:
+        fp = combine_fingerprint(digests, metas)
+        if fp != man.base.fingerprint:
+            raise MismatchError(f"base weights differ from the base this delta was made against ({man.base.id})")
+
+
+def merge(
+    base: str | os.PathLike,
+    delta: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    max_shard_bytes: int = 2 << 30,
+    progress: bool = True,
+    verify_base: bool = True,
+) -> Path:
+    """Rebuild the fine-tune as an HF checkpoint directory (safetensors shards + config + tokenizer)."""
+    d = DeltaDir.open(delta)
+    d.check()
+    bsrc = open_model(base)
+    _check_base(d, bsrc)
+    with AtomicDir(out, overwrite=overwrite) as tmp:
+        w = ShardedSafetensorsWriter(tmp, "model", max_shard_bytes, metadata={"format": "pt"})
+        for n, t in iter_merged(bsrc, d, progress=progress, verify_base=verify_base):
+            w.add(n, t)
+        files = w.close()
+        if len(files) > 1:
+            total = sum(f["bytes"] for f in files.values())
+            write_json_atomic(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": dict(sorted(w.location.items()))})
+        _copy_aux(d, bsrc, tmp)
+    return Path(out)
+
+
+def _copy_aux(d: DeltaDir, bsrc: ModelSource, dest: Path) -> None:
+    base_aux = bsrc.aux_files()
+    for name, where in d.manifest.aux.items():
+        src = d.path / "hf" / name if where == "delta" else base_aux.get(name)
+        if src is None or not Path(src).is_file():
+            raise FormatError(f"auxiliary file {name} ({where}) is missing")
+        shutil.copyfile(src, dest / name)
+    # a base tokenizer the fine-tune did not list (e.g. GGUF-derived base) still makes the checkpoint usable
+    if not any(n in d.manifest.aux for n in TOKENIZER_FILES):
+        for name in TOKENIZER_FILES:
+            if name in base_aux:
+                shutil.copyfile(base_aux[name], dest / name)
+    if "config.json" not in d.manifest.aux and "config.json" in base_aux:
+        shutil.copyfile(base_aux["config.json"], dest / "config.json")
+
+
+def merged_state_dict(base: str | os.PathLike | ModelSource, delta: str | os.PathLike | DeltaDir, *, verify_base=True):
+    bsrc = base if isinstance(base, ModelSource) else open_model(base)
+    d = delta if isinstance(delta, DeltaDir) else DeltaDir.open(delta)
+    d.check()
+    return dict(iter_merged(bsrc, d, verify_base=verify_base))
+
+
+def load_merged(
+    base: str | os.PathLike,
+    delta: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    verify_base: bool = True,
+):
+    """(model, tokenizer) of the rebuilt fine-tune, built in memory: no dense copy is written to disk."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    bsrc = open_model(base)
+    d = DeltaDir.open(delta)
+    sd = merged_state_dict(bsrc, d, verify_base=verify_base)
+    cfg_dir = d.path / "hf" if (d.path / "hf" / "config.json").exists() else bsrc.path
+    config = AutoConfig.from_pretrained(str(cfg_dir))
+    tok_dir = d.path / "hf" if (d.path / "hf" / "tokenizer_config.json").exists() else bsrc.path
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    model = model_from_state_dict(config, sd, device=device, dtype=dtype)
+    return model, tok
+
+
+def _no_init():
+    try:
+        from transformers.initialization import no_init_weights  # transformers >= 5
+    except ImportError:  # pragma: no cover - older transformers
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            import contextlib
+
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def model_from_state_dict(config, sd: dict, *, device="cpu", dtype=None):
+    """Build a causal LM from a config and a full state dict, on `device`, skipping random initialisation."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or next(iter(sd.values())).dtype
+    with _no_init(), torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    model.tie_weights()
+    tied = {n for n in missing if "lm_head" in n and getattr(config, "tie_word_embeddings", False)}
+    missing = [n for n in missing if n not in tied]
+    if missing or unexpected:
+        raise FormatError(f"rebuilt weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def inspect(delta: str | os.PathLike) -> dict:
+    d = DeltaDir.open(delta)
+    man = d.manifest
+    rows = []
+    for n, te in man.tensors.items():
+        numel = 1
+        for s in te.shape:
+            numel *= s
+        stored = te.payload_bytes + te.side_bytes
+        p = te.params
+        detail = {}
+        if te.codec == "factors":
+            detail = {"rank": sum(g["rank"] for g in p.get("groups", [])), "bits": sorted({g["bits"] for g in p.get("groups", [])})}
+        elif te.codec == "sparse":
+            detail = {k: p[k] for k in ("keep_prob", "group_size", "keep", "bits") if k in p}
+        elif te.codec == "sign":
+            detail = {"planes": p.get("planes", 1), "scale": p.get("scale")}
+        rows.append(
+            {
+                "name": n,
+                "shape": te.shape,
+                "codec": te.codec,
+                "method": te.method or man.method,
+                "detail": detail,
+                "stored_bytes": stored,
+                "payload_bytes": te.payload_bytes,
+                "bits_per_element": 8 * stored / max(1, numel),
+                "ratio": te.dense_bytes / max(1, stored),
+            }
+        )
+    total = d.total_bytes()
+    return {
+        "path": str(d.path),
+        "method": man.method,
+        "method_params": man.method_params,
+        "target_ratio": man.target_ratio,
+        "base": man.base.model_dump(),
+        "finetuned": man.finetuned.model_dump(),
+        "tensors": rows,
+        "changed_tensors": len(man.tensors),
+        "unchanged_tensors": man.unchanged,
+        "dense_delta_bytes": man.dense_delta_bytes,
+        "total_bytes": total,
+        "true_ratio": man.dense_delta_bytes / max(1, total),
+        "nominal_ratio": d.nominal_ratio(),
+        "format_version": man.format_version,
+    }
+
+
+def verify(base: str | os.PathLike | None, delta: str | os.PathLike, *, progress: bool = False) -> dict:
+    """Checks file checksums and, when a base is given, its structure and full-content fingerprint."""
+    d = DeltaDir.open(delta, check_sizes=False)
+    bad = d.verify_checksums()
+    report = {"delta": str(d.path), "files": len(d.manifest.files), "bad_files": bad, "checksums_ok": not bad}
+    if base is not None:
+        bsrc = open_model(base)
+        struct_ok = not d.manifest.base.structure or bsrc.structure_hash() == d.manifest.base.structure
+        report["base_structure_ok"] = struct_ok
+        if struct_ok:
+            fp = base_fingerprint(bsrc, progress=progress)
+            report["base_fingerprint"] = fp
+            report["base_fingerprint_ok"] = fp == d.manifest.base.fingerprint
+        else:
+            report["base_fingerprint_ok"] = False
+    report["ok"] = report["checksums_ok"] and report.get("base_fingerprint_ok", True)
+    return report
+
+
+def save_json(obj, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(obj, indent=1))

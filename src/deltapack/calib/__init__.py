@@ -1,0 +1,1 @@
+"""Calibration: text loading (with an offline default), layer-by-layer activation statistics, distillation."""

@@ -1,0 +1,132 @@
+"""Reading a delta directory: manifest, checksums, per-tensor parts, decoding, and the true on-disk ratio."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from deltapack.errors import FormatError
+from deltapack.format.codecs import decode_entry
+from deltapack.format.manifest import MANIFEST_NAME, Manifest, TensorEntry, part_key
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes of every file in the directory tree: what the true ratio divides by."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            total += os.path.getsize(os.path.join(root, f))
+    return total
+
+
+def sha256_file(p: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+class DeltaDir:
+    """A delta directory opened for reading. `DeltaDir.open(path)` validates the manifest and that files exist."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = path
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, check_sizes: bool = True) -> "DeltaDir":
+        p = Path(path)
+        if not p.is_dir():
+            raise FormatError(f"delta directory not found: {p}")
+        m = Manifest.load(p / MANIFEST_NAME)
+        d = cls(p, m)
+        for name, fe in m.files.items():
+            f = p / name
+            if not f.is_file():
+                raise FormatError(f"delta file missing: {name}")
+            if check_sizes and f.stat().st_size != fe.bytes:
+                raise FormatError(f"delta file {name} has {f.stat().st_size} bytes, manifest says {fe.bytes} (truncated?)")
+        for tname, te in m.tensors.items():
+            if te.file not in m.files:
+                raise FormatError(f"tensor {tname} points to unlisted file {te.file}")
+        return d
+
+    # ---- integrity ---------------------------------------------------------------------------------------------
+    def verify_checksums(self) -> list[str]:
+        """Returns the names of files whose sha256 differs from the manifest (empty list = all good)."""
+        bad = []
+        for name, fe in self.manifest.files.items():
+            f = self.path / name
+            if not f.is_file() or f.stat().st_size != fe.bytes or sha256_file(f) != fe.sha256:
+                bad.append(name)
+        return bad
+
+    def check(self) -> None:
+        bad = self.verify_checksums()
+        if bad:
+            raise FormatError(f"checksum mismatch in {', '.join(bad)}: the delta is corrupt")
+
+    # ---- sizes -------------------------------------------------------------------------------------------------
+    def total_bytes(self) -> int:
+        return dir_bytes(self.path)
+
+    def true_ratio(self) -> float:
+        return self.manifest.dense_delta_bytes / max(1, self.total_bytes())
+
+    def nominal_ratio(self) -> float:
+        payload = sum(t.payload_bytes for t in self.manifest.tensors.values())
+        return self.manifest.dense_delta_bytes / max(1, payload)
+
+    # ---- tensors -----------------------------------------------------------------------------------------------
+    def entry(self, name: str) -> TensorEntry:
+        return self.manifest.tensors[name]
+
+    def parts(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        te = self.manifest.tensors[name]
+        f = self.path / te.file
+        out = {}
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as h:
+                for part in te.parts:
+                    out[part] = h.get_tensor(part_key(name, part))
+        except FormatError:
+            raise
+        except Exception as e:
+            raise FormatError(f"cannot read parts of {name} from {te.file} (truncated or corrupt): {e}") from e
+        return out
+
+    def decode(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Dense fp32 delta of tensor `name` (shape of the fine-tune; added vocabulary rows included as-is:
+        for those rows the base contributes nothing, see `merge_tensor`)."""
+        te = self.manifest.tensors[name]
+        parts = self.parts(name, device)
+        new_rows = parts.pop("new_rows", None)
+        shape = list(te.shape)
+        if te.base_rows is not None:
+            shape[0] = te.base_rows
+        d = decode_entry(te.codec, te.params, parts, tuple(shape))
+        if new_rows is not None:
+            d = torch.cat([d.to(torch.float32), new_rows.to(torch.float32).reshape(-1, *shape[1:])], 0)
+        return d
+
+    def merge_tensor(self, name: str, base: torch.Tensor | None) -> torch.Tensor:
+        """Fine-tune tensor = base + delta, in the fine-tune's dtype."""
+        te = self.manifest.tensors[name]
+        dtype = getattr(torch, te.dtype)
+        d = self.decode(name)
+        if te.base_rows is not None:
+            if base is None or base.shape[0] != te.base_rows:
+                raise FormatError(f"{name}: base has {None if base is None else base.shape[0]} rows, delta expects {te.base_rows}")
+            acc = d.clone()
+            acc[: te.base_rows] += base.to(d.dtype)
+            return acc.to(dtype)
+        if base is None:
+            return d.to(dtype)
+        if tuple(base.shape) != tuple(te.shape):
+            raise FormatError(f"{name}: base shape {list(base.shape)} differs from the delta's {te.shape}")
+        return (base.to(d.dtype) + d).to(dtype)

@@ -1,0 +1,64 @@
+"""Seeded sparsity masks that cost no storage: positions are regenerated from (seed, element index).
+
+A counter-based 32-bit integer hash (no RNG state), so CPU, CUDA and a Triton kernel all produce the same mask for
+the same seed, and any block of a tensor can be regenerated on its own. The seed of a tensor is derived from its
+name, so two tensors never share a mask.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def seed_for(name: str, salt: int = 0) -> int:
+    return int.from_bytes(hashlib.sha256(f"{salt}:{name}".encode()).digest()[:4], "little")
+
+
+def hash32(idx: torch.Tensor, seed: int) -> torch.Tensor:
+    """lowbias32-style mix of (seed, idx) -> uint32 values held in int64."""
+    x = (idx.to(torch.int64) * 0x9E3779B1 + seed) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    x = x ^ (x >> 16)
+    return x
+
+
+def bernoulli_mask(shape: tuple[int, int], keep_prob: float, seed: int, device="cpu") -> torch.Tensor:
+    """Each element kept independently with probability keep_prob."""
+    rows, cols = shape
+    out = torch.empty(rows, cols, dtype=torch.bool, device=device)
+    thresh = int(keep_prob * 2**32)
+    step = max(1, (1 << 24) // max(cols, 1))
+    base = torch.arange(cols, device=device, dtype=torch.int64)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        idx = torch.arange(r0, r1, device=device, dtype=torch.int64).unsqueeze(1) * cols + base
+        out[r0:r1] = hash32(idx, seed) < thresh
+    return out
+
+
+def group_keep_indices(shape: tuple[int, int], group_size: int, keep: int, seed: int, device="cpu") -> torch.Tensor:
+    """Group-wise dropout positions: each row is cut into groups of `group_size` contiguous columns and exactly
+    `keep` positions of each group survive (those with the smallest hashes). Returns (rows, n_groups*keep) int64
+    column indices, ascending within each group. cols must be a multiple of group_size."""
+    rows, cols = shape
+    if cols % group_size:
+        raise ValueError(f"cols {cols} not a multiple of group size {group_size}")
+    groups = cols // group_size
+    out = torch.empty(rows, groups * keep, dtype=torch.int64, device=device)
+    step = max(1, (1 << 23) // max(cols, 1))
+    base = torch.arange(cols, device=device, dtype=torch.int64)
+    offs = (torch.arange(groups, device=device, dtype=torch.int64) * group_size).view(1, groups, 1)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        idx = torch.arange(r0, r1, device=device, dtype=torch.int64).unsqueeze(1) * cols + base
+        h = hash32(idx, seed).view(r1 - r0, groups, group_size)
+        sel = torch.topk(h, keep, dim=-1, largest=False, sorted=False).indices.sort(-1).values
+        out[r0:r1] = (sel + offs).view(r1 - r0, groups * keep)
+    return out

@@ -1,0 +1,6 @@
+"""Model IO: lazy shard reading (safetensors / safe .bin / hub / GGUF) and atomic, bounded-size writing."""
+
+from deltapack.io.sources import ModelSource, TensorMeta, open_model
+from deltapack.io.writer import AtomicDir, ShardedSafetensorsWriter
+
+__all__ = ["ModelSource", "TensorMeta", "open_model", "AtomicDir", "ShardedSafetensorsWriter"]

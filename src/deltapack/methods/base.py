@@ -1,0 +1,174 @@
+"""The method interface and registry.
+
+One method = one pydantic class whose fields are its knobs (named as in its paper), with class-level facts: its name,
+its paper, whether it needs / can use calibration data. The compress driver plans a byte budget per tensor
+(`allocate`), then calls `encode` tensor by tensor; `refine` is an optional whole-model pass (e.g. BitDelta's scale
+distillation) run before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from deltapack.errors import MethodError
+
+if TYPE_CHECKING:
+    from deltapack.compress import CompressContext
+
+
+@dataclass
+class Encoded:
+    """A compressed tensor as the codec stores it."""
+
+    codec: str
+    params: dict
+    parts: dict[str, torch.Tensor]
+    method: str | None = None  # set when a tensor is stored by another method than the run's (dense fallback)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+
+@dataclass
+class TensorJob:
+    """What a method sees for one tensor."""
+
+    name: str
+    shape: tuple[int, int]  # 2-D view (out, in) of the part the codec covers (base rows only under vocab growth)
+    delta: torch.Tensor  # fp32, 2-D, on the compute device
+    budget_bytes: int  # bytes this tensor may store
+    kind: str  # "linear" | "embedding" | "lm_head" | "vector" | "other"
+    base: torch.Tensor | None = None  # 2-D views, on device (raw needs them for exactness checks)
+    finetuned: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TensorStat:
+    """Per-tensor facts gathered in the planning pass, for budget allocation."""
+
+    name: str
+    shape: tuple[int, int]
+    kind: str
+    dense_bytes: int
+    sq_norm: float  # ||delta||_F^2
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class DeltaMethod(BaseModel):
+    """Base class. Subclasses set the ClassVars and implement `encode` (and `min_bytes` when not 1 bit/element)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    needs_calibration: ClassVar[bool] = False  # cannot run without calibration data
+    uses_calibration: ClassVar[bool] = False  # improves with calibration data (collected only when true)
+    lossless: ClassVar[bool] = False  # ignores --ratio (raw)
+    parts_per_tensor: ClassVar[int] = 3  # for the metadata estimate
+
+    # ---- planning ------------------------------------------------------------------------------------------------
+    def min_bytes(self, shape: tuple[int, int]) -> int:
+        """Fewest bytes this method can store a tensor of this shape in."""
+        return 1
+
+    def max_useful_bytes(self, shape: tuple[int, int]) -> int:
+        """Bytes past which more budget buys nothing (e.g. full rank). Default: the bf16 dense size."""
+        return shape[0] * shape[1] * 2
+
+    def allocate(self, stats: list[TensorStat], total_bytes: int) -> dict[str, int]:
+        """Split `total_bytes` over matrices. Default: the same bits per element everywhere, each tensor clamped to
+        [min_bytes, max_useful_bytes] with the surplus redistributed."""
+        return proportional_allocation(stats, total_bytes, self.min_bytes, self.max_useful_bytes)
+
+    # ---- work --------------------------------------------------------------------------------------------------
+    def encode(self, job: TensorJob, ctx: "CompressContext") -> Encoded:
+        raise NotImplementedError
+
+    def refine(self, encoded: dict[str, Encoded], ctx: "CompressContext") -> dict[str, Encoded]:
+        """Optional whole-model pass over all encoded tensors before writing."""
+        return encoded
+
+    @property
+    def has_refine(self) -> bool:
+        return type(self).refine is not DeltaMethod.refine
+
+    def describe_params(self) -> dict:
+        return self.model_dump()
+
+
+def proportional_allocation(stats, total_bytes, min_bytes, max_bytes, weight=None) -> dict[str, int]:
+    """Water-filling: bytes ∝ weight (default: element count) within [min, max] per tensor."""
+    weight = weight or (lambda s: float(s.shape[0] * s.shape[1]))
+    lo = {s.name: min_bytes(s.shape) for s in stats}
+    hi = {s.name: max(lo[s.name], max_bytes(s.shape)) for s in stats}
+    alloc: dict[str, int] = {}
+    free = list(stats)
+    remaining = total_bytes
+    for _ in range(len(stats) + 1):
+        wsum = sum(weight(s) for s in free)
+        if not free or wsum <= 0:
+            break
+        clamped = False
+        for s in list(free):
+            share = remaining * weight(s) / wsum
+            if share < lo[s.name] or share > hi[s.name]:
+                alloc[s.name] = lo[s.name] if share < lo[s.name] else hi[s.name]
+                remaining -= alloc[s.name]
+                free.remove(s)
+                clamped = True
+        if not clamped:
+            for s in free:
+                alloc[s.name] = int(remaining * weight(s) / wsum)
+            free = []
+            break
+    for s in free:
+        alloc[s.name] = lo[s.name]
+    return alloc
+
+
+METHODS: dict[str, type[DeltaMethod]] = {}
+
+
+def register_method(cls: type[DeltaMethod]) -> type[DeltaMethod]:
+    if not cls.name:
+        raise ValueError("method class needs a name")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str, params: dict | None = None) -> DeltaMethod:
+    from deltapack import methods as _  # noqa: F401  (registers the built-in methods)
+
+    if name not in METHODS:
+        raise MethodError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    try:
+        return METHODS[name](**(params or {}))
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise MethodError(f"bad parameter for {name}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from e
+
+
+def method_table() -> list[dict]:
+    """Name, paper, calibration flags and knobs (with defaults) of every registered method."""
+    from deltapack import methods as _  # noqa: F401
+
+    rows = []
+    for name, cls in sorted(METHODS.items()):
+        knobs = {k: (f.default if f.default is not None else None) for k, f in cls.model_fields.items()}
+        rows.append(
+            {
+                "name": name,
+                "paper": cls.paper,
+                "summary": cls.summary,
+                "needs_calibration": cls.needs_calibration,
+                "uses_calibration": cls.uses_calibration,
+                "knobs": knobs,
+            }
+        )
+    return rows
