@@ -79,6 +79,33 @@ class CompressContext:
             self.cache["calib_texts"] = load_calibration_texts(self.calib_path)
         return self.cache["calib_texts"]
 
+    def calibration_batches(self, seq_len: int, n_seqs: int) -> torch.Tensor:
+        """(n, seq_len) token ids from the calibration text, tokenized with the fine-tune's tokenizer. A checkpoint
+        without a tokenizer (test models) gets seeded random ids, unless the user passed --calib."""
+        key = f"calib_ids:{seq_len}:{n_seqs}"
+        if key not in self.cache:
+            from deltapack.calib.data import token_batches
+
+            try:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(str(self.finetuned.path))
+            except Exception as e:
+                if self.calib_path:
+                    raise DeltapackError(f"--calib given but the fine-tune has no usable tokenizer: {e}") from e
+                tok = None
+            if tok is None:
+                vocab = int(self.finetuned.config().get("vocab_size", 256))
+                log.warning("no tokenizer next to the fine-tune: calibrating on seeded random token ids")
+                ids = torch.randint(0, vocab, (n_seqs, seq_len), generator=torch.Generator().manual_seed(0))
+                src = "random-token-ids"
+            else:
+                ids = token_batches(tok, self.calibration_texts(), seq_len, n_seqs)
+                src = self.calib_path or "default:stdlib-docstrings"
+            self.cache[key] = ids
+            self.cache["calibration_record"] = {"source": str(src), "n_seqs": int(ids.shape[0]), "seq_len": seq_len, "tokens": int(ids.numel())}
+        return self.cache[key]
+
 
 @dataclass
 class _Plan:

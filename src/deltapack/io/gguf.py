@@ -43,8 +43,24 @@ def gguf_to_safetensors_dir(gguf_path: Path) -> Path:
         raise InputError(f"cannot load GGUF {gguf_path}: {e.__class__.__name__}: {e}") from e
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # transformers marks GGUF-loaded models as quantized and refuses save_pretrained: write the (already
+        # dequantized) state dict ourselves, dropping the tied lm_head that safetensors cannot alias
+        sd = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            sd.pop("lm_head.weight", None)
+        from safetensors.torch import save_file
+
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        cfg = model.config
+        for attr in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(cfg, attr):
+                delattr(cfg, attr)
+        cfg.dtype = torch.bfloat16
+        cfg.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)

@@ -38,6 +38,7 @@ class AtomicDir:
             raise InputError(f"output {self.out} exists and is not a directory")
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        os.chmod(self.tmp, 0o755)  # mkdtemp makes 0700; the result is an ordinary directory
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:

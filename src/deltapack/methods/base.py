@@ -114,15 +114,14 @@ def proportional_allocation(stats, total_bytes, min_bytes, max_bytes, weight=Non
         wsum = sum(weight(s) for s in free)
         if not free or wsum <= 0:
             break
-        clamped = False
-        for s in list(free):
-            share = remaining * weight(s) / wsum
-            if share < lo[s.name] or share > hi[s.name]:
-                alloc[s.name] = lo[s.name] if share < lo[s.name] else hi[s.name]
-                remaining -= alloc[s.name]
-                free.remove(s)
-                clamped = True
-        if not clamped:
+        # clamp tensors over their maximum first (that frees budget for the rest), then those under their minimum
+        over = [s for s in free if remaining * weight(s) / wsum > hi[s.name]]
+        under = [] if over else [s for s in free if remaining * weight(s) / wsum < lo[s.name]]
+        for s in over or under:
+            alloc[s.name] = hi[s.name] if over else lo[s.name]
+            remaining -= alloc[s.name]
+            free.remove(s)
+        if not (over or under):
             for s in free:
                 alloc[s.name] = int(remaining * weight(s) / wsum)
             free = []

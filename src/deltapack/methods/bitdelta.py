@@ -31,7 +31,7 @@ class BitDelta(DeltaMethod):
     planes: int | None = Field(None, ge=1, le=8, description="sign planes (default: as many as the budget allows)")
     distill: bool = Field(False, description="train the scales to match the fine-tune's logits")
     distill_steps: int = Field(200, ge=1)
-    distill_lr: float = Field(1e-4, gt=0)
+    distill_lr: float = Field(0.05, gt=0, description="Adam lr on relative scale multipliers (see calib/distill.py)")
     distill_batch: int = Field(4, ge=1)
     distill_seq_len: int = Field(128, ge=8)
 

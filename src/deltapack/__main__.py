@@ -1,0 +1,3 @@
+from deltapack.cli import main
+
+main()

@@ -1,0 +1,147 @@
+"""compress -> merge round trips for every method, and the true-ratio contract."""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from deltapack import api
+from deltapack.cli import main
+from deltapack.methods import METHODS
+
+from conftest import make_finetune, make_llama
+
+CORE = ["raw", "lowrank", "bitdelta", "dare"]
+
+
+def _load_dir(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _rel_err(a, b):
+    num = sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in b)
+    den = sum(float(b[k].float().pow(2).sum()) for k in b)
+    return (num / den) ** 0.5
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_roundtrip_every_method_pico(pico_pair, tmp_path, method):
+    base, ft = pico_pair
+    ratio = None if METHODS[method].lossless else 1.5
+    delta = api.compress(base, ft, tmp_path / "d", method=method, ratio=ratio, progress=False)
+    out = api.merge(base, delta, tmp_path / "m", progress=False)
+    got, want, b = _load_dir(out), _load_dir(ft), _load_dir(base)
+    assert set(got) == set(want)
+    assert all(got[k].dtype == want[k].dtype and got[k].shape == want[k].shape for k in want)
+    # the rebuilt model is closer to the fine-tune than the base is
+    assert _rel_err(got, want) < _rel_err(b, want)
+    # transformers loads it (config + weights)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_raw_is_bit_exact(pico_pair, tmp_path):
+    base, ft = pico_pair
+    out = api.merge(base, api.compress(base, ft, tmp_path / "d", method="raw", progress=False), tmp_path / "m", progress=False)
+    got, want = _load_dir(out), _load_dir(ft)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_raw_bit_exact_fp32_checkpoint(tmp_path):
+    make_llama(tmp_path / "b", dtype=torch.float32)
+    make_finetune(tmp_path / "b", tmp_path / "f", seed=5)
+    # make_finetune saves bf16; reload base fp32 pair: fine-tune stored fp32 too
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "f", dtype=torch.float32).save_pretrained(tmp_path / "f32")
+    out = api.merge(tmp_path / "b", api.compress(tmp_path / "b", tmp_path / "f32", tmp_path / "d", method="raw", progress=False), tmp_path / "m", progress=False)
+    got, want = _load_dir(out), _load_dir(tmp_path / "f32")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_unchanged_tensors_not_stored(pico_pair, tmp_path):
+    base, ft = pico_pair
+    d = api.compress(base, ft, tmp_path / "d", method="raw", progress=False)
+    info = api.inspect(d)
+    names = {r["name"] for r in info["tensors"]}
+    assert "model.layers.1.mlp.up_proj.weight" not in names  # the fixture leaves it equal
+    assert info["unchanged_tensors"] == 1
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" in names
+
+
+@pytest.mark.parametrize("method", ["lowrank", "bitdelta", "dare"])
+def test_true_ratio_16x_small_pair(small_pair, tmp_path, method):
+    """~8M parameters, hidden 512: the ratio on disk reaches >= 15.5 and inspect --json reports that number."""
+    base, ft = small_pair
+    d = api.compress(base, ft, tmp_path / "d", method=method, ratio=16, progress=False)
+    files = [p for p in d.rglob("*") if p.is_file()]
+    on_disk = sum(p.stat().st_size for p in files)
+    dense = 0
+    a, b = _load_dir(ft), _load_dir(base)
+    for k in a:
+        if not torch.equal(a[k], b[k]):
+            dense += a[k].numel() * 2
+    true_ratio = dense / on_disk
+    assert true_ratio >= 15.5
+    res = CliRunner().invoke(main, ["inspect", str(d), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["true_ratio"] == pytest.approx(true_ratio, rel=1e-12)
+
+
+def test_vocab_growth_roundtrip(tmp_path):
+    make_llama(tmp_path / "b", hidden=32, vocab=64)
+    make_finetune(tmp_path / "b", tmp_path / "f", grow_vocab=8)
+    d = api.compress(tmp_path / "b", tmp_path / "f", tmp_path / "d", method="lowrank", ratio=1.5, progress=False)
+    te = json.loads((d / "delta_config.json").read_text())["tensors"]["model.embed_tokens.weight"]
+    assert te["base_rows"] == 64 and te["shape"] == [72, 32] and "new_rows" in te["parts"]
+    out = api.merge(tmp_path / "b", d, tmp_path / "m", progress=False)
+    got, want = _load_dir(out), _load_dir(tmp_path / "f")
+    assert got["model.embed_tokens.weight"].shape == (72, 32)
+    # added rows have no base: they are stored exactly (bf16)
+    assert torch.equal(got["model.embed_tokens.weight"][64:], want["model.embed_tokens.weight"][64:])
+
+
+def test_sharded_output_and_input(pico_pair, tmp_path):
+    base, ft = pico_pair
+    d = api.compress(base, ft, tmp_path / "d", method="raw", progress=False, max_shard_bytes=20_000)
+    assert len(list(d.glob("delta-*-of-*.safetensors"))) > 1
+    out = api.merge(base, d, tmp_path / "m", progress=False, max_shard_bytes=30_000)
+    assert (out / "model.safetensors.index.json").exists()
+    # the sharded merged checkpoint is a valid input again (index-driven lazy reading)
+    d2 = api.compress(base, out, tmp_path / "d2", method="raw", progress=False)
+    out2 = api.merge(base, d2, tmp_path / "m2", progress=False)
+    got, want = _load_dir(out2), _load_dir(ft)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_verify_ok(pico_pair, tmp_path):
+    base, ft = pico_pair
+    d = api.compress(base, ft, tmp_path / "d", method="dare", ratio=1.5, progress=False)
+    rep = api.verify(base, d)
+    assert rep["ok"] and rep["checksums_ok"] and rep["base_fingerprint_ok"]
+    res = CliRunner().invoke(main, ["verify", str(base), str(d)])
+    assert res.exit_code == 0 and "fingerprint: ok" in res.output
+
+
+def test_load_merged_in_memory_matches_merge(pico_pair, tmp_path):
+    base, ft = pico_pair
+    d = api.compress(base, ft, tmp_path / "d", method="lowrank", ratio=1.5, progress=False)
+    out = api.merge(base, d, tmp_path / "m", progress=False)
+    sd = api.merged_state_dict(base, d)
+    disk = _load_dir(out)
+    assert all(torch.equal(sd[k], disk[k]) for k in disk)
+
+
+def test_methods_cli_lists_registry():
+    res = CliRunner().invoke(main, ["methods", "--json"])
+    assert res.exit_code == 0
+    names = {r["name"] for r in json.loads(res.output)}
+    assert set(CORE) <= names
+    for r in json.loads(res.output):
+        assert r["paper"] and "needs_calibration" in r
