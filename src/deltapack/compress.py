@@ -344,7 +344,8 @@ def compress(
                 entries[n] = _write_entry(writer, n, refined[n], new_rows, fsrc, stats[n], plan, m)
         files = writer.close()
         for n, e in entries.items():
-            e.file = writer.location[part_key(n, e.parts[0])]
+            # a tensor whose budget bought nothing (e.g. rank 0) has no parts and decodes to zeros
+            e.file = writer.location[part_key(n, e.parts[0])] if e.parts else ""
         hf_dir = tmp / "hf"
         if store_aux:
             hf_dir.mkdir()

@@ -52,7 +52,7 @@ class DeltaDir:
             if check_sizes and f.stat().st_size != fe.bytes:
                 raise FormatError(f"delta file {name} has {f.stat().st_size} bytes, manifest says {fe.bytes} (truncated?)")
         for tname, te in m.tensors.items():
-            if te.file not in m.files:
+            if te.parts and te.file not in m.files:
                 raise FormatError(f"tensor {tname} points to unlisted file {te.file}")
         return d
 
@@ -88,6 +88,8 @@ class DeltaDir:
 
     def parts(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         te = self.manifest.tensors[name]
+        if not te.parts:
+            return {}
         f = self.path / te.file
         out = {}
         try:

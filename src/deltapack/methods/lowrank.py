@@ -10,17 +10,32 @@ from deltapack.format.codecs import build_factor_parts
 from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, register_method
 
 
-def top_svd(delta: torch.Tensor, rank: int, exact_below: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-`rank` singular triplets. Full SVD for small matrices or large ranks; randomized otherwise, since
-    methods that need only the top vectors should not pay for all of them."""
+def top_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-`rank` singular triplets (U: m×r, S: r, Vh: r×n), exact.
+
+    Through the eigendecomposition of the Gram matrix of the smaller side: one k×k `eigh` (k = min(m, n)) instead
+    of a full SVD — ~10x faster (GPU.md: 0.10 s vs 1.1 s for 4096×11008) and only the top vectors are used. The
+    Gram matrix is accumulated in fp64 and decomposed in fp32 (fp64 eigh is ~7x slower on CPU); squaring the
+    spectrum costs precision only far below the ranks any budget buys.
+    """
     m, n = delta.shape
     k = min(m, n)
     rank = min(rank, k)
-    if k <= exact_below or rank > k // 3:
-        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-        return U[:, :rank], S[:rank], Vh[:rank]
-    U, S, V = torch.svd_lowrank(delta, q=min(k, rank + max(16, rank // 4)), niter=4)
-    return U[:, :rank], S[:rank], V[:, :rank].T
+    d64 = delta.double()
+    wide = m <= n
+    gram = d64 @ d64.T if wide else d64.T @ d64  # k × k
+    evals, evecs = torch.linalg.eigh(gram.float())  # ascending
+    evals, evecs = evals.double(), evecs.double()
+    evals, evecs = evals.flip(0)[:rank].clamp_min(0), evecs.flip(1)[:, :rank]
+    S = evals.sqrt()
+    inv = torch.where(S > S[:1] * 1e-12, 1.0 / S, torch.zeros_like(S))
+    if wide:
+        U = evecs
+        Vh = (U.T @ d64) * inv[:, None]
+    else:
+        Vh = evecs.T
+        U = (d64 @ Vh.T) * inv[None, :]
+    return U.to(delta.dtype), S.to(delta.dtype), Vh.to(delta.dtype)
 
 
 @register_method
