@@ -1,0 +1,213 @@
+"""Merge the benchmark's JSON parts into bench/results/quality.json, and generate quality.png and quality.md from it.
+
+Every number in quality.md and the plot comes from the merged JSON (nothing typed by hand). Parts are run.py outputs
+(`results`, `finetunes`, `notes`) and timing_7b.py outputs (`timing`); a (task, method label, target ratio) measured
+in more than one part keeps the latest part's record.
+
+    python bench/quality/report.py bench/results/parts/*.json --out bench/results/quality.json
+    python bench/quality/report.py --from-json bench/results/quality.json     # re-render png + md only
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS, command_line, load_json, now_iso, write_json  # noqa: E402
+
+LABEL_ORDER = ["raw", "lowrank", "bitdelta", "bitdelta-distill", "dare", "delta-come-paper", "delta-come-optimal", "deltadq"]
+
+
+def _label_key(label: str) -> tuple:
+    return (LABEL_ORDER.index(label) if label in LABEL_ORDER else len(LABEL_ORDER), label)
+
+
+def merge(paths: list[Path]) -> dict:
+    parts = sorted(((p, load_json(p)) for p in paths), key=lambda pd: pd[1].get("date", ""))
+    results: dict[tuple, dict] = {}
+    timing: dict[tuple, dict] = {}
+    finetunes: dict[str, dict] = {}
+    notes, part_info, devices = [], [], []
+    for p, d in parts:
+        part_info.append({k: d.get(k) for k in ("command", "device", "date", "complete", "elapsed_s", "smoke")} | {"file": p.name})
+        if d.get("device") and d["device"] not in devices:
+            devices.append(d["device"])
+        for r in d.get("results", []):
+            results[(r["task"], r.get("label", r["method"]), r["target_ratio"])] = r
+        for t in d.get("timing", []):
+            timing[(t.get("label", t["method"]), t["target_ratio"])] = t
+        for task, f in d.get("finetunes", {}).items():
+            finetunes[task] = f
+        for n in d.get("notes", []):
+            notes.append({**n, "part": p.name})
+    return {
+        "command": command_line(),
+        "part_commands": [pi["command"] for pi in part_info],
+        "device": ", ".join(devices),
+        "date": now_iso(),
+        "parts": part_info,
+        "finetunes": finetunes,
+        "results": sorted(results.values(), key=lambda r: (r["task"], _label_key(r.get("label", r["method"])), r["target_ratio"] or 0)),
+        "timing": sorted(timing.values(), key=lambda t: (_label_key(t.get("label", t["method"])), t["target_ratio"] or 0)),
+        "notes": notes,
+    }
+
+
+def summarize(results: list[dict]) -> dict[str, dict]:
+    """label -> target ratio -> mean over tasks of kept / accuracy / true ratio / KL (tasks with a record)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in results:
+        groups[(r.get("label", r["method"]), r["target_ratio"])].append(r)
+    out: dict[str, dict] = defaultdict(dict)
+    for (label, ratio), rs in groups.items():
+        kept = [r["kept"] for r in rs if r.get("kept") is not None]
+        out[label]["lossless" if ratio is None else f"{ratio:g}"] = {
+            "target_ratio": ratio,
+            "tasks": sorted(r["task"] for r in rs),
+            "kept": sum(kept) / len(kept) if kept else None,
+            "accuracy": sum(r["accuracy"] for r in rs) / len(rs),
+            "true_ratio": sum(r["true_ratio"] for r in rs) / len(rs),
+            "nominal_ratio": sum(r["nominal_ratio"] for r in rs) / len(rs),
+            "kl": sum(r["kl"] for r in rs) / len(rs),
+            "seconds": sum(r["seconds"] for r in rs) / len(rs),
+        }
+    return dict(sorted(out.items(), key=lambda kv: _label_key(kv[0])))
+
+
+def plot(merged: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    summary = summarize(merged["results"])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    markers = "os^vD<>ph*"
+    for i, (label, by_ratio) in enumerate(summary.items()):
+        pts = sorted((v["true_ratio"], v["kept"], v["kl"]) for v in by_ratio.values() if v["kept"] is not None)
+        if not pts:
+            continue
+        xs, ys, kls = zip(*pts)
+        style = dict(marker=markers[i % len(markers)], label=label, linestyle="-" if len(xs) > 1 else "none")
+        ax.plot(xs, ys, **style)
+        pos = [(x, k) for x, k in zip(xs, kls) if k > 0]  # a lossless method's KL is exactly 0: nothing to draw on log y
+        if pos:
+            ax2.plot(*zip(*pos), **{**style, "linestyle": "-" if len(pos) > 1 else "none"})
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("true compression ratio (dense bf16 delta bytes / bytes on disk)")
+        a.grid(True, which="both", alpha=0.3)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.set_ylabel("accuracy kept (rebuilt / fine-tune), mean over tasks")
+    ax.set_ylim(bottom=0)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("KL(fine-tune || rebuilt), nats/answer token")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    tasks = sorted(merged.get("finetunes", {}))
+    fig.suptitle(f"SmolLM2-135M-Instruct full fine-tunes ({', '.join(tasks)}) on {merged.get('device', '?')}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    plt.close(fig)
+    return path
+
+
+def _f(x, fmt="{:.3f}") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def markdown(merged: dict, json_name: str) -> str:
+    summary = summarize(merged["results"])
+    ratios = sorted({r["target_ratio"] for r in merged["results"] if r["target_ratio"] is not None})
+    lines = [
+        "<!-- generated by bench/quality/report.py from " + json_name + "; do not edit by hand -->",
+        f"Device: {merged.get('device') or '?'}. Generated {merged['date']}.",
+        "",
+        "**Accuracy kept** (exact-match accuracy of the rebuilt model / the fine-tune's, mean over tasks), with the mean "
+        "true ratio reached in parentheses:",
+        "",
+        "| method | " + " | ".join(f"{r:g}x" for r in ratios) + (" | lossless |" if any(r["target_ratio"] is None for r in merged["results"]) else " |"),
+        "|---|" + "---|" * (len(ratios) + (1 if any(r["target_ratio"] is None for r in merged["results"]) else 0)),
+    ]
+    has_lossless = any(r["target_ratio"] is None for r in merged["results"])
+    for label, by in summary.items():
+        cells = []
+        for r in ratios:
+            v = by.get(f"{r:g}")
+            cells.append(f"{_f(v['kept'])} ({v['true_ratio']:.1f}x)" if v else "–")
+        if has_lossless:
+            v = by.get("lossless")
+            cells.append(f"{_f(v['kept'])} ({v['true_ratio']:.2f}x)" if v else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    keys = [f"{r:g}" for r in ratios] + (["lossless"] if has_lossless else [])
+    lines += ["", "**KL(fine-tune ‖ rebuilt)**, nats per answer token, mean over tasks:", "",
+              "| method | " + " | ".join(k if k == "lossless" else f"{k}x" for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    for label, by in summary.items():
+        lines.append(f"| {label} | " + " | ".join(_f(by[k]['kl'], '{:.4f}') if k in by else "–" for k in keys) + " |")
+
+    if merged.get("finetunes"):
+        lines += ["", "**Fine-tunes** (test split exact match):", "",
+                  "| task | base | fine-tune | gain | steps | train s |", "|---|---|---|---|---|---|"]
+        for task, f in sorted(merged["finetunes"].items()):
+            lines.append(f"| {task} | {_f(f.get('base_accuracy'))} | {_f(f.get('finetuned_accuracy'))} | {_f(f.get('gain'))} | "
+                         f"{f.get('steps', '–')} | {_f(f.get('train_seconds'), '{:.0f}')} |")
+
+    lines += ["", "<details><summary>Every run</summary>", "",
+              "| task | method | target | true ratio | nominal | accuracy | kept | KL | compress s |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in merged["results"]:
+        tgt = "lossless" if r["target_ratio"] is None else f"{r['target_ratio']:g}x"
+        lines.append(f"| {r['task']} | {r.get('label', r['method'])} | {tgt} | {r['true_ratio']:.2f}x | {r['nominal_ratio']:.2f}x | "
+                     f"{r['accuracy']:.3f} | {_f(r.get('kept'))} | {r['kl']:.4f} | {r['seconds']:.1f} |")
+    lines += ["", "</details>"]
+
+    if merged.get("timing"):
+        lines += ["", "**Compression time on a Llama-2-7B-shaped pair** (`deltapack.api.compress`, sharded safetensors "
+                  "checkpoint, synthetic long-tailed delta):", "",
+                  "| method | target | seconds | peak GPU GB | true ratio | shape |", "|---|---|---|---|---|---|"]
+        for t in merged["timing"]:
+            tgt = "lossless" if t["target_ratio"] is None else f"{t['target_ratio']:g}x"
+            lines.append(f"| {t.get('label', t['method'])} | {tgt} | {t['seconds']:.1f} | {_f(t.get('peak_gpu_gb'), '{:.1f}')} | "
+                         f"{_f(t.get('true_ratio'), '{:.1f}x')} | {t.get('shape', '–')} |")
+    if merged.get("notes"):
+        lines += ["", "Notes:", ""]
+        for n in merged["notes"]:
+            where = " ".join(f"{n[k]:g}x" if k == "target_ratio" else str(n[k])
+                             for k in ("task", "method", "target_ratio") if n.get(k) is not None)
+            lines.append(f"- {where}: {n['note']}" if where else f"- {n['note']}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="merge benchmark parts; write quality.json, .png, .md")
+    ap.add_argument("parts", nargs="*", type=Path)
+    ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    ap.add_argument("--from-json", type=Path, default=None, help="re-render from an existing merged JSON")
+    args = ap.parse_args(argv)
+    if args.from_json:
+        merged, out = load_json(args.from_json), args.from_json
+    else:
+        if not args.parts:
+            ap.error("give part files, or --from-json")
+        merged, out = merge(args.parts), args.out
+        merged["summary"] = summarize(merged["results"])
+        write_json(out, merged)
+    png = plot(merged, out.with_suffix(".png"))
+    md = out.with_suffix(".md")
+    tmp = md.with_name(md.name + ".part")
+    tmp.write_text(markdown(merged, out.name))
+    tmp.replace(md)
+    print(f"wrote {out}, {png}, {md} ({len(merged['results'])} results, {len(merged.get('timing', []))} timings)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

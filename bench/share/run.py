@@ -1,0 +1,343 @@
+"""DeltaLLM weight sharing vs layer dropping (ShortGPT Block Influence) vs the untrained SVD init, at equal size.
+
+    PYTHONPATH=src python bench/share/run.py                  # GPU: SmolLM2-135M-Instruct, -12% and -24%
+    PYTHONPATH=src python bench/share/run.py --smoke          # CPU: pico random Llama, a handful of steps
+    PYTHONPATH=src python bench/share/run.py --smoke --model DIR   # CPU: a real model, a handful of steps
+    python bench/share/run.py --table [bench/results/share.json]   # the README table from a results file
+
+Per reduction: one sharing plan (criterion measured on the original), then
+  deltallm  – plan + SVD init + delta distillation with progressive module replacement (time-bounded);
+  svd-init  – the same plan and parameter count, deltas left at their SVD initialisation;
+  layerdrop – blocks with the lowest Block Influence dropped until the model is no larger than deltallm's.
+Metrics on held-out text (Python docs the training never saw): perplexity and mean token KL(original ‖ model);
+and accuracy on seeded prompt/answer items that the original answers correctly (`kept` = share of those the
+compressed model still answers; the original scores 1.0 on them by construction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import logging
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+
+import torch  # noqa: E402
+
+from deltapack.io.writer import write_json_atomic  # noqa: E402
+from deltapack.share import tasks  # noqa: E402
+from deltapack.share.baselines import drop_layers, layer_drop_model, svd_init_model  # noqa: E402
+from deltapack.share.data import load_docs, split_docs, windows  # noqa: E402
+from deltapack.share.evaluate import evaluate  # noqa: E402
+from deltapack.share.model import apply_plan, finalize  # noqa: E402
+from deltapack.share.plan import make_plan, unique_param_count  # noqa: E402
+from deltapack.share.store import load_shared, save_shared  # noqa: E402
+from deltapack.share.train import TrainConfig, local_fit, train_deltas  # noqa: E402
+
+log = logging.getLogger("bench.share")
+RESULTS = ROOT / "bench" / "results"
+
+
+def embedded_dir() -> Path:
+    """The embedded SmolLM2 as a safetensors directory. Falls back to dequantizing with GgufConfig(dequantize=True)
+    where deltapack.io.gguf cannot save a GGUF-loaded model (transformers versions that keep GGUF weights packed)."""
+    from deltapack.io.embedded import embedded_gguf, embedded_model_dir
+    from deltapack.io.gguf import cache_root
+
+    try:
+        return embedded_model_dir()
+    except Exception as e:  # noqa: BLE001 - any failure of the core path: try the explicit dequantizing load
+        log.warning("embedded_model_dir() failed (%s); dequantizing the GGUF explicitly", e)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    g = embedded_gguf()
+    out = cache_root() / "share-bench" / g.stem
+    if (out / "config.json").exists():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.bfloat16,
+                                                 quantization_config=GgufConfig(dequantize=True))
+    tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    tmp.rename(out)  # complete directories only
+    return out
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return f"{torch.cuda.get_device_name(dev)} (torch {torch.__version__})"
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def task_eval(model, tok, items) -> float | None:
+    if not items:
+        return None
+    ok = tasks.score(model, tok, items)
+    return sum(ok) / len(ok)
+
+
+def row(method, reduction, model, held, original, tok, kept_items, extra) -> dict:
+    t = time.perf_counter()
+    ev = evaluate(model, held, teacher=original)
+    acc = task_eval(model, tok, kept_items)
+    r = {
+        "method": method, "reduction": reduction, "params": unique_param_count(model), "ppl": ev["ppl"], "kl": ev["kl"],
+        "task_accuracy": acc, "kept": acc, **extra, "eval_seconds": time.perf_counter() - t,
+    }
+    log.info("%s @%.2f: params %d ppl %.3f kl %.4f tasks %s", method, reduction, r["params"], r["ppl"], r["kl"], acc)
+    return r
+
+
+def run(args) -> dict:
+    t_all = time.perf_counter()
+    dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    tmp_root = Path(tempfile.mkdtemp(prefix="share-bench-"))
+    try:
+        if args.model:
+            model_dir = Path(args.model)
+        elif args.smoke:
+            from deltapack.share.pico import make_pico
+
+            model_dir = tmp_root / "pico"
+            make_pico(model_dir, hidden=64, layers=10)
+        else:
+            model_dir = embedded_dir()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        t = time.perf_counter()
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        # bf16 on GPU; fp32 on CPU, where bf16 matmuls are many times slower
+        original = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16 if dev.type == "cuda" else torch.float32)
+        original = original.to(dev).eval()
+        for p in original.parameters():
+            p.requires_grad_(False)
+        load_s = time.perf_counter() - t
+
+        cfg = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, alpha=args.alpha,
+                          max_seconds=args.train_seconds, save_every=0, seed=args.seed, train_norms=args.train_norms,
+                          local_steps=args.local_steps, replace_frac=args.replace_frac)
+        t = time.perf_counter()
+        train_texts, held_texts = split_docs(load_docs(args.data))
+        train_w = windows(tok, train_texts, args.seq_len, cfg.steps * cfg.batch_size, seed=args.seed)
+        held_w = windows(tok, held_texts, args.seq_len, args.eval_windows, seed=args.seed)
+        calib_w = train_w[: args.calib_windows]
+        data_s = time.perf_counter() - t
+
+        items = tasks.make_items(seed=args.seed, per_task=args.per_task)
+        ok = tasks.score(original, tok, items)
+        kept_items = [it for it, good in zip(items, ok) if good]
+        base = evaluate(original, held_w)
+        orig_params = unique_param_count(original)
+        log.info("original: %d params, ppl %.3f, %d/%d task items right", orig_params, base["ppl"], len(kept_items), len(items))
+
+        results, details = [], []
+        for red in args.reductions:
+            t = time.perf_counter()
+            plan = make_plan(original, reduction=red, pattern=args.pattern, module_set=args.modules, rank=args.rank,
+                             criterion=args.criterion, calib=calib_w, progress=not args.quiet)
+            plan_s = time.perf_counter() - t
+            calib_tokens = calib_w.numel() if args.criterion == "kl" else 0
+
+            t = time.perf_counter()
+            svd = svd_init_model(original, plan)
+            results.append(row("svd-init", red, svd, held_w, original, tok, kept_items,
+                               {"tokens": 0, "calib_tokens": calib_tokens, "seconds": plan_s + time.perf_counter() - t}))
+            del svd
+
+            t = time.perf_counter()
+            student = apply_plan(copy.deepcopy(original), plan, keep_original=True, delta_dtype=torch.float32)
+            local, kl_local = None, None
+            if cfg.local_steps:  # stage 0 run here so that the KL after it can be recorded
+                local = local_fit(student, plan, train_w, cfg, progress=not args.quiet)
+                local_s = time.perf_counter() - t
+                kl_local = evaluate(student, held_w, teacher=original)["kl"]
+                t = time.perf_counter() - local_s  # evaluation time not counted
+            stage = cfg.model_copy(update={"local_steps": 0, "max_seconds": cfg.max_seconds - (time.perf_counter() - t)})
+            summary = train_deltas(student, plan, train_w, stage, progress=not args.quiet)
+            finalize(student)
+            train_s = time.perf_counter() - t
+            # the saved form must be the evaluated form: save, load back, compare logits
+            save_dir = tmp_root / f"shared-{red}"
+            save_shared(student, plan, save_dir, source_dir=model_dir)
+            loaded, _ = load_shared(save_dir, device=dev)
+            probe = held_w[:2].to(dev)
+            with torch.no_grad():
+                roundtrip = float((loaded(input_ids=probe).logits.float() - student(input_ids=probe).logits.float()).abs().max())
+            disk_bytes = sum(f.stat().st_size for f in save_dir.iterdir())
+            del loaded
+            results.append(row("deltallm", red, student, held_w, original, tok, kept_items, {
+                "tokens": summary["tokens"], "calib_tokens": calib_tokens, "seconds": plan_s + train_s,
+                "train_steps": summary["steps"], "disk_bytes": disk_bytes, "roundtrip_max_abs_logit_diff": roundtrip,
+            }))
+            target_params = results[-1]["params"]
+            del student
+
+            t = time.perf_counter()
+            dropped, info = layer_drop_model(original, calib_w, target_params)
+            results.append(row("layerdrop", red, dropped, held_w, original, tok, kept_items,
+                               {"tokens": 0, "calib_tokens": calib_w.numel(), "seconds": time.perf_counter() - t,
+                                "dropped_blocks": info["dropped"]}))
+            del dropped
+            # whole blocks overshoot the size: also the same baseline one block short (slightly larger than deltallm)
+            fewer = drop_layers(copy.deepcopy(original), sorted(info["drop_order"][:-1]))
+            one_fewer = row("layerdrop", red, fewer, held_w, original, tok, kept_items, {"dropped_blocks": sorted(info["drop_order"][:-1])})
+            del fewer
+            details.append({
+                "layerdrop_one_fewer": one_fewer,
+                "reduction": red,
+                "plan": {"blocks": [b.model_dump() for b in plan.blocks], "params": plan.params.model_dump(),
+                         "criterion": plan.criterion, "pattern": plan.pattern, "modules": plan.modules,
+                         "candidates": [c.model_dump() for c in plan.candidates]},
+                "block_influence": info["block_influence"],
+                "training": {k: summary[k] for k in ("steps", "total_steps", "tokens", "seconds", "finished", "last")},
+                "local_fit": local, "kl_after_local_fit": kl_local,
+                "training_curve": summary["history"],
+            })
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return {
+        "command": " ".join(["python", *sys.argv]),
+        "device": device_name(dev),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": "pico random Llama (smoke)" if args.smoke and not args.model else str(args.model or "SmolLM2-135M-Instruct (embedded GGUF, dequantized)"),
+        "smoke": bool(args.smoke),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "table", "quiet")},
+        "data": {"source": args.data or "python-stdlib-docs", "train_windows": len(train_w), "heldout_windows": len(held_w),
+                 "seq_len": args.seq_len},
+        "original": {"params": orig_params, "ppl": base["ppl"], "task_items": len(items), "task_items_kept": len(kept_items),
+                     "task_accuracy_all_items": sum(ok) / len(ok)},
+        "definitions": {
+            "params": "unique parameters in memory (tied embeddings and shared anchors once), embeddings included",
+            "reduction": "target fraction of parameters removed; the achieved one is 1 - params / original.params",
+            "ppl": "perplexity on held-out windows (Python docs never trained on)",
+            "kl": "mean token KL(original || model) on the same windows, nats",
+            "task_accuracy": "share of the seeded prompt/answer items the original answers correctly that this model also answers correctly",
+            "kept": "task_accuracy relative to the original (which scores 1.0 on these items by construction)",
+            "tokens": "distillation tokens (calibration tokens for the criterion / Block Influence: calib_tokens)",
+            "seconds": "compression wall time (plan, init, stage 0 and distillation; evaluation excluded)",
+        },
+        "results": results,
+        "details": details,
+        "seconds": {"load": load_s, "data": data_s, "total": time.perf_counter() - t_all},
+    }
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = ["deltallm", "svd-init", "layerdrop"]
+    colors = {"deltallm": "tab:blue", "svd-init": "tab:gray", "layerdrop": "tab:red"}
+    reds = sorted({r["reduction"] for r in res["results"]})
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, label in zip(axes, ("kl", "ppl", "kept"), ("KL to original (held-out)", "perplexity (held-out)", "task answers kept")):
+        width = 0.8 / len(methods)
+        for j, m in enumerate(methods):
+            vals = [next((r[key] for r in res["results"] if r["method"] == m and r["reduction"] == x), None) for x in reds]
+            xs = [i + (j - 1) * width for i in range(len(reds))]
+            ax.bar(xs, [v if v is not None else 0 for v in vals], width, label=m, color=colors[m])
+        if key == "ppl":
+            ax.axhline(res["original"]["ppl"], color="k", ls="--", lw=1, label="original")
+        if key == "kl":
+            ax.set_yscale("log")
+        if key == "kept":
+            ax.set_ylim(0, 1.05)
+        ax.set_xticks(range(len(reds)), [f"-{100 * x:g}% params" for x in reds])
+        ax.set_title(label, fontsize=10)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"DeltaLLM sharing vs layer drop vs SVD init — {res['model']} — {res['device']}", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def table(res: dict) -> str:
+    lines = [
+        f"Original: {res['original']['params']:,} parameters, held-out perplexity {res['original']['ppl']:.3f}, "
+        f"{res['original']['task_items_kept']}/{res['original']['task_items']} task items answered right (kept set).",
+        "",
+        "| method | reduction | params | ppl | KL | task answers kept | training tokens | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["results"]:
+        kept = "n/a" if r["kept"] is None else f"{100 * r['kept']:.1f}%"
+        lines.append(f"| {r['method']} | {100 * (1 - r['params'] / res['original']['params']):.2f}% (target {100 * r['reduction']:g}%) | "
+                     f"{r['params']:,} | {r['ppl']:.3f} | {r['kl']:.4g} | {kept} | {r['tokens']:,} | {r['seconds']:.0f} |")
+    lines.append("")
+    lines.append(f"Device: {res['device']}; {res['date']}; command: `{res['command']}`")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="HF checkpoint directory (default: the embedded SmolLM2; --smoke: pico)")
+    ap.add_argument("--reductions", type=lambda s: [float(x) for x in s.split(",")], default=[0.12, 0.24])
+    ap.add_argument("--tokens", type=int, default=None, help="training-token budget per reduction (default 8M; smoke 16k)")
+    ap.add_argument("--train-seconds", type=float, default=None, help="wall-time bound per training run (default 140; smoke 30)")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--alpha", type=float, default=1.0, help="loss = (1-alpha)*LM + alpha*KL")
+    ap.add_argument("--train-norms", action="store_true", help="also train the norms of dependent blocks")
+    ap.add_argument("--replace-frac", type=float, default=0.3, help="share of steps of progressive module replacement")
+    ap.add_argument("--local-steps", type=int, default=200, help="stage-0 block-wise fit steps per dependent (0: off)")
+    ap.add_argument("--modules", default="mlp", choices=["mlp", "attn", "all"])
+    ap.add_argument("--pattern", default="sequential", choices=["sequential", "alternating"])
+    ap.add_argument("--rank", type=int, default=None)
+    ap.add_argument("--criterion", default="kl", choices=["kl", "residual"])
+    ap.add_argument("--data", default=None, help="training/held-out text file (default: Python's own docs)")
+    ap.add_argument("--eval-windows", type=int, default=None)
+    ap.add_argument("--calib-windows", type=int, default=16)
+    ap.add_argument("--per-task", type=int, default=24, help="items per generated task family")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (smoke on a busy machine: 1)")
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the same code path")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/results/share.json; smoke: share_smoke.json)")
+    ap.add_argument("--plot", default=None, help="plot PNG (default: the JSON path with .png)")
+    ap.add_argument("--table", nargs="?", const=str(RESULTS / "share.json"), default=None, help="print the markdown table of a results file")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return
+    smoke = args.smoke
+    defaults = {"tokens": 16_384 if smoke else 8_000_000, "train_seconds": 30.0 if smoke else 140.0,
+                "batch_size": 8 if smoke else 32, "seq_len": 64 if smoke else 256, "lr": 5e-3 if smoke and not args.model else 5e-4,
+                "eval_windows": 8 if smoke else 64}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if smoke and args.model is None and args.data is None:
+        args.per_task = min(args.per_task, 2)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out or RESULTS / ("share_smoke.json" if smoke else "share.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    res = run(args)
+    write_json_atomic(out, res)
+    plot(res, Path(args.plot) if args.plot else out.with_suffix(".png"))
+    print(table(res))
+    print(f"wrote {out} and {Path(args.plot) if args.plot else out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

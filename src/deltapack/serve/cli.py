@@ -1,0 +1,66 @@
+"""`deltapack serve` command (registered on the main CLI group by `register`)."""
+
+from __future__ import annotations
+
+import click
+
+from deltapack.errors import DeltapackError
+
+
+def _delta_pairs(items: tuple[str, ...]) -> list[tuple[str, str]]:
+    out = []
+    for it in items:
+        name, sep, path = it.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise DeltapackError(f"--delta {it!r} is not NAME=PATH")
+        out.append((name.strip(), path.strip()))
+    return out
+
+
+def register(main: click.Group) -> None:
+    @main.command("serve")
+    @click.argument("base")
+    @click.option("--delta", "deltas", multiple=True, metavar="NAME=PATH", help="a delta to serve as model NAME (repeatable)")
+    @click.option("--delta-root", type=click.Path(file_okay=False), default=None, help="directory runtime loads (POST /v1/deltas) must stay inside; without it runtime loading is off")
+    @click.option("--host", default="127.0.0.1", show_default=True)
+    @click.option("--port", default=8000, show_default=True, type=int)
+    @click.option("--max-batch", default=16, show_default=True, type=int, help="sequences decoded together")
+    @click.option("--gpu-delta-bytes", default="2GB", show_default=True, help="device tier budget for packed deltas (the CPU on CPU-only runs)")
+    @click.option("--cpu-delta-bytes", default="8GB", show_default=True, help="host tier budget (LRU cache of packed deltas)")
+    @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
+    @click.option("--dtype", default="auto", show_default=True, help="auto (fp32 on CPU, checkpoint dtype on GPU) | float32 | bfloat16 | float16")
+    @click.option("--kernels", default="auto", show_default=True, help="delta kernel backend: auto | reference | triton")
+    @click.option("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    @click.option("--max-prefill-tokens", default=4096, show_default=True, type=int, help="padded tokens per prefill forward")
+    @click.option("--served-model-name", default=None, help="name of the base model in the API (default: BASE as given)")
+    @click.option("--no-verify-base", is_flag=True, help="skip the full-content check that deltas were made against this base")
+    def serve(base, deltas, delta_root, host, port, max_batch, gpu_delta_bytes, cpu_delta_bytes, device, dtype, kernels, max_model_len, max_prefill_tokens, served_model_name, no_verify_base):
+        """Serve BASE and compressed fine-tunes of it over an OpenAI-compatible HTTP API.
+
+        Every request names a model: the base (BASE, or --served-model-name) or a delta NAME. Requests for different
+        deltas share one batch; each delta is applied from its compressed form, never merged.
+        """
+        from deltapack.cli import _size
+        from deltapack.serve.app import build_server, serve_forever
+
+        state = build_server(
+            base,
+            _delta_pairs(deltas),
+            delta_root=delta_root,
+            device=device,
+            dtype=dtype,
+            kernels=kernels,
+            max_batch=max_batch,
+            gpu_delta_bytes=_size(gpu_delta_bytes),
+            cpu_delta_bytes=_size(cpu_delta_bytes),
+            max_model_len=max_model_len,
+            max_prefill_tokens=max_prefill_tokens,
+            served_model_name=served_model_name,
+            verify_base=not no_verify_base,
+        )
+        click.echo(
+            f"serving {state.base_name} + {len(state.tiers.tenants)} deltas on http://{host}:{port} "
+            f"({state.runner.device}, {str(state.runner.dtype).replace('torch.', '')}, kernels={state.runner.state.kernels.name})",
+            err=True,
+        )
+        serve_forever(state, host, port)

@@ -1,0 +1,371 @@
+"""The base model with delta-aware layers: one forward for a whole mixed-tenant batch.
+
+Every nn.Linear, the input embedding, the output head and every norm of the base model are wrapped. A wrapper runs
+the base module once for all tokens, then adds, through the kernel backend, the delta of each token's tenant read
+from the packed (compressed) layout:
+
+    linear     y = base(x) + kernels.linear(x, tokens, W-deltas) + kernels.vector(tokens, bias-deltas)
+    embedding  y = base(ids) + kernels.rows(ids, tokens, deltas)
+    norm       y = base(x) + dw_t * (f(1) - f(0))   (f = the norm with its weight set to 1 / 0: the normalised input,
+                                                     for any norm whose output is elementwise affine in its weight)
+
+Which tenant a token belongs to comes from the per-forward `BatchContext` (tenant slot per batch row) that the
+engine sets around `ModelRunner.forward`. Vocabulary growth: the head's output gains the widest resident tenant's
+added rows (other rows see -inf there); embedding lookups of added ids take the tenant's own rows.
+
+Numerics: everything runs in the model dtype. The server computes base(x) + delta(x), the merged model
+(base + delta) x; in float32 they agree to rounding, in bf16 to bf16 rounding of the sum.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deltapack.errors import InputError
+from deltapack.kernels import DeltaKernels, LayerDeltas, TokenSlots, get_kernels
+
+log = logging.getLogger(__name__)
+
+
+class BatchContext:
+    """Tenant slot of every row of the batch being run (-1 = base model)."""
+
+    def __init__(self, row_slots: list[int], device: torch.device):
+        self.row_slots = list(row_slots)
+        self.device = device
+        self.any = any(s >= 0 for s in self.row_slots)
+        self._tokens: dict[int, TokenSlots] = {}
+
+    def tokens(self, num_tokens: int) -> TokenSlots:
+        """Token slots for a (B, L) block flattened row-major (L = num_tokens / B)."""
+        ts = self._tokens.get(num_tokens)
+        if ts is None:
+            B = len(self.row_slots)
+            if num_tokens % B:
+                raise RuntimeError(f"{num_tokens} tokens do not split over {B} batch rows")
+            ts = TokenSlots.from_rows(self.row_slots, num_tokens // B, self.device)
+            self._tokens[num_tokens] = ts
+        return ts
+
+
+@dataclass
+class DeltaState:
+    """Shared by every wrapper: the kernel backend, the resident deltas per weight, the current batch."""
+
+    kernels: DeltaKernels
+    layers: dict[str, LayerDeltas] = field(default_factory=dict)
+    ctx: BatchContext | None = None
+
+    def layer(self, key: str) -> LayerDeltas | None:
+        lay = self.layers.get(key)
+        return lay if lay is not None and lay.count else None
+
+
+@dataclass
+class Site:
+    """A place a delta tensor can go: one parameter of one wrapped module."""
+
+    key: str  # "<module>.weight" / "<module>.bias", the checkpoint tensor name
+    kind: str  # "linear" | "embedding" | "norm"
+    role: str  # "weight" | "bias"
+    shape: tuple[int, ...]
+    present: bool  # the base module has this parameter (a bias may be absent)
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, base: nn.Module, name: str, state: DeltaState):
+        super().__init__()
+        self.base = base
+        self.wkey = f"{name}.weight"
+        self.bkey = f"{name}.bias"
+        object.__setattr__(self, "_state", state)  # not a submodule
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    @property
+    def bias(self):
+        return getattr(self.base, "bias", None)
+
+
+class DeltaLinear(_Wrapped):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        st: DeltaState = self._state
+        ctx = st.ctx
+        if ctx is None or not ctx.any:
+            return y
+        wl, bl = st.layer(self.wkey), st.layer(self.bkey)
+        if wl is None and bl is None:
+            return y
+        lead = x.shape[:-1]
+        T = math.prod(lead)
+        x2, y2 = x.reshape(T, x.shape[-1]), y.reshape(T, y.shape[-1])
+        tokens = ctx.tokens(T)
+        if wl is not None:
+            if wl.replace_slots:  # tenant's own tensor replaces the base one: remove x @ W_base^T for its tokens
+                y2 = y2.clone()
+                for s, idx in tokens.groups():
+                    if s in wl.replace_slots:
+                        y2[idx] -= nn.functional.linear(x2[idx], self.base.weight)
+            d = st.kernels.linear(x2, tokens, wl)
+            if d is not None:
+                y2 = y2 + d.to(y2.dtype)
+        if bl is not None:
+            v = st.kernels.vector(tokens, bl)
+            if v is not None:
+                y2 = y2 + v.to(y2.dtype)
+        if wl is not None and wl.max_extra_rows:
+            y2 = torch.cat([y2, self._added_rows(x2, tokens, wl)], 1)
+        return y2.reshape(*lead, y2.shape[-1])
+
+    @staticmethod
+    def _added_rows(x2: torch.Tensor, tokens: TokenSlots, wl: LayerDeltas) -> torch.Tensor:
+        """Outputs of rows a tenant added (vocabulary growth on the head); -inf for tokens of other tenants."""
+        out = torch.full((x2.shape[0], wl.max_extra_rows), float("-inf"), dtype=x2.dtype, device=x2.device)
+        for s, idx in tokens.groups():
+            p = wl.get(s)
+            if p is not None and p.extra_rows is not None:
+                g = p.extra_rows.shape[0]
+                out[idx, :g] = x2[idx] @ p.extra_rows.to(x2.dtype).T
+        return out
+
+
+class DeltaEmbedding(_Wrapped):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        st: DeltaState = self._state
+        ctx = st.ctx
+        lay = st.layer(self.wkey) if ctx is not None and ctx.any else None
+        if lay is None:
+            return self.base(ids)
+        V = self.base.weight.shape[0]
+        flat = ids.reshape(-1)
+        tokens = ctx.tokens(flat.numel())
+        y = self.base(flat.clamp(max=V - 1))
+        if lay.max_extra_rows:  # ids a tenant added: the base has no row for them
+            y = y.masked_fill((flat >= V)[:, None], 0)
+        if lay.replace_slots:
+            y = y.clone()
+            for s, idx in tokens.groups():
+                if s in lay.replace_slots:
+                    y[idx] = 0
+        r = st.kernels.rows(flat, tokens, lay)
+        if r is not None:
+            scale = getattr(self.base, "embed_scale", None)  # scaled embeddings (e.g. Gemma) scale the delta too
+            r = r.to(y.dtype)
+            if scale is not None:
+                r = r * (scale.to(y.dtype) if isinstance(scale, torch.Tensor) else scale)
+            y = y + r
+        return y.reshape(*ids.shape, y.shape[-1])
+
+
+class DeltaNorm(_Wrapped):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        st: DeltaState = self._state
+        ctx = st.ctx
+        if ctx is None or not ctx.any:
+            return y
+        wl, bl = st.layer(self.wkey), st.layer(self.bkey)
+        if wl is None and bl is None:
+            return y
+        lead = x.shape[:-1]
+        T = math.prod(lead)
+        tokens = ctx.tokens(T)
+        y2 = y.reshape(T, y.shape[-1])
+        if wl is not None:
+            w = self.base.weight
+            f1 = torch.func.functional_call(self.base, {"weight": torch.ones_like(w)}, (x,))
+            f0 = torch.func.functional_call(self.base, {"weight": torch.zeros_like(w)}, (x,))
+            v = st.kernels.vector(tokens, wl)
+            if v is not None:
+                y2 = y2 + v.to(y2.dtype) * (f1 - f0).reshape(T, -1)
+        if bl is not None:
+            v = st.kernels.vector(tokens, bl)
+            if v is not None:
+                y2 = y2 + v.to(y2.dtype)
+        return y2.reshape(*lead, y2.shape[-1])
+
+
+def _is_norm(mod: nn.Module) -> bool:
+    w = getattr(mod, "weight", None)
+    own = dict(mod.named_parameters(recurse=False))
+    return (
+        "norm" in type(mod).__name__.lower()
+        and isinstance(w, nn.Parameter)
+        and w.dim() == 1
+        and set(own) <= {"weight", "bias"}
+        and not list(mod.children())
+    )
+
+
+def wrap_model(model: nn.Module, state: DeltaState) -> dict[str, Site]:
+    """Replace every Linear / Embedding / norm module by its delta-aware wrapper. Returns the sites by tensor name."""
+    sites: dict[str, Site] = {}
+    targets = []
+    for name, mod in model.named_modules():
+        if not name:
+            continue
+        if isinstance(mod, nn.Linear):
+            targets.append((name, mod, DeltaLinear, "linear"))
+        elif isinstance(mod, nn.Embedding):
+            targets.append((name, mod, DeltaEmbedding, "embedding"))
+        elif _is_norm(mod):
+            targets.append((name, mod, DeltaNorm, "norm"))
+    for name, mod, cls, kind in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, attr, cls(mod, name, state))
+        w = mod.weight
+        sites[f"{name}.weight"] = Site(f"{name}.weight", kind, "weight", tuple(w.shape), True)
+        if kind != "embedding":
+            b = getattr(mod, "bias", None)
+            out = w.shape[0]
+            sites[f"{name}.bias"] = Site(f"{name}.bias", kind, "bias", (out,), b is not None)
+    return sites
+
+
+def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, ckpt_dtype: torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        # CPU matmuls in bf16/fp16 are slow and lossy: compute in fp32 there; on GPU keep the checkpoint's dtype
+        if device.type == "cpu":
+            return torch.float32
+        return ckpt_dtype if ckpt_dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise InputError(f"unknown dtype {dtype!r} (auto, float32, bfloat16, float16)")
+    return table[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda asked for, but no CUDA device is available")
+    return torch.device(device)
+
+
+class ModelRunner:
+    """Loads the base model once, wraps it, and runs batched forwards with a tenant slot per row."""
+
+    def __init__(
+        self,
+        base: str | Path,
+        *,
+        device: str | torch.device = "auto",
+        dtype: str | torch.dtype | None = "auto",
+        kernels: str = "auto",
+        max_model_len: int | None = None,
+    ):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from deltapack.io.sources import open_model
+
+        self.source = open_model(base)
+        self.path = Path(self.source.path)
+        self.device = resolve_device(device)
+        first = self.source.meta(self.source.keys()[0]).dtype if self.source.keys() else torch.float32
+        self.dtype = _resolve_dtype(dtype, self.device, first)
+        try:
+            cfg = AutoConfig.from_pretrained(str(self.path))
+        except Exception as e:
+            raise InputError(f"cannot read the base model's config in {self.path}: {e}") from e
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.dtype)
+        except Exception as e:
+            raise InputError(f"cannot load the base model from {self.path}: {e.__class__.__name__}: {e}") from e
+        self.model = model.to(self.device).eval()
+        self.config = cfg
+        emb = self.model.get_input_embeddings()
+        head = self.model.get_output_embeddings()
+        if emb is None or head is None:
+            raise InputError("the base model has no input embedding / output head: not a causal LM deltapack can serve")
+        self.tied = head.weight is emb.weight
+        self.embed_key = next(n for n, m in self.model.named_modules() if m is emb) + ".weight"
+        self.head_key = next(n for n, m in self.model.named_modules() if m is head) + ".weight"
+        self.vocab_size = emb.weight.shape[0]
+        self.state = DeltaState(get_kernels(kernels, self.device))
+        self.sites = wrap_model(self.model, self.state)
+        limit = getattr(cfg, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(limit, max_model_len) if max_model_len else limit
+        self.tokenizer = load_tokenizer(self.path)
+        self.eos_ids = eos_token_ids(self.path, cfg, self.tokenizer)
+        self.pad_id = 0
+        log.info("base %s on %s in %s, %d delta sites, kernels=%s", self.path, self.device, self.dtype, len(self.sites), self.state.kernels.name)
+
+    @property
+    def num_layers(self) -> int:
+        return int(getattr(self.config, "num_hidden_layers", 0))
+
+    def layer(self, key: str) -> LayerDeltas:
+        lay = self.state.layers.get(key)
+        if lay is None:
+            lay = self.state.layers[key] = LayerDeltas(key)
+        return lay
+
+    @torch.inference_mode()
+    def forward(self, input_ids, attention_mask, position_ids, cache, row_slots: list[int], logits_to_keep: int = 1):
+        """One forward of a (B, L) block; returns (logits (B, L' , W), cache)."""
+        self.state.ctx = BatchContext(row_slots, self.device)
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=logits_to_keep,
+            )
+        finally:
+            self.state.ctx = None
+        return out.logits, out.past_key_values
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer stored next to a checkpoint, or None (then the server takes and returns token ids only)."""
+    from deltapack.io.sources import TOKENIZER_FILES
+
+    if not any((path / n).is_file() for n in TOKENIZER_FILES if n not in ("chat_template.jinja", "chat_template.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # a broken tokenizer should not stop a token-id server; say so
+        log.warning("cannot load the tokenizer in %s (%s): serving token ids only", path, e)
+        return None
+
+
+def eos_token_ids(path: Path, cfg, tokenizer) -> set[int]:
+    import json
+
+    ids: set[int] = set()
+
+    def add(v):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v if isinstance(x, int))
+
+    add(getattr(cfg, "eos_token_id", None) if not isinstance(cfg, dict) else cfg.get("eos_token_id"))
+    gc = path / "generation_config.json"
+    if gc.is_file():
+        try:
+            add(json.loads(gc.read_text()).get("eos_token_id"))
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    if tokenizer is not None:
+        add(tokenizer.eos_token_id)
+    return ids
+

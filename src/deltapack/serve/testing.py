@@ -1,0 +1,98 @@
+"""Helpers for tests and the load benchmark: a tiny word-level tokenizer with a chat template (pico models have
+none), a cache-free greedy reference, merged reference models, and a running in-process server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: Llama's default bos=1, eos=2
+CHAT_WORDS = ["system", "user", "assistant", ":", "hello", "world", "the", "a", "of", "and"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} : {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant :{% endif %}"
+)
+
+
+def make_word_tokenizer(path: str | Path, vocab_size: int) -> list[str]:
+    """Save a whitespace word-level tokenizer of exactly `vocab_size` tokens (specials, chat words, then "w<i>")
+    with a chat template into `path`. Returns the vocabulary in id order."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = SPECIALS + CHAT_WORDS
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    vocab = {w: i for i, w in enumerate(words)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return words
+
+
+def to_float32(path: str | Path) -> Path:
+    """Re-save a checkpoint in float32 (tests' fine-tunes come out bf16; merging a delta into a bf16 fine-tune rounds
+    the merged weights to bf16, which the server, adding the delta in fp32, does not do)."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    for f in Path(path).glob("*.safetensors"):
+        f.unlink()
+    m.save_pretrained(str(path), safe_serialization=True)
+    return Path(path)
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation by re-running the whole sequence each step (no KV cache: an independent reference)."""
+    ids = list(prompt)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids], device=dev)).logits[0, -1]
+            ids.append(int(logits.float().argmax()))
+    return ids[len(prompt) :]
+
+
+def merged_model(base: str | Path, delta: str | Path, dtype=torch.float32):
+    """The fine-tune rebuilt in memory (base + decoded delta), in `dtype`."""
+    from transformers import AutoConfig
+
+    from deltapack import api
+    from deltapack.format.directory import DeltaDir
+
+    d = DeltaDir.open(delta)
+    cfg_dir = d.path / "hf" if (d.path / "hf" / "config.json").exists() else Path(base)
+    sd = api.merged_state_dict(str(base), d)
+    return api.model_from_state_dict(AutoConfig.from_pretrained(str(cfg_dir)), sd, dtype=dtype)
+
+
+@contextlib.contextmanager
+def running_server(base, deltas=(), **kw):
+    """`with running_server(base, [(name, path)], ...) as (state, url):` an in-process server on 127.0.0.1."""
+    from deltapack.serve.app import ServerThread, build_server, create_app
+
+    kw.setdefault("served_model_name", "base")
+    state = build_server(str(base), [(n, str(p)) for n, p in deltas], **kw)
+    try:
+        with ServerThread(create_app(state)) as srv:
+            yield state, srv.url
+    finally:
+        state.close()
+
+
+def sse_events(lines) -> list:
+    """Parse `data: ...` lines of an SSE stream: JSON objects, and the final "[DONE]" marker as a string."""
+    out = []
+    for line in lines:
+        if not line.startswith("data: "):
+            continue
+        payload = line[len("data: ") :]
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out

@@ -1,0 +1,379 @@
+"""Registered deltas ("tenants") and the memory tiers they live in.
+
+Tiers, fastest first:
+  device  packed deltas on the compute device, installed in a slot the kernels index; byte budget --gpu-delta-bytes
+          (on a CPU-only server the device is the CPU: same tier logic and accounting, the move is free)
+  host    packed deltas in CPU memory, LRU, byte budget --cpu-delta-bytes (skips unpacking on the next promotion)
+  disk    the delta directory itself; every registered tenant is always there
+
+A request needs its tenant on the device tier. `acquire` promotes it (disk -> pack -> device, or host -> device),
+evicting least-recently-used device tenants that no running request pins (they drop to the host tier, or to disk
+when the host tier is full). When the device budget is pinned by running requests the new request waits.
+Counters: loads[tier] = deltas brought into a tier (disk reads for host, promotions for device), hits[tier] =
+acquisitions served from that tier without a disk read, evictions[tier] = deltas pushed out of a tier.
+
+All mutation happens under `lock` (the engine holds it around each step, so the kernels never see a half-installed
+tenant); registration does its slow part (checksums, packing) outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deltapack.errors import DeltapackError, FormatError, InputError, MismatchError
+from deltapack.format.directory import DeltaDir
+from deltapack.io.sources import TOKENIZER_FILES
+from deltapack.kernels import PackedDelta
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,127}$")
+# config keys that do not change what a forward computes (training knobs, bookkeeping, token ids, vocabulary size:
+# vocabulary growth is served; tie_word_embeddings is resolved per tenant)
+_BENIGN_CONFIG_KEYS = {
+    "vocab_size", "tie_word_embeddings", "torch_dtype", "dtype", "transformers_version", "_name_or_path",
+    "architectures", "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "use_cache", "initializer_range", "attention_dropout", "hidden_dropout", "embd_pdrop", "resid_pdrop",
+    "output_attentions", "output_hidden_states", "return_dict", "torchscript", "id2label", "label2id",
+    "problem_type", "task_specific_params", "finetuning_task", "max_position_embeddings", "quantization_config",
+    "chat_template", "pretraining_tp",
+}
+
+
+class ConflictError(DeltapackError):
+    """A delta of that name is already loaded."""
+
+
+class TooLargeError(DeltapackError):
+    """A delta does not fit the device tier's budget at all."""
+
+
+@dataclass
+class Tenant:
+    name: str
+    path: Path
+    delta: DeltaDir
+    placements: dict[str, list[tuple[str, bool]]]  # tensor name -> [(site key, replace)]
+    vocab_size: int
+    eos_ids: set[int]
+    tokenizer: object | None
+    disk_bytes: int
+    created: int = field(default_factory=lambda: int(time.time()))
+    tier: str = "disk"
+    packed: dict[str, PackedDelta] | None = None  # by tensor name, on the tier's device
+    nbytes: int = 0
+    slot: int | None = None
+    pins: int = 0
+    removed: bool = False
+
+
+def _config_diff(base: dict, tenant: dict) -> list[str]:
+    keys = (set(base) | set(tenant)) - _BENIGN_CONFIG_KEYS
+    return sorted(k for k in keys if base.get(k) != tenant.get(k) and not k.startswith("_"))
+
+
+class DeltaTiers:
+    def __init__(self, runner, *, device_bytes: int, host_bytes: int, base_name: str = "base"):
+        self.runner = runner
+        self.base_name = base_name
+        self.budget = {"device": int(device_bytes), "host": int(host_bytes)}
+        self.lock = threading.RLock()
+        self.tenants: dict[str, Tenant] = {}
+        self.device_lru: OrderedDict[str, Tenant] = OrderedDict()
+        self.host_lru: OrderedDict[str, Tenant] = OrderedDict()
+        self.loads = {"device": 0, "host": 0}
+        self.hits = {"device": 0, "host": 0}
+        self.evictions = {"device": 0, "host": 0}
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._base_fingerprint: str | None = None
+
+    # ---- registration -------------------------------------------------------------------------------------------
+    def prepare(self, name: str, path: str | Path, *, verify_base: bool = True) -> Tenant:
+        """Validate a delta against the served base and pack it (slow part of a load; no lock held)."""
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise InputError(f"bad delta name {name!r}: 1-128 characters of letters, digits and ._:@/+-")
+        if name == self.base_name:
+            raise ConflictError(f"{name!r} is the base model's name")
+        d = DeltaDir.open(path)
+        d.check()
+        man = d.manifest
+        r = self.runner
+        if man.base.structure and r.source.structure_hash() != man.base.structure:
+            raise MismatchError(f"delta {name} was made against a different base ({man.base.id}): tensor names/shapes differ")
+        if verify_base and man.base.fingerprint:
+            if self._base_fingerprint is None:
+                from deltapack.compress import base_fingerprint
+
+                self._base_fingerprint = base_fingerprint(r.source)
+            if self._base_fingerprint != man.base.fingerprint:
+                raise MismatchError(f"delta {name}: the served base's weights differ from the base it was made against ({man.base.id})")
+        if man.removed:
+            raise MismatchError(f"delta {name} drops tensors of the base ({', '.join(man.removed[:3])}): cannot be served on it")
+        tcfg = {}
+        hf = d.path / "hf"
+        if man.aux.get("config.json") == "delta" and (hf / "config.json").is_file():
+            try:
+                tcfg = json.loads((hf / "config.json").read_text())
+            except json.JSONDecodeError as e:
+                raise FormatError(f"delta {name}: hf/config.json is not valid JSON: {e}") from e
+            diff = _config_diff(r.source.config(), tcfg)
+            if diff:
+                raise MismatchError(f"delta {name}: the fine-tune's architecture differs from the base in {', '.join(diff[:5])}")
+        tied = bool(tcfg.get("tie_word_embeddings", r.tied)) if tcfg else r.tied
+        placements, vocab = self._place(name, d, tied)
+        tok = r.tokenizer
+        if any(man.aux.get(n) == "delta" for n in TOKENIZER_FILES):
+            from deltapack.serve.model import load_tokenizer
+
+            tok = load_tokenizer(hf) or r.tokenizer
+        from deltapack.serve.model import eos_token_ids
+
+        eos = eos_token_ids(hf, tcfg, tok) if tcfg else set(r.eos_ids)
+        t = Tenant(name, d.path.resolve(), d, placements, vocab, eos or set(r.eos_ids), tok, d.total_bytes())
+        t.packed = self._pack(t, "cpu")
+        t.nbytes = sum(p.nbytes() for p in t.packed.values())
+        if t.nbytes > self.budget["device"]:
+            raise TooLargeError(
+                f"delta {name} needs {t.nbytes} bytes packed, more than the device tier's budget of {self.budget['device']} (--gpu-delta-bytes)"
+            )
+        return t
+
+    def _place(self, name: str, d: DeltaDir, tied: bool) -> tuple[dict[str, list[tuple[str, bool]]], int]:
+        """Map every delta tensor onto the wrapped model's sites; check shapes."""
+        r = self.runner
+        out: dict[str, list[tuple[str, bool]]] = {}
+        vocab = r.vocab_size
+        for tname, te in d.manifest.tensors.items():
+            site = r.sites.get(tname)
+            if site is None:
+                raise MismatchError(f"delta {name}: tensor {tname} has no place in the base model (not a linear, embedding or norm parameter)")
+            shape = list(te.shape)
+            if te.base_rows is not None:
+                if site.kind not in ("embedding", "linear") or site.role != "weight" or te.base_rows != site.shape[0]:
+                    raise MismatchError(f"delta {name}: {tname} grows rows {te.base_rows} -> {shape[0]} where the base has {list(site.shape)}")
+                shape[0] = te.base_rows
+            if tuple(shape) != tuple(site.shape):
+                raise MismatchError(f"delta {name}: {tname} has shape {list(te.shape)}, the base {list(site.shape)}")
+            replace = (not te.in_base) and site.present
+            out[tname] = [(tname, replace)]
+            if tname == r.embed_key:
+                if te.base_rows is not None:
+                    vocab = te.shape[0]
+                if tied and r.tied and r.head_key not in d.manifest.tensors:
+                    out[tname].append((r.head_key, replace))  # the tenant's head is its (changed) embedding
+        if r.tied and not tied and r.head_key not in d.manifest.tensors:
+            raise MismatchError(f"delta {name}: the fine-tune unties its output head but stores none")
+        if r.head_key in d.manifest.tensors and d.manifest.tensors[r.head_key].base_rows is not None:
+            vocab = max(vocab, d.manifest.tensors[r.head_key].shape[0])
+        return out, vocab
+
+    def _pack(self, t: Tenant, device) -> dict[str, PackedDelta]:
+        r = self.runner
+        packed: dict[str, PackedDelta] = {}
+        for tname in t.placements:
+            te = t.delta.entry(tname)
+            parts = t.delta.parts(tname)
+            new_rows = parts.pop("new_rows", None)
+            shape = list(te.shape)
+            if te.base_rows is not None:
+                shape[0] = te.base_rows
+            if len(shape) > 2:
+                raise FormatError(f"delta {t.name}: {tname} has {len(shape)} dimensions; only matrices and vectors are served")
+            p = r.state.kernels.pack(te.codec, te.params, parts, tuple(shape), dtype=r.dtype, device=device)
+            if new_rows is not None:
+                p.extra_rows = new_rows.to(r.dtype).reshape(-1, shape[1]).to(device)
+            p.replace = any(rep for _, rep in t.placements[tname])
+            packed[tname] = p
+        return packed
+
+    def add(self, t: Tenant) -> None:
+        with self.lock:
+            if t.name in self.tenants:
+                raise ConflictError(f"a delta named {t.name!r} is already loaded")
+            self.tenants[t.name] = t
+            self.loads["host"] += 1
+            self._put_host(t)
+
+    def register(self, name: str, path: str | Path, *, verify_base: bool = True) -> Tenant:
+        with self.lock:
+            if name in self.tenants:
+                raise ConflictError(f"a delta named {name!r} is already loaded")
+        t = self.prepare(name, path, verify_base=verify_base)
+        self.add(t)
+        log.info("loaded delta %s from %s (%d bytes packed)", name, t.path, t.nbytes)
+        return t
+
+    def remove(self, name: str) -> Tenant:
+        with self.lock:
+            t = self.tenants.pop(name, None)
+            if t is None:
+                raise KeyError(name)
+            t.removed = True
+            if t.pins == 0:
+                self._drop(t)
+            return t
+
+    # ---- tiers ----------------------------------------------------------------------------------------------------
+    def set_budget(self, tier: str, nbytes: int) -> None:
+        """Change a tier's byte budget, evicting least-recently-used unpinned deltas until it fits."""
+        with self.lock:
+            self.budget[tier] = int(nbytes)
+            if tier == "device":
+                for t in list(self.device_lru.values()):
+                    if self.tier_bytes("device") <= self.budget["device"]:
+                        break
+                    if t.pins == 0:
+                        self._evict_device(t)
+            else:
+                while self.tier_bytes("host") > self.budget["host"] and self.host_lru:
+                    _, old = self.host_lru.popitem(last=False)
+                    self.evictions["host"] += 1
+                    self._to_disk(old)
+
+    def tier_bytes(self, tier: str) -> int:
+        if tier == "device":
+            return sum(t.nbytes for t in self.device_lru.values())
+        if tier == "host":
+            return sum(t.nbytes for t in self.host_lru.values())
+        return sum(t.disk_bytes for t in self.tenants.values())
+
+    def resident(self, tier: str) -> int:
+        if tier == "device":
+            return len(self.device_lru)
+        if tier == "host":
+            return len(self.host_lru)
+        return len(self.tenants)
+
+    def acquire(self, t: Tenant) -> bool:
+        """Make `t` device-resident and pin it. False: no room now (the device budget is pinned by running work)."""
+        with self.lock:
+            if t.removed:
+                raise KeyError(t.name)
+            if t.tier == "device":
+                self.hits["device"] += 1
+                self.device_lru.move_to_end(t.name)
+                t.pins += 1
+                return True
+            if t.nbytes > self.budget["device"]:
+                raise TooLargeError(f"delta {t.name} ({t.nbytes} bytes) exceeds the device tier budget {self.budget['device']}")
+            if not self._make_room(t.nbytes):
+                return False
+            if t.tier == "host":
+                self.hits["host"] += 1
+                del self.host_lru[t.name]
+                packed = t.packed
+            else:
+                self.loads["host"] += 1  # read from disk and unpacked on the host on the way up
+                packed = self._pack(t, "cpu")
+                t.nbytes = sum(p.nbytes() for p in packed.values())
+            dev = self.runner.device
+            t.packed = {k: p.to(dev) for k, p in packed.items()}
+            t.slot = self._alloc_slot()
+            self._install(t)
+            t.tier = "device"
+            self.device_lru[t.name] = t
+            self.loads["device"] += 1
+            t.pins += 1
+            return True
+
+    def release(self, t: Tenant) -> None:
+        with self.lock:
+            t.pins = max(0, t.pins - 1)
+            if t.removed and t.pins == 0:
+                self._drop(t)
+
+    def _make_room(self, need: int) -> bool:
+        used = self.tier_bytes("device")
+        if used + need <= self.budget["device"]:
+            return True
+        victims = []
+        for name, v in self.device_lru.items():  # least recently used first
+            if used + need <= self.budget["device"]:
+                break
+            if v.pins == 0:
+                victims.append(v)
+                used -= v.nbytes
+        if used + need > self.budget["device"]:
+            return False
+        for v in victims:
+            self._evict_device(v)
+        return True
+
+    def _install(self, t: Tenant) -> None:
+        assert t.packed is not None and t.slot is not None
+        for tname, places in t.placements.items():
+            for key, _ in places:
+                self.runner.layer(key).set(t.slot, t.packed[tname])
+
+    def _uninstall(self, t: Tenant) -> None:
+        if t.slot is None:
+            return
+        for places in t.placements.values():
+            for key, _ in places:
+                self.runner.layer(key).set(t.slot, None)
+        self._free_slots.append(t.slot)
+        t.slot = None
+
+    def _alloc_slot(self) -> int:
+        if self._free_slots:
+            self._free_slots.sort()
+            return self._free_slots.pop(0)
+        s = self._next_slot
+        self._next_slot += 1
+        return s
+
+    def _evict_device(self, v: Tenant) -> None:
+        self._uninstall(v)
+        self.device_lru.pop(v.name, None)
+        self.evictions["device"] += 1
+        v.packed = {k: p.to("cpu") for k, p in (v.packed or {}).items()}
+        v.tier = "host"
+        self._put_host(v)
+        log.debug("evicted %s from the device tier", v.name)
+
+    def _put_host(self, t: Tenant) -> None:
+        """Keep `t`'s packed delta in the host tier if the budget allows (evicting LRU host entries), else disk."""
+        if t.removed or t.nbytes > self.budget["host"]:
+            self._to_disk(t)
+            return
+        while self.tier_bytes("host") + t.nbytes > self.budget["host"] and self.host_lru:
+            _, old = self.host_lru.popitem(last=False)
+            self.evictions["host"] += 1
+            self._to_disk(old)
+        t.tier = "host"
+        self.host_lru[t.name] = t
+
+    def _to_disk(self, t: Tenant) -> None:
+        self.host_lru.pop(t.name, None)
+        t.packed = None
+        t.tier = "disk"
+
+    def _drop(self, t: Tenant) -> None:
+        if t.tier == "device":
+            self._uninstall(t)
+            self.device_lru.pop(t.name, None)
+        self._to_disk(t)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "registered": len(self.tenants),
+                "resident": {k: self.resident(k) for k in ("device", "host", "disk")},
+                "bytes": {k: self.tier_bytes(k) for k in ("device", "host", "disk")},
+                "budget": dict(self.budget),
+                "loads": dict(self.loads),
+                "hits": dict(self.hits),
+                "evictions": dict(self.evictions),
+                "tenants": {
+                    n: {"tier": t.tier, "bytes": t.nbytes, "slot": t.slot, "pins": t.pins} for n, t in self.tenants.items()
+                },
+            }
+

@@ -1,0 +1,123 @@
+"""`deltapack share` end to end: load → plan (criterion) → SVD init → distil the deltas (PMR) → save (→ dense)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from deltapack.errors import InputError
+from deltapack.share.data import load_docs, split_docs, windows
+from deltapack.share.evaluate import batched_kl, evaluate, teacher_logprobs
+from deltapack.share.model import apply_plan, finalize
+from deltapack.share.plan import SharePlan, make_plan, unique_param_count
+from deltapack.share.store import export_dense as write_dense
+from deltapack.share.store import save_shared
+from deltapack.share.train import TrainConfig, _checkpoints, train_deltas
+
+log = logging.getLogger(__name__)
+EVAL_BATCH = 8
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"unknown device {device!r}") from e
+
+
+def load_original(model_ref: str | os.PathLike, device: torch.device):
+    """(model, tokenizer, checkpoint dir) of MODEL: a local HF directory, a .gguf file or a hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltapack.io.sources import open_model
+
+    src = open_model(model_ref)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.path))
+    except Exception as e:
+        raise InputError(f"{model_ref}: no usable tokenizer next to the weights ({e.__class__.__name__})") from e
+    model = AutoModelForCausalLM.from_pretrained(str(src.path), dtype="auto").to(device).eval()
+    return model, tok, src.path
+
+
+def share(
+    model_ref: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    reduction: float = 0.12,
+    pattern: str = "sequential",
+    modules: str = "mlp",
+    rank: int | None = None,
+    group: int | None = None,
+    criterion: str = "kl",
+    data: str | os.PathLike | None = None,
+    train: TrainConfig | None = None,
+    device: str = "auto",
+    calib_windows: int = 16,
+    eval_windows: int = 32,
+    resume: bool = False,
+    ckpt_dir: str | os.PathLike | None = None,
+    keep_checkpoints: bool = False,
+    export_dense: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Compress MODEL into a shared-weight model at `out`. Returns the summary also written to out/share.json."""
+    cfg = train or TrainConfig()
+    out = Path(out)
+    for p in (out, Path(export_dense) if export_dense else None):
+        if p is not None and p.exists() and not overwrite:
+            raise InputError(f"output {p} already exists (pass --overwrite to replace it)")
+    ckpt = Path(ckpt_dir) if ckpt_dir else out.with_name(out.name + ".ckpt")
+    dev = pick_device(device)
+    t_start = time.perf_counter()
+    model, tok, src_dir = load_original(model_ref, dev)
+    train_texts, held_texts = split_docs(load_docs(data))
+    need = cfg.steps * cfg.batch_size
+    train_w = windows(tok, train_texts, cfg.seq_len, need, seed=cfg.seed)
+    held_w = windows(tok, held_texts, cfg.seq_len, eval_windows, seed=cfg.seed)
+    log.info("training text: %d windows x %d tokens (%d wanted); held-out %d windows", len(train_w), cfg.seq_len, need, len(held_w))
+
+    plan: SharePlan | None = None
+    if resume and ckpt.is_dir() and _checkpoints(ckpt):
+        plan = SharePlan.model_validate(torch.load(_checkpoints(ckpt)[-1], map_location="cpu", weights_only=False)["plan"])
+        log.info("resuming: plan taken from the checkpoint")
+    if plan is None:
+        plan = make_plan(
+            model, reduction=reduction, pattern=pattern, module_set=modules, rank=rank, group=group, criterion=criterion,
+            calib=train_w[:calib_windows], progress=progress,
+        )
+    teacher = teacher_logprobs(model, held_w, EVAL_BATCH)  # the original's, before the plan touches the model
+    apply_plan(model, plan, keep_original=True, delta_dtype=torch.float32)
+    before = evaluate(model, held_w)
+    kl_before = batched_kl(model, held_w, teacher, EVAL_BATCH)
+    summary = train_deltas(model, plan, train_w, cfg, ckpt_dir=ckpt, resume=resume, progress=progress)
+    finalize(model)
+    kl_after = batched_kl(model, held_w, teacher, EVAL_BATCH)
+    after = evaluate(model, held_w)
+    params = unique_param_count(model)
+    info = {
+        "source": str(model_ref),
+        "data": str(data) if data else "python-stdlib-docs",
+        "train_config": cfg.model_dump(),
+        "training": summary,
+        "eval_heldout": {
+            "windows": len(held_w), "seq_len": cfg.seq_len,
+            "kl_svd_init": kl_before, "kl_trained": kl_after, "ppl_svd_init": before["ppl"], "ppl_trained": after["ppl"],
+        },
+        "seconds": time.perf_counter() - t_start,
+    }
+    save_shared(model, plan, out, source_dir=src_dir, tokenizer=tok, info=info, overwrite=overwrite)
+    if export_dense:
+        write_dense(model, export_dense, source_dir=src_dir, overwrite=overwrite)
+    if not keep_checkpoints and ckpt.is_dir():
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return {"path": str(out), "params": plan.params.model_dump(), "in_memory_params": params, **info}
+

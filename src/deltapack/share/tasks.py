@@ -1,0 +1,110 @@
+"""Small prompt/answer tasks with known answers, for checking that a compressed model still answers what the
+original answered. Items are generated from fixed word lists with a seeded RNG (same items on every machine);
+a response counts as correct when an accepted answer appears as a whole word in its first line, before any
+listed distractor (e.g. the smaller number in "which is larger").
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+import torch
+
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+CAPITALS = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+            ("the United Kingdom", "London"), ("Russia", "Moscow"), ("China", "Beijing"), ("Egypt", "Cairo"),
+            ("Canada", "Ottawa"), ("Greece", "Athens"), ("Portugal", "Lisbon"), ("Ireland", "Dublin"),
+            ("Austria", "Vienna"), ("Norway", "Oslo"), ("Sweden", "Stockholm"), ("Poland", "Warsaw"),
+            ("Australia", "Canberra"), ("Kenya", "Nairobi"), ("Turkey", "Ankara"), ("Thailand", "Bangkok"),
+            ("South Korea", "Seoul"), ("the Netherlands", "Amsterdam"), ("Belgium", "Brussels"),
+            ("Denmark", "Copenhagen"), ("Finland", "Helsinki"), ("Hungary", "Budapest"), ("Cuba", "Havana")]
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+OPPOSITES = [("hot", ["cold"]), ("big", ["small", "little"]), ("up", ["down"]), ("day", ["night"]),
+             ("fast", ["slow"]), ("happy", ["sad", "unhappy"]), ("open", ["closed", "close", "shut"]),
+             ("left", ["right"]), ("black", ["white"]), ("wet", ["dry"]), ("early", ["late"]), ("full", ["empty"]),
+             ("high", ["low"]), ("rich", ["poor"]), ("win", ["lose"]), ("tall", ["short"]), ("good", ["bad", "evil"]),
+             ("light", ["dark", "heavy"]), ("push", ["pull"]), ("north", ["south"])]
+LEGS = [("dog", 4), ("cat", 4), ("spider", 8), ("bird", 2), ("horse", 4), ("chicken", 2), ("cow", 4), ("ant", 6),
+        ("duck", 2), ("lion", 4), ("human", 2), ("elephant", 4)]
+COLORS = [("the sky on a clear day", ["blue"]), ("grass", ["green"]), ("snow", ["white"]), ("a banana", ["yellow"]),
+          ("coal", ["black"]), ("a ripe tomato", ["red"]), ("milk", ["white"]), ("an orange", ["orange"])]
+
+
+def _num(n: int) -> list[str]:
+    return [str(n)] + ([NUMBER_WORDS[n]] if n < len(NUMBER_WORDS) else [])
+
+
+def make_items(seed: int = 0, per_task: int = 24) -> list[dict]:
+    """[{task, prompt, answers, distractors}] — a few families of one-fact questions, fixed by `seed`."""
+    rng = random.Random(seed)
+    items: list[dict] = []
+
+    def add(task, prompt, answers, distractors=()):
+        items.append({"task": task, "prompt": prompt, "answers": list(answers), "distractors": list(distractors)})
+
+    for _ in range(per_task):
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+        add("add", f"What is {a} + {b}? Answer with just the number.", _num(a + b))
+    for _ in range(per_task):
+        a, b = rng.sample(range(2, 99), 2)
+        add("larger", f"Which number is larger, {a} or {b}? Answer with just the number.", _num(max(a, b)), _num(min(a, b)))
+    for country, city in rng.sample(CAPITALS, min(per_task, len(CAPITALS))):
+        add("capital", f"What is the capital of {country}?", [city])
+    for i, d in enumerate(DAYS):
+        add("next-day", f"Which day of the week comes after {d}?", [DAYS[(i + 1) % 7]])
+    for i, m in enumerate(MONTHS):
+        add("next-month", f"Which month comes after {m}?", [MONTHS[(i + 1) % 12]])
+    for w, ans in OPPOSITES:
+        add("opposite", f"What is the opposite of '{w}'? Answer with one word.", ans)
+    for animal, n in LEGS:
+        add("legs", f"How many legs does a {animal} have? Answer with a number.", _num(n), [x for k in (2, 4, 6, 8) if k != n for x in _num(k)])
+    for thing, ans in COLORS:
+        add("color", f"What color is {thing}? Answer with one word.", ans)
+    return items
+
+
+def is_correct(response: str, item: dict) -> bool:
+    line = response.strip().split("\n")[0].lower()
+
+    def first(words):
+        hits = [m.start() for w in words for m in re.finditer(rf"(?<![\w]){re.escape(w.lower())}(?![\w])", line)]
+        return min(hits) if hits else None
+
+    pos = first(item["answers"])
+    if pos is None:
+        return False
+    bad = first(item["distractors"]) if item["distractors"] else None
+    return bad is None or pos < bad
+
+
+def _prompt_text(tok, prompt: str) -> str:
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return f"Question: {prompt}\nAnswer:"
+
+
+@torch.no_grad()
+def answer(model, tok, items: list[dict], *, batch: int = 64, max_new_tokens: int = 16) -> list[str]:
+    """Greedy responses to each item's prompt (batched, left-padded)."""
+    device = next(model.parameters()).device
+    side, tok.padding_side = tok.padding_side, "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    out = []
+    try:
+        for i in range(0, len(items), batch):
+            texts = [_prompt_text(tok, it["prompt"]) for it in items[i : i + batch]]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+            out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+    return out
+
+
+def score(model, tok, items: list[dict], **kw) -> list[bool]:
+    return [is_correct(r, it) for r, it in zip(answer(model, tok, items, **kw), items)]
