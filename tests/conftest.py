@@ -69,3 +69,12 @@ def small_pair(tmp_path_factory):
     make_llama(d / "base", hidden=512, layers=2, vocab=2048, inter=1536)
     make_finetune(d / "base", d / "ft", scale=0.05, seed=3)
     return d / "base", d / "ft"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """Pico models: one intra-op thread is faster than two on a 2-core machine (no oversubscription)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

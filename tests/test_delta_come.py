@@ -23,14 +23,6 @@ from deltapack.methods.delta_come import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared CPUs: oversubscription makes small ops crawl
-    yield
-    torch.set_num_threads(old)
-
-
 def _long_tail_delta(m=256, n=512, seed=0):
     """σ_i ∝ 1/i plus noise, random singular vectors."""
     g = torch.Generator().manual_seed(seed)

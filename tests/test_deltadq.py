@@ -15,15 +15,6 @@ from deltapack.methods.base import TensorJob
 from deltapack.methods.deltadq import CHOICES_KEY, HESSIAN_KEY, DeltaDQ, output_error, search_group_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Bit-level work on small tensors: one thread is faster than two on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class _Ctx:
     """The part of CompressContext that DeltaDQ.encode reads."""
 

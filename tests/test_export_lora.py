@@ -18,15 +18,6 @@ from conftest import make_finetune, make_llama
 IDS = torch.tensor([[1, 5, 9, 2, 33, 17, 60, 3, 44, 8, 21, 30], [7, 7, 0, 63, 12, 40, 41, 2, 5, 19, 26, 11]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one thread is faster than two on the shared 2-core test machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def linear_only(tmp_path_factory):
     """Pico pair (hidden 64) whose fine-tune changes only linear layers, compressed with lowrank."""

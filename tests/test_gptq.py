@@ -18,14 +18,6 @@ def _calib(cols: int, n: int = 2048, seed: int = 0) -> torch.Tensor:
     return X.T @ X
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared CPUs: oversubscription makes small ops crawl
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_beats_rtn_on_its_calibration_data(bits, act_order):

@@ -29,15 +29,6 @@ PROMPTS = [[5, 17, 9, 33], [40, 2, 77, 8, 13, 61, 99, 4, 20], [7]]
 MAX_TOKENS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("serve_eq")

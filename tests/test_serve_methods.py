@@ -21,15 +21,6 @@ SKIP = ("layers.1", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "lm_he
 PROMPTS = [[3, 9, 27, 81], [100, 50, 25, 12, 6, 3]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     present = [m for m in PAPER if m in METHODS]

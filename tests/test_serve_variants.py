@@ -15,14 +15,6 @@ from deltapack.serve.testing import greedy_reference, merged_model, running_serv
 PROMPTS = [[4, 8, 15, 16, 23, 42], [99]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _untied(base, out, seed):
     from transformers import AutoModelForCausalLM
 

@@ -23,15 +23,6 @@ from deltapack.share.plan import _choose, budget, max_dependents
 from conftest import make_llama
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test machine's cores are shared: one thread per process is several times faster than oversubscribing
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def pico(tmp_path_factory):
     d = tmp_path_factory.mktemp("share") / "pico6"
