@@ -322,7 +322,10 @@ class ReferenceKernels(DeltaKernels):
         packed.source = codec
         return packed.to(device)
 
-    def linear(self, x: torch.Tensor, tokens: TokenSlots, layer: LayerDeltas) -> torch.Tensor | None:
+    @staticmethod
+    def _per_tenant(n: int, tokens: TokenSlots, layer: LayerDeltas, compute, out_dtype) -> torch.Tensor | None:
+        """Run `compute(packed, token index)` for each tenant's token group and scatter the results into an
+        (n, width) output; None when no token of the batch has a delta in this layer."""
         if layer.count == 0:
             return None
         out = None
@@ -330,25 +333,22 @@ class ReferenceKernels(DeltaKernels):
             p = layer.get(slot)
             if p is None:
                 continue
-            ys = apply_packed(p, x.index_select(0, idx))
+            r = compute(p, idx)
             if out is None:
-                out = torch.zeros(x.shape[0], p.shape[0], dtype=x.dtype, device=x.device)
-            out.index_copy_(0, idx, ys.to(x.dtype))
-        return out
-
-    def rows(self, ids: torch.Tensor, tokens: TokenSlots, layer: LayerDeltas) -> torch.Tensor | None:
-        if layer.count == 0:
-            return None
-        out = None
-        for slot, idx in tokens.groups():
-            p = layer.get(slot)
-            if p is None:
-                continue
-            r = packed_rows(p, ids.index_select(0, idx))
-            if out is None:
-                out = torch.zeros(ids.shape[0], p.shape[1], dtype=r.dtype if r.is_floating_point() else torch.float32, device=ids.device)
+                out = torch.zeros(n, r.shape[-1], dtype=out_dtype(r), device=idx.device)
             out.index_copy_(0, idx, r.to(out.dtype))
         return out
+
+    def linear(self, x: torch.Tensor, tokens: TokenSlots, layer: LayerDeltas) -> torch.Tensor | None:
+        return self._per_tenant(
+            x.shape[0], tokens, layer, lambda p, idx: apply_packed(p, x.index_select(0, idx)), lambda r: x.dtype
+        )
+
+    def rows(self, ids: torch.Tensor, tokens: TokenSlots, layer: LayerDeltas) -> torch.Tensor | None:
+        return self._per_tenant(
+            ids.shape[0], tokens, layer, lambda p, idx: packed_rows(p, ids.index_select(0, idx)),
+            lambda r: r.dtype if r.is_floating_point() else torch.float32,
+        )
 
     def vector(self, tokens: TokenSlots, layer: LayerDeltas) -> torch.Tensor | None:
         if layer.count == 0:

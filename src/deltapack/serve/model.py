@@ -94,21 +94,28 @@ class _Wrapped(nn.Module):
     def bias(self):
         return getattr(self.base, "bias", None)
 
+    def _active(self):
+        """(state, weight deltas, bias deltas) when this batch has any delta for this module, else None."""
+        st: DeltaState = self._state
+        if st.ctx is None or not st.ctx.any:
+            return None
+        wl, bl = st.layer(self.wkey), st.layer(self.bkey)
+        if wl is None and bl is None:
+            return None
+        return st, wl, bl
+
 
 class DeltaLinear(_Wrapped):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        st: DeltaState = self._state
-        ctx = st.ctx
-        if ctx is None or not ctx.any:
+        active = self._active()
+        if active is None:
             return y
-        wl, bl = st.layer(self.wkey), st.layer(self.bkey)
-        if wl is None and bl is None:
-            return y
+        st, wl, bl = active
         lead = x.shape[:-1]
         T = math.prod(lead)
         x2, y2 = x.reshape(T, x.shape[-1]), y.reshape(T, y.shape[-1])
-        tokens = ctx.tokens(T)
+        tokens = st.ctx.tokens(T)
         if wl is not None:
             if wl.replace_slots:  # tenant's own tensor replaces the base one: remove x @ W_base^T for its tokens
                 y2 = y2.clone()
@@ -169,16 +176,13 @@ class DeltaEmbedding(_Wrapped):
 class DeltaNorm(_Wrapped):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        st: DeltaState = self._state
-        ctx = st.ctx
-        if ctx is None or not ctx.any:
+        active = self._active()
+        if active is None:
             return y
-        wl, bl = st.layer(self.wkey), st.layer(self.bkey)
-        if wl is None and bl is None:
-            return y
+        st, wl, bl = active
         lead = x.shape[:-1]
         T = math.prod(lead)
-        tokens = ctx.tokens(T)
+        tokens = st.ctx.tokens(T)
         y2 = y.reshape(T, y.shape[-1])
         if wl is not None:
             w = self.base.weight
