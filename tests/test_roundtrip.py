@@ -145,3 +145,13 @@ def test_methods_cli_lists_registry():
     assert set(CORE) <= names
     for r in json.loads(res.output):
         assert r["paper"] and "needs_calibration" in r
+
+
+@pytest.mark.parametrize("ratio", [8, 5])
+def test_bitdelta_fills_budget_with_whole_planes(small_pair, tmp_path, ratio):
+    """Between 1-plane sizes the stranded bytes buy extra planes: the true ratio lands near the target (a floored
+    per-tensor split would give every tensor the same whole number of planes: 16x at a target of 8x)."""
+    base, ft = small_pair
+    d = api.compress(base, ft, tmp_path / "d", method="bitdelta", ratio=ratio, progress=False)
+    true_ratio = api.inspect(d)["true_ratio"]
+    assert ratio * 0.95 <= true_ratio <= ratio * 1.05

@@ -124,6 +124,36 @@ def _f(x, fmt="{:.3f}") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
+def targets_markdown(merged: dict, summary: dict) -> list[str]:
+    """The issue's targets against the measured numbers (computed here, never typed)."""
+    rows = []
+    for label in ("delta-come-paper", "delta-come-optimal"):
+        per_task = {r["task"]: r["kept"] for r in merged["results"]
+                    if r.get("label") == label and r["target_ratio"] == 16 and r.get("kept") is not None}
+        if per_task:
+            worst = min(per_task, key=per_task.get)
+            rows.append((f"{label} at 16x keeps ≥ 0.99 on every task", 0.99, per_task[worst],
+                         f"lowest: {worst} {per_task[worst]:.3f}"))
+    for ratio, goal in ((32, 0.97), (64, 0.90)):
+        cands = [(by[f"{ratio}"]["kept"], label) for label, by in summary.items()
+                 if f"{ratio}" in by and by[f"{ratio}"]["kept"] is not None]
+        if cands:
+            best, label = max(cands)
+            rows.append((f"best method at {ratio}x keeps ≥ {goal:.2f} (mean over tasks)", goal, best, f"{label}"))
+    for t in merged.get("timing", []):
+        if t["method"] == "delta-come":
+            rows.append((f"7B-shaped {t.get('label', t['method'])} in ≤ 300 s", None, t["seconds"],
+                         f"{t['seconds']:.0f} s"))
+    if not rows:
+        return []
+    out = ["", "**Targets** (issue 4) against this run:", "", "| target | measured | met |", "|---|---|---|"]
+    for text, goal, value, detail in rows:
+        met = value <= 300 if goal is None else value >= goal
+        shown = detail if goal is None else f"{value:.3f} ({detail})"
+        out.append(f"| {text} | {shown} | {'yes' if met else 'no'} |")
+    return out
+
+
 def markdown(merged: dict, json_name: str) -> str:
     summary = summarize(merged["results"])
     ratios = sorted({r["target_ratio"] for r in merged["results"] if r["target_ratio"] is not None})
@@ -138,15 +168,29 @@ def markdown(merged: dict, json_name: str) -> str:
         "|---|" + "---|" * (len(ratios) + (1 if any(r["target_ratio"] is None for r in merged["results"]) else 0)),
     ]
     has_lossless = any(r["target_ratio"] is None for r in merged["results"])
+    all_tasks = sorted({r["task"] for r in merged["results"]})
+    subset_marks: dict[tuple, str] = {}  # task subsets other than all tasks get a footnote mark each
     for label, by in summary.items():
         cells = []
         for r in ratios:
             v = by.get(f"{r:g}")
-            cells.append(f"{_f(v['kept'])} ({v['true_ratio']:.1f}x)" if v else "–")
+            if not v:
+                cells.append("–")
+                continue
+            mark = ""
+            if v["tasks"] != all_tasks:
+                mark = subset_marks.setdefault(tuple(v["tasks"]), "†" * (len(subset_marks) + 1))
+            if abs(v["true_ratio"] / r - 1) > 0.10:
+                mark += "‡"
+            cells.append(f"{_f(v['kept'])} ({v['true_ratio']:.1f}x){mark}")
         if has_lossless:
             v = by.get("lossless")
             cells.append(f"{_f(v['kept'])} ({v['true_ratio']:.2f}x)" if v else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for tasks, mark in subset_marks.items():
+        lines.append(f"\n{mark} {', '.join(tasks)} only (not every task was run at this ratio).")
+    if any("‡" in ln for ln in lines):
+        lines.append("\n‡ true ratio more than 10% away from the target (the method cannot reach it, or did not fill it).")
     keys = [f"{r:g}" for r in ratios] + (["lossless"] if has_lossless else [])
     lines += ["", "**KL(fine-tune ‖ rebuilt)**, nats per answer token, mean over tasks:", "",
               "| method | " + " | ".join(k if k == "lossless" else f"{k}x" for k in keys) + " |", "|---|" + "---|" * len(keys)]
@@ -177,6 +221,7 @@ def markdown(merged: dict, json_name: str) -> str:
             tgt = "lossless" if t["target_ratio"] is None else f"{t['target_ratio']:g}x"
             lines.append(f"| {t.get('label', t['method'])} | {tgt} | {t['seconds']:.1f} | {_f(t.get('peak_gpu_gb'), '{:.1f}')} | "
                          f"{_f(t.get('true_ratio'), '{:.1f}x')} | {t.get('shape', '–')} |")
+    lines += targets_markdown(merged, summary)
     if merged.get("notes"):
         lines += ["", "Notes:", ""]
         for n in merged["notes"]:

@@ -15,7 +15,7 @@ from pydantic import Field
 
 from deltapack.errors import BudgetError
 from deltapack.format.packing import pack_bits, packed_row_bytes, unpack_bits
-from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, register_method
+from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, TensorStat, register_method
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,29 @@ class BitDelta(DeltaMethod):
 
     def max_useful_bytes(self, shape):
         return self._plane_bytes(shape) * (self.planes or 8)
+
+    def allocate(self, stats: list[TensorStat], total_bytes: int) -> dict[str, int]:
+        """Whole sign planes per tensor. A proportional split floored to whole planes strands up to a plane per
+        tensor (at 8x every tensor would get 1 plane, i.e. 16x); the stranded bytes buy extra planes for the
+        tensors with the most delta energy per plane byte, so the true ratio lands near the target."""
+        alloc = super().allocate(stats, total_bytes)
+        if self.planes is not None:
+            return alloc
+        by_name = {s.name: s for s in stats}
+        planes = {n: max(1, min(8, b // self._plane_bytes(by_name[n].shape))) for n, b in alloc.items()}
+        used = sum(k * self._plane_bytes(by_name[n].shape) for n, k in planes.items())
+        left = total_bytes - used
+        order = sorted(planes, key=lambda n: by_name[n].sq_norm / self._plane_bytes(by_name[n].shape), reverse=True)
+        progress = True
+        while progress and left > 0:  # round-robin by priority: each pass adds at most one plane per tensor
+            progress = False
+            for n in order:
+                cost = self._plane_bytes(by_name[n].shape)
+                if planes[n] < 8 and cost <= left:
+                    planes[n] += 1
+                    left -= cost
+                    progress = True
+        return {n: k * self._plane_bytes(by_name[n].shape) for n, k in planes.items()}
 
     def encode(self, job: TensorJob, ctx) -> Encoded:
         k = self.planes or job.budget_bytes // self._plane_bytes(job.shape)
