@@ -246,3 +246,29 @@ def test_task_items_and_scoring():
     assert not tasks.is_correct("17", item)
     assert tasks.is_correct("The answer is Seven.\n3", item)
     assert not tasks.is_correct("", {"answers": ["Paris"], "distractors": []})
+
+
+def test_self_chat_samples_are_seeded_and_disjoint_from_eval_tasks(tmp_path):
+    """Training mix: the original's own answers, rendered with its chat template, reproducible, never about the
+    evaluation task families."""
+    from deltapack.serve.testing import make_word_tokenizer
+    from deltapack.share.data import chat_prompts, self_chat_texts
+    from deltapack.share.tasks import make_items
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = chat_prompts(400, seed=0, docs=["word " * 100])
+    assert prompts == chat_prompts(400, seed=0, docs=["word " * 100]) and len(set(prompts)) > 100
+    banned = ["capital", "legs", "day of the week", "month", "opposite", "+", "larger", "color"]
+    assert not [p for p in prompts if any(b in p for b in banned)]
+    assert not {it["prompt"] for it in make_items()} & set(prompts)
+
+    make_llama(tmp_path / "m", hidden=32, vocab=64)
+    make_word_tokenizer(tmp_path / "m", 64)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    a = self_chat_texts(model, tok, 6, seed=3, max_new_tokens=5, batch=4)
+    b = self_chat_texts(model, tok, 6, seed=3, max_new_tokens=5, batch=4)
+    assert a == b and 1 <= len(a) <= 6
+    assert all("user :" in t and "assistant :" in t for t in a)
+    tok.chat_template = None
+    assert self_chat_texts(model, tok, 6) == []

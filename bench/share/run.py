@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from deltapack.io.writer import write_json_atomic  # noqa: E402
 from deltapack.share import tasks  # noqa: E402
 from deltapack.share.baselines import drop_layers, layer_drop_model, svd_init_model  # noqa: E402
-from deltapack.share.data import load_docs, split_docs, windows  # noqa: E402
+from deltapack.share.data import load_docs, self_chat_texts, split_docs, windows  # noqa: E402
 from deltapack.share.evaluate import evaluate  # noqa: E402
 from deltapack.share.model import apply_plan, finalize  # noqa: E402
 from deltapack.share.plan import make_plan, unique_param_count  # noqa: E402
@@ -131,6 +131,8 @@ def run(args) -> dict:
                           local_steps=args.local_steps, replace_frac=args.replace_frac)
         t = time.perf_counter()
         train_texts, held_texts = split_docs(load_docs(args.data))
+        chat = self_chat_texts(original, tok, args.self_chat, seed=args.seed, docs=train_texts, progress=not args.quiet)
+        train_texts = train_texts + chat
         train_w = windows(tok, train_texts, args.seq_len, cfg.steps * cfg.batch_size, seed=args.seed)
         held_w = windows(tok, held_texts, args.seq_len, args.eval_windows, seed=args.seed)
         calib_w = train_w[: args.calib_windows]
@@ -217,7 +219,7 @@ def run(args) -> dict:
         "model": "pico random Llama (smoke)" if args.smoke and not args.model else str(args.model or "SmolLM2-135M-Instruct (embedded GGUF, dequantized)"),
         "smoke": bool(args.smoke),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "table", "quiet")},
-        "data": {"source": args.data or "python-stdlib-docs", "train_windows": len(train_w), "heldout_windows": len(held_w),
+        "data": {"source": args.data or "python-stdlib-docs", "self_chat_samples": len(chat), "train_windows": len(train_w), "heldout_windows": len(held_w),
                  "seq_len": args.seq_len},
         "original": {"params": orig_params, "ppl": base["ppl"], "task_items": len(items), "task_items_kept": len(kept_items),
                      "task_accuracy_all_items": sum(ok) / len(ok)},
@@ -305,6 +307,7 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=None)
     ap.add_argument("--criterion", default="kl", choices=["kl", "residual"])
     ap.add_argument("--data", default=None, help="training/held-out text file (default: Python's own docs)")
+    ap.add_argument("--self-chat", type=int, default=None, help="samples the original generates for training (default 2048; smoke 8; 0: off)")
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--calib-windows", type=int, default=16)
     ap.add_argument("--per-task", type=int, default=24, help="items per generated task family")
@@ -323,7 +326,7 @@ def main(argv=None) -> None:
     smoke = args.smoke
     defaults = {"tokens": 16_384 if smoke else 8_000_000, "train_seconds": 30.0 if smoke else 140.0,
                 "batch_size": 8 if smoke else 32, "seq_len": 64 if smoke else 256, "lr": 5e-3 if smoke and not args.model else 5e-4,
-                "eval_windows": 8 if smoke else 64}
+                "eval_windows": 8 if smoke else 64, "self_chat": 8 if smoke else 2048}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from deltapack.errors import InputError
-from deltapack.share.data import load_docs, split_docs, windows
+from deltapack.share.data import load_docs, self_chat_texts, split_docs, windows
 from deltapack.share.evaluate import batched_kl, evaluate, teacher_logprobs
 from deltapack.share.model import apply_plan, finalize
 from deltapack.share.plan import SharePlan, make_plan, unique_param_count
@@ -58,6 +58,7 @@ def share(
     group: int | None = None,
     criterion: str = "kl",
     data: str | os.PathLike | None = None,
+    self_chat: int = 1024,
     train: TrainConfig | None = None,
     device: str = "auto",
     calib_windows: int = 16,
@@ -80,6 +81,8 @@ def share(
     t_start = time.perf_counter()
     model, tok, src_dir = load_original(model_ref, dev)
     train_texts, held_texts = split_docs(load_docs(data))
+    chat = self_chat_texts(model, tok, self_chat, seed=cfg.seed, docs=train_texts, progress=progress)
+    train_texts = train_texts + chat  # windows() shuffles documents, so the chat samples spread over training
     need = cfg.steps * cfg.batch_size
     train_w = windows(tok, train_texts, cfg.seq_len, need, seed=cfg.seed)
     held_w = windows(tok, held_texts, cfg.seq_len, eval_windows, seed=cfg.seed)
@@ -106,6 +109,7 @@ def share(
     info = {
         "source": str(model_ref),
         "data": str(data) if data else "python-stdlib-docs",
+        "self_chat_samples": len(chat),
         "train_config": cfg.model_dump(),
         "training": summary,
         "eval_heldout": {
