@@ -264,3 +264,74 @@ def test_bad_knobs_are_method_errors():
         get_method("delta-come", {"bit_widths": [5]})
     with pytest.raises(DeltapackError):
         get_method("delta-come", {"allocator": "magic"})
+
+
+def test_shared_input_hessian_is_prepared_once_per_unit(monkeypatch):
+    """q/k/v read one input: within a unit, one device copy of H and one GPTQ inverse serve all three, with the
+    same bytes as encoding each alone."""
+    import deltapack.methods.delta_come as dc
+    from deltapack.calib.activations import Hessian
+
+    X = _calib_inputs(n=256, tokens=2048)
+    h = Hessian(X.T @ X, 2048)
+    names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
+    deltas = {n: _long_tail_delta(m=128, n=256, seed=i) for i, n in enumerate(names)}
+    calls = []
+    real = dc.prepare_hessian
+    monkeypatch.setattr(dc, "prepare_hessian", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+
+    def encode(name, ctx):
+        job = TensorJob(name, (128, 256), deltas[name].clone(), 128 * 256 * 2 // 16, "linear")
+        return get_method("delta-come", {}).encode(job, ctx)
+
+    shared_ctx = types.SimpleNamespace(device=torch.device("cpu"), cache={"hessians": {n: h for n in names}})
+    shared = {n: encode(n, shared_ctx) for n in names}
+    assert len(calls) == 1
+    eps = shared_ctx.cache["delta_come_eps"]  # ε(b) measured on the unit's first tensor of a shape: keep it
+    for n in names:
+        alone = encode(n, types.SimpleNamespace(device=torch.device("cpu"),
+                                                cache={"hessians": {n: h}, "delta_come_eps": eps}))
+        assert alone.params == shared[n].params
+        assert all(torch.equal(alone.parts[k], shared[n].parts[k]) for k in alone.parts)
+    assert len(calls) == 4
+
+
+def test_calibration_keeps_only_the_hessians_of_tensors_to_encode(calib_pair):
+    """Hessians of unchanged linears would be copied to every work unit: prepare drops them (a shared one stays
+    while any reader of its input changed)."""
+    from deltapack.io.sources import open_model
+    from deltapack.methods.base import TensorStat
+
+    _, ft = calib_pair
+    ctx = types.SimpleNamespace(device=torch.device("cpu"), finetuned=open_model(ft), progress=False, cache={},
+                                calib_path=None)
+    method = get_method("delta-come", {"calib_source": "random", "n_calib_seqs": 2, "calib_seq_len": 16})
+    changed = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.gate_proj.weight"]
+    method._calibrate(ctx, [TensorStat(n, (64, 64), "linear", 1, 1.0) for n in changed])
+    hs = ctx.cache["hessians"]
+    assert set(hs) == set(changed)
+    assert hs[changed[0]].H.shape == (64, 64) and hs[changed[0]].n_tokens == 32
+
+
+def test_phases_are_recorded_without_changing_the_output(calib_pair, tmp_path, monkeypatch):
+    """compress.record_phases: where the seconds went (plan, calibration, SVD, both GPTQ sides, write), and the
+    recording (which synchronises at phase edges) leaves the directory byte for byte the same."""
+    from deltapack.compress import phase, record_phases
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    base, ft = calib_pair
+    params = {"calib_source": "random", "n_calib_seqs": 4, "calib_seq_len": 16}
+    plain = api.compress(base, ft, tmp_path / "a", method="delta-come", ratio=4, params=params, progress=False)
+    with record_phases() as phases:
+        timed = api.compress(base, ft, tmp_path / "b", method="delta-come", ratio=4, params=params, progress=False)
+    for key in ("plan", "prepare", "prepare.calibration", "encode", "encode.svd", "encode.quantize_a",
+                "encode.quantize_b", "assemble"):
+        assert phases.get(key, 0) > 0, key
+    assert phases["prepare.calibration"] <= phases["prepare"] and phases["encode.quantize_a"] <= phases["encode"]
+    assert [s[0] for s in phases.spans] == ["plan", "prepare", "encode", "assemble"]
+    files = sorted(p.relative_to(plain) for p in plain.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(timed) for p in timed.rglob("*") if p.is_file())
+    for rel in files:
+        assert (plain / rel).read_bytes() == (timed / rel).read_bytes(), rel
+    with phase("outside"):  # no recorder: a no-op
+        pass

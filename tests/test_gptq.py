@@ -88,3 +88,51 @@ def test_gptq_dead_inputs_and_singular_hessian():
     assert torch.isfinite(res.dequantized).all()
     # a dead input's weight is zeroed before quantization: it lands on the grid point nearest 0
     assert (res.dequantized[:, 5].abs() <= res.scale.float()[:, 0] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("group_size", [100, None])
+def test_dynamic_grids_across_block_edges_decode_exactly(group_size):
+    """Without act-order the row grids are computed as the loop reaches each group; a group that starts in one block
+    and continues into the next (group size not a multiple of the block, or one grid per row) must keep its grid
+    there. (It used to read uninitialised memory in the later blocks: NaN or garbage.)"""
+    torch.manual_seed(5)
+    W = torch.randn(33, 260)
+    H = _calib(260, seed=6)
+    res = gptq_quantize(W, H, 3, group_size=group_size, blocksize=128, act_order=False)
+    assert torch.isfinite(res.dequantized).all()
+    torch.testing.assert_close(res.qmatrix(slice(None), 3).dequantize(), res.dequantized, rtol=0, atol=0)
+    rtn = quantize_rows(W, 3, group_size).dequantize()
+    assert output_error(W, res.dequantized, H) < 0.9 * output_error(W, rtn, H)
+
+
+def test_prepared_hessian_is_shared_without_changing_results():
+    """q/k/v (and gate/up) read one input: one prepare_hessian serves all, with the same bytes as preparing each."""
+    from deltapack.quant.gptq import prepare_hessian
+
+    torch.manual_seed(7)
+    H = _calib(200, seed=8)
+    H[:, 3] = H[3, :] = 0  # a dead input
+    prep = prepare_hessian(H, percdamp=0.01, act_order=True)
+    for rows, bits in ((24, 3), (40, torch.tensor([8] * 4 + [2] * 36))):
+        W = torch.randn(rows, 200)
+        fresh = gptq_quantize(W, H, bits, group_size=64, act_order=True)
+        shared = gptq_quantize(W, None, bits, group_size=64, act_order=True, prepared=prep)
+        for a, b in ((fresh.codes, shared.codes), (fresh.scale, shared.scale), (fresh.dequantized, shared.dequantized)):
+            assert torch.equal(a, b)
+    # settings that do not match the prepared Hessian are not silently reused: H is prepared again
+    W = torch.randn(24, 200)
+    torch.testing.assert_close(gptq_quantize(W, H, 3, act_order=False, prepared=prep).dequantized,
+                               gptq_quantize(W, H, 3, act_order=False).dequantized, rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        gptq_quantize(W, None, 3, act_order=False, prepared=prep)
+
+
+def test_mixed_grid_host_widths_match_device_widths():
+    from deltapack.quant.gptq import mixed_grid
+
+    torch.manual_seed(9)
+    x = torch.randn(30, 70)
+    bits = torch.tensor([8, 4, 3, 2, 1] * 6)
+    s1, z1 = mixed_grid(x, bits, 32)
+    s2, z2 = mixed_grid(x, bits.tolist(), 32)
+    assert torch.equal(s1, s2) and torch.equal(z1, z2)

@@ -15,13 +15,30 @@ is generated from its own seed on the compute device, so the pair is the same on
 Disk: two checkpoints of 13.5 GB (27 GB) in --workdir, kept there and reused while the machine stays warm (a marker
 file records the shape); the one delta dir at a time is small except raw (13.5 GB, off by default).
 
+Per method the record also holds where the time and memory went: `phases` (seconds per phase of compress: plan =
+read + sha256 fingerprint + norms, prepare = budget + the method's prepare hook, e.g. prepare.calibration, encode
+with sub-phases such as encode.svd / encode.quantize_a / encode.quantize_b / encode.wait_read, assemble = refine +
+write; phase edges synchronise the GPU while recording), `phase_peak_rss_gb` (sampled every 50 ms), `peak_rss_gb`
+(the kernel's high-water mark for this method alone: reset before it via /proc/self/clear_refs) and the RSS left
+after it before and after malloc_trim (what the allocator keeps). `--gptq-check` first runs GPTQ on 7B-shaped
+factors through the torch column loop and the Triton kernel and records whether they agree bit for bit, and both
+times.
+
     python bench/quality/timing_7b.py --methods lowrank,bitdelta,dare --out bench/results/parts/timing-7b-1.json
     python bench/quality/timing_7b.py --smoke --out /tmp/timing-smoke.json     # CPU, 2 layers of hidden 256
+    python bench/quality/timing_7b.py --shape mid --device cpu --methods delta-come-optimal   # CPU profiling size
+
+On one H100, in calls of at most 10 minutes (the pair is written by the first call, ~40-60 s, and reused while the
+machine stays warm; each call checks the time budget before starting a method):
+    1. --gptq-check --count-ops --methods delta-come-optimal,delta-come-paper
+    2. --methods lowrank,bitdelta,dare,deltadq
+    3. --methods bitdelta-distill            (two full models in memory and 200 training steps: alone, or --layers 8)
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import logging
@@ -30,6 +47,7 @@ import os
 import resource
 import shutil
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -83,7 +101,141 @@ class Shape:
 
 
 LLAMA2_7B = Shape(hidden=4096, inter=11008, layers=32, vocab=32000, heads=32, kv_heads=32)
+MID = Shape(hidden=1024, inter=2816, layers=4, vocab=8192, heads=16, kv_heads=16)  # CPU profiling (~1/100 of 7B)
 SMOKE = Shape(hidden=256, inter=688, layers=2, vocab=2048, heads=4, kv_heads=4)
+SHAPES = {"7b": LLAMA2_7B, "mid": MID, "smoke": SMOKE}
+
+
+# ---- memory -----------------------------------------------------------------------------------------------------------
+def rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux >= 4.0): the next peak_rss() is this process's peak from now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """VmHWM (bytes) of this process; ru_maxrss when /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def malloc_trim() -> bool:
+    """Give free heap memory back to the OS (glibc): RSS that drops here was allocator fragmentation, not data."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+class RssSampler:
+    """Samples this process's RSS every `interval` seconds in a daemon thread; peak over any time span."""
+
+    def __init__(self, interval: float = 0.05):
+        self.samples: list[tuple[float, int]] = []  # (perf_counter, bytes); appends are atomic
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.perf_counter(), rss_bytes()))
+            time.sleep(interval)
+
+    def peak(self, t0: float, t1: float) -> int:
+        """Highest sample in [t0, t1], or the first one after it for a span shorter than the interval."""
+        inside = [r for t, r in self.samples if t0 <= t <= t1]
+        if inside:
+            return max(inside)
+        return next((r for t, r in self.samples if t > t1), 0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1)
+
+
+# ---- GPTQ backends on 7B-shaped factors ----------------------------------------------------------------------------------
+def gptq_check(device: torch.device, small: bool) -> dict:
+    """GPTQ of delta-come-like factors through the torch column loop and the Triton kernel: equal codes, scales and
+    dequantized values (bit for bit), and the seconds of each. 7B shapes on CUDA; tiny ones under --smoke (the
+    Triton side then needs TRITON_INTERPRET=1, else it is reported as unavailable)."""
+    from deltapack.quant import gptq_triton
+    from deltapack.quant.gptq import gptq_quantize, output_error
+
+    out = []
+    reason = gptq_triton.unavailable_reason(device)
+    # whether torch's addcmul / addr_ round a*b+c once on this device (the kernel copies it)
+    fused_deq, fused_update = gptq_triton.torch_rounding(str(device))
+    # (label, rows, cols, grid, group size, act-order): A of q (800 pairs x 4096 inputs), A of down (1500 x 11008),
+    # B of q (4096 outputs x 800 pairs, one grid per column), per-128 groups, dynamic grids (no act-order)
+    cases = [("A q_proj", 800, 4096, "row", None, True), ("A down_proj", 1500, 11008, "row", None, True),
+             ("B q_proj", 4096, 800, "col", None, False), ("A q_proj g128", 800, 4096, "row", 128, True),
+             ("A q_proj g128 no act-order", 800, 4096, "row", 128, False)]
+    if small:
+        cases = [("A", 40, 256, "row", None, True), ("B", 256, 40, "col", None, False),
+                 ("A g64 no act-order", 40, 256, "row", 64, False)]
+    for label, rows, cols, grid, gs, act in cases:
+        g = torch.Generator(device=device).manual_seed(rows * 7 + cols)
+        W = torch.randn(rows, cols, generator=g, device=device) * 0.01
+        X = torch.randn(4 * cols, cols, generator=g, device=device) * torch.rand(cols, generator=g, device=device)
+        H = X.T @ X / X.shape[0]
+        del X
+        n_units = rows if grid == "row" else cols
+        widths = torch.tensor([8, 4, 3, 2, 1], device=device)
+        bits = widths[torch.randint(0, 5, (n_units,), generator=g, device=device)]
+        order = torch.argsort(bits, stable=True) if grid == "col" else None
+        kw = dict(group_size=gs, grid=grid, order=order, act_order=act)
+        rec = {"case": label, "shape": [rows, cols], "grid": grid, "group_size": gs, "act_order": act}
+
+        def timed(backend: str):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            r = gptq_quantize(W, H, bits, backend=backend, **kw)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return r, time.perf_counter() - t0
+
+        ref, rec["torch_s"] = timed("torch")
+        rec["output_error_torch"] = output_error(W, ref.dequantized, H)
+        if reason:
+            rec["triton"] = f"unavailable: {reason}"
+            out.append(rec)
+            continue
+        try:
+            _, rec["triton_first_s"] = timed("triton")  # includes compiling the kernel
+            tri, rec["triton_s"] = timed("triton")
+        except Exception as e:
+            rec["triton"] = f"error: {e.__class__.__name__}: {e}"[:400]
+            out.append(rec)
+            continue
+        rec["output_error_triton"] = output_error(W, tri.dequantized, H)
+        rec["codes_equal"] = bool(torch.equal(ref.codes, tri.codes))
+        rec["codes_differing"] = int((ref.codes != tri.codes).sum())
+        rec["scales_equal"] = bool(torch.equal(ref.scale, tri.scale) and torch.equal(ref.zero, tri.zero))
+        rec["dequantized_equal"] = bool(torch.equal(ref.dequantized, tri.dequantized))
+        rec["max_abs_diff"] = float((ref.dequantized - tri.dequantized).abs().max())
+        out.append(rec)
+        log.info("gptq check %s: torch %.2f s, triton %.3f s, identical %s", label, rec["torch_s"], rec["triton_s"],
+                 rec["dequantized_equal"] and rec["codes_equal"])
+    return {"torch_fused_addcmul": fused_deq, "torch_fused_addr": fused_update, "cases": out}
 
 
 def _seed(i: int, salt: int) -> int:
@@ -191,6 +343,81 @@ def write_pair(workdir: Path, shape: Shape, device: torch.device, shard_bytes: i
     return workdir / "base", workdir / "ft", time.perf_counter() - t0
 
 
+VIEW_OPS = {"view", "_unsafe_view", "slice", "select", "t", "transpose", "as_strided", "expand", "unsqueeze", "squeeze",
+            "diagonal", "alias", "permute", "_reshape_alias", "detach", "lift_fresh", "unbind", "split", "narrow"}
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "unique_consecutive", "_unique2", "is_nonzero"}
+
+
+def count_ops(device: torch.device, small: bool) -> list[dict]:
+    """Torch ops dispatched (kernels launched on CUDA, views, host syncs) and Triton launches per delta-come encode of
+    one q_proj- and one down_proj-shaped matrix at 16x, GPTQ column loop in torch and with the default backend."""
+    import types
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from deltapack.methods import TensorJob, get_method
+    from deltapack.quant import gptq_triton
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: dict[str, int] = {}
+
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            self.ops[name] = self.ops.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    launches = [0]
+    real_block = gptq_triton.block_columns
+
+    def counted_block(*a):
+        launches[0] += 1
+        return real_block(*a)
+
+    shapes = [(256, 256), (256, 688)] if small else [(4096, 4096), (4096, 11008)]
+    out = []
+    gptq_triton.block_columns = counted_block
+    old_env = os.environ.get("DELTAPACK_GPTQ_BACKEND")
+    try:
+        for m, n in shapes:
+            g = torch.Generator(device=device).manual_seed(m + n)
+            r = min(m, n)
+            spec = torch.arange(1, r + 1, device=device, dtype=torch.float32).pow(-0.5)
+            delta = (torch.randn(m, r, generator=g, device=device) * spec) @ torch.randn(r, n, generator=g, device=device)
+            delta *= 1e-3 / delta.pow(2).mean().sqrt()
+            X = torch.randn(2 * n, n, generator=g, device=device) * (torch.rand(n, generator=g, device=device) + 0.1)
+            H = X.T @ X
+            del X
+            for backend in ("torch", "auto"):
+                os.environ["DELTAPACK_GPTQ_BACKEND"] = backend
+                method = get_method("delta-come", {"allocator": "optimal"})
+                ctx = types.SimpleNamespace(device=device, cache={})
+                job = lambda: TensorJob("w", (m, n), delta.clone(), m * n * 2 // 16, "linear", extras={"hessian": H})  # noqa: E731
+                method.encode(job(), ctx)  # warm: ε(b) measured, kernel compiled
+                launches[0] = 0
+                with Counter() as c:
+                    t0 = time.perf_counter()
+                    method.encode(job(), ctx)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                total = sum(c.ops.values())
+                views = sum(v for k, v in c.ops.items() if k in VIEW_OPS)
+                rec = {"shape": [m, n], "gptq_backend": backend, "torch_ops": total, "view_ops": views,
+                       "kernel_ops": total - views, "host_syncs": sum(v for k, v in c.ops.items() if k in SYNC_OPS),
+                       "triton_launches": launches[0], "seconds_counted": round(dt, 3)}
+                out.append(rec)
+                log.info("ops per encode %s: %s", [m, n], rec)
+    finally:
+        gptq_triton.block_columns = real_block
+        if old_env is None:
+            os.environ.pop("DELTAPACK_GPTQ_BACKEND", None)
+        else:
+            os.environ["DELTAPACK_GPTQ_BACKEND"] = old_env
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"labels as in run.py (aliases: {', '.join(ALIASES)})")
@@ -203,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reserve", type=float, default=60.0, help="seconds a method is assumed to need at least")
     ap.add_argument("--layers", type=int, default=None, help="override the layer count (scaled-down runs)")
     ap.add_argument("--smoke", action="store_true", help="CPU, hidden 256, 2 layers: the same code path in seconds")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                    help="7b (default), mid (hidden 1024, 4 layers: CPU profiling), smoke (= --smoke's shape)")
+    ap.add_argument("--gptq-check", action="store_true",
+                    help="first compare GPTQ's torch loop and Triton kernel on 7B-shaped factors (~1 min on a GPU)")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="first count torch ops / syncs / Triton launches per delta-come encode of a q_proj- and a "
+                         "down_proj-shaped matrix, torch column loop vs default backend (~1 min on a GPU)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("deltapack.compress").setLevel(logging.WARNING)
@@ -216,10 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device("cpu" if args.smoke and args.device == "auto" else args.device)
     if args.ratio is None:
         args.ratio = 8.0 if args.smoke else 16.0
-    shape = SMOKE if args.smoke else LLAMA2_7B
+    shape_key = args.shape or ("smoke" if args.smoke else "7b")
+    shape = SHAPES[shape_key]
     if args.layers:
         shape = Shape(**{**shape.__dict__, "layers": args.layers})
-    workdir = args.workdir / ("smoke" if args.smoke else "llama2-7b")
+    workdir = args.workdir / {"smoke": "smoke", "mid": "mid", "7b": "llama2-7b"}[shape_key]
     workdir.mkdir(parents=True, exist_ok=True)
     specs = select_methods(args.methods)
 
@@ -227,11 +462,20 @@ def main(argv: list[str] | None = None) -> int:
            "shape": shape.label(), "params": shape.params(), "timing": [], "notes": [], "complete": False,
            "path": "deltapack.api.compress on sharded bf16 safetensors checkpoints (real code path)"}
     write_json(args.out, doc)
-    base_dir, ft_dir, write_s = write_pair(workdir, shape, device, shard_bytes=(2 << 30) if not args.smoke else (4 << 20))
+    if args.gptq_check:
+        doc["gptq_check"] = gptq_check(device, small=args.smoke)
+        write_json(args.out, doc)
+    if args.count_ops:
+        doc["ops_per_encode"] = count_ops(device, small=args.smoke)
+        write_json(args.out, doc)
+    base_dir, ft_dir, write_s = write_pair(workdir, shape, device, shard_bytes=(2 << 30) if shape_key == "7b" else (64 << 20))
     doc["checkpoint_write_seconds"] = round(write_s, 1)
     write_json(args.out, doc)
     log.info("pair ready (%s, %.1fM params) in %.0f s", shape.label(), shape.params() / 1e6, write_s)
 
+    from deltapack.compress import record_phases
+
+    sampler = RssSampler()
     skipped = False
     for spec in specs:
         ratio = None if spec.method == "raw" else args.ratio
@@ -255,10 +499,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        hwm_reset = reset_peak_rss()
         t0 = time.perf_counter()
         try:
-            api.compress(base_dir, ft_dir, out, method=spec.method, ratio=ratio, params=spec.params, device=str(device),
-                         overwrite=True, progress=False)
+            with record_phases() as phases:
+                api.compress(base_dir, ft_dir, out, method=spec.method, ratio=ratio, params=spec.params,
+                             device=str(device), overwrite=True, progress=False)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
@@ -275,17 +521,28 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(out, ignore_errors=True)
             gc.collect()
+        rss_left = rss_bytes()
+        malloc_trim()
         rec = {
             "method": spec.method, "label": spec.label, "allocator": spec.allocator, "params": spec.params,
             "target_ratio": ratio, "seconds": round(seconds, 2),
             "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None,
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),  # process peak so far
+            # this method's own peak when the high-water mark could be reset, else the process peak so far
+            "peak_rss_gb": round(peak_rss() / 1e9, 2), "peak_rss_scope": "method" if hwm_reset else "process",
+            "rss_after_gb": round(rss_left / 1e9, 2), "rss_after_trim_gb": round(rss_bytes() / 1e9, 2),
+            "phases": {k: round(v, 2) for k, v in sorted(phases.items())},
+            "phase_peak_rss_gb": {name: round(sampler.peak(a, b) / 1e9, 2) for name, a, b in phases.spans},
             "true_ratio": info["true_ratio"], "nominal_ratio": info["nominal_ratio"], "shape": shape.label(),
         }
         doc["timing"].append(rec)
         write_json(args.out, doc)
-        log.info("%s @ %s: %.1f s, peak GPU %s GB, true ratio %.2fx", spec.label,
-                 "lossless" if ratio is None else f"{ratio:g}x", seconds, rec["peak_gpu_gb"], rec["true_ratio"])
+        log.info("%s @ %s: %.1f s, peak GPU %s GB, peak RSS %.1f GB, true ratio %.2fx", spec.label,
+                 "lossless" if ratio is None else f"{ratio:g}x", seconds, rec["peak_gpu_gb"], rec["peak_rss_gb"],
+                 rec["true_ratio"])
+        top = {k: v for k, v in rec["phases"].items() if "." not in k}
+        log.info("%s phases: %s", spec.label, ", ".join(f"{k} {v:.1f} s" for k, v in top.items()))
+        log.info("%s sub-phases: %s", spec.label, ", ".join(f"{k} {v:.1f}" for k, v in rec["phases"].items() if "." in k))
+    sampler.stop()
     doc["complete"] = not skipped
     doc["elapsed_s"] = round(budget.elapsed(), 1)
     write_json(args.out, doc)

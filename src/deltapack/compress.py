@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import datetime as _dt
 import hashlib
 import json
@@ -63,6 +64,8 @@ HEAD_KEYS = ("lm_head", "embed_out", "output.weight")
 UNIT_FILE = "unit-{:04d}"  # + .safetensors / .json inside a work directory
 PICKLE_PROTOCOL = 5
 SPILL_MIN_BYTES = 1 << 16  # per-unit state below this stays in the plan file
+PLAN_PREFETCH = 3  # plan pass: tensors read ahead (by one thread) of the one on the device
+PLAN_HASHERS = 1  # plan pass: threads hashing (sha256 runs ~1-2 GB/s per thread) and comparing tensors already read
 
 
 def resolve_device(device: str) -> torch.device:
@@ -117,6 +120,61 @@ def created_stamp() -> str:
     return t.replace(microsecond=0).isoformat()
 
 
+# ---- phase timing (benchmarks) -------------------------------------------------------------------------------------
+class PhaseTimes(dict):
+    """{phase: seconds}, plus `spans`: (phase, start, end) perf_counter times of the top-level phases."""
+
+    def __init__(self):
+        super().__init__()
+        self.spans: list[tuple[str, float, float]] = []
+
+
+_PHASES: contextvars.ContextVar[PhaseTimes | None] = contextvars.ContextVar("deltapack_phases", default=None)
+
+
+@contextlib.contextmanager
+def record_phases() -> Iterator[PhaseTimes]:
+    """Seconds per phase of the compress runs inside the block, as {phase: seconds} ("plan", "prepare", "encode",
+    "assemble"; sub-phases as "encode.quantize_a" etc., including methods' own). For benchmarks: while recording,
+    phase edges synchronise the CUDA device so its queued work is charged to the phase that queued it."""
+    d = PhaseTimes()
+    token = _PHASES.set(d)
+    try:
+        yield d
+    finally:
+        _PHASES.reset(token)
+
+
+def add_phase(name: str, seconds: float) -> None:
+    d = _PHASES.get()
+    if d is not None:
+        d[name] = d.get(name, 0.0) + seconds
+
+
+@contextlib.contextmanager
+def phase(name: str, device: torch.device | None = None):
+    """Charge the block's wall time to `name` when phases are being recorded (no cost otherwise)."""
+    d = _PHASES.get()
+    if d is None:
+        yield
+        return
+    _sync(device)
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        _sync(device)
+        t1 = time.perf_counter()
+        d[name] = d.get(name, 0.0) + t1 - t0
+        if "." not in name:
+            d.spans.append((name, t0, t1))
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class CompressContext:
     """Shared state a method may use while encoding (device, sources, calibration)."""
@@ -132,6 +190,9 @@ class CompressContext:
     # tensor names is split per unit (each unit sees its own tensors' items); anything else is copied to every unit.
     # Keep per-tensor state in that shape, so a worker loads only its unit's share.
     cache: dict[str, Any] = field(default_factory=dict)
+    # True when the state `prepare` leaves in `cache` is consumed by this same process (`compress`), never pickled to
+    # another: device tensors may then stay on the device
+    in_process: bool = False
 
     def calibration_texts(self) -> list[str]:
         if "calib_texts" not in self.cache:
@@ -237,16 +298,46 @@ def lazy_source(src: ModelSource) -> ModelSource:
     return PreadSource.wrap(src)
 
 
-def prefetched(names: list[str], load: Callable[[str], Any]) -> Iterator[tuple[str, Any]]:
+def prefetched(names: list[str], load: Callable[[str], Any], waited: list[float] | None = None) -> Iterator[tuple[str, Any]]:
     """(name, load(name)) in order; the next name loads in a background thread while the caller works on this one
-    (reads release the GIL), so disk and compute overlap at the cost of one more item in memory."""
+    (reads release the GIL), so disk and compute overlap at the cost of one more item in memory. `waited`: a
+    one-element list the seconds spent waiting for a load are added to."""
     if not names:
         return
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(load, names[0])
         for i, n in enumerate(names):
+            t0 = time.perf_counter()
             item = fut.result()
+            if waited is not None:
+                waited[0] += time.perf_counter() - t0
             fut = pool.submit(load, names[i + 1]) if i + 1 < len(names) else None
+            yield n, item
+            del item
+
+
+def _read_then_check(names: list[str], load: Callable[[str], Any], check: Callable[[Any], Any],
+                     waited: list[float]) -> Iterator[tuple[str, Any]]:
+    """(name, check(load(name))) in order, as a pipeline: one thread reads ahead (PLAN_PREFETCH items), PLAN_HASHERS
+    threads run `check` on items already read, the caller works on the oldest. `waited`: seconds the caller spent
+    waiting, added to waited[0]."""
+    if not names:
+        return
+    ahead = max(1, PLAN_PREFETCH)
+    with concurrent.futures.ThreadPoolExecutor(1) as reader, \
+            concurrent.futures.ThreadPoolExecutor(max(1, PLAN_HASHERS)) as checkers:
+        def submit(n: str):
+            read = reader.submit(load, n)
+            return checkers.submit(lambda: check(read.result()))
+
+        futs = [submit(n) for n in names[:ahead]]
+        for i, n in enumerate(names):
+            t0 = time.perf_counter()
+            item = futs[i].result()
+            waited[0] += time.perf_counter() - t0
+            futs[i] = None  # type: ignore[call-overload]  # drop the future's reference to the item
+            if i + ahead < len(names):
+                futs.append(submit(names[i + ahead]))
             yield n, item
             del item
 
@@ -259,27 +350,41 @@ def _file_order(src: ModelSource) -> list[str]:
 
 def plan_pass(base: ModelSource, fts: list[ModelSource], device: torch.device, progress: bool) -> list[_Plan]:
     """One read of every base tensor serves every fine-tune: per fine-tune, the changed/unchanged split and the
-    statistics the allocator needs; the base fingerprint from the same bytes. Memory: one base tensor, the fine-tunes'
-    matching tensors and an fp32 difference, twice (the next tensors load while this one is processed)."""
+    statistics the allocator needs; the base fingerprint from the same bytes. Memory: one base tensor and the
+    fine-tunes' matching tensors, 1 + PLAN_PREFETCH times (the next ones load, hash and compare in background threads
+    while this one's squared norm is taken on the device), plus the fp32 difference on the device."""
     for ft in fts:
         check_pair(base, ft)
     bk = set(base.keys())
     fks = [set(ft.keys()) for ft in fts]
     acc = [{"changed": [], "unchanged": [], "base_rows": {}, "stats": {}} for _ in fts]
     digests, metas = {}, {}
+    hash_times: list[float] = []  # list.append is atomic across threads
 
     def load(n: str):
         return base.get(n), [ft.get(n) if n in fk else None for ft, fk in zip(fts, fks)]
 
+    def check(loaded):
+        # sha256 of the base and the equality tests, off the main thread: they allocate nothing (one reader thread
+        # owns every tensor buffer, so the allocator's per-thread arenas do not multiply)
+        b, fs_loaded = loaded
+        t0 = time.perf_counter()
+        digest = tensor_digest(b)
+        hash_times.append(time.perf_counter() - t0)
+        same = [f is not None and b.shape == f.shape and b.dtype == f.dtype and torch.equal(b, f) for f in fs_loaded]
+        return b, fs_loaded, digest, same
+
     order = _file_order(base)
-    for n, (b, fs_loaded) in tqdm(prefetched(order, load), total=len(order), desc="plan", disable=not progress, leave=False):
-        digests[n] = tensor_digest(b)
+    waited = [0.0]
+    items = _read_then_check(order, load, check, waited)
+    for n, (b, fs_loaded, digest, same) in tqdm(items, total=len(order), desc="plan", disable=not progress, leave=False):
+        digests[n] = digest
         metas[n] = (str(b.dtype).replace("torch.", ""), tuple(b.shape))
-        f = None
-        for ft, fk, a, f in zip(fts, fks, acc, fs_loaded):
+        f = b_dev = None
+        for ft, fk, a, f, unchanged in zip(fts, fks, acc, fs_loaded, same):
             if n not in fk:
                 continue
-            if b.shape == f.shape and b.dtype == f.dtype and torch.equal(b, f):
+            if unchanged:
                 a["unchanged"].append(n)
                 continue
             a["changed"].append(n)
@@ -288,7 +393,10 @@ def plan_pass(base: ModelSource, fts: list[ModelSource], device: torch.device, p
                 a["base_rows"][n] = b.shape[0]
             rows = a["base_rows"].get(n, fs[0] if fs else 1)
             if f.is_floating_point() and b.is_floating_point():
-                d = f[:rows].to(device, torch.float32) - b.to(device, torch.float32)
+                # copy in the stored dtype and widen on the device: half the bytes over PCIe, no CPU conversion
+                if b_dev is None:
+                    b_dev = b.to(device).float()
+                d = f[:rows].to(device).float() - b_dev
                 sq = float((d * d).sum())
                 del d
             else:
@@ -297,7 +405,9 @@ def plan_pass(base: ModelSource, fts: list[ModelSource], device: torch.device, p
             if n in a["base_rows"]:
                 shape2 = (rows, shape2[1])
             a["stats"][n] = TensorStat(n, shape2, tensor_kind(n, fs), _numel(fs) * 2, sq)
-        del b, fs_loaded, f
+        del b, fs_loaded, f, b_dev
+    add_phase("plan.wait_read", waited[0])
+    add_phase("plan.hash_busy", sum(hash_times))  # thread-seconds of sha256, overlapped with the rest
     fingerprint = combine_fingerprint(digests, metas)
     plans = []
     for ft, fk, a in zip(fts, fks, acc):
@@ -426,7 +536,9 @@ class Prepared:
     store_aux: dict[str, str]  # file name -> path to copy into the delta's hf/
     aux_where: dict[str, str]
     common: bytes  # pickle of {"method", "budgets", "fixed", "cache"}
-    unit_caches: list[bytes | None]  # pickle per unit of the per-tensor cache entries sliced to its tensors (None: spilled)
+    # per unit, the per-tensor cache entries sliced to its tensors: a pickle, None (spilled), or under keep_live the
+    # dict itself (handed to the unit's job once, then dropped)
+    unit_caches: list[bytes | dict | None]
 
 
 def prepare_finetune(
@@ -440,10 +552,15 @@ def prepare_finetune(
     dev: torch.device,
     progress: bool,
     spill: Callable[[int, bytes], None] | None = None,
+    keep_live: bool = False,
 ) -> Prepared:
     """Budget per tensor, the method's `prepare` hook, and the split of its state into units. `spill(index, blob)`
     takes the per-unit state of units whose slice is large (calibration statistics) out of memory, e.g. to disk;
-    those units' `unit_caches` entry is then None and the caller supplies the blob to `unit_job`."""
+    those units' `unit_caches` entry is then None and the caller supplies the blob to `unit_job`.
+
+    `keep_live` (one process, each unit encoded once: `compress`): the per-unit slices stay the objects themselves
+    instead of pickles. Each slice goes to exactly one unit, so this is the same state without copying it twice
+    (a 7B's calibration Hessians are ~22 GB: seconds of pickling and the memory of a second copy)."""
     todo = plan.todo
     if not todo:
         raise MismatchError("the fine-tune is identical to the base: nothing to compress")
@@ -479,10 +596,12 @@ def prepare_finetune(
             avail = need
         budgets = m.allocate(matrices, avail)
 
-    ctx = CompressContext(dev, bsrc, fsrc, m, calib, progress, stats)
+    ctx = CompressContext(dev, bsrc, fsrc, m, calib, progress, stats, in_process=keep_live)
     if hasattr(m, "prepare"):
-        m.prepare(ctx, matrices)  # e.g. layer-by-layer calibration statistics
+        with phase("prepare.method", dev):
+            m.prepare(ctx, matrices)  # e.g. layer-by-layer calibration statistics
 
+    t_state = time.perf_counter()
     units = make_units(todo, stats)
     # cache entries keyed by tensor name (calibration statistics, cached spectra) are sliced per unit; the rest
     # (token ids, records, method-wide choices) is common
@@ -498,10 +617,13 @@ def prepare_finetune(
     }
     # method and budgets in ONE pickle: a method may keep the budget dict by reference (delta-come does)
     common = pickle.dumps({"method": m, "budgets": budgets, "fixed": fixed, "cache": common_cache}, PICKLE_PROTOCOL)
-    unit_caches: list[bytes | None] = []
+    unit_caches: list[bytes | dict | None] = []
     for u in units:
         # entries are popped as they are pickled: calibration statistics are held once, never twice
         piece = {k: {n: ctx.cache[k].pop(n) for n in u.names if n in ctx.cache[k]} for k in sliced}
+        if keep_live:
+            unit_caches.append(piece)
+            continue
         blob = pickle.dumps(piece, PICKLE_PROTOCOL)
         del piece
         if spill is not None and len(blob) > SPILL_MIN_BYTES:
@@ -509,6 +631,7 @@ def prepare_finetune(
             unit_caches.append(None)
         else:
             unit_caches.append(blob)
+    add_phase("prepare.unit_state", time.perf_counter() - t_state)
     return Prepared(
         method_name, ratio, calib, plan, todo, units, {k: str(v) for k, v in store_aux.items()}, aux_where, common,
         unit_caches,
@@ -538,7 +661,12 @@ def unit_job(prep: Prepared, unit_index: int, ft: ModelSource, work: Path, unit_
     blob = unit_cache if unit_cache is not None else prep.unit_caches[unit_index]
     if blob is None:
         raise DeltapackError(f"unit {unit_index}: its spilled state was not supplied")
-    for k, v in pickle.loads(blob).items():
+    if isinstance(blob, dict):  # keep_live: the slice itself, used by this one job; the plan lets go of it
+        piece = blob
+        prep.unit_caches[unit_index] = None
+    else:
+        piece = pickle.loads(blob)
+    for k, v in piece.items():
         cache[k] = {**cache.get(k, {}), **v}
     return UnitJob(
         prep.units[unit_index], ft, prep.plan, state["method"], state["budgets"], state["fixed"], cache, Path(work),
@@ -578,8 +706,9 @@ def encode_units(
         users = [i for i, mem in enumerate(members) if n in mem]
         return users, (base.get(n) if n not in new_names else None), [ctxs[i].finetuned.get(n) for i in users]
 
+    waited = [0.0]
     try:
-        for n, (users, b, fts_loaded) in prefetched(names, load):
+        for n, (users, b, fts_loaded) in prefetched(names, load, waited=waited):
             f = None
             for i, f in zip(users, fts_loaded):
                 j = jobs[i]
@@ -587,7 +716,8 @@ def encode_units(
                 parts = dict(enc.parts)
                 if new_rows is not None:
                     parts["new_rows"] = new_rows
-                writers[i].add_group({part_key(n, k): v for k, v in parts.items()})
+                with phase("encode.write_units"):
+                    writers[i].add_group({part_key(n, k): v for k, v in parts.items()})
                 records[i][n] = {"codec": enc.codec, "params": enc.params, "parts": list(enc.parts), "method": enc.method,
                                  "new_rows": new_rows is not None}
                 del enc, parts, new_rows
@@ -598,6 +728,7 @@ def encode_units(
         for w in writers:
             w.abort()
         raise
+    add_phase("encode.wait_read", waited[0])
     done = []
     for j, ctx, w, rec in zip(jobs, ctxs, writers, records):
         files = w.close()
@@ -640,9 +771,10 @@ def _encode_one(n: str, m: DeltaMethod, ctx: CompressContext, plan: _Plan, budge
         new_rows = f[rows:].to(torch.bfloat16) if f.is_floating_point() else f[rows:]
         f = f[:rows]
     shape2 = as_2d(tuple(f.shape))
-    f2 = f.reshape(shape2).to(dev)
-    b2 = b.reshape(shape2).to(dev) if b is not None else None
-    delta = f2.float() - (b2.float() if b2 is not None else 0.0)
+    with phase("encode.to_device", dev):
+        f2 = f.reshape(shape2).to(dev)
+        b2 = b.reshape(shape2).to(dev) if b is not None else None
+        delta = f2.float() - (b2.float() if b2 is not None else 0.0)
     job = TensorJob(n, shape2, delta, budgets.get(n, 0), ctx.stats[n].kind, b2, f2)
     if n in fixed or m.lossless:
         enc = exact_dense(job) if (m.lossless or not f.is_floating_point()) else Encoded(
@@ -651,7 +783,8 @@ def _encode_one(n: str, m: DeltaMethod, ctx: CompressContext, plan: _Plan, budge
         if not m.lossless:
             enc.method = "dense"
         return enc, new_rows
-    enc = m.encode(job, ctx)
+    with phase("encode.method", dev):
+        enc = m.encode(job, ctx)
     if enc.nbytes() > job.budget_bytes * 1.02 + 64:
         log.warning("%s: %s stored %d bytes over a %d-byte budget", n, m.name, enc.nbytes(), job.budget_bytes)
     return enc, new_rows
@@ -715,7 +848,8 @@ def assemble(
     if m.has_refine:
         held = {n: res.load(n)[0] for n in prep.todo if res.meta[n]["method"] is None}
         if held:
-            refined = m.refine(held, ctx)
+            with phase("assemble.refine", device):
+                refined = m.refine(held, ctx)
             del held
     writer = StreamingShardWriter(tmp, "delta", max_shard_bytes, metadata={"format": "deltapack"})
     entries: dict[str, TensorEntry] = {}
@@ -823,18 +957,22 @@ def compress(
     bsrc = lazy_source(open_model(base, trust_remote_code=trust_remote_code))
     fsrc = lazy_source(open_model(finetuned, trust_remote_code=trust_remote_code))
     with pinned_threads(encode_threads()):
-        plan = _plan(bsrc, fsrc, dev, progress)
-        prep = prepare_finetune(m, method, ratio, calib, bsrc, fsrc, plan, dev, progress)
+        with phase("plan", dev):
+            plan = _plan(bsrc, fsrc, dev, progress)
+        with phase("prepare", dev):
+            prep = prepare_finetune(m, method, ratio, calib, bsrc, fsrc, plan, dev, progress, keep_live=True)
         created = created_stamp()
         with AtomicDir(out, overwrite=overwrite) as tmp:
             work = tmp / ".work"
             pbar = tqdm(total=len(prep.todo), desc=f"compress [{method}]", disable=not progress)
             t0 = time.perf_counter()
-            for u in prep.units:
-                encode_units([unit_job(prep, u.index, fsrc, work)], bsrc, dev, on_tensor=lambda: pbar.update(1))
+            with phase("encode", dev):
+                for u in prep.units:
+                    encode_units([unit_job(prep, u.index, fsrc, work)], bsrc, dev, on_tensor=lambda: pbar.update(1))
             pbar.close()
             log.debug("encoded %d units in %.1f s", len(prep.units), time.perf_counter() - t0)
-            assemble(prep, bsrc, fsrc, work, tmp, device=dev, max_shard_bytes=max_shard_bytes, progress=progress,
-                     created=created, out_label=out)
+            with phase("assemble", dev):
+                assemble(prep, bsrc, fsrc, work, tmp, device=dev, max_shard_bytes=max_shard_bytes,
+                         progress=progress, created=created, out_label=out)
     return Path(out)
 

@@ -20,6 +20,7 @@ its `Hessian`, aliases included, without duplicating memory. Supports HF Llama-f
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -149,8 +150,8 @@ def _skeleton(source):
     return config, model, inner
 
 
-def _load_module(module: torch.nn.Module, prefix: str, source, device, dtype) -> None:
-    """Materialise `module` (meta) with the checkpoint's tensors under `prefix`."""
+def _read_module(module: torch.nn.Module, prefix: str, source) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors for `module` (meta) under `prefix`, as read (CPU)."""
     sd = {}
     for local, t in module.state_dict(keep_vars=True).items():
         key = f"{prefix}.{local}"
@@ -158,9 +159,22 @@ def _load_module(module: torch.nn.Module, prefix: str, source, device, dtype) ->
             if isinstance(t, torch.nn.Parameter):
                 raise UnsupportedArchitecture(f"checkpoint has no tensor {key} needed for calibration")
             continue  # non-persistent buffers are rebuilt by the module itself
-        v = source.get(key).to(device)
-        sd[local] = v.to(dtype) if v.is_floating_point() else v
-    module.load_state_dict(sd, strict=False, assign=True)
+        sd[local] = source.get(key)
+    return sd
+
+
+def _assign_module(module: torch.nn.Module, sd: dict[str, torch.Tensor], device, dtype) -> None:
+    """Materialise `module` (meta) with tensors from `_read_module`."""
+    out = {}
+    for local, v in sd.items():
+        v = v.to(device)
+        out[local] = v.to(dtype) if v.is_floating_point() else v
+    module.load_state_dict(out, strict=False, assign=True)
+
+
+def _load_module(module: torch.nn.Module, prefix: str, source, device, dtype) -> None:
+    """Materialise `module` (meta) with the checkpoint's tensors under `prefix`."""
+    _assign_module(module, _read_module(module, prefix, source), device, dtype)
 
 
 def collect_hessians(
@@ -173,9 +187,13 @@ def collect_hessians(
     store_device: torch.device | str = "cpu",
     include_head: bool = True,
     progress: bool = True,
+    device_budget: int = 0,
 ) -> dict[str, Hessian]:
     """Input Hessians of every nn.Linear of `source` (a ModelSource) on `input_ids`, one block in memory at a time.
-    Returns {weight name: Hessian}; linears reading the same input share one object."""
+    Returns {weight name: Hessian}; linears reading the same input share one object. Hessians stay on the compute
+    device while their total fits in `device_budget` bytes (saves the copies out and back in when the caller
+    encodes on that device in this process); the rest go to `store_device`. The next block's weights are read
+    from disk in a background thread while the current block runs."""
     device = torch.device(device)
     if dtype is None:  # bf16 blocks on GPU; fp32 on CPU, where bf16 matmuls are slow and gain nothing
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -196,20 +214,34 @@ def collect_hessians(
     position_ids = torch.arange(seq_len, device=device).unsqueeze(0)
 
     out: dict[str, Hessian] = {}
-    with torch.no_grad(), _tf32(device):
+    left = [max(0, int(device_budget))]
+
+    def place(acc: torch.Tensor) -> torch.Tensor:
+        size = acc.numel() * acc.element_size()
+        if size <= left[0]:
+            left[0] -= size
+            return acc
+        return acc.to(store_device)
+
+    n_layers = len(inner.layers)
+    with torch.no_grad(), _tf32(device), concurrent.futures.ThreadPoolExecutor(1) as reader:
         pos_emb = rotary(hidden[:1], position_ids)
         masks = _masks(config, hidden[:batch_seqs], position_ids)
-        for i in tqdm(range(len(inner.layers)), desc="calibrate", disable=not progress, leave=False):
+        nxt = reader.submit(_read_module, inner.layers[0], f"{layers_prefix}.0", source) if n_layers else None
+        for i in tqdm(range(n_layers), desc="calibrate", disable=not progress, leave=False):
             layer = inner.layers[i]
             prefix = f"{layers_prefix}.{i}"
-            _load_module(layer, prefix, source, device, dtype)
+            sd = nxt.result()
+            nxt = reader.submit(_read_module, inner.layers[i + 1], f"{layers_prefix}.{i + 1}", source) if i + 1 < n_layers else None
+            _assign_module(layer, sd, device, dtype)
+            del sd
             mask = masks.get(getattr(layer, "attention_type", "full_attention"), masks["full_attention"])
 
             def forward(h, layer=layer, mask=mask):
                 r = layer(h, attention_mask=_fit_mask(mask, h), position_ids=position_ids, position_embeddings=pos_emb)
                 return r[0] if isinstance(r, tuple) else r  # older transformers return (hidden, ...)
 
-            hess = _run_hooked(layer, prefix, hidden, batch_seqs, device, store_device, forward)
+            hess = _run_hooked(layer, prefix, hidden, batch_seqs, device, place, forward)
             out.update(hess)
             layer.to("meta")  # frees the block
         head = model.get_output_embeddings()
@@ -221,7 +253,7 @@ def collect_hessians(
             for b0 in range(0, n_seqs, batch_seqs):
                 x = inner.norm(hidden[b0 : b0 + batch_seqs]).reshape(-1, hidden.shape[-1]).float()
                 acc.addmm_(x.T, x)
-            out[head_key] = Hessian(acc.to(store_device), n_seqs * seq_len)
+            out[head_key] = Hessian(place(acc), n_seqs * seq_len)
     return out
 
 
@@ -250,9 +282,9 @@ def _fit_mask(mask, h: torch.Tensor):
     return mask
 
 
-def _run_hooked(layer, prefix, hidden, batch_seqs, device, store_device, forward) -> dict[str, Hessian]:
+def _run_hooked(layer, prefix, hidden, batch_seqs, device, place, forward) -> dict[str, Hessian]:
     """Run all of `hidden` through `forward` in place (outputs replace inputs) while accumulating xᵀx per distinct
-    nn.Linear input."""
+    nn.Linear input. `place(acc)` puts a finished accumulator where it is kept."""
     acc: dict[str, torch.Tensor] = {}
     alias: dict[str, str] = {}  # linear name -> name whose Hessian it shares
     # input identity -> (first linear that read it, the input itself). Holding the tensor keeps its memory from being
@@ -285,7 +317,7 @@ def _run_hooked(layer, prefix, hidden, batch_seqs, device, store_device, forward
     finally:
         for hd in handles:
             hd.remove()
-    stored = {n: Hessian(a.to(store_device), tokens) for n, a in acc.items()}
+    stored = {n: Hessian(place(a), tokens) for n, a in acc.items()}
     out = {f"{prefix}.{n}.weight": stored[n] for n in stored}
     for n, target in alias.items():
         out[f"{prefix}.{n}.weight"] = stored[target]

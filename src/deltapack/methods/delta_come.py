@@ -59,6 +59,7 @@ allocate, or let prepare return budgets.)
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import math
@@ -73,7 +74,7 @@ from tqdm.auto import tqdm
 from deltapack.errors import BudgetError
 from deltapack.format.codecs import build_factor_parts
 from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, TensorStat, register_method
-from deltapack.quant.gptq import gptq_quantize
+from deltapack.quant.gptq import PreparedHessian, gptq_quantize, prepare_hessian
 from deltapack.quant.rtn import QMatrix, qmatrix_bytes, quant_params, quantize_rows, quantize_with
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,16 @@ PAPER_COUNTS = ((8, 2), (3, 32))  # then 2-bit to the budget
 EPS_SAMPLE = 16  # singular pairs sampled to measure ε(b)
 UNIT_KEY = "delta_come:unit"
 EIG_CACHE_MAX_BYTES = 8 << 30  # CPU memory for Gram eigenvectors kept from prepare() to encode() (saves an eigh each)
+DEVICE_HESSIANS_KEY = "delta_come:device_hessians"  # per-unit cache of device copies of input Hessians
+DEVICE_HESSIANS_KEPT = 2  # distinct layer inputs kept at once: q/k/v share one, gate/up another (encode order is by name)
+DEVICE_HESSIAN_SHARE = 0.4  # of the free device memory that calibration Hessians may keep (in-process runs only)
+
+
+def _phase(name: str, device: torch.device | None = None):
+    """The driver's phase timer (a no-op unless a benchmark records phases); imported late: compress imports us."""
+    from deltapack.compress import phase
+
+    return phase(name, device)
 
 
 def eig_cache_budget() -> int:
@@ -356,12 +367,14 @@ class DeltaCoMe(DeltaMethod):
         ctx.cache[UNIT_KEY] = {s.name: True for s in matrices}  # name-keyed: the driver slices it per work unit
         if state["quantizer"] == "gptq" and "hessians" not in ctx.cache:
             t0 = time.perf_counter()
-            self._calibrate(ctx)
+            with _phase("prepare.calibration", ctx.device):
+                self._calibrate(ctx, matrices)
             log.info("delta-come: calibration took %.1f s", time.perf_counter() - t0)
         has_linear = any(s.kind == "linear" for s in matrices)
         if self.budget == "global" and self._plan.get("alloc") is not None and has_linear:
             t0 = time.perf_counter()
-            self._global_split(ctx, matrices)
+            with _phase("prepare.spectra", ctx.device):
+                self._global_split(ctx, matrices)
             log.info("delta-come: spectra and global budget took %.1f s", time.perf_counter() - t0)
 
     def _resolve_quantizer(self, ctx) -> str:
@@ -379,7 +392,7 @@ class DeltaCoMe(DeltaMethod):
         log.info("delta-come: %s has no tokenizer; no calibration, quantizing with RTN", ctx.finetuned.ref)
         return "rtn"
 
-    def _calibrate(self, ctx) -> None:
+    def _calibrate(self, ctx, matrices: list[TensorStat]) -> None:
         from deltapack.calib.activations import UnsupportedArchitecture, calibration_tokens, collect_hessians
 
         gpu = ctx.device.type == "cuda"
@@ -389,15 +402,22 @@ class DeltaCoMe(DeltaMethod):
         if max_pos:
             seq_len = min(seq_len, int(max_pos))
         ids, record = calibration_tokens(ctx, n_seqs, seq_len, self.calib_source)
+        # when this process encodes too (compress), Hessians may stay on the GPU: no copy out and back in per matrix
+        device_budget = 0
+        if getattr(ctx, "in_process", False) and gpu:
+            device_budget = int(DEVICE_HESSIAN_SHARE * torch.cuda.mem_get_info(ctx.device)[0])
         try:
-            hess = collect_hessians(ctx.finetuned, ids, ctx.device, progress=ctx.progress)
+            hess = collect_hessians(ctx.finetuned, ids, ctx.device, progress=ctx.progress, device_budget=device_budget)
         except UnsupportedArchitecture as e:
             if self.quantizer == "gptq":
                 raise
             log.warning("delta-come: %s; quantizing with RTN", e)
             ctx.cache["delta_come"]["quantizer"] = "rtn"
             return
-        ctx.cache["hessians"] = hess
+        # only the Hessians of tensors to encode: the driver hands name-keyed entries of unchanged tensors to every
+        # work unit, and a layer's are hundreds of MB
+        wanted = {s.name for s in matrices}
+        ctx.cache["hessians"] = {n: h for n, h in hess.items() if n in wanted}
         ctx.cache["calibration_record"] = record
         log.info("delta-come: calibrated on %d x %d tokens (%s)", record["n_seqs"], record["seq_len"], record["source"])
 
@@ -496,15 +516,47 @@ class DeltaCoMe(DeltaMethod):
 
     # ---- work --------------------------------------------------------------------------------------------------
     def _hessian(self, job: TensorJob, ctx) -> torch.Tensor | None:
+        """The job's input Hessian (mean over tokens) on the compute device. Tensors that read one input (q/k/v,
+        gate/up) get the same device tensor: it is copied once per unit, and GPTQ's inverse is shared through it."""
+        dev = job.delta.device
         if "hessian" in job.extras:
-            return job.extras["hessian"].to(job.delta.device, torch.float32)
+            src = job.extras["hessian"]
+            return self._device_hessian(ctx, src, lambda: src.to(dev, torch.float32))
         state = getattr(ctx, "cache", {}).get("delta_come", {})
         if state.get("quantizer", self.quantizer) == "rtn":
             return None
         h = getattr(ctx, "cache", {}).get("hessians", {}).get(job.name)
         if h is None or h.H.shape[0] != job.shape[1]:
             return None
-        return h.H.to(job.delta.device, torch.float32) / max(1, h.n_tokens)  # divide on the device: H can be 0.5 GB
+        # divide on the device: H can be 0.5 GB
+        return self._device_hessian(ctx, h, lambda: h.H.to(dev, torch.float32) / max(1, h.n_tokens))
+
+    @staticmethod
+    def _device_hessian(ctx, src, make) -> torch.Tensor:
+        cache = getattr(ctx, "cache", None)
+        if cache is None:
+            return make()
+        kept: collections.OrderedDict = cache.setdefault(DEVICE_HESSIANS_KEY, collections.OrderedDict())
+        entry = kept.get(id(src))
+        if entry is None or entry["src"] is not src:
+            entry = {"src": src, "H": make(), "prepared": {}}  # holding src keeps its id from being reused
+            kept[id(src)] = entry
+            while len(kept) > DEVICE_HESSIANS_KEPT:
+                kept.popitem(last=False)
+        kept.move_to_end(id(src))
+        return entry["H"]
+
+    def _prepared_hessian(self, ctx, H: torch.Tensor) -> PreparedHessian | None:
+        """GPTQ's column order and inverse Hessian for the A factor (input side) under H, computed once per
+        distinct H of the unit (q/k/v and gate/up share theirs)."""
+        kept = getattr(ctx, "cache", {}).get(DEVICE_HESSIANS_KEY, {})
+        for entry in kept.values():
+            if entry["H"] is H:
+                key = (self.percdamp, self.act_order)
+                if key not in entry["prepared"]:
+                    entry["prepared"][key] = prepare_hessian(H, percdamp=self.percdamp, act_order=self.act_order)
+                return entry["prepared"][key]
+        return None
 
     def _choose_bits(
         self, S, A0, Bt0, budget: int, shape, eps_cache: dict, kind: tuple
@@ -542,22 +594,27 @@ class DeltaCoMe(DeltaMethod):
             )
         k = min(m, n, job.budget_bytes // cheapest)
         cache = getattr(ctx, "cache", {})
-        H = self._hessian(job, ctx)
+        dev = delta.device
+        with _phase("encode.hessian", dev):
+            H = self._hessian(job, ctx)
         eig = cache.get("delta_come_eig", {}).pop(job.name, None)
         whitened = self.svd == "whitened" and H is not None
-        if whitened:
-            # SVD of Δ·L with H + damp = L Lᵀ: the top pairs are the best rank-r fit of the OUTPUTS Δx on the
-            # calibration inputs; A = √σ (L⁻ᵀ w)ᵀ maps x back
-            Hd = H + self.percdamp * float(torch.diag(H).mean()) * torch.eye(n, device=H.device, dtype=H.dtype)
-            L = torch.linalg.cholesky(Hd)
-            U, S, W = gram_svd(delta @ L, k)
-            A0 = S.sqrt()[:, None] * torch.linalg.solve_triangular(L.T, W, upper=True).T
-        else:
-            U, S, V = gram_svd(delta, k, eig)
-            A0 = S.sqrt()[:, None] * V.T  # k x n
-        Bt0 = S.sqrt()[:, None] * U.T  # k x m
+        with _phase("encode.svd", dev):
+            if whitened:
+                # SVD of Δ·L with H + damp = L Lᵀ: the top pairs are the best rank-r fit of the OUTPUTS Δx on the
+                # calibration inputs; A = √σ (L⁻ᵀ w)ᵀ maps x back
+                Hd = H + self.percdamp * float(torch.diag(H).mean()) * torch.eye(n, device=H.device, dtype=H.dtype)
+                L = torch.linalg.cholesky(Hd)
+                U, S, W = gram_svd(delta @ L, k)
+                A0 = S.sqrt()[:, None] * torch.linalg.solve_triangular(L.T, W, upper=True).T
+            else:
+                U, S, V = gram_svd(delta, k, eig)
+                A0 = S.sqrt()[:, None] * V.T  # k x n
+            Bt0 = S.sqrt()[:, None] * U.T  # k x m
         eps_cache = cache.setdefault("delta_come_eps", {})
-        gs, bits, record = self._choose_bits(S, A0, Bt0, job.budget_bytes, job.shape, eps_cache, (job.kind, whitened))
+        with _phase("encode.allocate", dev):
+            gs, bits, record = self._choose_bits(S, A0, Bt0, job.budget_bytes, job.shape, eps_cache,
+                                                 (job.kind, whitened))
         # rows grouped by width, widest first (within a width: descending σ)
         order = torch.argsort(-bits * (k + 1) + torch.arange(k), stable=True)
         bits = bits[order]
@@ -565,7 +622,7 @@ class DeltaCoMe(DeltaMethod):
         order, bits = order[:r].to(delta.device), bits[:r]
         A0, Bt0 = A0[order], Bt0[order]
 
-        groups = self._quantize(delta, A0, Bt0, bits, H, gs)
+        groups = self._quantize(delta, A0, Bt0, bits, H, gs, ctx)
         params, parts = build_factor_parts(groups)
         params["quantizer"] = "gptq" if H is not None else "rtn"
         params["svd"] = "whitened" if whitened else "plain"
@@ -597,7 +654,9 @@ class DeltaCoMe(DeltaMethod):
         for n in rest:
             alloc[n] += unspent * alloc[n] // total
 
-    def _quantize(self, delta, A0, Bt0, bits: torch.Tensor, H: torch.Tensor | None, gs: int | None) -> list[dict]:
+    def _quantize(
+        self, delta, A0, Bt0, bits: torch.Tensor, H: torch.Tensor | None, gs: int | None, ctx=None
+    ) -> list[dict]:
         """Quantized rank groups: A first (GPTQ over x, or RTN), then Bt refit to Δ given Â and quantized (GPTQ over
         z = Âx, or RTN)."""
         dev = delta.device
@@ -613,28 +672,32 @@ class DeltaCoMe(DeltaMethod):
             spans.append((w, slice(i, i + c)))
             i += c
 
-        if H is not None:
-            ra = gptq_quantize(A0, H, bits_d, group_size=gs, blocksize=self.blocksize, percdamp=self.percdamp,
-                               act_order=self.act_order, grid="row")
-            qa = {w: ra.qmatrix(sl, w) for w, sl in spans}
-            A_hat = ra.dequantized
-        else:
-            qa = {w: quantize_rows(A0[sl], w, gs) for w, sl in spans}
-            A_hat = torch.cat([qa[w].dequantize().to(dev) for w, _ in spans], 0)
+        with _phase("encode.quantize_a", dev):
+            if H is not None:
+                prepared = self._prepared_hessian(ctx, H) if ctx is not None else None
+                ra = gptq_quantize(A0, H, bits_d, group_size=gs, blocksize=self.blocksize, percdamp=self.percdamp,
+                                   act_order=self.act_order, grid="row", prepared=prepared)
+                qa = {w: ra.qmatrix(sl, w) for w, sl in spans}
+                A_hat = ra.dequantized
+            else:
+                qa = {w: quantize_rows(A0[sl], w, gs) for w, sl in spans}
+                A_hat = torch.cat([qa[w].dequantize().to(dev) for w, _ in spans], 0)
 
         B = Bt0.T  # m x r
         if self.refit:
-            B = self._refit(delta, A_hat, H, fallback=B)
-        if H is not None:
-            Hz = A_hat @ H @ A_hat.T
-            # narrowest widths first: their error is then compensated by the wider columns quantized after them
-            order = torch.argsort(bits_d, stable=True)
-            rb = gptq_quantize(B, Hz, bits_d, group_size=gs, blocksize=self.blocksize, percdamp=self.percdamp,
-                               grid="col", order=order)
-            qb = {w: rb.qmatrix(sl, w) for w, sl in spans}
-        else:
-            Bt = B.T
-            qb = {w: quantize_rows(Bt[sl].contiguous(), w, gs) for w, sl in spans}
+            with _phase("encode.refit", dev):
+                B = self._refit(delta, A_hat, H, fallback=B)
+        with _phase("encode.quantize_b", dev):
+            if H is not None:
+                Hz = A_hat @ H @ A_hat.T
+                # narrowest widths first: their error is then compensated by the wider columns quantized after them
+                order = torch.argsort(bits_d, stable=True)
+                rb = gptq_quantize(B, Hz, bits_d, group_size=gs, blocksize=self.blocksize, percdamp=self.percdamp,
+                                   grid="col", order=order)
+                qb = {w: rb.qmatrix(sl, w) for w, sl in spans}
+            else:
+                Bt = B.T
+                qb = {w: quantize_rows(Bt[sl].contiguous(), w, gs) for w, sl in spans}
         return [{"bits": w, "A": _cpu(qa[w]), "Bt": _cpu(qb[w])} for w, _ in spans]
 
     def _refit(self, delta, A_hat, H, fallback):
