@@ -1,0 +1,685 @@
+"""Serving benchmark of the Triton delta kernels: kernel bandwidth, end-to-end decode, a multi-tenant trace, and how
+many compressed tenants stay resident. Writes bench/results/serving.json (+ serving.png).
+
+    PYTHONPATH=src python bench/serving/run.py --parts kernels          # GPU, ~3 min
+    PYTHONPATH=src python bench/serving/run.py --parts decode,trace     # GPU, ~6 min (trace reuses decode's model)
+    PYTHONPATH=src python bench/serving/run.py --parts resident         # GPU, ~2 min
+    PYTHONPATH=src python bench/serving/run.py --smoke                  # CPU, Triton interpreter, tiny shapes, ~1 min
+
+A run updates only the parts it ran (the others are kept from the existing file); `notes.runs` says when and with
+which command each part was measured. A part that fails records its error in `notes.errors` and the next part runs.
+
+Parts (records as the issue asks):
+  kernels   {codec, shape, k, gbps, copy_gbps, efficiency}: one `kernels.linear` call for a batch of 64 tokens
+            spread round-robin over k tenants (64/k tokens each), at the 7B decode shapes (shape = "in x out":
+            q/k/v/o 4096x4096, gate/up 4096x11008, down 11008x4096), replayed from a CUDA graph over enough distinct
+            tenant sets to exceed the L2 cache; gbps = (tenants' packed bytes + activations read and written) / time;
+            copy_gbps = a 1 GiB device-to-device copy (bytes read + written); every config is first checked against
+            the layout's definition on fresh random inputs.
+  decode    {codec, ratio, k, batch, tokens_per_s, base_tokens_per_s, bound, of_bound}: the real wrapped model
+            (transformers Llama of 7B shape, random bf16 weights, every linear and lm_head carrying each tenant's
+            delta; deltapack.serve.fastpath.StaticDecoder: static KV cache, one CUDA graph per decode step), batch 64
+            with k tenants round-robin, against the base alone at the same batch; bound = 1 / (1 + k/R) with R = the
+            base's linear-weight bytes / one tenant's packed bytes; of_bound = (tokens_per_s / base_tokens_per_s) /
+            bound. The KV cache is short (see notes) so the comparison is about weights.
+  trace     {system, throughput, ttft_p50, ttft_p99, itl_p50, itl_p99}: a SIMULATION with per-step costs measured on
+            this GPU (bench/serving/trace_sim.py): 64 tenants, Zipf(1) popularity, Poisson arrivals, 128-token prompts
+            and outputs; deltapack (all tenants resident, continuous batching) against swapping merged full models
+            from pinned CPU memory (swap time measured here).
+  resident  {codec, ratio, tenants, gpu_gb}: allocate the base's bytes and a KV cache of stated size, then whole-model
+            16x tenants (every linear, lm_head and the embedding, packed) until the next would exceed the budget;
+            gpu_gb = torch.cuda.memory_allocated() / 1e9 at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(HERE))
+RESULTS = ROOT / "bench" / "results"
+PARTS = ("kernels", "decode", "trace", "resident")
+
+
+def log(msg: str) -> None:
+    print(f"[serving {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- settings per mode ------------------------------------------------------------------------------------------------
+def settings(smoke: bool) -> dict:
+    if smoke:
+        return {  # the same code paths, sized for the Triton CPU interpreter (a few minutes)
+            "model": {"hidden": 64, "inter": 128, "layers": 1, "heads": 4, "vocab": 128},
+            "kernel_shapes": [(64, 64), (64, 96)], "ks": [1, 4], "batch": 4, "kernel_ratio": 4.0,
+            "kernel_codecs": ["delta-come", "lowrank", "bitdelta", "dare"], "l2_bytes": 0, "reps": 1,
+            "decode_ratios": [8.0], "decode_ks": [1, 4], "decode_codecs": ["delta-come"], "prompt": 4,
+            "steps": 2, "copy_bytes": 1 << 22, "prefill_batches": [1],
+            "trace": {"tenants": 4, "requests": 60, "prompt": 8, "out": 8, "batch": 4, "base_batches": [1, 4],
+                      "ks": [1, 4], "ratio": 8.0},
+            "resident": {"codecs": ["delta-come", "lowrank", "bitdelta", "dare"], "ratio": 4.0, "budget": 24 << 20,
+                         "kv_bytes": 1 << 20, "max_tenants": 50},
+        }
+    return {
+        "model": {"hidden": 4096, "inter": 11008, "layers": 32, "heads": 32, "vocab": 32000},
+        "kernel_shapes": [(4096, 4096), (4096, 11008), (11008, 4096)], "ks": [1, 8, 32, 64], "batch": 64,
+        "kernel_ratio": 16.0, "kernel_codecs": ["delta-come", "lowrank", "bitdelta", "dare"], "l2_bytes": 50 << 20,
+        "reps": 20, "decode_ratios": [16.0, 32.0], "decode_ks": [1, 8, 32, 64], "decode_codecs": ["delta-come"],
+        "prompt": 16, "steps": 32, "copy_bytes": 1 << 30, "prefill_batches": [1, 8],
+        "trace": {"tenants": 64, "requests": 1000, "prompt": 128, "out": 128, "batch": 64,
+                  "base_batches": [1, 8, 16, 32, 64], "ks": [1, 8, 32, 64], "ratio": 16.0},
+        "resident": {"codecs": ["delta-come", "lowrank", "bitdelta", "dare"], "ratio": 16.0, "budget": 80_000_000_000,
+                     "kv_bytes": 16 << 30, "max_tenants": 400},
+    }
+
+
+# ---- shared state of one run ------------------------------------------------------------------------------------------
+class World:
+    """Device, kernel backend, templates, and (lazily) the wrapped 7B-shaped model, shared by the parts of a run."""
+
+    def __init__(self, smoke: bool):
+        import torch
+
+        from deltapack.kernels.triton import TritonKernels
+
+        self.torch = torch
+        self.smoke = smoke
+        self.cfg = settings(smoke)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+        self.dtype = torch.bfloat16
+        self.kernels = TritonKernels()
+        self.templates: dict = {}
+        self.template_stats: dict = {}
+        self.model = self.state = None
+        self.decoders: dict = {}
+        self.decode_records: list[dict] = []
+        self.base_step: dict[int, float] = {}
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def name(self) -> str:
+        if self.cuda:
+            return self.torch.cuda.get_device_name(self.device)
+        return f"cpu ({platform.processor() or platform.machine()}), Triton interpreter"
+
+    def template(self, codec: str, shape: tuple[int, int], ratio: float):
+        import synth
+
+        key = (codec, shape, ratio)
+        if key not in self.templates:
+            t0 = time.perf_counter()
+            p = self.templates[key] = synth.template(self.kernels, codec, shape, ratio, self.dtype, self.device,
+                                                     seed=len(self.templates))
+            dense = shape[0] * shape[1] * 2
+            stats = {"codec": codec, "shape_out_in": list(shape), "ratio": ratio, "layout": p.kind,
+                     "stored_ratio": round(dense / p.meta["stored_bytes"], 3), "resident_ratio": round(dense / p.nbytes(), 3)}
+            if p.kind == "ell":
+                stats["ell_padding"] = round(p.meta["entries"] / max(1, p.meta["nnz"]) - 1, 4)
+                stats["resident_bytes_per_nonzero"] = round(p.nbytes() / max(1, p.meta["nnz"]), 3)
+            if p.kind == "qfactors":
+                stats["groups"] = [(g["rows"], g["bits"]) for g in p.meta["groups"]]
+            self.template_stats[f"{codec} {shape[1]}x{shape[0]} {ratio:g}x"] = stats
+            log(f"template {codec} {shape} {ratio:g}x: {p.nbytes() / 1e6:.2f} MB packed, resident ratio "
+                f"{stats['resident_ratio']:.2f} ({time.perf_counter() - t0:.1f}s)")
+        return self.templates[key]
+
+    def tenant(self, codec: str, ratio: float, shapes: dict[str, tuple[int, int]], seed: int) -> dict:
+        import synth
+
+        return {k: synth.clone(self.template(codec, s, ratio), seed * 7919 + i) for i, (k, s) in enumerate(shapes.items())}
+
+    # -- the model --
+    def build_model(self):
+        if self.model is not None:
+            return
+        torch = self.torch
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        from deltapack.serve.model import DeltaState, wrap_model
+
+        m = self.cfg["model"]
+        cfg = LlamaConfig(hidden_size=m["hidden"], intermediate_size=m["inter"], num_hidden_layers=m["layers"],
+                          num_attention_heads=m["heads"], num_key_value_heads=m["heads"], vocab_size=m["vocab"],
+                          max_position_embeddings=4096)
+        t0 = time.perf_counter()
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=self.dtype)
+        self.model = model.eval()
+        self.state = DeltaState(self.kernels)
+        self.sites = wrap_model(self.model, self.state)
+        self.base_linear_bytes = sum(
+            mod.weight.numel() * mod.weight.element_size() for mod in self.model.modules() if isinstance(mod, torch.nn.Linear)
+        )
+        log(f"model built in {time.perf_counter() - t0:.1f}s: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B "
+            f"params, linear weights {self.base_linear_bytes / 1e9:.2f} GB")
+
+    def model_shapes(self, embedding: bool = False) -> dict[str, tuple[int, int]]:
+        import synth
+
+        m = self.cfg["model"]
+        return synth.model_shapes(m["hidden"], m["inter"], m["layers"], m["vocab"], embedding=embedding)
+
+    def install(self, tenants: list[dict]) -> None:
+        """Put tenants in slots 0..n-1 of every site they cover; clear the other slots."""
+        from deltapack.kernels import LayerDeltas
+
+        keys = set().union(*[t.keys() for t in tenants]) if tenants else set()
+        for key in keys | set(self.state.layers):
+            lay = self.state.layers.get(key)
+            if lay is None:
+                lay = self.state.layers[key] = LayerDeltas(key)
+            for s, t in enumerate(tenants):
+                lay.set(s, t.get(key))
+            for s in range(len(tenants), len(lay.slots)):
+                if lay.slots[s] is not None:
+                    lay.set(s, None)
+
+    def decoder(self, batch: int, max_len: int):
+        from deltapack.serve.fastpath import StaticDecoder
+
+        key = (batch, max_len)
+        if key not in self.decoders:
+            self.decoders[key] = StaticDecoder(self.model, self.state, batch=batch, max_len=max_len, graph=self.cuda)
+        return self.decoders[key]
+
+    def decode_step_s(self, row_slots: list[int], prompt_len: int, steps: int) -> float:
+        """Seconds per decode step of a batch of len(row_slots) rows (graph replays on CUDA, eager on the CPU)."""
+        torch = self.torch
+        B = len(row_slots)
+        dec = self.decoder(B, prompt_len + steps + 4)
+        vocab = self.cfg["model"]["vocab"]
+        rnd = random.Random(B * 1000 + len(set(row_slots)))
+        dec.prefill([[rnd.randrange(3, vocab) for _ in range(prompt_len)] for _ in range(B)], row_slots)
+        if self.cuda:
+            dec.capture()
+            self.sync()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                dec.step()
+            end.record()
+            self.sync()
+            return start.elapsed_time(end) / 1000 / steps
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            dec.step()
+        return (time.perf_counter() - t0) / steps
+
+    def free_model(self) -> None:
+        self.decoders.clear()
+        self.model = self.state = None
+        gc.collect()
+        if self.cuda:
+            self.torch.cuda.empty_cache()
+
+
+# ---- timing -------------------------------------------------------------------------------------------------------------
+def time_call(world: World, fn, reps: int) -> float:
+    """Seconds per fn() call: on CUDA from replays of a captured graph (falls back to timed eager calls)."""
+    torch = world.torch
+    fn()
+    world.sync()
+    if not world.cuda:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        g.replay()
+        world.sync()
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        world.sync()
+        return start.elapsed_time(end) / 1000 / reps
+    except RuntimeError as e:  # capture refused: time eager calls (launch overhead included)
+        log(f"graph capture failed ({e}); timing eager calls")
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        world.sync()
+        return start.elapsed_time(end) / 1000 / reps
+
+
+def copy_gbps(world: World) -> float:
+    torch = world.torch
+    n = world.cfg["copy_bytes"] // 2
+    src = torch.randn(n, device=world.device).to(world.dtype)
+    dst = torch.empty_like(src)
+    reps = 20 if world.cuda else 3
+    t = time_call(world, lambda: dst.copy_(src), reps)
+    return 2 * n * 2 / t / 1e9
+
+
+# ---- parts --------------------------------------------------------------------------------------------------------------
+def part_kernels(world: World, notes: dict) -> list[dict]:
+    torch = world.torch
+    from deltapack.kernels import LayerDeltas, TokenSlots
+    from deltapack.kernels.triton.layouts import dequant_layout
+
+    cfg = world.cfg
+    cg = copy_gbps(world)
+    log(f"device-to-device copy: {cg:.0f} GB/s")
+    B = cfg["batch"]
+    ratio = cfg["kernel_ratio"]
+    records, checks, errors = [], [], {}
+    for codec in cfg["kernel_codecs"]:
+        for n_in, n_out in cfg["kernel_shapes"]:
+            shape = (n_out, n_in)  # weight (out, in)
+            tb = world.template(codec, shape, ratio).nbytes()
+            for k in cfg["ks"]:
+                name = f"{codec} {n_in}x{n_out} k={k}"
+                try:
+                    sets = max(1, -(-cfg["l2_bytes"] * 4 // (k * tb))) if cfg["l2_bytes"] else 1
+                    sets = min(sets, 64)
+                    layers = []
+                    for s in range(sets):
+                        lay = LayerDeltas(f"bench.{s}")
+                        for t in range(k):
+                            lay.set(t, world.tenant(codec, ratio, {"w": shape}, s * 1000 + t)["w"])
+                        layers.append(lay)
+                    rows = [t % k for t in range(B)]
+                    tokens = TokenSlots.from_rows(rows, 1, world.device)
+                    x = torch.randn(B, n_in, device=world.device).to(world.dtype)
+                    # correctness on fresh inputs: every token of two tenants against the layout's definition
+                    y = world.kernels.linear(x, tokens, layers[0]).float()
+                    worst = 0.0
+                    for t in sorted({0, k - 1}):
+                        d = dequant_layout(layers[0].slots[t]).to(world.device)
+                        idx = [i for i, r in enumerate(rows) if r == t]
+                        want = x[idx].float() @ d.T
+                        worst = max(worst, float((y[idx] - want).norm() / want.norm().clamp_min(1e-30)))
+                        del d
+                    checks.append({"config": name, "rel_err": worst})
+                    if not worst < 2e-2:
+                        raise AssertionError(f"kernel output differs from the layout's definition: rel err {worst:.3g}")
+                    sec = time_call(world, lambda: [world.kernels.linear(x, tokens, lay) for lay in layers], cfg["reps"]) / sets
+                    moved = k * tb + B * n_in * 2 + B * n_out * 2
+                    if codec in ("delta-come", "lowrank"):  # z written and read back, fp32
+                        moved += 2 * B * layers[0].slots[0].meta["rank"] * 4
+                    gbps = moved / sec / 1e9
+                    records.append({"codec": codec, "shape": f"{n_in}x{n_out}", "k": k, "gbps": round(gbps, 1),
+                                    "copy_gbps": round(cg, 1), "efficiency": round(gbps / cg, 3)})
+                    log(f"{name}: {sec * 1e6:.1f} us, {gbps:.0f} GB/s = {gbps / cg:.0%} of copy (rel err {worst:.1e})")
+                    del layers
+                except Exception as e:
+                    errors[name] = f"{type(e).__name__}: {e}"
+                    log(f"{name} FAILED: {errors[name]}")
+                    traceback.print_exc()
+            if world.cuda:
+                torch.cuda.empty_cache()
+    notes["kernels"] = {"batch": B, "ratio": ratio, "shape": "in x out", "checks": checks, "errors": errors,
+                        "l2_sets_bytes": cfg["l2_bytes"] * 4,
+                        "bytes": "k tenants' packed bytes + x read + output written (+ z written and read, fp32)"}
+    return records
+
+
+def part_decode(world: World, notes: dict) -> list[dict]:
+    cfg = world.cfg
+    world.build_model()
+    B, P, steps = cfg["batch"], cfg["prompt"], cfg["steps"]
+    shapes = world.model_shapes()
+    world.install([])
+    base_s = world.decode_step_s([-1] * B, P, steps)
+    world.base_step[B] = base_s
+    base_tps = B / base_s
+    log(f"base: {base_s * 1e3:.2f} ms/step, {base_tps:.0f} tok/s at batch {B}")
+    records = []
+    kmax = max(cfg["decode_ks"])
+    eff_ratio = {}
+    for codec in cfg["decode_codecs"]:
+        for ratio in sorted(cfg["decode_ratios"], reverse=True):  # 32x first: fewer bytes resident
+            t0 = time.perf_counter()
+            tenants = [world.tenant(codec, ratio, shapes, i) for i in range(kmax)]
+            tbytes = sum(p.nbytes() for p in tenants[0].values())
+            R = world.base_linear_bytes / tbytes
+            eff_ratio[f"{codec} {ratio:g}x"] = round(R, 2)
+            log(f"{codec} {ratio:g}x: {kmax} tenants of {tbytes / 1e9:.3f} GB ({time.perf_counter() - t0:.1f}s), R = {R:.2f}")
+            for k in cfg["decode_ks"]:
+                world.install(tenants[:k])
+                sec = world.decode_step_s([b % k for b in range(B)], P, steps)
+                tps = B / sec
+                bound = 1 / (1 + k / R)
+                rec = {"codec": codec, "ratio": ratio, "k": k, "batch": B, "tokens_per_s": round(tps, 1),
+                       "base_tokens_per_s": round(base_tps, 1), "bound": round(bound, 4),
+                       "of_bound": round(tps / base_tps / bound, 3)}
+                if ratio == cfg["trace"]["ratio"] and codec == "delta-come":
+                    world.decode_records.append({"k": k, "batch": B, "step_s": sec})
+                records.append(rec)
+                log(f"  k={k}: {sec * 1e3:.2f} ms/step, {tps:.0f} tok/s = {tps / base_tps:.2f} of base, bound {bound:.3f} "
+                    f"-> {rec['of_bound']:.0%} of bound")
+            world.install([])
+            del tenants
+            gc.collect()
+            if world.cuda:
+                world.torch.cuda.empty_cache()
+    max_len = P + steps + 4
+    m = cfg["model"]
+    notes["decode"] = {
+        "path": "transformers LlamaForCausalLM (random bf16 weights) wrapped by deltapack.serve.model, "
+                "deltapack.serve.fastpath.StaticDecoder (static KV cache, CUDA graph per step), kernels=triton",
+        "model": m, "batch": B, "prompt_tokens": P, "timed_steps": steps, "kv_positions": max_len,
+        "kv_gb_per_step": round(2 * m["layers"] * B * max_len * m["hidden"] * 2 / 1e9, 3),
+        "base_linear_gb": round(world.base_linear_bytes / 1e9, 3), "effective_ratio": eff_ratio,
+        "deltas_on": "every linear of every layer and lm_head (the embedding's rows are a gather, left out)",
+    }
+    return records
+
+
+def part_trace(world: World, notes: dict) -> list[dict]:
+    import trace_sim as ts
+
+    torch = world.torch
+    cfg = world.cfg
+    tc = cfg["trace"]
+    world.build_model()
+    shapes = world.model_shapes()
+    B = tc["batch"]
+    steps = max(2, cfg["steps"] // 2)
+    P = cfg["prompt"]
+    # decode step of the base by batch size
+    world.install([])
+    base = {}
+    for b in tc["base_batches"]:
+        base[b] = world.base_step.get(b) or world.decode_step_s([-1] * b, P, steps)
+        log(f"trace costs: base step at batch {b}: {base[b] * 1e3:.2f} ms")
+    # extra time of a step with k distinct tenants (at batch B), from the decode part when it ran in this process
+    extra = {0: 0.0}
+    have = {r["k"]: r["step_s"] for r in world.decode_records if r["batch"] == B}
+    tenants = None
+    for k in tc["ks"]:
+        if k not in have:
+            if tenants is None:
+                tenants = [world.tenant("delta-come", tc["ratio"], shapes, i) for i in range(max(tc["ks"]))]
+            world.install(tenants[:k])
+            have[k] = world.decode_step_s([b % k for b in range(B)], P, steps)
+        extra[k] = max(0.0, have[k] - base[B])
+        log(f"trace costs: {k} tenants at batch {B}: +{extra[k] * 1e3:.2f} ms")
+    # prefill of prompts with deltas (eager, as the engine prefills), by number of prompts
+    if tenants is None:
+        tenants = [world.tenant("delta-come", tc["ratio"], shapes, i) for i in range(max(tc["ks"]))]
+    world.install(tenants[: max(tc["ks"])])
+    prefill = {}
+    vocab = cfg["model"]["vocab"]
+    for n in cfg["prefill_batches"]:
+        dec = world.decoder(n, tc["prompt"] + 4)
+        prompts = [[random.randrange(3, vocab) for _ in range(tc["prompt"])] for _ in range(n)]
+        dec.prefill(prompts, list(range(n)))  # warm
+        world.sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            dec.prefill(prompts, list(range(n)))
+        world.sync()
+        prefill[n] = (time.perf_counter() - t0) / 3
+        log(f"trace costs: prefill of {n} x {tc['prompt']} tokens: {prefill[n] * 1e3:.1f} ms")
+        del world.decoders[(n, tc["prompt"] + 4)]
+    world.install([])
+    del tenants
+    gc.collect()
+    # swapping one merged full model in from pinned CPU memory
+    nbytes = sum(p.numel() * p.element_size() for p in world.model.parameters())
+    if world.cuda:
+        torch.cuda.empty_cache()
+        host = torch.empty(nbytes // 2, dtype=torch.bfloat16, pin_memory=True)
+        dev = torch.empty_like(host, device=world.device)
+        dev.copy_(host, non_blocking=True)
+        world.sync()
+        t0 = time.perf_counter()
+        for _ in range(2):
+            dev.copy_(host, non_blocking=True)
+        world.sync()
+        swap = (time.perf_counter() - t0) / 2
+        del host, dev
+        torch.cuda.empty_cache()
+    else:
+        swap = 0.26 * nbytes / 13.5e9  # the GPU figure (GPU.md), scaled to the smoke model's bytes
+    log(f"trace costs: swap of {nbytes / 1e9:.2f} GB: {swap * 1e3:.1f} ms")
+    costs = ts.Costs(base, extra, prefill, swap)
+    distinct = ts.expected_distinct(tc["tenants"], B)
+    rate = 0.8 * ts.capacity_rps(costs, B, round(distinct), tc["out"])
+    trace = ts.make_trace(tc["requests"], tc["tenants"], rate, tc["out"], seed=0)
+    records = [ts.metrics("deltapack", ts.simulate_deltapack(trace, costs, B)),
+               ts.metrics("swap", ts.simulate_swap(trace, costs, B))]
+    for r in records:
+        for key in list(r):
+            if key != "system":
+                r[key] = round(r[key], 4)
+        log(f"trace {r['system']}: {r['throughput']:.0f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s, "
+            f"ITL p50 {r['itl_p50'] * 1e3:.1f} ms p99 {r['itl_p99'] * 1e3:.1f} ms")
+    notes["trace"] = {
+        "kind": "simulation with per-step costs measured on this device (bench/serving/trace_sim.py)",
+        "tenants": tc["tenants"], "zipf_s": 1.0, "requests": tc["requests"], "rate_rps": round(rate, 3),
+        "rate_rule": "0.8 x deltapack's decode-bound capacity at full batches", "prompt_tokens": tc["prompt"],
+        "output_tokens": tc["out"], "max_batch": B, "expected_distinct_tenants_per_full_batch": round(distinct, 1),
+        "costs": {"decode_base_s": base, "decode_extra_s": extra, "prefill_s": prefill, "swap_s": swap},
+        "swap_policy": "oldest waiting request's tenant next, all its waiting requests as one static batch",
+    }
+    return records
+
+
+def part_resident(world: World, notes: dict) -> list[dict]:
+    torch = world.torch
+    rc = world.cfg["resident"]
+    world.free_model()
+    world.templates.clear()
+    m = world.cfg["model"]
+    base_params = 2 * m["vocab"] * m["hidden"] + m["layers"] * (4 * m["hidden"] ** 2 + 3 * m["hidden"] * m["inter"] + 2 * m["hidden"]) + m["hidden"]
+    shapes = world.model_shapes(embedding=True)
+    budget = rc["budget"]
+    if world.cuda:
+        budget = min(budget, torch.cuda.get_device_properties(world.device).total_memory)
+    reserve = 2 * 2**30 if world.cuda else 0  # activations, graph pools, allocator slack
+    records = []
+    for codec in rc["codecs"]:
+        gc.collect()
+        if world.cuda:
+            torch.cuda.empty_cache()
+        used0 = torch.cuda.memory_allocated(world.device) if world.cuda else 0
+        base = torch.empty(base_params, dtype=torch.bfloat16, device=world.device)
+        kv = torch.empty(rc["kv_bytes"] // 2, dtype=torch.bfloat16, device=world.device)
+        held = []
+        for s in set(shapes.values()):
+            world.template(codec, s, rc["ratio"])
+        tbytes = sum(world.templates[(codec, s, rc["ratio"])].nbytes() for s in shapes.values())
+        tmpl_bytes = sum(p.nbytes() for (c, _, r), p in world.templates.items() if c == codec and r == rc["ratio"])
+
+        def allocated() -> int:
+            if world.cuda:
+                return torch.cuda.memory_allocated(world.device)
+            return base.numel() * 2 + kv.numel() * 2 + tmpl_bytes + sum(sum(p.nbytes() for p in t.values()) for t in held)
+
+        while len(held) < rc["max_tenants"] and allocated() + tbytes <= budget - reserve:
+            held.append(world.tenant(codec, rc["ratio"], shapes, len(held)))
+        gb = allocated() / 1e9
+        records.append({"codec": codec, "ratio": rc["ratio"], "tenants": len(held), "gpu_gb": round(gb, 2)})
+        log(f"resident {codec} {rc['ratio']:g}x: {len(held)} tenants of {tbytes / 1e9:.3f} GB, {gb:.2f} GB allocated")
+        del held, base, kv
+        for key in [k for k in world.templates if k[0] == codec]:
+            del world.templates[key]
+    notes["resident"] = {
+        "budget_bytes": budget, "reserve_bytes": reserve, "base_bytes": base_params * 2, "kv_cache_bytes": rc["kv_bytes"],
+        "kv_cache_tokens_7b": rc["kv_bytes"] // (2 * m["layers"] * m["hidden"] * 2),
+        "tenant": "every linear, lm_head and the embedding, packed (templates included in the allocation)",
+        "cap": rc["max_tenants"],
+    }
+    return records
+
+
+# ---- targets (issue 6) --------------------------------------------------------------------------------------------------
+def targets(data: dict) -> dict:
+    """Each target against the records: met or missed, and by how much."""
+    out = {}
+    ks = [r for r in data.get("kernels", []) if r["k"] >= 8]
+    if ks:
+        worst = {}
+        for r in ks:
+            key = r["codec"]
+            if key not in worst or r["efficiency"] < worst[key]["efficiency"]:
+                worst[key] = r
+        out["kernels_70pct_of_copy_at_k>=8"] = {
+            c: {"worst": f"{r['shape']} k={r['k']}", "efficiency": r["efficiency"], "met": r["efficiency"] >= 0.7,
+                "short_by": round(max(0.0, 0.7 - r["efficiency"]), 3)} for c, r in worst.items()}
+    dec = data.get("decode", [])
+    if dec:
+        out["decode_80pct_of_bound"] = {
+            f"{r['codec']} {r['ratio']:g}x k={r['k']}": {"of_bound": r["of_bound"], "met": r["of_bound"] >= 0.8,
+                                                         "short_by": round(max(0.0, 0.8 - r["of_bound"]), 3)} for r in dec}
+    tr = {r["system"]: r for r in data.get("trace", [])}
+    if "deltapack" in tr and "swap" in tr:
+        x = tr["deltapack"]["throughput"] / max(1e-12, tr["swap"]["throughput"])
+        out["trace_10x_swap_throughput"] = {"ratio": round(x, 2), "met": x >= 10}
+    res = data.get("resident", [])
+    if res:
+        out["resident_50_tenants_16x"] = {f"{r['codec']} {r['ratio']:g}x": {"tenants": r["tenants"], "met": r["tenants"] >= 50}
+                                          for r in res}
+    out["what_bounds_the_kernels"] = ("where a kernel is short of the copy rate, compare its hot loop's instructions per "
+                                      "code (bench/results/serving_sass.json) with the issue budget in docs/kernels.md: "
+                                      "above it the kernel is bound by instruction issue, not memory")
+    return out
+
+
+# ---- output -------------------------------------------------------------------------------------------------------------
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(13, 9))
+    a = ax[0, 0]
+    for codec in sorted({r["codec"] for r in data.get("kernels", [])}):
+        for shape in sorted({r["shape"] for r in data["kernels"] if r["codec"] == codec}):
+            rs = sorted((r for r in data["kernels"] if r["codec"] == codec and r["shape"] == shape), key=lambda r: r["k"])
+            a.plot([r["k"] for r in rs], [r["efficiency"] for r in rs], marker="o", label=f"{codec} {shape}")
+    a.axhline(0.7, color="k", ls="--", lw=0.8)
+    a.set(xscale="log", xlabel="tenants in the batch (k)", ylabel="GB/s / copy GB/s", title="kernels (batch 64)")
+    a.legend(fontsize=6)
+    a = ax[0, 1]
+    for key in sorted({(r["codec"], r["ratio"]) for r in data.get("decode", [])}):
+        rs = sorted((r for r in data["decode"] if (r["codec"], r["ratio"]) == key), key=lambda r: r["k"])
+        a.plot([r["k"] for r in rs], [r["tokens_per_s"] / r["base_tokens_per_s"] for r in rs], marker="o",
+               label=f"{key[0]} {key[1]:g}x measured")
+        a.plot([r["k"] for r in rs], [r["bound"] for r in rs], ls=":", label=f"{key[0]} {key[1]:g}x bound 1/(1+k/R)")
+    a.set(xscale="log", xlabel="tenants in the batch (k)", ylabel="decode tokens/s / base tokens/s", title="end-to-end decode")
+    a.legend(fontsize=7)
+    a = ax[1, 0]
+    tr = data.get("trace", [])
+    if tr:
+        names = [r["system"] for r in tr]
+        a.bar(names, [r["throughput"] for r in tr])
+        a.set(ylabel="tokens/s", title="trace (simulated, measured costs): throughput")
+        for i, r in enumerate(tr):
+            a.text(i, r["throughput"], f"TTFT p50 {r['ttft_p50']:.2f}s\np99 {r['ttft_p99']:.2f}s", ha="center", va="bottom", fontsize=8)
+    a = ax[1, 1]
+    rs = data.get("resident", [])
+    if rs:
+        a.bar([f"{r['codec']} {r['ratio']:g}x" for r in rs], [r["tenants"] for r in rs])
+        a.axhline(50, color="k", ls="--", lw=0.8)
+        a.set(ylabel="tenants resident", title="tenants beside base + KV cache")
+    fig.suptitle(f"{data.get('device', '')} — {data.get('date', '')}", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    ap.add_argument("--out", default=None, help="result JSON (default bench/results/serving[_smoke].json)")
+    ap.add_argument("--codecs", default=None, help="only these codecs (comma-separated) in kernels/decode/resident; "
+                    "the other codecs' records already in the file are kept")
+    args = ap.parse_args()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        ap.error(f"unknown parts {bad}; choose from {PARTS}")
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    world = World(args.smoke)
+    only = None
+    if args.codecs:
+        import synth
+
+        only = [c.strip() for c in args.codecs.split(",") if c.strip()]
+        if any(c not in synth.CODECS for c in only):
+            ap.error(f"unknown codecs in {only}; choose from {synth.CODECS}")
+        world.cfg["kernel_codecs"] = world.cfg["decode_codecs"] = world.cfg["resident"]["codecs"] = only
+    out = Path(args.out) if args.out else RESULTS / ("serving_smoke.json" if args.smoke else "serving.json")
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    notes = data.setdefault("notes", {})
+    errors = notes.setdefault("errors", {})
+    runs = notes.setdefault("runs", {})
+    script = os.path.relpath(Path(sys.argv[0]).resolve(), ROOT)
+    command = "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in [script] + sys.argv[1:])
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    data.update({"command": command, "device": world.name(), "date": date})
+    for p in PARTS:
+        data.setdefault(p, [])
+    fns = {"kernels": part_kernels, "decode": part_decode, "trace": part_trace, "resident": part_resident}
+    for p in PARTS:  # fixed order: resident frees the model, so it runs last
+        if p not in parts:
+            continue
+        t0 = time.perf_counter()
+        log(f"part {p}")
+        try:
+            recs = fns[p](world, notes)
+            if only is not None and p != "trace":  # keep the records of codecs not run now
+                recs = [r for r in data.get(p, []) if r.get("codec") not in only] + recs
+            data[p] = recs
+            errors.pop(p, None)
+        except Exception as e:
+            traceback.print_exc()
+            errors[p] = f"{type(e).__name__}: {e}"
+            log(f"part {p} FAILED: {errors[p]}")
+        runs[p] = {"command": command, "device": world.name(), "date": date, "seconds": round(time.perf_counter() - t0, 1)}
+        notes.setdefault("templates", {}).update(world.template_stats)
+        write_json(out, data)  # after every part: a later crash keeps what was measured
+    notes["targets"] = targets(data)
+    write_json(out, data)
+    try:
+        plot(data, out.with_suffix(".png"))
+    except Exception as e:  # the numbers matter more than the figure
+        log(f"plot failed: {e}")
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

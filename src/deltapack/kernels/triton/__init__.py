@@ -1,0 +1,499 @@
+"""Triton backend ("triton"): batched compressed-delta kernels for a whole mixed-tenant batch, one launch per layer
+(per layout family present in the layer), indexed by token, reading the packed codes directly.
+
+    kernels = get_kernels("triton")        # or "auto" on CUDA
+    p = kernels.pack(codec, params, parts, shape, dtype=torch.bfloat16, device="cuda")   # load time
+    d = kernels.linear(x, tokens, layer)   # (T, out): every token's own tenant's delta, base tokens (-1) zero
+
+Layouts: deltapack.kernels.triton.layouts (qfactors / sign32 / ell / dense / vector); kernels:
+deltapack.kernels.triton.kernels; design and measurements: docs/kernels.md. Per layer (LayerDeltas), launch data is
+built once per `version` and kept in `layer.cache`: per-slot pointer tables (int64 data pointers of each tenant's
+packed tensors, so no tenant is ever copied into a pool), tile tables (row blocks) and segment tables (blocks of
+packed codes of one bit width: a rank group, a sign plane, a dense matrix). Per forward, the batch's tokens are
+grouped by tenant on the device (`token_blocks`, no host sync, capturable in a CUDA graph) and cached on the
+TokenSlots object, so all layers of one forward share it.
+
+What a linear does per layer: dense / sign slots -> one `_seg_kernel` launch; qfactors slots -> `_seg_kernel` for the
+V side (z = x A^T into an fp32 (T, max rank) buffer), then `_seg_kernel` for the U side (y = z Bt); ell slots -> one
+`_ell_kernel` launch; the results of several families add up. Embedding rows and vectors are gathers done with torch
+ops (once per forward).
+
+The module imports triton: where triton is missing the import fails with ImportError (get_kernels reports it). On
+CPU tensors the kernels run only under TRITON_INTERPRET=1 (the tests); elsewhere a CPU call is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from deltapack.errors import DeltapackError, FormatError
+from deltapack.kernels import DeltaKernels, LayerDeltas, PackedDelta, TokenSlots, register_backend
+from deltapack.kernels.reference import ReferenceKernels
+from deltapack.kernels.triton.layouts import ELL_ROWS, dequant_layout, layout_rows, pack_entry, words_per_row
+
+log = logging.getLogger(__name__)
+
+
+def interpreting() -> bool:
+    """Kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set before triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _patch_interpreter() -> None:
+    """Triton 3.6's interpreter turns a scalar into a Python int with int(1-element array), which numpy >= 2.4
+    refuses (TypeError: only 0-dimensional arrays ...); loops with a runtime bound then fail. Take the element."""
+    try:
+        import numpy as np
+        import triton.runtime.interpreter as interp
+    except ImportError:  # pragma: no cover
+        return
+    orig = interp._patch_lang_tensor
+    if getattr(orig, "_deltapack_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._deltapack_fixed = True
+    interp._patch_lang_tensor = patched
+
+
+if interpreting():
+    _patch_interpreter()
+
+from deltapack.kernels.triton import kernels as _k  # noqa: E402  (after the interpreter fix)
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, n))))
+
+
+@dataclass
+class LaunchConfig:
+    """Block sizes and the path and split heuristics. Defaults suit an H100 at decode shapes; tests force `split`."""
+
+    block_r: int = 64  # rows per tile (rank rows on the V side, output rows elsewhere)
+    block_k: int = 256  # reduction step of the in-place decode path (few tokens per tenant)
+    block_k_dot: int = 64  # reduction step of the tensor-core path
+    block_f: int = 32  # reduction step over 16-bit values
+    bcast_max_tokens: int = 2  # tokens of one tenant per program on CUDA cores; more use the tensor cores
+    max_block_t: int = 16  # tokens of one tenant per program on the tensor cores (more spill registers)
+    max_block_t_ell: int = 16  # tokens per program of the sparse kernel (3-D gathers)
+    default_tokens: int = 16  # tokens per tenant assumed when the batch composition is unknown on the host
+    programs_per_sm: int = 4  # reduction splits aim at this many programs per SM
+    split: int | None = None  # force every reduction split (tests)
+    num_warps: int = 4
+
+
+def token_blocks(slot_ids: torch.Tensor, num_slots: int, block_t: int, num_blocks: int):
+    """Group a batch's tokens by tenant, on the device, without a host sync (CUDA-graph capturable).
+
+    Returns (order, blk_slot, blk_start, blk_len), int32: `order` = token indices sorted by slot (stable), and for
+    each of `num_blocks` blocks its slot (-1 = unused block), its first position in `order` and its token count
+    (<= block_t, all of one slot). Slots < 0 or >= num_slots get no block. `num_blocks` must be at least the number
+    of blocks needed (sum over slots of ceil(tokens / block_t)); T // block_t + min(T, num_slots) always is."""
+    dev = slot_ids.device
+    T = slot_ids.numel()
+    s = slot_ids.reshape(-1).to(torch.int32)
+    s = torch.where((s >= 0) & (s < num_slots), s, torch.full_like(s, -1))
+    sorted_s, order = torch.sort(s, stable=True)
+    idx = torch.arange(T, device=dev, dtype=torch.int32)
+    new = torch.ones(T, dtype=torch.bool, device=dev)
+    if T > 1:
+        new[1:] = sorted_s[1:] != sorted_s[:-1]
+    zero = torch.zeros_like(idx)
+    seg_start = torch.cummax(torch.where(new, idx, zero), 0).values
+    nxt = torch.where(new, idx, torch.full_like(idx, T))
+    e = torch.full_like(idx, T)
+    if T > 1:
+        e[:-1] = nxt[1:]
+    seg_end = torch.flip(torch.cummin(torch.flip(e, [0]), 0).values, [0])
+    pos = idx - seg_start
+    is_start = (pos % block_t == 0) & (sorted_s >= 0)
+    bid = torch.cumsum(is_start.to(torch.int32), 0, dtype=torch.int32) - 1
+    target = torch.where(is_start, bid, torch.full_like(bid, num_blocks)).to(torch.int64)
+    target = torch.clamp(target, max=num_blocks)  # a too-small num_blocks drops blocks: callers give a bound
+    blk_slot = torch.full((num_blocks + 1,), -1, dtype=torch.int32, device=dev).scatter_(0, target, sorted_s)
+    blk_start = torch.zeros(num_blocks + 1, dtype=torch.int32, device=dev).scatter_(0, target, idx)
+    length = torch.clamp(seg_end - idx, max=block_t)
+    blk_len = torch.zeros(num_blocks + 1, dtype=torch.int32, device=dev).scatter_(0, target, length)
+    return order.to(torch.int32), blk_slot[:num_blocks], blk_start[:num_blocks], blk_len[:num_blocks]
+
+
+# ---- per-layer plans ------------------------------------------------------------------------------------------------
+MODE_FLOAT, MODE_ROW, MODE_ROWTILE, MODE_COL, MODE_ELEM_ROW, MODE_ELEM_COL = range(6)
+
+
+@dataclass
+class _SegLaunch:
+    """Launch data of one _seg_kernel launch for a layer: per-slot pointers, tiles (row blocks) and segments."""
+
+    ptr: torch.Tensor  # (S, 4) int64: words, scale, zero, floats
+    tiles: torch.Tensor  # (S, NT, 5) int32: rows, out row, segment row, first segment, segment count
+    segs: torch.Tensor  # (S, NSEG, 9) int32: bits, k begin, k length, rows, base, mode, scale base, stride, gs
+    nt: int
+    nseg: int
+    widths: int  # bit b: some segment holds b-bit codes; bit 0: 16-bit values
+    modes: int  # bit m: some segment has scale mode m
+    block_k: int  # K step of the in-place decode path (and of the scale modes' validity)
+    block_k_dot: int  # K step of the tensor-core path
+    kmax: int  # longest segment (bounds the reduction split)
+    sign: bool
+    sc_f32: bool
+    fdt: object
+    width: int  # output columns
+
+
+@dataclass
+class _EllLaunch:
+    ptr: torch.Tensor  # (S, 3): col, values, tile_off
+    col32: bool
+    max_cap: int
+    fdt: object
+    width: int
+
+
+@dataclass
+class _Plan:
+    S: int
+    K: int
+    M: int
+    has: list[bool]  # slot has something this backend launches for
+    direct: _SegLaunch | None = None
+    v: _SegLaunch | None = None
+    u: _SegLaunch | None = None
+    ell: _EllLaunch | None = None
+    rank: int = 0
+    keep: list = field(default_factory=list)  # the packed deltas whose pointers the tables hold
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+
+
+class _SegBuilder:
+    def __init__(self, S: int, block_r: int):
+        self.S, self.block_r = S, block_r
+        self.ptr = torch.zeros(S, 4, dtype=torch.int64)
+        self.tiles: dict[int, list[list[int]]] = {}
+        self.segs: dict[int, list[list[int]]] = {}
+        self.widths = self.modes = self.kmax = 0
+        self.floats: list[torch.Tensor] = []
+
+    def seg(self, s: int, bits: int, kbeg: int, klen: int, rows: int, base: int, mode: int, sbase: int, stride: int,
+            gs: int) -> int:
+        segs = self.segs.setdefault(s, [])
+        segs.append([bits, kbeg, klen, rows, base, mode, sbase, stride, max(1, gs)])
+        self.widths |= 1 if bits >= 16 else 1 << bits
+        self.modes |= 1 << mode
+        self.kmax = max(self.kmax, klen)
+        return len(segs) - 1
+
+    def row_tiles(self, s: int, nrows: int, orow0: int, first: int, count: int) -> None:
+        for t0 in range(0, nrows, self.block_r):
+            self.tiles.setdefault(s, []).append([min(self.block_r, nrows - t0), orow0 + t0, t0, first, count])
+
+    def build(self, device, *, block_k: int, block_k_dot: int, sign: bool, sc_f32: bool, fdt, width: int) -> _SegLaunch:
+        tiles, segs = _table(self.tiles, self.S, 5), _table(self.segs, self.S, 9)
+        return _SegLaunch(self.ptr.to(device), tiles.to(device), segs.to(device), tiles.shape[1], segs.shape[1],
+                          self.widths, self.modes, block_k, block_k_dot, self.kmax, sign, sc_f32, fdt, width)
+
+
+def _block_k(gss: list[int], cap: int) -> tuple[int, dict[int, int]]:
+    """K step of a launch whose row-scaled quantized segments have per-row groups of `gss` columns (0: one group
+    per row): the largest step (<= cap) that every group size is a multiple of, and each size's scale mode."""
+    tiled = sorted({g for g in gss if g})
+    for bk in (cap, 128, 64, 32):
+        if bk <= cap and all(g % bk == 0 for g in tiled):
+            return bk, {g: MODE_ROWTILE for g in tiled}
+    return min(cap, 128), {g: MODE_ELEM_ROW for g in tiled}
+
+
+def _fdt(tensors: list[torch.Tensor], default: torch.dtype):
+    dts = {t.dtype for t in tensors if t is not None and t.numel()}
+    if len(dts) > 1:
+        raise DeltapackError(f"packed deltas of one layer mix float dtypes {sorted(map(str, dts))}")
+    return _TL[dts.pop() if dts else default]
+
+
+def _build_plan(layer: LayerDeltas, device: torch.device, dtype: torch.dtype, cfg: LaunchConfig) -> _Plan:
+    slots = layer.slots
+    S = len(slots)
+    live = [p for p in slots if p is not None]
+    M, K = live[0].shape if len(live[0].shape) == 2 else (1, live[0].shape[0])
+    plan = _Plan(S=S, K=K, M=M, has=[False] * S, keep=list(live))
+    for p in live:
+        if p.device != device:
+            raise DeltapackError(f"layer {layer.name}: a packed delta is on {p.device}, the batch on {device}")
+        if p.kind not in ("qfactors", "sign32", "dense", "ell"):
+            raise FormatError(f"layer {layer.name}: the triton backend cannot apply a {p.kind!r} layout as a linear delta")
+    BR = cfg.block_r
+
+    # ---- dense + sign: one launch writing the output; rows = output rows ----
+    direct = {s: p for s, p in enumerate(slots) if p is not None and p.kind in ("dense", "sign32")}
+    if direct:
+        b = _SegBuilder(S, BR)
+        for s, p in direct.items():
+            if p.kind == "dense":
+                b.ptr[s, 3] = _ptr(p.tensors["values"])
+                first = b.seg(s, 16, 0, K, M, 0, MODE_FLOAT, 0, K, 1)
+                b.row_tiles(s, M, 0, first, 1)
+            else:
+                k = p.meta["planes"]
+                b.ptr[s, 0] = _ptr(p.tensors["words"])
+                b.ptr[s, 1] = _ptr(p.tensors["scale"])
+                wpr = words_per_row(K, 1)
+                row_scale = bool(p.meta.get("row_scale"))
+                first = None
+                for j in range(k):  # one segment per plane, each with its own scale: y = sum_j s_j (2 x.b_j - sum x)
+                    i = b.seg(s, 1, 0, K, M, j * M * wpr, MODE_ROW, j * (M if row_scale else 1), 1 if row_scale else 0, K)
+                    first = i if first is None else first
+                b.row_tiles(s, M, 0, first, k)
+            plan.has[s] = True
+        bk = cfg.block_k
+        plan.direct = b.build(device, block_k=bk, block_k_dot=min(bk, cfg.block_k_dot), sign=True, sc_f32=True,
+                              fdt=_fdt([p.tensors.get("values") for p in direct.values()], dtype), width=M)
+
+    # ---- qfactors: V side (rows = rank rows of a group, K = in) into z, then U side (rows = out, K-segments =
+    # the groups' rank ranges of z) ----
+    qf = {s: p for s, p in enumerate(slots) if p is not None and p.kind == "qfactors" and p.meta["rank"] > 0}
+    if qf:
+        a_gs = [g["A"]["gs"] if g["A"]["ng"] > 1 else 0 for p in qf.values() for g in p.meta["groups"] if g["bits"] < 16]
+        bk, a_mode = _block_k(a_gs, cfg.block_k)
+        vb, ub = _SegBuilder(S, BR), _SegBuilder(S, BR)
+        r16 = {}
+        for s, p in qf.items():
+            t = p.tensors
+            vb.ptr[s] = torch.tensor([_ptr(t["A.words"]), _ptr(t["A.scale"]), _ptr(t["A.zero"]), _ptr(t["A.float"])])
+            ub.ptr[s] = torch.tensor([_ptr(t["B.words"]), _ptr(t["B.scale"]), _ptr(t["B.zero"]), _ptr(t["B.float"])])
+            r16[s] = t["B.float"].shape[1]
+            ufirst = None
+            for g in p.meta["groups"]:
+                r, bits, z0, A, B = g["rows"], g["bits"], g["z"], g["A"], g["B"]
+                if bits >= 16:
+                    vi = vb.seg(s, 16, 0, K, r, A["f"] * K, MODE_FLOAT, 0, K, 1)
+                    ui = ub.seg(s, 16, z0, r, M, B["f"], MODE_FLOAT, 0, r16[s], 1)
+                else:
+                    mode = MODE_ROW if A["ng"] == 1 else a_mode[A["gs"]]
+                    vi = vb.seg(s, bits, 0, K, r, A["words"], mode, A["scale"], A["ng"], A["gs"] if A["ng"] > 1 else K)
+                    col_ok = B["ng"] == 1 or B["gs"] % BR == 0
+                    ui = ub.seg(s, bits, z0, r, M, B["words"], MODE_COL if col_ok else MODE_ELEM_COL, B["scale"],
+                                B["ng"], B["gs"] if B["ng"] > 1 else M)
+                vb.row_tiles(s, r, z0, vi, 1)
+                ufirst = ui if ufirst is None else ufirst
+            ub.row_tiles(s, M, 0, ufirst, len(p.meta["groups"]))
+            plan.has[s] = True
+        plan.rank = max(p.meta["rank"] for p in qf.values())
+        fdt = _fdt([p.tensors["A.float"] for p in qf.values()] + [p.tensors["B.float"] for p in qf.values()], dtype)
+        bkd = min(bk, cfg.block_k_dot)
+        plan.v = vb.build(device, block_k=bk, block_k_dot=bkd, sign=False, sc_f32=False, fdt=fdt, width=plan.rank)
+        plan.u = ub.build(device, block_k=cfg.block_k, block_k_dot=cfg.block_k_dot, sign=False, sc_f32=False, fdt=fdt,
+                          width=M)
+
+    # ---- sparse: ELL ----
+    ell = {s: p for s, p in enumerate(slots) if p is not None and p.kind == "ell"}
+    if ell:
+        ptr = torch.zeros(S, 3, dtype=torch.int64)
+        col32 = {p.tensors["col"].dtype == torch.int32 for p in ell.values()}
+        if len(col32) > 1:
+            raise DeltapackError(f"layer {layer.name}: sparse deltas with int16 and int32 columns")
+        max_cap = 0
+        for s, p in ell.items():
+            t = p.tensors
+            if not t["col"].numel():  # no entry at all: nothing to launch for this slot
+                continue
+            ptr[s] = torch.tensor([_ptr(t["col"]), _ptr(t["values"]), _ptr(t["tile_off"])])
+            off = t["tile_off"].long().cpu()
+            max_cap = max(max_cap, int(((off[1:] - off[:-1]) // ELL_ROWS).max()))
+            plan.has[s] = True
+        plan.ell = _EllLaunch(ptr.to(device), col32.pop(), max_cap, _fdt([p.tensors["values"] for p in ell.values()], dtype), M)
+    return plan
+
+
+def _table(per_slot: dict[int, list[list[int]]], S: int, fields: int) -> torch.Tensor:
+    width = max(1, max((len(r) for r in per_slot.values()), default=1))
+    tab = torch.zeros(S, width, fields, dtype=torch.int64)
+    for s, rows in per_slot.items():
+        if rows:
+            tab[s, : len(rows)] = torch.tensor(rows, dtype=torch.int64)
+    if int(tab.abs().max()) >= 2**31:
+        raise DeltapackError("a packed delta is too large for the kernels' int32 offsets")
+    return tab.to(torch.int32)
+
+
+# ---- the backend ----------------------------------------------------------------------------------------------------
+@register_backend
+class TritonKernels(DeltaKernels):
+    name = "triton"
+
+    def __init__(self, config: LaunchConfig | None = None):
+        self.config = config or LaunchConfig()
+        self._ref = ReferenceKernels()
+        self._sms: dict[torch.device, int] = {}
+
+    # -- load time --
+    def pack(self, codec, params, parts, shape, *, dtype, device="cpu") -> PackedDelta:
+        packed = pack_entry(codec, params, parts, shape, dtype)
+        packed.source = codec
+        return packed.to(device)
+
+    # -- helpers --
+    def _check_device(self, x: torch.Tensor) -> None:
+        if x.device.type != "cuda" and not interpreting():
+            raise DeltapackError("the triton kernel backend needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU)")
+
+    def _plan(self, layer: LayerDeltas, x: torch.Tensor) -> _Plan:
+        plans = layer.cache.setdefault("triton", {})
+        key = (x.device, x.dtype)
+        plan = plans.get(key)
+        if plan is None:
+            plan = plans[key] = _build_plan(layer, x.device, x.dtype, self.config)
+        return plan
+
+    def _num_sms(self, device: torch.device) -> int:
+        if device.type != "cuda":
+            return 0
+        n = self._sms.get(device)
+        if n is None:
+            n = self._sms[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        return n
+
+    def _split(self, device, programs: int, most: int) -> int:
+        cfg = self.config
+        most = max(1, most)
+        if cfg.split:
+            return max(1, min(cfg.split, most))
+        target = self._num_sms(device) * cfg.programs_per_sm
+        return max(1, min(most, target // max(1, programs)))
+
+    @staticmethod
+    def _host_groups(tokens: TokenSlots):
+        return getattr(tokens, "_groups", None)
+
+    def _tokens_per_slot(self, tokens: TokenSlots) -> int:
+        """Most tokens any one tenant has in this batch, as far as the host knows (no device sync)."""
+        hint = getattr(tokens, "triton_block_t", None)  # set by callers that know the composition (fast path)
+        if hint is not None:
+            return int(hint)
+        groups = self._host_groups(tokens)
+        if groups is None:
+            return self.config.default_tokens
+        return max((int(i.numel()) for _, i in groups), default=1)
+
+    def _block_t(self, tokens: TokenSlots, cap: int) -> int:
+        return min(cap, _pow2_at_least(self._tokens_per_slot(tokens)))
+
+    def _blocks(self, tokens: TokenSlots, S: int, block_t: int):
+        """Token blocks of this forward (cached on the TokenSlots: every layer of the forward shares them)."""
+        cache = tokens.__dict__.setdefault("_triton_blocks", {})
+        key = (S, block_t)
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
+        T = tokens.num_tokens
+        groups = self._host_groups(tokens)
+        if groups is not None:  # the exact count (a CUDA graph captured with it must be recaptured for a new batch)
+            nb = sum(-(-int(i.numel()) // block_t) for s, i in groups if 0 <= s < S)
+        else:  # a bound: surplus programs exit at once
+            nb = min(T, T // block_t + min(T, S))
+        out = (*token_blocks(tokens.slot_ids, S, block_t, max(nb, 1)), nb)
+        cache[key] = out
+        return out
+
+    def _present(self, tokens: TokenSlots, plan: _Plan) -> bool:
+        """False when the host knows no token of the batch has a delta this backend applies in this layer."""
+        groups = self._host_groups(tokens)
+        if groups is None:
+            return True
+        return any(0 <= s < plan.S and plan.has[s] for s, _ in groups)
+
+    # -- launches --
+    def _run_seg(self, L: _SegLaunch, x: torch.Tensor, tokens: TokenSlots, S: int, xdt: torch.dtype,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+        """One _seg_kernel launch: (T, L.width) output; fp32 when the reduction is split (atomic adds)."""
+        cfg = self.config
+        T = x.shape[0]
+        per = self._tokens_per_slot(tokens)
+        dot = per > cfg.bcast_max_tokens
+        bt = min(cfg.max_block_t, max(16, _pow2_at_least(per))) if dot else _pow2_at_least(per)
+        order, bslot, bstart, blen, nb = self._blocks(tokens, S, bt)
+        bk = L.block_k_dot if dot else L.block_k
+        if dot and xdt == torch.float32:
+            bk = min(bk, 32)  # fp32 tiles take twice the registers: a 64-column step spills
+        split = self._split(x.device, nb * L.nt, triton.cdiv(max(1, L.kmax), bk))
+        atomic = split > 1
+        out = torch.zeros(T, L.width, dtype=torch.float32 if atomic else out_dtype, device=x.device)
+        if nb == 0:
+            return out
+        tdt = _TL[xdt]
+        _k._seg_kernel[(nb, L.nt, split)](
+            x, x.stride(0), out, out.stride(0), order, bslot, bstart, blen, L.ptr, L.tiles, L.segs, L.nt, L.nseg,
+            BLOCK_T=bt, BLOCK_R=cfg.block_r, BLOCK_K=bk, BLOCK_F=cfg.block_f, SPLIT_K=split, WIDTHS=L.widths,
+            MODES=L.modes, SIGN=L.sign, SC_F32=L.sc_f32, FDT=L.fdt, XDT=tdt, DOT=dot,
+            UPCAST=interpreting() and tdt == tl.bfloat16, IEEE=xdt == torch.float32, ATOMIC=atomic,
+            num_warps=cfg.num_warps,
+        )
+        return out
+
+    def _run_ell(self, L: _EllLaunch, x: torch.Tensor, tokens: TokenSlots, S: int) -> torch.Tensor:
+        cfg = self.config
+        T = x.shape[0]
+        bt = self._block_t(tokens, cfg.max_block_t_ell)
+        order, bslot, bstart, blen, nb = self._blocks(tokens, S, bt)
+        block_j = min(64, max(8, 4096 // (ELL_ROWS * bt)))
+        n_m = triton.cdiv(L.width, ELL_ROWS)
+        split = self._split(x.device, nb * n_m, triton.cdiv(max(1, L.max_cap), block_j))
+        atomic = split > 1
+        out = torch.zeros(T, L.width, dtype=torch.float32 if atomic else x.dtype, device=x.device)
+        if nb == 0 or L.max_cap == 0:
+            return out
+        _k._ell_kernel[(nb, n_m, split)](
+            x, x.stride(0), out, out.stride(0), order, bslot, bstart, blen, L.ptr, L.width,
+            BLOCK_T=bt, BLOCK_J=block_j, SPLIT_J=split, ROWS=ELL_ROWS, COL32=L.col32, FDT=L.fdt,
+            UPCAST=interpreting() and x.dtype == torch.bfloat16, ATOMIC=atomic,
+            num_warps=cfg.num_warps,
+        )
+        return out
+
+    # -- the interface --
+    def linear(self, x: torch.Tensor, tokens: TokenSlots, layer: LayerDeltas) -> torch.Tensor | None:
+        if layer.count == 0 or x.shape[0] == 0:
+            return None
+        self._check_device(x)
+        plan = self._plan(layer, x)
+        if not any(plan.has) or not self._present(tokens, plan):
+            return None
+        x = x.contiguous()
+        out = None
+        if plan.direct is not None:
+            out = self._run_seg(plan.direct, x, tokens, plan.S, x.dtype, x.dtype)
+        if plan.v is not None:
+            z = self._run_seg(plan.v, x, tokens, plan.S, x.dtype, torch.float32)  # V side: z = x A^T, fp32
+            y = self._run_seg(plan.u, z, tokens, plan.S, x.dtype, x.dtype)  # U side: y = z B^T
+            out = y if out is None else out + y
+        if plan.ell is not None:
+            y = self._run_ell(plan.ell, x, tokens, plan.S)
+            out = y if out is None else out + y
+        return out
+
+    def rows(self, ids: torch.Tensor, tokens: TokenSlots, layer: LayerDeltas) -> torch.Tensor | None:
+        return ReferenceKernels._per_tenant(
+            ids.shape[0], tokens, layer, lambda p, idx: layout_rows(p, ids.index_select(0, idx)),
+            lambda r: r.dtype if r.is_floating_point() else torch.float32,
+        )
+
+    def vector(self, tokens: TokenSlots, layer: LayerDeltas) -> torch.Tensor | None:
+        return self._ref.vector(tokens, layer)
+
+
+__all__ = ["TritonKernels", "LaunchConfig", "token_blocks", "interpreting", "dequant_layout", "layout_rows", "pack_entry"]
