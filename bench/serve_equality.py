@@ -62,6 +62,33 @@ def tie_margin(model, prefix: list[int], ref_tok: int, got_tok: int) -> dict:
             "gap": float(logits[ref_tok] - logits[got_tok]), "top2_gap": float(top[0] - top[1])}
 
 
+def exact_merged_model(base, delta, dtype):
+    """base + delta summed in float32 *without* rounding to the fine-tune's dtype: what the server computes
+    (base(x) + delta(x)) up to summation order. `deltapack merge` instead writes the fine-tune's dtype (bf16 for
+    SmolLM2), whose rounding can flip a near-tie argmax; this reference separates the two effects."""
+    from transformers import AutoConfig
+
+    from deltapack import api
+    from deltapack.format.directory import DeltaDir
+    from deltapack.io.sources import open_model
+
+    d = DeltaDir.open(delta)
+    bsrc = open_model(base)
+    sd = api.merged_state_dict(str(base), d)
+    for name, te in d.manifest.tensors.items():
+        dec = d.decode(name).float()
+        b = bsrc.get(name).float() if name in bsrc.keys() else None
+        if b is None:
+            sd[name] = dec
+        elif te.base_rows is not None:
+            dec[: te.base_rows] += b
+            sd[name] = dec
+        else:
+            sd[name] = b + dec
+    cfg_dir = d.path / "hf" if (d.path / "hf" / "config.json").exists() else Path(base)
+    return api.model_from_state_dict(AutoConfig.from_pretrained(str(cfg_dir)), sd, dtype=dtype)
+
+
 def count_mixing(state) -> list[int]:
     """Distinct tenants (base counted as one) of every forward the engine runs, recorded in a list."""
     seen: list[int] = []
@@ -111,6 +138,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--kernels", default="reference", help="comma-separated backends to check, e.g. reference,triton")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--reference", choices=["merge", "exact"], default="merge",
+                    help="merge: the model `deltapack merge` writes (fine-tune dtype); exact: base + delta in fp32 unrounded")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -151,12 +180,13 @@ def main(argv=None) -> int:
 
     cfg = AutoConfig.from_pretrained(str(base))
     eos = eos_token_ids(Path(base), cfg, load_tokenizer(Path(base)))
+    build_ref = exact_merged_model if args.reference == "exact" else merged_model
     t0 = time.perf_counter()
     refs: dict[str, list[list[int]]] = {}
     models_cpu: dict[str, Path | None] = {}
     for name, path in [("base", None)] + list(deltas.items()):
         model = (AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype) if path is None
-                 else merged_model(base, path, dtype=dtype)).to(device).eval()
+                 else build_ref(base, path, dtype=dtype)).to(device).eval()
         refs[name] = [reference_tokens(model, ids, args.max_tokens, eos, args.ignore_eos) for ids in prompt_ids]
         models_cpu[name] = path
         del model
@@ -197,7 +227,7 @@ def main(argv=None) -> int:
             if not all(equal):  # how close to a tie the reference was where the server chose differently
                 path = models_cpu[name]
                 model = (AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype) if path is None
-                         else merged_model(base, path, dtype=dtype)).to(device).eval()
+                         else build_ref(base, path, dtype=dtype)).to(device).eval()
                 for i, k in enumerate(first_diff):
                     if k is not None and k < min(len(got[name][i]), len(refs[name][i])):
                         ties.append({"prompt": i, "position": k, **tie_margin(model, prompt_ids[i] + refs[name][i][:k],
@@ -213,7 +243,7 @@ def main(argv=None) -> int:
         log.info("%s: all equal %s, max tenants in one forward %d", backend_name, runs[-1]["all_equal"], runs[-1]["max_tenants_in_one_forward"])
 
     out = {"command": command_line(), "device": device_name(device), "date": now_iso(), "smoke": args.smoke,
-           "base": str(base), "dtype": args.dtype, "max_tokens": args.max_tokens, "n_prompts": len(prompt_ids),
+           "base": str(base), "dtype": args.dtype, "reference": args.reference, "max_tokens": args.max_tokens, "n_prompts": len(prompt_ids),
            "deltas": {k: str(v) for k, v in deltas.items()}, "distinct_reference_outputs": distinct_outputs,
            "reference_seconds": round(ref_seconds, 2), "runs": runs,
            "all_equal": all(r["all_equal"] for r in runs)}
