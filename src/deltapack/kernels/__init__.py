@@ -44,7 +44,7 @@ KINDS = ("dense", "factors", "sign", "sparse", "vector")
 class PackedDelta:
     """One tenant's delta of one weight tensor, resident on one device in a kernel-ready layout."""
 
-    kind: str  # one of KINDS
+    kind: str  # one of KINDS for the reference backend; other backends add their own (triton: qfactors, sign32, ell)
     shape: tuple[int, ...]  # (out, in) covered by the layout (base rows only under vocabulary growth); (n,) for vectors
     tensors: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)  # small python facts (e.g. sign planes)
