@@ -182,6 +182,22 @@ class DeltaKernels(ABC):
         """1-D deltas (biases, norm weights): (T, n) = dv_{slot(t)}, or None when no token has one."""
 
 
+def rows_with_growth(p: PackedDelta, ids: torch.Tensor, base_rows_of) -> torch.Tensor:
+    """Rows `ids` of one tenant's delta, for any layout: ids past the base vocabulary take the tenant's own added
+    rows (`extra_rows`), the others come from `base_rows_of(p, ids)` (ids clamped below the base row count)."""
+    base_rows, n = p.shape
+    grown = ids >= base_rows
+    if p.extra_rows is not None and bool(grown.any()):
+        out = torch.zeros(ids.shape[0], n, dtype=p.extra_rows.dtype, device=ids.device)
+        keep = torch.nonzero(~grown).view(-1)
+        new = torch.nonzero(grown).view(-1)
+        if keep.numel():
+            out[keep] = base_rows_of(p, ids[keep].clamp(max=base_rows - 1)).to(out.dtype)
+        out[new] = p.extra_rows[ids[new] - base_rows]
+        return out
+    return base_rows_of(p, ids.clamp(max=base_rows - 1))
+
+
 BACKENDS: dict[str, type[DeltaKernels]] = {}
 
 
@@ -219,4 +235,4 @@ def get_kernels(name: str = "auto", device: str | torch.device = "cpu") -> Delta
     return BACKENDS[name]()
 
 
-__all__ = ["KINDS", "PackedDelta", "LayerDeltas", "TokenSlots", "DeltaKernels", "BACKENDS", "register_backend", "get_kernels"]
+__all__ = ["KINDS", "rows_with_growth", "PackedDelta", "LayerDeltas", "TokenSlots", "DeltaKernels", "BACKENDS", "register_backend", "get_kernels"]

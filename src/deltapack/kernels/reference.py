@@ -26,7 +26,7 @@ import torch
 from deltapack.errors import FormatError
 from deltapack.format.codecs import FactorsCodec, SparseCodec, decode_entry, get_codec
 from deltapack.format.packing import packed_row_bytes
-from deltapack.kernels import DeltaKernels, LayerDeltas, PackedDelta, TokenSlots, register_backend
+from deltapack.kernels import DeltaKernels, LayerDeltas, PackedDelta, TokenSlots, register_backend, rows_with_growth
 
 log = logging.getLogger(__name__)
 
@@ -276,17 +276,11 @@ def apply_packed(p: PackedDelta, x: torch.Tensor) -> torch.Tensor:
 
 def packed_rows(p: PackedDelta, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of the tenant's delta (growth rows: the tenant's full rows), fp32 or the packed dtype."""
-    base_rows, n = p.shape
-    grown = ids >= base_rows
-    if p.extra_rows is not None and bool(grown.any()):
-        out = torch.zeros(ids.shape[0], n, dtype=p.extra_rows.dtype, device=ids.device)
-        keep = torch.nonzero(~grown).view(-1)
-        new = torch.nonzero(grown).view(-1)
-        if keep.numel():
-            out[keep] = packed_rows(p, ids[keep]).to(out.dtype)
-        out[new] = p.extra_rows[ids[new] - base_rows]
-        return out
-    ids = ids.clamp(max=base_rows - 1)
+    return rows_with_growth(p, ids, _base_rows)
+
+
+def _base_rows(p: PackedDelta, ids: torch.Tensor) -> torch.Tensor:
+    n = p.shape[1]
     if p.kind == "dense":
         return p.tensors["values"][ids]
     if p.kind == "factors":

@@ -43,7 +43,7 @@ import torch
 from deltapack.errors import FormatError
 from deltapack.format.codecs import decode_entry, get_codec
 from deltapack.format.packing import packed_row_bytes, unpack_bits
-from deltapack.kernels import PackedDelta
+from deltapack.kernels import PackedDelta, rows_with_growth
 
 log = logging.getLogger(__name__)
 
@@ -325,17 +325,12 @@ def dequant_layout(p: PackedDelta) -> torch.Tensor:
 
 def layout_rows(p: PackedDelta, ids: torch.Tensor) -> torch.Tensor:
     """Rows `ids` of the tenant's delta (growth rows: the tenant's stored new rows), fp32 or the packed dtype."""
-    base_rows, n = p.shape
-    grown = ids >= base_rows
-    if p.extra_rows is not None and bool(grown.any()):
-        out = torch.zeros(ids.shape[0], n, dtype=p.extra_rows.dtype, device=ids.device)
-        keep = torch.nonzero(~grown).view(-1)
-        new = torch.nonzero(grown).view(-1)
-        if keep.numel():
-            out[keep] = layout_rows(p, ids[keep]).to(out.dtype)
-        out[new] = p.extra_rows[ids[new] - base_rows]
-        return out
-    ids = ids.clamp(max=base_rows - 1).long()
+    return rows_with_growth(p, ids, _base_layout_rows)
+
+
+def _base_layout_rows(p: PackedDelta, ids: torch.Tensor) -> torch.Tensor:
+    n = p.shape[1]
+    ids = ids.long()
     if p.kind == "dense":
         return p.tensors["values"][ids]
     if p.kind == "qfactors":
