@@ -62,33 +62,6 @@ def tie_margin(model, prefix: list[int], ref_tok: int, got_tok: int) -> dict:
             "gap": float(logits[ref_tok] - logits[got_tok]), "top2_gap": float(top[0] - top[1])}
 
 
-def exact_merged_model(base, delta, dtype):
-    """base + delta summed in float32 *without* rounding to the fine-tune's dtype: what the server computes
-    (base(x) + delta(x)) up to summation order. `deltapack merge` instead writes the fine-tune's dtype (bf16 for
-    SmolLM2), whose rounding can flip a near-tie argmax; this reference separates the two effects."""
-    from transformers import AutoConfig
-
-    from deltapack import api
-    from deltapack.format.directory import DeltaDir
-    from deltapack.io.sources import open_model
-
-    d = DeltaDir.open(delta)
-    bsrc = open_model(base)
-    sd = api.merged_state_dict(str(base), d)
-    for name, te in d.manifest.tensors.items():
-        dec = d.decode(name).float()
-        b = bsrc.get(name).float() if name in bsrc.keys() else None
-        if b is None:
-            sd[name] = dec
-        elif te.base_rows is not None:
-            dec[: te.base_rows] += b
-            sd[name] = dec
-        else:
-            sd[name] = b + dec
-    cfg_dir = d.path / "hf" if (d.path / "hf" / "config.json").exists() else Path(base)
-    return api.model_from_state_dict(AutoConfig.from_pretrained(str(cfg_dir)), sd, dtype=dtype)
-
-
 def count_mixing(state) -> list[int]:
     """Distinct tenants (base counted as one) of every forward the engine runs, recorded in a list."""
     seen: list[int] = []
@@ -180,7 +153,14 @@ def main(argv=None) -> int:
 
     cfg = AutoConfig.from_pretrained(str(base))
     eos = eos_token_ids(Path(base), cfg, load_tokenizer(Path(base)))
-    build_ref = exact_merged_model if args.reference == "exact" else merged_model
+    # exact: base + delta summed in fp32 without rounding to the fine-tune's dtype, i.e. what the server computes up to
+    # summation order; `deltapack merge` writes the fine-tune's dtype (bf16 for SmolLM2), whose rounding can flip a
+    # near-tie argmax; the two references separate the effects
+    merge_dtype = torch.float32 if args.reference == "exact" else None
+
+    def build_ref(base, path, dtype):
+        return merged_model(base, path, dtype=dtype, merge_dtype=merge_dtype)
+
     t0 = time.perf_counter()
     refs: dict[str, list[list[int]]] = {}
     models_cpu: dict[str, Path | None] = {}

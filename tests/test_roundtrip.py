@@ -155,3 +155,20 @@ def test_bitdelta_fills_budget_with_whole_planes(small_pair, tmp_path, ratio):
     d = api.compress(base, ft, tmp_path / "d", method="bitdelta", ratio=ratio, progress=False)
     true_ratio = api.inspect(d)["true_ratio"]
     assert ratio * 0.95 <= true_ratio <= ratio * 1.05
+
+
+def test_merged_state_dict_rounds_to_the_finetune_dtype_unless_told(pico_pair, tmp_path):
+    """Default: changed tensors in the fine-tune's dtype (what `merge` writes); merge_dtype=float32: base + delta
+    unrounded (what a server adding the delta at run time computes)."""
+    from deltapack.format.directory import DeltaDir
+    from deltapack.io.sources import open_model
+
+    base, ft = pico_pair
+    d = DeltaDir.open(api.compress(base, ft, tmp_path / "d", method="lowrank", ratio=1.5, progress=False))
+    name = "model.layers.0.mlp.up_proj.weight"
+    exact = (open_model(base).get(name).float() + d.decode(name).float())
+    rounded = api.merged_state_dict(base, d)[name]
+    unrounded = api.merged_state_dict(base, d, merge_dtype=torch.float32)[name]
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, exact.to(torch.bfloat16))
+    assert unrounded.dtype == torch.float32 and torch.equal(unrounded, exact)
+    assert not torch.equal(rounded.float(), unrounded)  # the two references really differ here

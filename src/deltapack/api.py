@@ -36,7 +36,8 @@ def _check_base(delta: DeltaDir, base: ModelSource) -> None:
         )
 
 
-def iter_merged(base: ModelSource, delta: DeltaDir, *, progress: bool = False, verify_base: bool = True):
+def iter_merged(base: ModelSource, delta: DeltaDir, *, progress: bool = False, verify_base: bool = True,
+                merge_dtype: torch.dtype | None = None):
     """Yield (name, fine-tune tensor) for every tensor of the fine-tune, streaming. Raises MismatchError at the end
     if the base's content fingerprint differs from the one recorded (callers write to temp paths first)."""
     _check_base(delta, base)
@@ -50,10 +51,10 @@ def iter_merged(base: ModelSource, delta: DeltaDir, *, progress: bool = False, v
             metas[n] = (str(b.dtype).replace("torch.", ""), tuple(b.shape))
         if n in removed:
             continue
-        yield n, (delta.merge_tensor(n, b) if n in man.tensors else b)
+        yield n, (delta.merge_tensor(n, b, merge_dtype) if n in man.tensors else b)
     for n, te in man.tensors.items():
         if not te.in_base:
-            yield n, delta.merge_tensor(n, None)
+            yield n, delta.merge_tensor(n, None, merge_dtype)
     if verify_base and man.base.fingerprint:
         fp = combine_fingerprint(digests, metas)
         if fp != man.base.fingerprint:
@@ -103,11 +104,14 @@ def _copy_aux(d: DeltaDir, bsrc: ModelSource, dest: Path) -> None:
         shutil.copyfile(base_aux["config.json"], dest / "config.json")
 
 
-def merged_state_dict(base: str | os.PathLike | ModelSource, delta: str | os.PathLike | DeltaDir, *, verify_base=True):
+def merged_state_dict(base: str | os.PathLike | ModelSource, delta: str | os.PathLike | DeltaDir, *, verify_base=True,
+                      merge_dtype: torch.dtype | None = None):
+    """name -> tensor of the rebuilt fine-tune. Changed tensors come out in the fine-tune's dtype, as `merge` writes
+    them, unless `merge_dtype` says otherwise (float32: base + delta unrounded)."""
     bsrc = base if isinstance(base, ModelSource) else open_model(base)
     d = delta if isinstance(delta, DeltaDir) else DeltaDir.open(delta)
     d.check()
-    return dict(iter_merged(bsrc, d, verify_base=verify_base))
+    return dict(iter_merged(bsrc, d, verify_base=verify_base, merge_dtype=merge_dtype))
 
 
 def load_merged(

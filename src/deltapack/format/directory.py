@@ -116,10 +116,10 @@ class DeltaDir:
             d = torch.cat([d.to(torch.float32), new_rows.to(torch.float32).reshape(-1, *shape[1:])], 0)
         return d
 
-    def merge_tensor(self, name: str, base: torch.Tensor | None) -> torch.Tensor:
-        """Fine-tune tensor = base + delta, in the fine-tune's dtype."""
+    def merge_tensor(self, name: str, base: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Fine-tune tensor = base + delta, in the fine-tune's dtype (or `dtype`: e.g. float32 keeps the sum unrounded)."""
         te = self.manifest.tensors[name]
-        dtype = getattr(torch, te.dtype)
+        dtype = dtype or getattr(torch, te.dtype)
         d = self.decode(name)
         if te.base_rows is not None:
             if base is None or base.shape[0] != te.base_rows:

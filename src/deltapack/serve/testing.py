@@ -60,8 +60,9 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-def merged_model(base: str | Path, delta: str | Path, dtype=torch.float32):
-    """The fine-tune rebuilt in memory (base + decoded delta), in `dtype`."""
+def merged_model(base: str | Path, delta: str | Path, dtype=torch.float32, merge_dtype: torch.dtype | None = None):
+    """The fine-tune rebuilt in memory (base + decoded delta), in `dtype`. Changed tensors are first rounded to the
+    fine-tune's dtype as `deltapack merge` writes them, unless `merge_dtype` (float32: the unrounded sum)."""
     from transformers import AutoConfig
 
     from deltapack import api
@@ -69,7 +70,7 @@ def merged_model(base: str | Path, delta: str | Path, dtype=torch.float32):
 
     d = DeltaDir.open(delta)
     cfg_dir = d.path / "hf" if (d.path / "hf" / "config.json").exists() else Path(base)
-    sd = api.merged_state_dict(str(base), d)
+    sd = api.merged_state_dict(str(base), d, merge_dtype=merge_dtype)
     return api.model_from_state_dict(AutoConfig.from_pretrained(str(cfg_dir)), sd, dtype=dtype)
 
 
