@@ -31,7 +31,10 @@ from deltapack.io.sources import ModelSource
 
 log = logging.getLogger(__name__)
 
-COPY_CHUNK = 16 << 20  # bytes per read/write when moving spilled tensor data into the shard
+# bytes per read/write when moving spilled tensor data into the shard. Kept at 1 MiB: big enough for full disk
+# speed, and below glibc's largest mmap threshold, so freeing it never raises the threshold and pushes later large
+# tensor allocations onto the never-shrinking brk heap (a 16 MiB buffer made compress's data segment grow ~2x).
+COPY_CHUNK = 1 << 20
 
 # safetensors dtype names <-> torch; the rank is safetensors' Dtype enum order, which its serializer sorts by
 # (descending, so wide types come first and every tensor stays aligned after the 8-byte-padded header)
