@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from deltapack import api
 from deltapack.cli import main
 
-from conftest import make_finetune, make_llama
+from conftest import make_llama
 
 
 def run_cli(*args):

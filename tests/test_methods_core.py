@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from deltapack import api
-from deltapack.compress import CompressContext
 from deltapack.format.codecs import decode_entry
 from deltapack.methods import get_method
 from deltapack.methods.base import TensorJob, TensorStat, proportional_allocation

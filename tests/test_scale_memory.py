@@ -9,9 +9,9 @@ baseline + 2 x BUDGET after its imports. That cap counts address space, not memo
 glibc's per-thread malloc arenas are reserved whole, and how many arenas a run creates depends on thread timing, so
 a cap at 1 x BUDGET failed on one CI machine while resident growth stayed well under it.
 
-Shard sizes are small on purpose: `merge` still reads through `safe_open` (each open maps a whole shard, which counts
-against RLIMIT_DATA, the delta's shards included) and writes through a writer that buffers one output shard, so its
-peak follows the shard sizes. compress reads and writes through deltapack.scale.lazyio, whatever the shard sizes.
+Shards are larger than the cap on purpose (input shards 3 x BUDGET, merged shards up to 2 x BUDGET): compress and merge
+read each tensor by its byte range and write through shard writers that hold one tensor at a time (io.writer), so
+their peak does not follow the shard sizes. (`safe_open` would map a whole input shard, which alone exceeds the cap.)
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import sys
 import textwrap
 
 import pytest
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from deltapack.scale.synthetic import LlamaShape, noisy_family, write_checkpoints
 
 MB = 1 << 20
 BUDGET = 128 * MB
-SHARD_BYTES = 16 * MB
-HIDDEN, INTER, LAYERS, VOCAB = 512, 1536, 88, 2048
+SHARD_BYTES = 3 * BUDGET
+SHAPE = LlamaShape(hidden=512, inter=1536, layers=88, vocab=2048, heads=16, kv_heads=16)
 
 CHILD = textwrap.dedent(
     """
@@ -54,9 +54,9 @@ CHILD = textwrap.dedent(
     t0 = time.perf_counter()
     extra = {}
     if step == "compress":
-        api.compress(base, ft, delta, method="bitdelta", ratio=12, progress=False, max_shard_bytes=4 << 20)
+        api.compress(base, ft, delta, method="bitdelta", ratio=12, progress=False, max_shard_bytes=1 << 30)
     else:
-        api.merge(base, delta, merged, progress=False, max_shard_bytes=8 << 20)
+        api.merge(base, delta, merged, progress=False, max_shard_bytes=256 << 20)
     # VmHWM: this process's own peak RSS (ru_maxrss would include the RSS of the parent it was forked from)
     peak = max(status("VmHWM"), 0)
     print(json.dumps({"step": step, "baseline_rss": rss0, "peak_rss": peak, "growth": peak - rss0,
@@ -65,59 +65,10 @@ CHILD = textwrap.dedent(
 )
 
 
-def _llama_shapes() -> dict[str, tuple[int, ...]]:
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "lm_head.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,)}
-    for i in range(LAYERS):
-        p = f"model.layers.{i}."
-        for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shapes[p + f"self_attn.{k}.weight"] = (HIDDEN, HIDDEN)
-        shapes[p + "mlp.gate_proj.weight"] = (INTER, HIDDEN)
-        shapes[p + "mlp.up_proj.weight"] = (INTER, HIDDEN)
-        shapes[p + "mlp.down_proj.weight"] = (HIDDEN, INTER)
-        shapes[p + "input_layernorm.weight"] = (HIDDEN,)
-        shapes[p + "post_attention_layernorm.weight"] = (HIDDEN,)
-    return shapes
-
-
 def _write_pair(base_dir, ft_dir) -> int:
-    """Base and fine-tune (base + small noise), shard by shard; only one shard's tensors are in memory."""
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": INTER,
-        "num_hidden_layers": LAYERS, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": VOCAB,
-        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    }
-    gen = torch.Generator().manual_seed(0)
-    shards: list[list[str]] = [[]]
-    size = 0
-    total = 0
-    shapes = _llama_shapes()
-    for n, s in shapes.items():
-        nb = 2 * torch.Size(s).numel()
-        if shards[-1] and size + nb > SHARD_BYTES:
-            shards.append([])
-            size = 0
-        shards[-1].append(n)
-        size += nb
-        total += nb
-    for d in (base_dir, ft_dir):
-        d.mkdir()
-        (d / "config.json").write_text(json.dumps(config))
-    weight_map = {}
-    for i, names in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        b, f = {}, {}
-        for n in names:
-            s = shapes[n]
-            t = torch.randn(s, generator=gen) * 0.02 if len(s) == 2 else torch.ones(s)
-            b[n] = t.to(torch.bfloat16)
-            f[n] = (t + torch.randn(s, generator=gen) * 0.002).to(torch.bfloat16)
-            weight_map[n] = fname
-        save_file(b, str(base_dir / fname), metadata={"format": "pt"})
-        save_file(f, str(ft_dir / fname), metadata={"format": "pt"})
-        del b, f
-    for d in (base_dir, ft_dir):
-        (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    return total
+    """Base and fine-tune (base + small noise), tensor by tensor; returns one model's bytes."""
+    write_checkpoints([base_dir, ft_dir], SHAPE, noisy_family(1), shard_bytes=SHARD_BYTES)
+    return SHAPE.nbytes()
 
 
 def _child(step: str, *paths) -> dict:
@@ -143,7 +94,7 @@ def test_compress_and_merge_within_memory_cap(tmp_path):
             assert rep["growth"] < BUDGET, rep
         # the rebuilt checkpoint is the fine-tune's shape, and closer to the fine-tune than the base is
         idx = json.loads((merged / "model.safetensors.index.json").read_text())["weight_map"]
-        assert set(idx) == set(_llama_shapes())
+        assert set(idx) == set(SHAPE.tensors()) and len(set(idx.values())) > 1
         name = "model.layers.7.mlp.down_proj.weight"
         with safe_open(str(merged / idx[name]), "pt") as h:
             got = h.get_tensor(name).float()

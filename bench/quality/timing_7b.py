@@ -50,7 +50,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -60,49 +60,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, command_line, device_name, now_iso, write_json  # noqa: E402
 from run import ALIASES, Budget, select_methods  # noqa: E402
 
+from deltapack.scale.synthetic import LLAMA2_7B, LlamaShape, write_checkpoints  # noqa: E402
+
 log = logging.getLogger("bench.timing7b")
 
 DEFAULT_METHODS = "lowrank,bitdelta,dare,delta-come-paper,delta-come-optimal,deltadq,bitdelta-distill"
 
 
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    inter: int
-    layers: int
-    vocab: int
-    heads: int
-    kv_heads: int
-
-    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
-        h, i, hd = self.hidden, self.inter, self.hidden // self.heads
-        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
-        for layer in range(self.layers):
-            p = f"model.layers.{layer}"
-            out += [
-                (f"{p}.input_layernorm.weight", (h,)),
-                (f"{p}.self_attn.q_proj.weight", (h, h)),
-                (f"{p}.self_attn.k_proj.weight", (self.kv_heads * hd, h)),
-                (f"{p}.self_attn.v_proj.weight", (self.kv_heads * hd, h)),
-                (f"{p}.self_attn.o_proj.weight", (h, h)),
-                (f"{p}.post_attention_layernorm.weight", (h,)),
-                (f"{p}.mlp.gate_proj.weight", (i, h)),
-                (f"{p}.mlp.up_proj.weight", (i, h)),
-                (f"{p}.mlp.down_proj.weight", (h, i)),
-            ]
-        out += [("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
-        return out
-
-    def params(self) -> int:
-        return sum(math.prod(s) for _, s in self.tensors())
-
-    def label(self) -> str:
-        return f"llama h{self.hidden} i{self.inter} L{self.layers} V{self.vocab}"
-
-
-LLAMA2_7B = Shape(hidden=4096, inter=11008, layers=32, vocab=32000, heads=32, kv_heads=32)
-MID = Shape(hidden=1024, inter=2816, layers=4, vocab=8192, heads=16, kv_heads=16)  # CPU profiling (~1/100 of 7B)
-SMOKE = Shape(hidden=256, inter=688, layers=2, vocab=2048, heads=4, kv_heads=4)
+MID = LlamaShape(hidden=1024, inter=2816, layers=4, vocab=8192, heads=16, kv_heads=16)  # CPU profiling (~1/100 of 7B)
+SMOKE = LlamaShape(hidden=256, inter=688, layers=2, vocab=2048, heads=4, kv_heads=4)
 SHAPES = {"7b": LLAMA2_7B, "mid": MID, "smoke": SMOKE}
 
 
@@ -283,13 +249,11 @@ def _tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>")
 
 
-def write_pair(workdir: Path, shape: Shape, device: torch.device, shard_bytes: int = 2 << 30) -> tuple[Path, Path, float]:
+def write_pair(workdir: Path, shape: LlamaShape, device: torch.device, shard_bytes: int = 2 << 30) -> tuple[Path, Path, float]:
     """Write (or reuse) base/ and ft/ checkpoints under workdir. Returns (base, ft, seconds spent writing)."""
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
 
     marker = workdir / "pair.json"
-    want = {"shape": shape.__dict__, "version": 1}
+    want = {"shape": dataclasses.asdict(shape), "version": 2}
     if marker.is_file() and json.loads(marker.read_text()) == want:
         log.info("reusing the synthetic pair in %s", workdir)
         return workdir / "base", workdir / "ft", 0.0
@@ -297,46 +261,13 @@ def write_pair(workdir: Path, shape: Shape, device: torch.device, shard_bytes: i
     shutil.rmtree(workdir / "base", ignore_errors=True)
     shutil.rmtree(workdir / "ft", ignore_errors=True)
     marker.unlink(missing_ok=True)
-    tensors = shape.tensors()
-    # shard plan first, so file names (-0000k-of-0000N) are known before writing
-    shards: list[list[int]] = [[]]
-    size = 0
-    for i, (_, s) in enumerate(tensors):
-        nbytes = math.prod(s) * 2
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(i)
-        size += nbytes
-    names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     tmp = {w: workdir / f".{w}.tmp" for w in ("base", "ft")}
     for d in tmp.values():
         shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
-    weight_map = {}
-    total = 0
-    for k, idxs in enumerate(shards):
-        buf: dict[str, dict[str, torch.Tensor]] = {"base": {}, "ft": {}}
-        for i in idxs:
-            name, s = tensors[i]
-            b, f = make_tensor_pair(name, s, i, device)
-            buf["base"][name], buf["ft"][name] = b, f
-            weight_map[name] = names[k]
-            total += b.numel() * 2
-        for w in ("base", "ft"):
-            save_file(buf[w], str(tmp[w] / names[k]), metadata={"format": "pt"})
-        log.info("shard %d/%d written (%.1f s)", k + 1, len(shards), time.perf_counter() - t0)
-        del buf
-        gc.collect()
-    cfg = LlamaConfig(hidden_size=shape.hidden, intermediate_size=shape.inter, num_hidden_layers=shape.layers,
-                      num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
-                      max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                      dtype=torch.bfloat16)
+    write_checkpoints([tmp["base"], tmp["ft"]], shape, lambda name, s, i: list(make_tensor_pair(name, s, i, device)),
+                      shard_bytes=shard_bytes, log=lambda m: log.info("%s (%.1f s)", m, time.perf_counter() - t0))
     tok = _tokenizer(shape.vocab)
     for w in ("base", "ft"):
-        (tmp[w] / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        cfg.save_pretrained(tmp[w])
         tok.save_pretrained(tmp[w])
         os.replace(tmp[w], workdir / w)
     marker.write_text(json.dumps(want))
@@ -453,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     shape_key = args.shape or ("smoke" if args.smoke else "7b")
     shape = SHAPES[shape_key]
     if args.layers:
-        shape = Shape(**{**shape.__dict__, "layers": args.layers})
+        shape = dataclasses.replace(shape, layers=args.layers)
     workdir = args.workdir / {"smoke": "smoke", "mid": "mid", "7b": "llama2-7b"}[shape_key]
     workdir.mkdir(parents=True, exist_ok=True)
     specs = select_methods(args.methods)

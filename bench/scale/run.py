@@ -19,6 +19,7 @@ phase run later updates its own entry only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -96,10 +97,10 @@ def same_shards(a: Path, b: Path) -> bool:
 
 
 # ---- phases ---------------------------------------------------------------------------------------------------------
-def phase_single(args, shape_base: dict, dev: str) -> dict:
-    from synth import Shape, evict_page_cache, write_family
+def phase_single(args, shape_base, dev: str) -> dict:
+    from synth import evict_page_cache, write_family
 
-    shape = Shape(**dict(shape_base, layers=args.layers))
+    shape = dataclasses.replace(shape_base, layers=args.layers)
     root = args.work / f"single-L{args.layers}"
     log(f"single: writing a {shape.nbytes() / 1e9:.2f} GB pair ({args.layers} layers) under {root}")
     base, (ft,), wsec = write_family(root, shape, 1, shard_bytes=args.shard_bytes, device=dev, log=log)
@@ -108,12 +109,12 @@ def phase_single(args, shape_base: dict, dev: str) -> dict:
     res = run_child({"kind": "compress", "base": str(base), "ft": str(ft), "out": str(root / "delta"), "method": args.method,
                      "ratio": args.ratio, "device": args.device})
     out = {
-        "shape": shape.__dict__, "model_bytes": shape.nbytes(), "write_seconds": round(wsec, 1), "method": args.method,
+        "shape": dataclasses.asdict(shape), "model_bytes": shape.nbytes(), "write_seconds": round(wsec, 1), "method": args.method,
         "ratio": args.ratio, "cold_cache": cold, "compress_seconds": round(res["seconds"], 2),
         "read_gb_per_s": round(2 * shape.nbytes() / res["seconds"] / 1e9, 3), "true_ratio": round(res["true_ratio"], 2),
         "peak_rss_bytes": res["peak_rss_bytes"], "peak_cuda_bytes": res.get("peak_cuda_bytes"),
     }
-    full = Shape(**dict(shape_base, layers=LLAMA_LAYERS))
+    full = dataclasses.replace(shape_base, layers=LLAMA_LAYERS)
     if args.layers != LLAMA_LAYERS and not args.smoke:
         out["extrapolated_7b_seconds"] = round(res["seconds"] * full.nbytes() / shape.nbytes(), 1)
         out["extrapolation"] = f"measured at {args.layers} layers, scaled linearly in bytes to {LLAMA_LAYERS}"
@@ -123,10 +124,10 @@ def phase_single(args, shape_base: dict, dev: str) -> dict:
     return out
 
 
-def phase_many(args, shape_base: dict, dev: str) -> dict:
-    from synth import Shape, evict_page_cache, write_family
+def phase_many(args, shape_base, dev: str) -> dict:
+    from synth import evict_page_cache, write_family
 
-    shape = Shape(**dict(shape_base, layers=args.many_layers))
+    shape = dataclasses.replace(shape_base, layers=args.many_layers)
     root = args.work / f"many-L{args.many_layers}-n{args.fts}"
     log(f"many: writing base + {args.fts} fine-tunes of {shape.nbytes() / 1e9:.2f} GB each ({args.many_layers} layers)")
     base, fts, wsec = write_family(root, shape, args.fts, shard_bytes=args.shard_bytes, device=dev, log=log)
@@ -141,7 +142,7 @@ def phase_many(args, shape_base: dict, dev: str) -> dict:
                       "method": args.method, "ratio": args.ratio, "device": args.device, "workers": args.workers})
     identical = all(same_shards(root / "many" / f.name, o) for f, o in zip(fts, seq_outs))
     out = {
-        "shape": shape.__dict__, "model_bytes": shape.nbytes(), "finetunes": args.fts, "method": args.method,
+        "shape": dataclasses.asdict(shape), "model_bytes": shape.nbytes(), "finetunes": args.fts, "method": args.method,
         "ratio": args.ratio, "cold_cache": cold, "write_seconds": round(wsec, 1),
         "sequential_seconds": round(seq["seconds"], 2), "sequential_each_seconds": [round(s, 2) for s in seq["each_seconds"]],
         "many_seconds": round(many["seconds"], 2), "many_workers": many["workers"], "many_units": many["units"],

@@ -175,8 +175,14 @@ class World:
     def model_shapes(self, embedding: bool = False) -> dict[str, tuple[int, int]]:
         import synth
 
+        return synth.model_shapes(self.shape(), embedding=embedding)
+
+    def shape(self):
+        from deltapack.scale.synthetic import LlamaShape
+
         m = self.cfg["model"]
-        return synth.model_shapes(m["hidden"], m["inter"], m["layers"], m["vocab"], embedding=embedding)
+        return LlamaShape(hidden=m["hidden"], inter=m["inter"], layers=m["layers"], vocab=m["vocab"], heads=m["heads"],
+                          kv_heads=m["heads"])
 
     def install(self, tenants: list[dict]) -> None:
         """Put tenants in slots 0..n-1 of every site they cover; clear the other slots."""
@@ -493,7 +499,7 @@ def part_resident(world: World, notes: dict) -> list[dict]:
     world.free_model()
     world.templates.clear()
     m = world.cfg["model"]
-    base_params = 2 * m["vocab"] * m["hidden"] + m["layers"] * (4 * m["hidden"] ** 2 + 3 * m["hidden"] * m["inter"] + 2 * m["hidden"]) + m["hidden"]
+    base_params = world.shape().params()
     shapes = world.model_shapes(embedding=True)
     budget = rc["budget"]
     if world.cuda:

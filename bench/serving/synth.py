@@ -24,33 +24,16 @@ from deltapack.format.codecs import build_factor_parts
 from deltapack.format.packing import packed_row_bytes
 from deltapack.kernels import PackedDelta
 from deltapack.quant.rtn import QMatrix
+from deltapack.scale.synthetic import LlamaShape
 
 CODECS = ("delta-come", "lowrank", "bitdelta", "dare")
-LLAMA_7B = {"hidden": 4096, "inter": 11008, "layers": 32, "heads": 32, "vocab": 32000}
-LINEAR_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def role_shape(role: str, hidden: int, inter: int) -> tuple[int, int]:
-    """(out, in) of a Llama linear."""
-    if role in ("gate_proj", "up_proj"):
-        return (inter, hidden)
-    if role == "down_proj":
-        return (hidden, inter)
-    return (hidden, hidden)
-
-
-def model_shapes(hidden: int, inter: int, layers: int, vocab: int, *, embedding: bool = False) -> dict[str, tuple[int, int]]:
+def model_shapes(shape: LlamaShape, *, embedding: bool = False) -> dict[str, tuple[int, int]]:
     """Tensor name -> (out, in) of every matrix a tenant's delta covers (the linears and lm_head; the embedding too
     if asked: its deltas are read as rows, a few per token, so the decode benchmark leaves it out)."""
-    out = {}
-    for i in range(layers):
-        for role in LINEAR_ROLES:
-            part = "self_attn" if role.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            out[f"model.layers.{i}.{part}.{role}.weight"] = role_shape(role, hidden, inter)
-    out["lm_head.weight"] = (vocab, hidden)
-    if embedding:
-        out["model.embed_tokens.weight"] = (vocab, hidden)
-    return out
+    return {n: s for n, s in shape.tensors().items()
+            if len(s) == 2 and (embedding or n != "model.embed_tokens.weight")}
 
 
 def _qmatrix(rows: int, cols: int, bits: int, g: torch.Generator) -> QMatrix:
@@ -145,5 +128,5 @@ def clone(p: PackedDelta, seed: int) -> PackedDelta:
     return PackedDelta(p.kind, p.shape, t, dict(p.meta), None, False, p.source)
 
 
-__all__ = ["CODECS", "LLAMA_7B", "LINEAR_ROLES", "role_shape", "model_shapes", "delta_come_groups", "entry", "template",
+__all__ = ["CODECS", "model_shapes", "delta_come_groups", "entry", "template",
            "clone", "stored_bytes"]

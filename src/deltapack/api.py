@@ -23,7 +23,7 @@ from deltapack.compress import base_fingerprint, combine_fingerprint, compress, 
 from deltapack.errors import FormatError, MismatchError
 from deltapack.format.directory import DeltaDir
 from deltapack.io.sources import TOKENIZER_FILES, ModelSource, open_model
-from deltapack.io.writer import AtomicDir, ShardedSafetensorsWriter, write_json_atomic
+from deltapack.io.writer import AtomicDir, TensorSpec, write_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,29 +36,72 @@ def _check_base(delta: DeltaDir, base: ModelSource) -> None:
         )
 
 
+def merged_specs(base: ModelSource, delta: DeltaDir) -> list[TensorSpec]:
+    """(name, dtype, shape) of every tensor of the rebuilt fine-tune, known before anything is decoded: the base's
+    tensors the fine-tune kept (sorted by name), then the tensors it added."""
+    man = delta.manifest
+    removed = set(man.removed)
+    specs: list[TensorSpec] = []
+    for n in base.keys():
+        if n in removed:
+            continue
+        te = man.tensors.get(n)
+        if te is not None:
+            specs.append((n, getattr(torch, te.dtype), tuple(te.shape)))
+        else:
+            m = base.meta(n)
+            specs.append((n, m.dtype, tuple(m.shape)))
+    specs += [(n, getattr(torch, te.dtype), tuple(te.shape)) for n, te in man.tensors.items() if not te.in_base]
+    return specs
+
+
+class MergedTensors:
+    """Fine-tune tensors by name, in any order, one at a time: base tensor (read by byte range) + decoded delta.
+
+    `finish()` reads whatever base tensors were not asked for and raises MismatchError if the base's content
+    fingerprint differs from the one recorded; callers write to temp paths and call it before committing."""
+
+    def __init__(self, base: ModelSource, delta: DeltaDir, *, verify_base: bool = True,
+                 merge_dtype: torch.dtype | None = None):
+        _check_base(delta, base)
+        self.base, self.delta, self.verify_base, self.merge_dtype = base, delta, verify_base, merge_dtype
+        self._digests: dict[str, str] = {}
+        self._metas: dict[str, tuple[str, tuple[int, ...]]] = {}
+
+    def _base_tensor(self, n: str) -> torch.Tensor:
+        b = self.base.get(n)
+        if self.verify_base:
+            self._digests[n] = tensor_digest(b)
+            self._metas[n] = (str(b.dtype).replace("torch.", ""), tuple(b.shape))
+        return b
+
+    def __call__(self, n: str) -> torch.Tensor:
+        te = self.delta.manifest.tensors.get(n)
+        if te is not None and not te.in_base:
+            return self.delta.merge_tensor(n, None, self.merge_dtype)
+        b = self._base_tensor(n)
+        return self.delta.merge_tensor(n, b, self.merge_dtype) if te is not None else b
+
+    def finish(self) -> None:
+        man = self.delta.manifest
+        if not (self.verify_base and man.base.fingerprint):
+            return
+        for n in self.base.keys():
+            if n not in self._digests:
+                self._base_tensor(n)  # removed tensors count in the fingerprint too
+        if combine_fingerprint(self._digests, self._metas) != man.base.fingerprint:
+            raise MismatchError(f"base weights differ from the base this delta was made against ({man.base.id})")
+
+
 def iter_merged(base: ModelSource, delta: DeltaDir, *, progress: bool = False, verify_base: bool = True,
                 merge_dtype: torch.dtype | None = None):
     """Yield (name, fine-tune tensor) for every tensor of the fine-tune, streaming. Raises MismatchError at the end
     if the base's content fingerprint differs from the one recorded (callers write to temp paths first)."""
-    _check_base(delta, base)
-    man = delta.manifest
-    removed = set(man.removed)
-    digests, metas = {}, {}
-    names = base.keys()
-    for n, b in tqdm(base.iter_tensors(names), total=len(names), desc="merge", disable=not progress):
-        if verify_base:
-            digests[n] = tensor_digest(b)
-            metas[n] = (str(b.dtype).replace("torch.", ""), tuple(b.shape))
-        if n in removed:
-            continue
-        yield n, (delta.merge_tensor(n, b, merge_dtype) if n in man.tensors else b)
-    for n, te in man.tensors.items():
-        if not te.in_base:
-            yield n, delta.merge_tensor(n, None, merge_dtype)
-    if verify_base and man.base.fingerprint:
-        fp = combine_fingerprint(digests, metas)
-        if fp != man.base.fingerprint:
-            raise MismatchError(f"base weights differ from the base this delta was made against ({man.base.id})")
+    merged = MergedTensors(base, delta, verify_base=verify_base, merge_dtype=merge_dtype)
+    specs = merged_specs(base, delta)
+    for n, _, _ in tqdm(specs, desc="merge", disable=not progress):
+        yield n, merged(n)
+    merged.finish()
 
 
 def merge(
@@ -71,19 +114,17 @@ def merge(
     progress: bool = True,
     verify_base: bool = True,
 ) -> Path:
-    """Rebuild the fine-tune as an HF checkpoint directory (safetensors shards + config + tokenizer)."""
+    """Rebuild the fine-tune as an HF checkpoint directory (safetensors shards + config + tokenizer). Shard headers
+    are planned from the manifest, then each tensor is merged and written straight into place: memory stays a few
+    tensors whatever the model and shard sizes."""
     d = DeltaDir.open(delta)
     d.check()
     bsrc = open_model(base)
-    _check_base(d, bsrc)
+    merged = MergedTensors(bsrc, d, verify_base=verify_base)
     with AtomicDir(out, overwrite=overwrite) as tmp:
-        w = ShardedSafetensorsWriter(tmp, "model", max_shard_bytes, metadata={"format": "pt"})
-        for n, t in iter_merged(bsrc, d, progress=progress, verify_base=verify_base):
-            w.add(n, t)
-        files = w.close()
-        if len(files) > 1:
-            total = sum(f["bytes"] for f in files.values())
-            write_json_atomic(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": dict(sorted(w.location.items()))})
+        write_weights(tmp, merged_specs(bsrc, d), merged, max_shard_bytes=max_shard_bytes, desc="merge",
+                      progress=progress)
+        merged.finish()
         _copy_aux(d, bsrc, tmp)
     return Path(out)
 
@@ -123,7 +164,7 @@ def load_merged(
     verify_base: bool = True,
 ):
     """(model, tokenizer) of the rebuilt fine-tune, built in memory: no dense copy is written to disk."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     bsrc = open_model(base)
     d = DeltaDir.open(delta)

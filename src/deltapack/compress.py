@@ -19,7 +19,7 @@ fine-tunes, units spread over a process pool or a Ray cluster), so both write th
 
 Memory: a few tensors (plus the method's own state: calibration statistics, which `prepare` collects layer by layer,
 and, for methods with `refine`, the encoded tensors it needs at once — BitDelta's scale distillation holds every
-sign plane, 1/16 of the model in bf16). Tensors are read by byte range (`scale.lazyio`), never whole shards.
+sign plane, 1/16 of the model in bf16). Tensors are read by byte range (`io.safetensors_file`), never whole shards.
 
 Determinism: CPU reductions depend on the thread count, so the plan and every unit run with the same number of
 torch threads: `DELTAPACK_THREADS` if set, else torch's default in the process that starts the run.
@@ -52,9 +52,9 @@ from deltapack.format.codecs import as_2d, get_codec
 from deltapack.format.directory import dir_bytes
 from deltapack.format.manifest import MANIFEST_NAME, Manifest, ModelRef, TensorEntry, part_key
 from deltapack.io.sources import TOKENIZER_FILES, ModelSource, open_model
-from deltapack.io.writer import AtomicDir, write_bytes_atomic, write_json_atomic
+from deltapack.io.safetensors_file import SafetensorsFile
+from deltapack.io.writer import AtomicDir, StreamingShardWriter, write_bytes_atomic, write_json_atomic
 from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, TensorStat, get_method
-from deltapack.scale.lazyio import PreadSource, SafetensorsFile, StreamingShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -291,11 +291,6 @@ def base_fingerprint(src: ModelSource, progress: bool = False) -> str:
         digests[n] = tensor_digest(t)
         metas[n] = (str(t.dtype).replace("torch.", ""), tuple(t.shape))
     return combine_fingerprint(digests, metas)
-
-
-def lazy_source(src: ModelSource) -> ModelSource:
-    """The source, reading tensors by byte range (bounded memory; see scale/lazyio.py)."""
-    return PreadSource.wrap(src)
 
 
 def prefetched(names: list[str], load: Callable[[str], Any], waited: list[float] | None = None) -> Iterator[tuple[str, Any]]:
@@ -689,7 +684,6 @@ def encode_units(
 ) -> list[tuple[str, int]]:
     """Encode units (of one or several fine-tunes) and write their results. Tensors are visited in `todo` order and
     each base tensor is read once for every job that needs it. Returns [(label, unit index)] written."""
-    base = lazy_source(base)
     new_names = set()
     for j in jobs:
         new_names |= set(j.plan.new_in_ft)
@@ -697,7 +691,7 @@ def encode_units(
     ctxs, writers, records = [], [], []
     for j in jobs:
         j.work.mkdir(parents=True, exist_ok=True)
-        ctxs.append(CompressContext(device, base, lazy_source(j.ft), j.method, j.calib, progress, j.plan.stats, j.cache))
+        ctxs.append(CompressContext(device, base, j.ft, j.method, j.calib, progress, j.plan.stats, j.cache))
         writers.append(StreamingShardWriter(j.work, UNIT_FILE.format(j.unit.index), 1 << 62))
         records.append({})
     members = [set(j.unit.names) for j in jobs]
@@ -843,7 +837,7 @@ def assemble(
     res = UnitResults(prep, work)
     state = pickle.loads(prep.common)
     m: DeltaMethod = state["method"]
-    ctx = CompressContext(device, lazy_source(bsrc), lazy_source(fsrc), m, prep.calib, progress, prep.plan.stats, state["cache"])
+    ctx = CompressContext(device, bsrc, fsrc, m, prep.calib, progress, prep.plan.stats, state["cache"])
     refined: dict[str, Encoded] = {}
     if m.has_refine:
         held = {n: res.load(n)[0] for n in prep.todo if res.meta[n]["method"] is None}
@@ -954,8 +948,8 @@ def compress(
         raise DeltapackError(f"output {out} already exists (pass --overwrite to replace it)")
 
     dev = resolve_device(device)
-    bsrc = lazy_source(open_model(base, trust_remote_code=trust_remote_code))
-    fsrc = lazy_source(open_model(finetuned, trust_remote_code=trust_remote_code))
+    bsrc = open_model(base, trust_remote_code=trust_remote_code)
+    fsrc = open_model(finetuned, trust_remote_code=trust_remote_code)
     with pinned_threads(encode_threads()):
         with phase("plan", dev):
             plan = _plan(bsrc, fsrc, dev, progress)

@@ -39,7 +39,6 @@ def distill_scales(method, encoded: dict, ctx) -> dict:
         p.requires_grad_(False)
     params = dict(student.named_parameters())
     trainable: dict[str, tuple] = {}
-    fixed_delta: dict[str, torch.Tensor] = {}
     for name, enc in encoded.items():
         if name not in params:
             continue  # e.g. a tied lm_head: the embedding entry carries it

@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from deltapack.errors import FormatError
+from deltapack.errors import FormatError, InputError
 from deltapack.format.codecs import decode_entry
 from deltapack.format.manifest import MANIFEST_NAME, Manifest, TensorEntry, part_key
+from deltapack.io.safetensors_file import SafetensorsFile
 
 
 def dir_bytes(path: Path) -> int:
@@ -37,6 +37,7 @@ class DeltaDir:
     def __init__(self, path: Path, manifest: Manifest):
         self.path = path
         self.manifest = manifest
+        self._headers: dict[str, SafetensorsFile] = {}  # file name -> parsed header (tensors are read by byte range)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, check_sizes: bool = True) -> "DeltaDir":
@@ -90,15 +91,17 @@ class DeltaDir:
         te = self.manifest.tensors[name]
         if not te.parts:
             return {}
-        f = self.path / te.file
         out = {}
         try:
-            with safe_open(str(f), framework="pt", device=str(device)) as h:
-                for part in te.parts:
-                    out[part] = h.get_tensor(part_key(name, part))
-        except FormatError:
-            raise
-        except Exception as e:
+            h = self._headers.get(te.file)
+            if h is None:
+                h = self._headers[te.file] = SafetensorsFile(self.path / te.file)
+            for part in te.parts:
+                key = part_key(name, part)
+                if key not in h.entries:
+                    raise FormatError(f"{te.file} has no tensor {key}")
+                out[part] = h.get(key).to(device)
+        except InputError as e:
             raise FormatError(f"cannot read parts of {name} from {te.file} (truncated or corrupt): {e}") from e
         return out
 

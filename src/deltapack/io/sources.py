@@ -1,8 +1,8 @@
 """Lazy, tensor-by-tensor access to model checkpoints.
 
 A `ModelSource` resolves a user's model reference (local HF directory, hub id with `@revision`, GGUF file) to a set
-of safetensors shards and serves tensors one at a time through `safe_open` memory maps, so peak memory stays a few
-tensors however large the model is. `.bin` checkpoints go through `torch.load(weights_only=True)`, which refuses
+of safetensors shards and serves tensors one at a time, each read by its byte range (`io.safetensors_file`), so peak
+memory stays a few tensors however large the model or its shards are. `.bin` checkpoints go through `torch.load(weights_only=True)`, which refuses
 pickled code.
 """
 
@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 from deltapack.errors import InputError
+from deltapack.io.safetensors_file import DTYPES, SafetensorsFile
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +66,34 @@ class ModelSource:
     _index: dict[str, Path] = field(default_factory=dict)  # tensor name -> file
     _meta: dict[str, TensorMeta] = field(default_factory=dict)
     _bin_cache: dict[Path, dict[str, torch.Tensor]] = field(default_factory=dict)
+    _headers: dict[Path, SafetensorsFile] = field(default_factory=dict)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_bin_cache"] = {}  # mapped tensors do not travel to worker processes; headers are small and do
+        return state
 
     # ---- discovery ---------------------------------------------------------------------------------------------
     def _scan(self) -> None:
         for f in self.weight_files:
             if f.suffix == ".safetensors":
-                try:
-                    with safe_open(str(f), framework="pt") as h:
-                        for k in h.keys():
-                            sl = h.get_slice(k)
-                            self._index[k] = f
-                            self._meta[k] = TensorMeta(k, tuple(sl.get_shape()), _st_dtype(sl.get_dtype()))
-                except Exception as e:  # safetensors raises several exception types for bad headers
-                    raise InputError(f"cannot read safetensors file {f}: {e}") from e
+                h = self._header(f)
+                for k, (dtype_name, shape, _, _) in h.entries.items():
+                    dtype = DTYPES.get(dtype_name, (None,))[0]
+                    if dtype is None:
+                        raise InputError(f"unsupported safetensors dtype {dtype_name} for {k} in {f}")
+                    self._index[k] = f
+                    self._meta[k] = TensorMeta(k, shape, dtype)
             else:
                 for k, t in self._load_bin(f).items():
                     self._index[k] = f
                     self._meta[k] = TensorMeta(k, tuple(t.shape), t.dtype)
+
+    def _header(self, f: Path) -> SafetensorsFile:
+        h = self._headers.get(f)
+        if h is None:
+            h = self._headers[f] = SafetensorsFile(f)
+        return h
 
     def _load_bin(self, f: Path) -> dict[str, torch.Tensor]:
         if f not in self._bin_cache:
@@ -112,28 +123,18 @@ class ModelSource:
         if f is None:
             raise KeyError(name)
         if f.suffix == ".safetensors":
-            try:
-                with safe_open(str(f), framework="pt") as h:
-                    return h.get_tensor(name)
-            except Exception as e:
-                raise InputError(f"cannot read tensor {name} from {f}: {e}") from e
+            return self._header(f).get(name)
         return self._load_bin(f)[name].clone()
 
     def iter_tensors(self, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield tensors grouped by file so each shard is mapped once."""
+        """Yield tensors grouped by file: one file's pages are read together (and one .bin is loaded once)."""
         names = self.keys() if names is None else names
         by_file: dict[Path, list[str]] = {}
         for n in names:
             by_file.setdefault(self._index[n], []).append(n)
-        for f, ns in by_file.items():
-            if f.suffix == ".safetensors":
-                with safe_open(str(f), framework="pt") as h:
-                    for n in ns:
-                        yield n, h.get_tensor(n)
-            else:
-                sd = self._load_bin(f)
-                for n in ns:
-                    yield n, sd[n].clone()
+        for ns in by_file.values():
+            for n in ns:
+                yield n, self.get(n)
 
     # ---- non-weight files ----------------------------------------------------------------------------------------
     def config(self) -> dict:
@@ -161,24 +162,6 @@ class ModelSource:
             m = self._meta[k]
             h.update(f"{k}|{list(m.shape)}|{str(m.dtype)}\n".encode())
         return "sha256:" + h.hexdigest()
-
-
-def _st_dtype(s: str) -> torch.dtype:
-    table = {
-        "F64": torch.float64,
-        "F32": torch.float32,
-        "F16": torch.float16,
-        "BF16": torch.bfloat16,
-        "I64": torch.int64,
-        "I32": torch.int32,
-        "I16": torch.int16,
-        "I8": torch.int8,
-        "U8": torch.uint8,
-        "BOOL": torch.bool,
-    }
-    if s not in table:
-        raise InputError(f"unsupported safetensors dtype {s}")
-    return table[s]
 
 
 def _weight_files(d: Path) -> list[Path]:

@@ -1,4 +1,4 @@
-"""Scaling out: bounded-memory IO (lazyio), many fine-tunes in parallel (many: process pool or Ray), and a Ray Serve
+"""Scaling out: many fine-tunes in parallel (many: process pool or Ray), and a Ray Serve
 deployment of `deltapack serve` (ray_serve). Ray is optional: it is imported only where it is used."""
 
 from __future__ import annotations

@@ -106,10 +106,10 @@ def _unit_cache(work_ft: Path, prep, index: int) -> bytes:
 
 def task_plan(base, fts: list[tuple[str, Any, str]], device: str, threads: int) -> list[str]:
     """Plan pass for [(name, source, work dir)]: one read of the base for all of them."""
-    from deltapack.compress import lazy_source, pinned_threads, plan_pass, resolve_device
+    from deltapack.compress import pinned_threads, plan_pass, resolve_device
 
     with pinned_threads(threads):
-        plans = plan_pass(lazy_source(base), [lazy_source(s) for _, s, _ in fts], resolve_device(device), False)
+        plans = plan_pass(base, [s for _, s, _ in fts], resolve_device(device), False)
     for (name, _, work), plan in zip(fts, plans):
         Path(work).mkdir(parents=True, exist_ok=True)
         _atomic_pickle(Path(work) / "plan.pkl", plan)
@@ -117,7 +117,7 @@ def task_plan(base, fts: list[tuple[str, Any, str]], device: str, threads: int) 
 
 
 def task_prepare(name: str, base, ft, work: str, settings: dict, device: str, threads: int, log_path: str) -> tuple[str, int]:
-    from deltapack.compress import _append_line, check_settings, lazy_source, pinned_threads, prepare_finetune, resolve_device
+    from deltapack.compress import _append_line, check_settings, pinned_threads, prepare_finetune, resolve_device
 
     work_p = Path(work)
     plan = pickle.loads((work_p / "plan.pkl").read_bytes())
@@ -128,7 +128,7 @@ def task_prepare(name: str, base, ft, work: str, settings: dict, device: str, th
         write_bytes_atomic(work_p / f"state-{index:04d}.pkl", blob)
 
     with pinned_threads(threads):
-        prep = prepare_finetune(m, settings["method"], ratio, settings["calib"], lazy_source(base), lazy_source(ft), plan,
+        prep = prepare_finetune(m, settings["method"], ratio, settings["calib"], base, ft, plan,
                                 resolve_device(device), False, spill=spill)
     _atomic_pickle(work_p / "prepared.pkl", prep)  # last: marks the fine-tune prepared
     _append_line(Path(log_path), f"prepare {name} units={len(prep.units)}")
@@ -393,7 +393,7 @@ def compress_many(
     Returns a summary: outputs, units encoded / skipped (finished earlier), seconds."""
     from tqdm.auto import tqdm
 
-    from deltapack.compress import check_settings, created_stamp, encode_threads, lazy_source, resolve_device, unit_done
+    from deltapack.compress import check_settings, created_stamp, encode_threads, resolve_device, unit_done
     from deltapack.io.sources import open_model
 
     t_start = time.perf_counter()
@@ -403,8 +403,8 @@ def compress_many(
     work_root = out_dir / WORK
     if (restart or overwrite) and work_root.exists():
         shutil.rmtree(work_root)
-    bsrc = lazy_source(open_model(base, trust_remote_code=trust_remote_code))
-    fsrcs = {n: lazy_source(open_model(p, trust_remote_code=trust_remote_code)) for n, p in names.items()}
+    bsrc = open_model(base, trust_remote_code=trust_remote_code)
+    fsrcs = {n: open_model(p, trust_remote_code=trust_remote_code) for n, p in names.items()}
     threads = int(threads or encode_threads())
     settings = {"method": method, "ratio": ratio, "params": params or {}, "calib": calib}
     check = {"method": method, "target_ratio": ratio, "method_params": m.describe_params()}

@@ -25,7 +25,7 @@ from safetensors.torch import save as st_save
 
 from deltapack.errors import FormatError, InputError
 from deltapack.io.sources import CONFIG_FILES, TOKENIZER_FILES
-from deltapack.io.writer import AtomicDir, ShardedSafetensorsWriter, write_bytes_atomic, write_json_atomic
+from deltapack.io.writer import AtomicDir, write_bytes_atomic, write_json_atomic, write_weights
 from deltapack.share.model import apply_plan, dense_state_dict, finalize, shared_linears
 from deltapack.share.plan import SharePlan, unique_param_count
 
@@ -142,13 +142,8 @@ def export_dense(
         model = model_or_path
     sd = dense_state_dict(model)
     with AtomicDir(out, overwrite=overwrite) as tmp:
-        w = ShardedSafetensorsWriter(tmp, "model", max_shard_bytes, metadata={"format": "pt"})
-        for n in sorted(sd):
-            w.add(n, sd[n])
-        files = w.close()
-        if len(files) > 1:
-            total = sum(f["bytes"] for f in files.values())
-            write_json_atomic(tmp / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": dict(sorted(w.location.items()))})
+        write_weights(tmp, [(n, sd[n].dtype, tuple(sd[n].shape)) for n in sorted(sd)], sd.__getitem__,
+                      max_shard_bytes=max_shard_bytes)
         copy_aux_files(src_dir, tmp)
         if not (tmp / "config.json").exists():
             model.config.to_json_file(str(tmp / "config.json"))
