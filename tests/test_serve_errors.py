@@ -234,3 +234,32 @@ def test_fuzz_malformed_requests(env):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     _wait(lambda: env["state"].engine.snapshot()["running"] == 0)
     assert all(t.pins == 0 for t in env["state"].tiers.tenants.values())
+
+
+def test_engine_failure_reaches_the_client_and_the_server_goes_on(env, monkeypatch):
+    """A step that raises fails only the requests in it: a plain request gets a 500 in OpenAI's error shape, a
+    stream (whose 200 status is already sent) gets the error as its last event before [DONE]."""
+    engine = env["state"].engine
+    real = engine._prefill_chunk
+    failures = []
+
+    def failing(rows):
+        if len(failures) < 2:
+            failures.append(len(rows))
+            raise RuntimeError("injected prefill failure")
+        return real(rows)
+
+    monkeypatch.setattr(engine, "_prefill_chunk", failing)
+    c = env["c"]
+    e = _err(c.post("/v1/completions", json={"model": "t", "prompt": [5, 6], "max_tokens": 4}), 500)
+    assert "injected prefill failure" in e["message"] and e["type"] == "server_error"
+    body = {"model": "t", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    with c.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        events = sse_events(r.iter_lines())
+    assert events[-1] == "[DONE]" and set(events[-2]) == {"error"}
+    assert "injected prefill failure" in events[-2]["error"]["message"]
+    assert len(failures) == 2
+    ok = c.post("/v1/completions", json={"model": "t", "prompt": [5, 6], "max_tokens": 3, "ignore_eos": True})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+    assert engine.snapshot()["running"] == 0

@@ -35,7 +35,8 @@ from typing import ClassVar
 
 import torch
 
-from deltapack.errors import DeltapackError
+from deltapack.errors import DeltapackError, FormatError
+from deltapack.format.packing import packed_row_bytes
 
 KINDS = ("dense", "factors", "sign", "sparse", "vector")
 
@@ -182,6 +183,24 @@ class DeltaKernels(ABC):
         """1-D deltas (biases, norm weights): (T, n) = dv_{slot(t)}, or None when no token has one."""
 
 
+def sign_parts(params: dict, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The sign codec's stored parts, checked: (packed sign rows (planes*m, ceil(n/8)) uint8, scales (planes, 1 or m)
+    fp32, planes). Shared by every backend's sign layout."""
+    m, n = shape
+    if "signs" not in parts or "scale" not in parts:
+        raise FormatError("sign codec parts missing (signs, scale)")
+    k = int(params.get("planes", 1))
+    signs = parts["signs"].to(torch.uint8)
+    if signs.dim() == 1:
+        signs = signs.view(k * m, -1)
+    if tuple(signs.shape) != (k * m, packed_row_bytes(n, 1)):
+        raise FormatError(f"sign codes have shape {list(signs.shape)}, expected {[k * m, packed_row_bytes(n, 1)]}")
+    scale = parts["scale"].float().reshape(k, -1)
+    if scale.shape[1] not in (1, m):
+        raise FormatError(f"sign scales have {scale.shape[1]} entries per plane, expected 1 or {m}")
+    return signs, scale, k
+
+
 def rows_with_growth(p: PackedDelta, ids: torch.Tensor, base_rows_of) -> torch.Tensor:
     """Rows `ids` of one tenant's delta, for any layout: ids past the base vocabulary take the tenant's own added
     rows (`extra_rows`), the others come from `base_rows_of(p, ids)` (ids clamped below the base row count)."""
@@ -235,4 +254,4 @@ def get_kernels(name: str = "auto", device: str | torch.device = "cpu") -> Delta
     return BACKENDS[name]()
 
 
-__all__ = ["KINDS", "rows_with_growth", "PackedDelta", "LayerDeltas", "TokenSlots", "DeltaKernels", "BACKENDS", "register_backend", "get_kernels"]
+__all__ = ["KINDS", "rows_with_growth", "sign_parts", "PackedDelta", "LayerDeltas", "TokenSlots", "DeltaKernels", "BACKENDS", "register_backend", "get_kernels"]

@@ -25,8 +25,7 @@ import torch
 
 from deltapack.errors import FormatError
 from deltapack.format.codecs import FactorsCodec, SparseCodec, decode_entry, get_codec
-from deltapack.format.packing import packed_row_bytes
-from deltapack.kernels import DeltaKernels, LayerDeltas, PackedDelta, TokenSlots, register_backend, rows_with_growth
+from deltapack.kernels import DeltaKernels, LayerDeltas, PackedDelta, TokenSlots, register_backend, rows_with_growth, sign_parts
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +61,7 @@ def _pack_factors(params, parts, shape, dtype) -> PackedDelta:
 
 @packer("sign")
 def _pack_sign(params, parts, shape, dtype) -> PackedDelta:
-    m, n = shape
-    if "signs" not in parts or "scale" not in parts:
-        raise FormatError("sign codec parts missing (signs, scale)")
-    k = int(params.get("planes", 1))
-    signs = parts["signs"].to(torch.uint8)
-    if signs.dim() == 1:
-        signs = signs.view(k * m, -1)
-    if tuple(signs.shape) != (k * m, packed_row_bytes(n, 1)):
-        raise FormatError(f"sign codes have shape {list(signs.shape)}, expected {[k * m, packed_row_bytes(n, 1)]}")
-    scale = parts["scale"].float().reshape(k, -1)
-    if scale.shape[1] not in (1, m):
-        raise FormatError(f"sign scales have {scale.shape[1]} entries per plane, expected 1 or {m}")
+    signs, scale, k = sign_parts(params, parts, shape)
     return PackedDelta("sign", shape, {"signs": signs.contiguous(), "scale": scale.contiguous()}, {"planes": k})
 
 

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -206,6 +207,19 @@ class Submission:
         for i in list(self.pending):
             self.state.engine.abort(self.request_ids[i])
         self.pending.clear()
+
+    async def events(self, request):
+        """(prompt index, event) until every prompt has finished. An engine error is raised as APIError; whatever
+        ends the iteration early (error, client gone, a cancelled stream) frees the engine slots still held.
+        Use under `contextlib.aclosing` so that happens at once, not when the generator is collected."""
+        try:
+            while self.pending:
+                i, ev = await self.next(request)
+                if isinstance(ev, ErrorEvent):
+                    raise APIError(ev.status, ev.message, ev.type, None, ev.code)
+                yield i, ev
+        finally:
+            self.abort()
 
 
 def _sse(obj) -> str:
@@ -420,28 +434,21 @@ def create_app(state: ServerState):
             for i in range(n):
                 pieces[i].append(texts[i])
         try:
-            while sub.pending:
-                i, ev = await sub.next(request)
-                if isinstance(ev, ErrorEvent):
-                    sub.abort()
-                    raise APIError(ev.status, ev.message, ev.type, None, ev.code)
-                if isinstance(ev, PromptEvent):
-                    for tid, lp, top in zip(prompts[i], ev.token_logprobs, ev.top_logprobs):
-                        accs[i].add(tid, lp, top)
-                elif isinstance(ev, TokenEvent):
-                    pieces[i].append(ev.text)
-                    out_ids[i].append(ev.token_id)
-                    if req.logprobs is not None:
-                        accs[i].add(ev.token_id, ev.logprob, ev.top_logprobs)
-                elif isinstance(ev, FinishEvent):
-                    finish[i] = ev.reason
-                    usage[i] = (ev.prompt_tokens, ev.completion_tokens)
+            async with aclosing(sub.events(request)) as events:
+                async for i, ev in events:
+                    if isinstance(ev, PromptEvent):
+                        for tid, lp, top in zip(prompts[i], ev.token_logprobs, ev.top_logprobs):
+                            accs[i].add(tid, lp, top)
+                    elif isinstance(ev, TokenEvent):
+                        pieces[i].append(ev.text)
+                        out_ids[i].append(ev.token_id)
+                        if req.logprobs is not None:
+                            accs[i].add(ev.token_id, ev.logprob, ev.top_logprobs)
+                    elif isinstance(ev, FinishEvent):
+                        finish[i] = ev.reason
+                        usage[i] = (ev.prompt_tokens, ev.completion_tokens)
         except ClientGone:
-            sub.abort()
             return Response(status_code=499)
-        finally:
-            if sub.pending:
-                sub.abort()
         choices = []
         for i in range(n):
             c = {"index": i, "text": "".join(pieces[i]), "logprobs": accs[i].body() if req.logprobs is not None else None, "finish_reason": finish[i]}
@@ -468,38 +475,33 @@ def create_app(state: ServerState):
             if req.echo and req.logprobs is None:
                 for i, t in enumerate(texts):
                     yield chunk(i, t, ids=[])
-            while sub.pending:
-                i, ev = await sub.next(request)
-                if isinstance(ev, ErrorEvent):
-                    sub.abort()
-                    yield _sse(error_body(ev.message, ev.type, None, ev.code))
-                    break
-                if isinstance(ev, PromptEvent):
-                    acc = _LogprobAcc(tok)
-                    for tid, lp, top in zip(prompts[i], ev.token_logprobs, ev.top_logprobs):
-                        acc.add(tid, lp, top)
-                    yield chunk(i, texts[i], lp=acc.body(), ids=[])
-                elif isinstance(ev, TokenEvent):
-                    lp = None
-                    if req.logprobs is not None:
+            async with aclosing(sub.events(request)) as events:
+                async for i, ev in events:
+                    if isinstance(ev, PromptEvent):
                         acc = _LogprobAcc(tok)
-                        acc.add(ev.token_id, ev.logprob, ev.top_logprobs)
-                        lp = acc.body()
-                    if ev.text or lp is not None or with_ids:
-                        yield chunk(i, ev.text, lp=lp, ids=[ev.token_id])
-                elif isinstance(ev, FinishEvent):
-                    usage[i] = (ev.prompt_tokens, ev.completion_tokens)
-                    yield chunk(i, "", finish=ev.reason)
-            else:
-                if include_usage:
-                    yield _sse({"id": cid, "object": "text_completion", "created": created, "model": req.model, "choices": [],
-                                "usage": _usage(sum(u[0] for u in usage), sum(u[1] for u in usage))})
+                        for tid, lp, top in zip(prompts[i], ev.token_logprobs, ev.top_logprobs):
+                            acc.add(tid, lp, top)
+                        yield chunk(i, texts[i], lp=acc.body(), ids=[])
+                    elif isinstance(ev, TokenEvent):
+                        lp = None
+                        if req.logprobs is not None:
+                            acc = _LogprobAcc(tok)
+                            acc.add(ev.token_id, ev.logprob, ev.top_logprobs)
+                            lp = acc.body()
+                        if ev.text or lp is not None or with_ids:
+                            yield chunk(i, ev.text, lp=lp, ids=[ev.token_id])
+                    elif isinstance(ev, FinishEvent):
+                        usage[i] = (ev.prompt_tokens, ev.completion_tokens)
+                        yield chunk(i, "", finish=ev.reason)
+            if include_usage:
+                yield _sse({"id": cid, "object": "text_completion", "created": created, "model": req.model, "choices": [],
+                            "usage": _usage(sum(u[0] for u in usage), sum(u[1] for u in usage))})
+            yield "data: [DONE]\n\n"
+        except APIError as e:  # the engine failed mid-stream: the status line is sent, so the error goes in the stream
+            yield _sse(e.body())
             yield "data: [DONE]\n\n"
         except ClientGone:
             pass
-        finally:
-            if sub.pending:  # client went away mid-stream (or the stream was cancelled): free the slots
-                sub.abort()
 
     # ---- chat ---------------------------------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -548,24 +550,17 @@ def create_app(state: ServerState):
         pieces, content_lp, out_ids = [], [], []
         finish, usage = None, (len(ids), 0)
         try:
-            while sub.pending:
-                _, ev = await sub.next(request)
-                if isinstance(ev, ErrorEvent):
-                    sub.abort()
-                    raise APIError(ev.status, ev.message, ev.type, None, ev.code)
-                if isinstance(ev, TokenEvent):
-                    pieces.append(ev.text)
-                    out_ids.append(ev.token_id)
-                    if req.logprobs:
-                        content_lp.append(_chat_lp(tok, ev))
-                elif isinstance(ev, FinishEvent):
-                    finish, usage = ev.reason, (ev.prompt_tokens, ev.completion_tokens)
+            async with aclosing(sub.events(request)) as events:
+                async for _, ev in events:
+                    if isinstance(ev, TokenEvent):
+                        pieces.append(ev.text)
+                        out_ids.append(ev.token_id)
+                        if req.logprobs:
+                            content_lp.append(_chat_lp(tok, ev))
+                    elif isinstance(ev, FinishEvent):
+                        finish, usage = ev.reason, (ev.prompt_tokens, ev.completion_tokens)
         except ClientGone:
-            sub.abort()
             return Response(status_code=499)
-        finally:
-            if sub.pending:
-                sub.abort()
         choice = {
             "index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
             "logprobs": {"content": content_lp} if req.logprobs else None, "finish_reason": finish,
@@ -583,28 +578,23 @@ def create_app(state: ServerState):
         usage = (len(sub.reqs[0].prompt_ids), 0)
         try:
             yield chunk({"role": "assistant", "content": ""})
-            while sub.pending:
-                _, ev = await sub.next(request)
-                if isinstance(ev, ErrorEvent):
-                    sub.abort()
-                    yield _sse(error_body(ev.message, ev.type, None, ev.code))
-                    break
-                if isinstance(ev, TokenEvent):
-                    lp = {"content": [_chat_lp(tok, ev)]} if req.logprobs else None
-                    if ev.text or lp is not None:
-                        yield chunk({"content": ev.text}, lp=lp)
-                elif isinstance(ev, FinishEvent):
-                    usage = (ev.prompt_tokens, ev.completion_tokens)
-                    yield chunk({}, finish=ev.reason)
-            else:
-                if include_usage:
-                    yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model, "choices": [], "usage": _usage(*usage)})
+            async with aclosing(sub.events(request)) as events:
+                async for _, ev in events:
+                    if isinstance(ev, TokenEvent):
+                        lp = {"content": [_chat_lp(tok, ev)]} if req.logprobs else None
+                        if ev.text or lp is not None:
+                            yield chunk({"content": ev.text}, lp=lp)
+                    elif isinstance(ev, FinishEvent):
+                        usage = (ev.prompt_tokens, ev.completion_tokens)
+                        yield chunk({}, finish=ev.reason)
+            if include_usage:
+                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model, "choices": [], "usage": _usage(*usage)})
+            yield "data: [DONE]\n\n"
+        except APIError as e:  # the engine failed mid-stream: the status line is sent, so the error goes in the stream
+            yield _sse(e.body())
             yield "data: [DONE]\n\n"
         except ClientGone:
             pass
-        finally:
-            if sub.pending:
-                sub.abort()
 
     return app
 

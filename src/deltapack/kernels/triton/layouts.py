@@ -43,7 +43,7 @@ import torch
 from deltapack.errors import FormatError
 from deltapack.format.codecs import decode_entry, get_codec
 from deltapack.format.packing import packed_row_bytes, unpack_bits
-from deltapack.kernels import PackedDelta, rows_with_growth
+from deltapack.kernels import PackedDelta, rows_with_growth, sign_parts
 
 log = logging.getLogger(__name__)
 
@@ -170,17 +170,7 @@ def pack_qfactors(params: dict, parts: dict[str, torch.Tensor], shape: tuple[int
 
 def pack_sign32(params: dict, parts: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> PackedDelta:
     m, n = shape
-    if "signs" not in parts or "scale" not in parts:
-        raise FormatError("sign codec parts missing (signs, scale)")
-    k = int(params.get("planes", 1))
-    signs = parts["signs"].to(torch.uint8)
-    if signs.dim() == 1:
-        signs = signs.view(k * m, -1)
-    if tuple(signs.shape) != (k * m, packed_row_bytes(n, 1)):
-        raise FormatError(f"sign codes have shape {list(signs.shape)}, expected {[k * m, packed_row_bytes(n, 1)]}")
-    scale = parts["scale"].float().reshape(k, -1)
-    if scale.shape[1] not in (1, m):
-        raise FormatError(f"sign scales have {scale.shape[1]} entries per plane, expected 1 or {m}")
+    signs, scale, k = sign_parts(params, parts, shape)
     words = _pad_rows_to_words(signs)
     return PackedDelta(
         "sign32", (m, n), {"words": words.contiguous(), "scale": scale.contiguous()},
