@@ -177,6 +177,18 @@ def _load_module(module: torch.nn.Module, prefix: str, source, device, dtype) ->
     _assign_module(module, _read_module(module, prefix, source), device, dtype)
 
 
+DEVICE_HESSIAN_SHARE = 0.4  # of the free device memory that calibration Hessians may keep (in-process runs only)
+
+
+def hessian_device_budget(ctx) -> int:
+    """Bytes of Hessians `collect_hessians` may leave on the compute device. Only when this process also encodes
+    (compress, not a compress-many driver that pickles them to workers) and on CUDA: there they save a copy out and
+    back in per matrix, and, for a 7B model's ~22 GB of Hessians, the host RAM."""
+    if not (getattr(ctx, "in_process", False) and ctx.device.type == "cuda"):
+        return 0
+    return int(DEVICE_HESSIAN_SHARE * torch.cuda.mem_get_info(ctx.device)[0])
+
+
 def collect_hessians(
     source,
     input_ids: torch.Tensor,

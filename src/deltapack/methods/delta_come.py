@@ -86,7 +86,6 @@ UNIT_KEY = "delta_come:unit"
 EIG_CACHE_MAX_BYTES = 8 << 30  # CPU memory for Gram eigenvectors kept from prepare() to encode() (saves an eigh each)
 DEVICE_HESSIANS_KEY = "delta_come:device_hessians"  # per-unit cache of device copies of input Hessians
 DEVICE_HESSIANS_KEPT = 2  # distinct layer inputs kept at once: q/k/v share one, gate/up another (encode order is by name)
-DEVICE_HESSIAN_SHARE = 0.4  # of the free device memory that calibration Hessians may keep (in-process runs only)
 
 
 def _phase(name: str, device: torch.device | None = None):
@@ -393,7 +392,8 @@ class DeltaCoMe(DeltaMethod):
         return "rtn"
 
     def _calibrate(self, ctx, matrices: list[TensorStat]) -> None:
-        from deltapack.calib.activations import UnsupportedArchitecture, calibration_tokens, collect_hessians
+        from deltapack.calib.activations import (UnsupportedArchitecture, calibration_tokens, collect_hessians,
+                                                 hessian_device_budget)
 
         gpu = ctx.device.type == "cuda"
         n_seqs = self.n_calib_seqs or (128 if gpu else 16)
@@ -402,12 +402,9 @@ class DeltaCoMe(DeltaMethod):
         if max_pos:
             seq_len = min(seq_len, int(max_pos))
         ids, record = calibration_tokens(ctx, n_seqs, seq_len, self.calib_source)
-        # when this process encodes too (compress), Hessians may stay on the GPU: no copy out and back in per matrix
-        device_budget = 0
-        if getattr(ctx, "in_process", False) and gpu:
-            device_budget = int(DEVICE_HESSIAN_SHARE * torch.cuda.mem_get_info(ctx.device)[0])
         try:
-            hess = collect_hessians(ctx.finetuned, ids, ctx.device, progress=ctx.progress, device_budget=device_budget)
+            hess = collect_hessians(ctx.finetuned, ids, ctx.device, progress=ctx.progress,
+                                    device_budget=hessian_device_budget(ctx))
         except UnsupportedArchitecture as e:
             if self.quantizer == "gptq":
                 raise

@@ -203,7 +203,8 @@ class DeltaDQ(DeltaMethod):
         if not (self.calibrate and self._wants_search()):
             return
         try:
-            from deltapack.calib.activations import CalibrationError, calibration_tokens, collect_hessians, has_tokenizer
+            from deltapack.calib.activations import (CalibrationError, calibration_tokens, collect_hessians,
+                                                     has_tokenizer, hessian_device_budget)
         except ImportError:  # pragma: no cover - the calibration module is optional
             log.warning("deltadq: deltapack.calib.activations not available; using data-free group sizes")
             return
@@ -214,7 +215,8 @@ class DeltaDQ(DeltaMethod):
             return
         try:
             ids, record = calibration_tokens(ctx, self.calib_seqs, self.calib_seq_len, source=self.calib_source)
-            hess = collect_hessians(ctx.finetuned, ids, ctx.device, progress=ctx.progress)
+            hess = collect_hessians(ctx.finetuned, ids, ctx.device, progress=ctx.progress,
+                                    device_budget=hessian_device_budget(ctx))
         except CalibrationError as e:
             log.warning("deltadq: no calibration (%s); using data-free group sizes", e)
             return
