@@ -8,7 +8,8 @@
 single: writes base + fine-tune shard by shard (bench/scale/synth.py; skipped when already there), evicts them from
   the page cache (POSIX_FADV_DONTNEED) so compress reads from disk, then times `deltapack.api.compress` in a child
   process (its peak RSS from /proc VmHWM). `--layers N` (< 32) runs a shallower model of 7B width and reports the
-  time scaled linearly in bytes to 32 layers as `extrapolated_7b_seconds` (labelled as such).
+  time scaled linearly in bytes to 32 layers as `extrapolated_7b_seconds` (labelled as such). Then `merge` rebuilds
+  the fine-tune from a cold cache in another child (its time and peak RSS: a few tensors, whatever the shard size).
 many: N fine-tunes of one base; times N sequential `compress` runs (one child process) against one
   `compress_many` run (local process pool, default workers), both from a cold page cache, and checks that both
   wrote the same delta shards.
@@ -22,6 +23,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -62,6 +64,10 @@ def child(spec: dict) -> None:
         api.compress(spec["base"], spec["ft"], spec["out"], method=spec["method"], ratio=spec["ratio"],
                      device=spec["device"], overwrite=True, progress=False)
         out["true_ratio"] = api.inspect(spec["out"])["true_ratio"]
+    elif spec["kind"] == "merge":
+        api.merge(spec["base"], spec["delta"], spec["out"], overwrite=True, progress=False)
+        out["merged_bytes"] = sum(f.stat().st_size for f in Path(spec["out"]).glob("*.safetensors"))
+        out["merged_shards"] = len(list(Path(spec["out"]).glob("*.safetensors")))
     elif spec["kind"] == "sequential":
         out["each_seconds"] = []
         for ft, o in zip(spec["fts"], spec["outs"]):
@@ -114,6 +120,14 @@ def phase_single(args, shape_base, dev: str) -> dict:
         "read_gb_per_s": round(2 * shape.nbytes() / res["seconds"] / 1e9, 3), "true_ratio": round(res["true_ratio"], 2),
         "peak_rss_bytes": res["peak_rss_bytes"], "peak_cuda_bytes": res.get("peak_cuda_bytes"),
     }
+    # merge back from a cold cache: base read by byte range, output in 2 GB shards written tensor by tensor
+    evict_page_cache(base, root / "delta")
+    mres = run_child({"kind": "merge", "base": str(base), "delta": str(root / "delta"), "out": str(root / "merged")})
+    out.update({"merge_seconds": round(mres["seconds"], 2), "merge_peak_rss_bytes": mres["peak_rss_bytes"],
+                "merged_shards": mres["merged_shards"], "largest_tensor_bytes": 2 * max(
+                    math.prod(s) for s in shape.tensors().values())})
+    log(f"single: merge {mres['seconds']:.1f} s into {mres['merged_shards']} shards, peak RSS "
+        f"{mres['peak_rss_bytes'] / 2**30:.2f} GiB")
     full = dataclasses.replace(shape_base, layers=LLAMA_LAYERS)
     if args.layers != LLAMA_LAYERS and not args.smoke:
         out["extrapolated_7b_seconds"] = round(res["seconds"] * full.nbytes() / shape.nbytes(), 1)

@@ -123,15 +123,18 @@ class DeltaDir:
         """Fine-tune tensor = base + delta, in the fine-tune's dtype (or `dtype`: e.g. float32 keeps the sum unrounded)."""
         te = self.manifest.tensors[name]
         dtype = dtype or getattr(torch, te.dtype)
+        if base is not None:
+            rows = te.base_rows if te.base_rows is not None else te.shape[0]
+            if tuple(base.shape) != (rows, *te.shape[1:]):
+                raise FormatError(f"{name}: base shape {list(base.shape)} differs from the {[rows, *te.shape[1:]]} "
+                                  "the delta expects")
+        elif te.base_rows is not None:
+            raise FormatError(f"{name}: the delta expects {te.base_rows} base rows, the base has none")
+        # parts are read fresh on every call, so the decoded delta is ours to add into: no fp32 copy of the base
+        # or of the sum (for a 7B embedding each would be 0.5 GB)
         d = self.decode(name)
-        if te.base_rows is not None:
-            if base is None or base.shape[0] != te.base_rows:
-                raise FormatError(f"{name}: base has {None if base is None else base.shape[0]} rows, delta expects {te.base_rows}")
-            acc = d.clone()
-            acc[: te.base_rows] += base.to(d.dtype)
-            return acc.to(dtype)
-        if base is None:
-            return d.to(dtype)
-        if tuple(base.shape) != tuple(te.shape):
-            raise FormatError(f"{name}: base shape {list(base.shape)} differs from the delta's {te.shape}")
-        return (base.to(d.dtype) + d).to(dtype)
+        if d.dtype != torch.float64:  # float64: raw's exact deltas of fp32 checkpoints
+            d = d.float()
+        if base is not None:
+            d[: base.shape[0]].add_(base)
+        return d.to(dtype)

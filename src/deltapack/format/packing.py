@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
-_CHUNK_ROWS_ELEMS = 1 << 24  # bound temporary int64 memory to ~128 MB
+_CHUNK_ROWS_ELEMS = 1 << 22  # bound temporary int64 memory to ~32 MB per chunk (a few such arrays live at once)
 
 
 def packed_row_bytes(cols: int, bits: int) -> int:
