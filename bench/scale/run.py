@@ -218,6 +218,7 @@ def main() -> None:
         "date": dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat(),
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "deltapack": deltapack.__version__,
         "torch_threads": torch.get_num_threads(),
+        "host_ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
     }
     phases = ["single", "many"] if args.phase == "all" else [args.phase]
     for ph in phases:
