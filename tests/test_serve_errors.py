@@ -262,4 +262,4 @@ def test_engine_failure_reaches_the_client_and_the_server_goes_on(env, monkeypat
     assert len(failures) == 2
     ok = c.post("/v1/completions", json={"model": "t", "prompt": [5, 6], "max_tokens": 3, "ignore_eos": True})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
-    assert engine.snapshot()["running"] == 0
+    _wait(lambda: engine.snapshot()["running"] == 0)  # the finished request leaves the batch after its last event
