@@ -42,38 +42,10 @@ def write_json(path: Path, obj) -> None:
 
 
 def embedded_base_dir() -> Path:
-    """Dequantized SmolLM2-135M-Instruct (safetensors dir). Uses deltapack.io.embedded; where this transformers keeps
-    GGUF weights packed (5.2x: 'not serializable'), dequantizes explicitly into the same cache path instead."""
-    from deltapack.errors import DeltapackError
-    from deltapack.io.embedded import embedded_gguf, embedded_model_dir
+    """Dequantized SmolLM2-135M-Instruct (safetensors dir, cached by deltapack.io.embedded)."""
+    from deltapack.io.embedded import embedded_model_dir
 
-    try:
-        return embedded_model_dir()
-    except (DeltapackError, ValueError) as e:
-        if "serializ" not in str(e):
-            raise
-        log.warning("core GGUF conversion failed (%s); dequantizing explicitly", str(e)[:120])
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    from deltapack.io.gguf import cache_root
-    from deltapack.io.sources import _file_digest
-
-    g = embedded_gguf()
-    out = cache_root() / "gguf" / f"{g.stem}-{_file_digest(g)[:16]}"
-    if (out / "config.json").exists() and any(out.glob("*.safetensors")):
-        return out
-    model = AutoModelForCausalLM.from_pretrained(
-        str(g.parent), gguf_file=g.name, dtype=torch.bfloat16, quantization_config=GgufConfig(gguf_file=g.name, dequantize=True)
-    )
-    tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    return embedded_model_dir()
 
 
 def smoke_base_dir(workdir: Path, hidden: int = 64, layers: int = 2) -> Path:

@@ -34,9 +34,16 @@ def gguf_to_safetensors_dir(gguf_path: Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise InputError("reading GGUF needs transformers, gguf and accelerate installed") from e
+    load_kwargs = {}
+    try:  # ask for dequantized weights: some transformers 5.x releases otherwise keep GGUF weights packed
+        from transformers import GgufConfig
+
+        load_kwargs["quantization_config"] = GgufConfig(gguf_file=gguf_path.name, dequantize=True)
+    except (ImportError, TypeError):  # older transformers: GGUF weights are always dequantized on load
+        pass
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.bfloat16
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.bfloat16, **load_kwargs
         )
         tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as e:
