@@ -10,7 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from deltapack.errors import BudgetError, DeltapackError
+from deltapack.errors import BudgetError, DeltapackError, FormatError
 from deltapack.share import (
     TrainConfig, apply_plan, export_dense, finalize, layer_drop_model, load_shared, make_plan, save_shared,
     svd_init_model, train_deltas, unique_param_count,
@@ -140,6 +140,10 @@ def test_save_load_and_dense_export_same_logits(pico, tmp_path):
     assert unique_param_count(plain) == plan.params.original
     with pytest.raises(DeltapackError):
         save_shared(shared, plan, out)  # exists, no overwrite
+    weights = out / "shared.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated: a clear FormatError, not a safetensors panic
+    with pytest.raises(FormatError, match="truncated"):
+        load_shared(out)
 
 
 def test_training_lowers_kl(pico):

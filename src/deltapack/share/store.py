@@ -20,10 +20,10 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as st_save
 
 from deltapack.errors import FormatError, InputError
+from deltapack.io.safetensors_file import SafetensorsFile
 from deltapack.io.sources import CONFIG_FILES, TOKENIZER_FILES
 from deltapack.io.writer import AtomicDir, write_bytes_atomic, write_json_atomic, write_weights
 from deltapack.share.model import apply_plan, dense_state_dict, finalize, shared_linears
@@ -105,8 +105,13 @@ def load_shared(path: str | os.PathLike, *, device: str | torch.device = "cpu", 
     man = read_manifest(p)
     plan = SharePlan.model_validate(man["plan"])
     config = AutoConfig.from_pretrained(str(p))
-    with safe_open(str(p / WEIGHTS), framework="pt") as h:
-        sd = {k: h.get_tensor(k) for k in h.keys()}
+    try:
+        weights = SafetensorsFile(p / WEIGHTS)
+        sd = {k: weights.get(k) for k in weights.keys()}
+    except InputError as e:
+        raise FormatError(f"{p / WEIGHTS} is missing, truncated or corrupt: {e}") from e
+    if not sd:
+        raise FormatError(f"{p / WEIGHTS} holds no tensors")
     file_dtype = next(iter(sd.values())).dtype
     with _no_init(), torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=file_dtype)
