@@ -209,7 +209,6 @@ class World:
 
     def decode_step_s(self, row_slots: list[int], prompt_len: int, steps: int) -> float:
         """Seconds per decode step of a batch of len(row_slots) rows (graph replays on CUDA, eager on the CPU)."""
-        torch = self.torch
         B = len(row_slots)
         dec = self.decoder(B, prompt_len + steps + 4)
         vocab = self.cfg["model"]["vocab"]
@@ -218,17 +217,7 @@ class World:
         if self.cuda:
             dec.capture()
             self.sync()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                dec.step()
-            end.record()
-            self.sync()
-            return start.elapsed_time(end) / 1000 / steps
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            dec.step()
-        return (time.perf_counter() - t0) / steps
+        return timed(self, dec.step, steps)
 
     def free_model(self) -> None:
         self.decoders.clear()
@@ -239,17 +228,30 @@ class World:
 
 
 # ---- timing -------------------------------------------------------------------------------------------------------------
+def timed(world: World, fn, reps: int) -> float:
+    """Seconds per fn() call over `reps` calls: CUDA events on the GPU, wall clock on the CPU."""
+    if not world.cuda:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+    torch = world.torch
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    world.sync()
+    return start.elapsed_time(end) / 1000 / reps
+
+
 def time_call(world: World, fn, reps: int) -> float:
     """Seconds per fn() call: on CUDA from replays of a captured graph (falls back to timed eager calls)."""
     torch = world.torch
     fn()
     world.sync()
     if not world.cuda:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        return timed(world, fn, reps)
     try:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -261,20 +263,10 @@ def time_call(world: World, fn, reps: int) -> float:
             fn()
         g.replay()
         world.sync()
-        start.record()
-        for _ in range(reps):
-            g.replay()
-        end.record()
-        world.sync()
-        return start.elapsed_time(end) / 1000 / reps
+        return timed(world, g.replay, reps)
     except RuntimeError as e:  # capture refused: time eager calls (launch overhead included)
         log(f"graph capture failed ({e}); timing eager calls")
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        world.sync()
-        return start.elapsed_time(end) / 1000 / reps
+        return timed(world, fn, reps)
 
 
 def copy_gbps(world: World) -> float:
@@ -510,7 +502,6 @@ def part_resident(world: World, notes: dict) -> list[dict]:
         gc.collect()
         if world.cuda:
             torch.cuda.empty_cache()
-        used0 = torch.cuda.memory_allocated(world.device) if world.cuda else 0
         base = torch.empty(base_params, dtype=torch.bfloat16, device=world.device)
         kv = torch.empty(rc["kv_bytes"] // 2, dtype=torch.bfloat16, device=world.device)
         held = []
