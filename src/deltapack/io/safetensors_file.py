@@ -82,9 +82,6 @@ class SafetensorsFile:
     def keys(self) -> list[str]:
         return list(self.entries)
 
-    def supported(self, name: str) -> bool:
-        return DTYPES.get(self.entries[name][0], (None,))[0] is not None
-
     def get(self, name: str) -> torch.Tensor:
         dtype_name, shape, a, b = self.entries[name]
         dtype = DTYPES.get(dtype_name, (None,))[0]
@@ -113,7 +110,6 @@ class SafetensorsFile:
         return buf.view(dtype).reshape(shape)
 
 
-
 def tensor_bytes_view(t: torch.Tensor) -> memoryview:
     flat = t.detach().contiguous().cpu().reshape(-1)
     if flat.numel() == 0:
@@ -136,5 +132,3 @@ def safetensors_header(entries: list[tuple[str, str, list[int], int]], metadata:
     text = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * ((8 - len(text) % 8) % 8)
     return struct.pack("<Q", len(text)) + text, order
-
-
