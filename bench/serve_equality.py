@@ -112,7 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", default="reference", help="comma-separated backends to check, e.g. reference,triton")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--reference", choices=["merge", "exact"], default="merge",
-                    help="merge: the model `deltapack merge` writes (fine-tune dtype); exact: base + delta in fp32 unrounded")
+                    help="merge: what `deltapack merge` writes by default (the fine-tune's dtype); exact: what "
+                         "`deltapack merge --dtype float32` writes (base + delta in fp32, unrounded)")
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -153,9 +154,9 @@ def main(argv=None) -> int:
 
     cfg = AutoConfig.from_pretrained(str(base))
     eos = eos_token_ids(Path(base), cfg, load_tokenizer(Path(base)))
-    # exact: base + delta summed in fp32 without rounding to the fine-tune's dtype, i.e. what the server computes up to
-    # summation order; `deltapack merge` writes the fine-tune's dtype (bf16 for SmolLM2), whose rounding can flip a
-    # near-tie argmax; the two references separate the effects
+    # exact: base + delta summed in fp32 without rounding to the fine-tune's dtype (`deltapack merge --dtype float32`),
+    # i.e. what the server computes up to summation order; plain `deltapack merge` writes the fine-tune's dtype (bf16
+    # for SmolLM2), whose rounding can flip a near-tie argmax; the two references separate the effects
     merge_dtype = torch.float32 if args.reference == "exact" else None
 
     def build_ref(base, path, dtype):

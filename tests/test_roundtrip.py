@@ -172,3 +172,23 @@ def test_merged_state_dict_rounds_to_the_finetune_dtype_unless_told(pico_pair, t
     assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, exact.to(torch.bfloat16))
     assert unrounded.dtype == torch.float32 and torch.equal(unrounded, exact)
     assert not torch.equal(rounded.float(), unrounded)  # the two references really differ here
+
+
+def test_merge_cli_dtype_float32_writes_the_unrounded_sum(pico_pair, tmp_path):
+    """`deltapack merge --dtype float32`: every floating tensor fp32, changed ones exactly base + delta unrounded
+    (the reference the serving equality check compares against), config says float32, transformers loads it."""
+    base, ft = pico_pair
+    d = api.compress(base, ft, tmp_path / "d", method="lowrank", ratio=1.5, progress=False)
+    res = CliRunner().invoke(main, ["merge", str(base), str(d), "-o", str(tmp_path / "m"), "--dtype", "float32", "--quiet"])
+    assert res.exit_code == 0, res.output
+    disk = _load_dir(tmp_path / "m")
+    want = api.merged_state_dict(base, d, merge_dtype=torch.float32)
+    assert set(disk) == set(want)
+    assert all(t.dtype == torch.float32 for t in disk.values())
+    assert all(torch.equal(disk[k], want[k].float()) for k in want)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["torch_dtype"] == "float32"
+    from transformers import AutoModelForCausalLM
+
+    assert next(AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype="auto").parameters()).dtype == torch.float32
+    bad = CliRunner().invoke(main, ["merge", str(base), str(d), "-o", str(tmp_path / "m2"), "--dtype", "int8"])
+    assert bad.exit_code != 0 and not (tmp_path / "m2").exists()

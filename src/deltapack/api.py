@@ -113,20 +113,48 @@ def merge(
     max_shard_bytes: int = 2 << 30,
     progress: bool = True,
     verify_base: bool = True,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Rebuild the fine-tune as an HF checkpoint directory (safetensors shards + config + tokenizer). Shard headers
     are planned from the manifest, then each tensor is merged and written straight into place: memory stays a few
-    tensors whatever the model and shard sizes."""
+    tensors whatever the model and shard sizes.
+
+    `dtype` (e.g. torch.float32) writes every floating tensor in that dtype, the changed ones as base + delta summed
+    without rounding to the fine-tune's dtype; config.json's dtype says so. Default: the fine-tune's own dtypes."""
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"merge dtype must be a floating dtype, not {dtype}")
     d = DeltaDir.open(delta)
     d.check()
     bsrc = open_model(base)
-    merged = MergedTensors(bsrc, d, verify_base=verify_base)
+    merged = MergedTensors(bsrc, d, verify_base=verify_base, merge_dtype=dtype)
+    specs = merged_specs(bsrc, d)
+    tensor_fn = merged
+    if dtype is not None:
+        specs = [(n, dtype if dt.is_floating_point else dt, shape) for n, dt, shape in specs]
+
+        def tensor_fn(n: str) -> torch.Tensor:
+            t = merged(n)
+            return t.to(dtype) if t.is_floating_point() else t
+
     with AtomicDir(out, overwrite=overwrite) as tmp:
-        write_weights(tmp, merged_specs(bsrc, d), merged, max_shard_bytes=max_shard_bytes, desc="merge",
-                      progress=progress)
+        write_weights(tmp, specs, tensor_fn, max_shard_bytes=max_shard_bytes, desc="merge", progress=progress)
         merged.finish()
         _copy_aux(d, bsrc, tmp)
+        if dtype is not None:
+            _set_config_dtype(tmp / "config.json", dtype)
     return Path(out)
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    """transformers reads `dtype` (newer) or `torch_dtype` (older) for dtype="auto": both must name what was written."""
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    name = str(dtype).replace("torch.", "")
+    cfg["torch_dtype"] = name
+    if "dtype" in cfg:
+        cfg["dtype"] = name
+    path.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
 def _copy_aux(d: DeltaDir, bsrc: ModelSource, dest: Path) -> None:

@@ -101,12 +101,17 @@ def compress(base, finetuned, out, method, ratio, params, config_file, calib, de
 @click.option("--max-shard-size", default="2GB", show_default=True)
 @click.option("--overwrite", is_flag=True)
 @click.option("--no-verify-base", is_flag=True, help="skip the full-content base fingerprint check")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="dtype of the written weights; auto: the fine-tune's own; float32: base + delta without rounding")
 @click.option("--quiet", is_flag=True)
-def merge(base, delta, out, max_shard_size, overwrite, no_verify_base, quiet):
+def merge(base, delta, out, max_shard_size, overwrite, no_verify_base, dtype, quiet):
     """Rebuild the fine-tune (BASE + DELTA) as an HF checkpoint that transformers loads."""
+    import torch
+
     from deltapack.api import merge as run
 
-    path = run(base, delta, out, overwrite=overwrite, max_shard_bytes=_size(max_shard_size), progress=not quiet, verify_base=not no_verify_base)
+    path = run(base, delta, out, overwrite=overwrite, max_shard_bytes=_size(max_shard_size), progress=not quiet,
+               verify_base=not no_verify_base, dtype=None if dtype == "auto" else getattr(torch, dtype))
     click.echo(f"wrote {path}")
 
 
