@@ -30,6 +30,7 @@ def _label_key(label: str) -> tuple:
 def merge(paths: list[Path]) -> dict:
     parts = sorted(((p, load_json(p)) for p in paths), key=lambda pd: pd[1].get("date", ""))
     results: dict[tuple, dict] = {}
+    history: dict[tuple, list[dict]] = defaultdict(list)  # every part's record of a key, oldest first
     timing: dict[tuple, dict] = {}
     finetunes: dict[str, dict] = {}
     notes, part_info, devices = [], [], []
@@ -39,7 +40,9 @@ def merge(paths: list[Path]) -> dict:
             devices.append(d["device"])
         for r in d.get("results", []):
             # which fine-tune a record measured: a task can be fine-tuned in several parts (same seeded recipe)
-            results[(r["task"], r.get("label", r["method"]), r["target_ratio"])] = {**r, "finetune_part": p.name}
+            key = (r["task"], r.get("label", r["method"]), r["target_ratio"])
+            results[key] = {**r, "finetune_part": p.name}
+            history[key].append(results[key])
         for t in d.get("timing", []):
             timing[(t.get("label", t["method"]), t["target_ratio"])] = t
         for task, f in d.get("finetunes", {}).items():
@@ -59,6 +62,12 @@ def merge(paths: list[Path]) -> dict:
         "results": sorted(results.values(), key=lambda r: (r["task"], _label_key(r.get("label", r["method"])), r["target_ratio"] or 0)),
         "timing": sorted(timing.values(), key=lambda t: (_label_key(t.get("label", t["method"])), t["target_ratio"] or 0)),
         "notes": notes,
+        # a (task, method, ratio) measured in more than one part: how much a re-run moves the numbers
+        "repeats": [{"task": k[0], "label": k[1], "target_ratio": k[2], "parts": [r["finetune_part"] for r in rs],
+                     "kept": [r.get("kept") for r in rs], "kl": [r["kl"] for r in rs],
+                     "true_ratio": [r["true_ratio"] for r in rs], "n_eval": [r.get("n_eval") for r in rs]}
+                    for k, rs in sorted(history.items(), key=lambda kv: (kv[0][0], _label_key(kv[0][1]), kv[0][2] or 0))
+                    if len(rs) > 1 and k[2] is not None],
     }
 
 
@@ -79,6 +88,7 @@ def summarize(results: list[dict]) -> dict[str, dict]:
             "nominal_ratio": sum(r["nominal_ratio"] for r in rs) / len(rs),
             "kl": sum(r["kl"] for r in rs) / len(rs),
             "seconds": sum(r["seconds"] for r in rs) / len(rs),
+            "n_eval": sorted({r.get("n_eval") for r in rs if r.get("n_eval")}),
         }
     return dict(sorted(out.items(), key=lambda kv: _label_key(kv[0])))
 
@@ -212,6 +222,8 @@ def markdown(merged: dict, json_name: str) -> str:
                 mark = subset_marks.setdefault(tuple(v["tasks"]), "†" * (len(subset_marks) + 1))
             if abs(v["true_ratio"] / r - 1) > 0.10:
                 mark += "‡"
+            if v.get("n_eval") and max(v["n_eval"]) > 128:
+                mark += "§"
             cells.append(f"{_f(v['kept'])} ({v['true_ratio']:.1f}x){mark}")
         if has_lossless:
             v = by.get("lossless")
@@ -219,6 +231,10 @@ def markdown(merged: dict, json_name: str) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for tasks, mark in subset_marks.items():
         lines.append(f"\n{mark} {', '.join(tasks)} only (not every task was run at this ratio).")
+    if any("§" in ln for ln in lines):
+        lines.append("\n§ re-measured on more test items (1024 per task, fine-tune re-made by the same recipe) where the "
+                     "128-item runs could not resolve the target; the n per record is in the full table below, the "
+                     "earlier values under 'Repeated measurements'.")
     if any("‡" in ln for ln in lines):
         lines.append("\n‡ true ratio more than 10% away from the target (the method cannot reach it, or did not fill it).")
     keys = [f"{r:g}" for r in ratios] + (["lossless"] if has_lossless else [])
@@ -230,8 +246,8 @@ def markdown(merged: dict, json_name: str) -> str:
     if merged.get("finetunes"):
         lines += ["", "**Fine-tunes** (test split exact match; a task fine-tuned in two device runs by the same seeded "
                   "recipe has a row per run, and each record's accuracy kept is against its own run's fine-tune):", "",
-                  "| task | run (part) | ratios measured on it | base | fine-tune | gain | steps | train s |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| task | run (part) | ratios measured on it | base | fine-tune | gain | steps | final train loss | train s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for task, runs in sorted(merged["finetunes"].items()):
             for f in runs if isinstance(runs, list) else [runs]:
                 ratios = sorted({r["target_ratio"] for r in merged["results"]
@@ -239,32 +255,57 @@ def markdown(merged: dict, json_name: str) -> str:
                 shown = ", ".join("lossless" if x is None else f"{x:g}x" for x in ratios) or "–"
                 lines.append(f"| {task} | {f.get('part', '–')} | {shown} | {_f(f.get('base_accuracy'))} | "
                              f"{_f(f.get('finetuned_accuracy'))} | {_f(f.get('gain'))} | {f.get('steps', '–')} | "
+                             f"{_f((f.get('rounds') or [{}])[-1].get('final_loss'), '{:.10g}')} | "
                              f"{_f(f.get('train_seconds'), '{:.0f}')} |")
 
     lines += ["", "<details><summary>Every run</summary>", "",
-              "| task | method | target | true ratio | nominal | accuracy | kept | KL | compress s |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| task | method | target | true ratio | nominal | test items | accuracy | kept | KL | compress s |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in merged["results"]:
         tgt = "lossless" if r["target_ratio"] is None else f"{r['target_ratio']:g}x"
         lines.append(f"| {r['task']} | {r.get('label', r['method'])} | {tgt} | {r['true_ratio']:.2f}x | {r['nominal_ratio']:.2f}x | "
-                     f"{r['accuracy']:.3f} | {_f(r.get('kept'))} | {r['kl']:.4f} | {r['seconds']:.1f} |")
+                     f"{r.get('n_eval', '–')} | {r['accuracy']:.3f} | {_f(r.get('kept'))} | {r['kl']:.4f} | {r['seconds']:.1f} |")
     lines += ["", "</details>"]
 
     if merged.get("timing"):
         lines += ["", "**Compression time on a Llama-2-7B-shaped pair** (`deltapack.api.compress`, sharded safetensors "
                   "checkpoint, synthetic long-tailed delta):", "",
-                  "| method | target | seconds | peak GPU GB | true ratio | shape |", "|---|---|---|---|---|---|"]
+                  "| method | target | seconds | peak GPU GB | peak host RSS GB | true ratio | shape |",
+                  "|---|---|---|---|---|---|---|"]
         for t in merged["timing"]:
             tgt = "lossless" if t["target_ratio"] is None else f"{t['target_ratio']:g}x"
             lines.append(f"| {t.get('label', t['method'])} | {tgt} | {t['seconds']:.1f} | {_f(t.get('peak_gpu_gb'), '{:.1f}')} | "
+                         f"{_f(t.get('peak_rss_gb'), '{:.1f}')} | "
                          f"{_f(t.get('true_ratio'), '{:.1f}x')} | {t.get('shape', '–')} |")
     lines += targets_markdown(merged, summary)
+    if merged.get("repeats"):
+        lines += ["", "<details><summary>Repeated measurements</summary>", "", "**Repeated measurements** (the same task, method and ratio in more than one device run, oldest "
+                  "first; every fine-tune is the same seeded recipe, see the final losses above, but a larger test split "
+                  "changes the test items and can change the training split; with the same items and the same true "
+                  "ratio, only delta-come moves, since its GPU compression is not bit-reproducible; a different true "
+                  "ratio means the method's code changed between the runs; the tables above keep the latest):", "",
+                  "| task | method | target | true ratio | test items | accuracy kept | KL | parts |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in merged["repeats"]:
+            lines.append(f"| {r['task']} | {r['label']} | {r['target_ratio']:g}x | "
+                         f"{' → '.join(f'{x:.1f}x' for x in r['true_ratio'])} | "
+                         f"{' → '.join(str(n or '–') for n in r['n_eval'])} | "
+                         f"{' → '.join(_f(k) for k in r['kept'])} | {' → '.join(_f(k, '{:.4f}') for k in r['kl'])} | "
+                         f"{' → '.join(r['parts'])} |")
+        lines += ["", "</details>"]
     if merged.get("notes"):
-        lines += ["", "Notes:", ""]
+        # the same note for several (task, method, ratio) is listed once with all of them
+        grouped: dict[str, list[str]] = defaultdict(list)
         for n in merged["notes"]:
             where = " ".join(f"{n[k]:g}x" if k == "target_ratio" else str(n[k])
                              for k in ("task", "method", "target_ratio") if n.get(k) is not None)
-            lines.append(f"- {where}: {n['note']}" if where else f"- {n['note']}")
+            if where not in grouped[n["note"]]:
+                grouped[n["note"]].append(where)
+        lines += ["", "<details><summary>Notes (runs not made, and why)</summary>", ""]
+        for note, wheres in grouped.items():
+            places = "; ".join(w for w in wheres if w)
+            lines.append(f"- {places}: {note}" if places else f"- {note}")
+        lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
 
 

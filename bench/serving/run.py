@@ -462,25 +462,74 @@ def part_trace(world: World, notes: dict) -> list[dict]:
     else:
         swap = 0.26 * nbytes / 13.5e9  # the GPU figure (GPU.md), scaled to the smoke model's bytes
     log(f"trace costs: swap of {nbytes / 1e9:.2f} GB: {swap * 1e3:.1f} ms")
-    costs = ts.Costs(base, extra, prefill, swap)
+    costs = {"decode_base_s": base, "decode_extra_s": extra, "prefill_s": prefill, "swap_s": swap}
+    return simulate_trace(costs, tc, notes)
+
+
+TRACE_LOADS = (0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 4.0, 8.0)  # offered load as a fraction of deltapack's decode-bound capacity
+
+
+def simulate_trace(costs_s: dict, tc: dict, notes: dict) -> list[dict]:
+    """The trace at 0.8 of deltapack's capacity (the records), plus a sweep of offered loads (notes.trace.sweep):
+    under an open-loop trace both systems serve the same arrivals, so below the slower one's capacity throughput
+    only says whether it kept up; the saturated end of the sweep compares capacities."""
+    import trace_sim as ts
+
+    def keyed(d):  # JSON round trips turn int keys into strings
+        return {int(k): float(v) for k, v in d.items()}
+
+    costs = ts.Costs(keyed(costs_s["decode_base_s"]), keyed(costs_s["decode_extra_s"]), keyed(costs_s["prefill_s"]),
+                     float(costs_s["swap_s"]))
+    B = tc["batch"]
     distinct = ts.expected_distinct(tc["tenants"], B)
-    rate = 0.8 * ts.capacity_rps(costs, B, round(distinct), tc["out"])
-    trace = ts.make_trace(tc["requests"], tc["tenants"], rate, tc["out"], seed=0)
-    records = [ts.metrics("deltapack", ts.simulate_deltapack(trace, costs, B)),
-               ts.metrics("swap", ts.simulate_swap(trace, costs, B))]
+    capacity = ts.capacity_rps(costs, B, round(distinct), tc["out"])
+
+    # what the same engine would do if every decode step ran at the issue's bound, base step x (1 + k/R): the delta
+    # bytes of k tenants read at the base's rate (R = the tenants' measured compression of the linear weights)
+    ratio = float((notes.get("decode", {}).get("effective_ratio") or {}).get(f"delta-come {tc['ratio']:g}x", tc["ratio"]))
+    b_full = costs.decode(B, 0)
+    at_bound = ts.Costs(costs.decode_base, {k: b_full * k / ratio for k in costs.decode_extra}, costs.prefill,
+                        costs.swap_s)
+
+    def run(load: float, bound: bool = False) -> list[dict]:
+        trace = ts.make_trace(tc["requests"], tc["tenants"], load * capacity, tc["out"], seed=0)
+        recs = [ts.metrics("deltapack", ts.simulate_deltapack(trace, costs, B)),
+                ts.metrics("swap", ts.simulate_swap(trace, costs, B))]
+        if bound:
+            recs.append(ts.metrics("deltapack_at_bound", ts.simulate_deltapack(trace, at_bound, B)))
+        return [{k: (v if k == "system" else round(v, 4)) for k, v in r.items()} for r in recs]
+
+    records = run(0.8)
     for r in records:
-        for key in list(r):
-            if key != "system":
-                r[key] = round(r[key], 4)
         log(f"trace {r['system']}: {r['throughput']:.0f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s, "
             f"ITL p50 {r['itl_p50'] * 1e3:.1f} ms p99 {r['itl_p99'] * 1e3:.1f} ms")
+    sweep = []
+    for load in TRACE_LOADS:
+        d, w, bd = run(load, bound=True)
+        sweep.append({"load": load, "rate_rps": round(load * capacity, 3), "deltapack": d, "swap": w,
+                      "throughput_ratio": round(d["throughput"] / max(1e-12, w["throughput"]), 3),
+                      "deltapack_at_bound": bd,
+                      "throughput_ratio_at_bound": round(bd["throughput"] / max(1e-12, w["throughput"]), 3)})
+        log(f"trace sweep load {load:g}: deltapack {d['throughput']:.0f} tok/s vs swap {w['throughput']:.0f} tok/s "
+            f"(deltapack at the bound: {bd['throughput']:.0f}); TTFT p99 {d['ttft_p99']:.2f}s vs {w['ttft_p99']:.2f}s")
     notes["trace"] = {
         "kind": "simulation with per-step costs measured on this device (bench/serving/trace_sim.py)",
-        "tenants": tc["tenants"], "zipf_s": 1.0, "requests": tc["requests"], "rate_rps": round(rate, 3),
+        "tenants": tc["tenants"], "zipf_s": 1.0, "requests": tc["requests"], "rate_rps": round(0.8 * capacity, 3),
         "rate_rule": "0.8 x deltapack's decode-bound capacity at full batches", "prompt_tokens": tc["prompt"],
         "output_tokens": tc["out"], "max_batch": B, "expected_distinct_tenants_per_full_batch": round(distinct, 1),
-        "costs": {"decode_base_s": base, "decode_extra_s": extra, "prefill_s": prefill, "swap_s": swap},
+        "costs": costs_s,
         "swap_policy": "oldest waiting request's tenant next, all its waiting requests as one static batch",
+        "sweep": sweep,
+        "step_costs_at_full_batch": {
+            "base_step_s": round(b_full, 5),
+            "delta_extra_s_at_expected_distinct": round(costs._interp(costs.decode_extra, distinct), 5),
+            "delta_extra_s_at_bound": round(b_full * distinct / ratio, 5),
+            "prefill_s_one_prompt": round(costs.prefill_s(1), 4), "swap_s": round(costs.swap_s, 4)},
+        "load_rule": "offered load = arrival rate / deltapack's decode-bound capacity (measured costs); the same "
+                     "arrivals (seed 0) for every system at a load",
+        "deltapack_at_bound": f"the same simulation with each decode step's extra cost set to base step x k/R, R = "
+                              f"{ratio:.2f} (the decode part's measured compression of the linear weights): what the "
+                              "engine would do with kernels at the issue's bound; a model, not a measurement",
     }
     return records
 
@@ -554,7 +603,12 @@ def targets(data: dict) -> dict:
     tr = {r["system"]: r for r in data.get("trace", [])}
     if "deltapack" in tr and "swap" in tr:
         x = tr["deltapack"]["throughput"] / max(1e-12, tr["swap"]["throughput"])
-        out["trace_10x_swap_throughput"] = {"ratio": round(x, 2), "met": x >= 10}
+        out["trace_10x_swap_throughput"] = {"ratio": round(x, 2), "met": x >= 10, "offered_load": 0.8}
+        sweep = data.get("notes", {}).get("trace", {}).get("sweep") or []
+        if sweep:  # at the highest offered load both systems are saturated: the ratio of their capacities
+            out["trace_10x_swap_throughput"]["saturated"] = {
+                "offered_load": sweep[-1]["load"], "ratio": sweep[-1]["throughput_ratio"],
+                "ratio_with_kernels_at_bound": sweep[-1].get("throughput_ratio_at_bound")}
     res = data.get("resident", [])
     if res:
         out["resident_50_tenants_16x"] = {f"{r['codec']} {r['ratio']:g}x": {"tenants": r["tenants"], "met": r["tenants"] >= 50}
@@ -597,7 +651,21 @@ def plot(data: dict, path: Path) -> None:
     a.legend(fontsize=7)
     a = ax[1, 0]
     tr = data.get("trace", [])
-    if tr:
+    sweep = data.get("notes", {}).get("trace", {}).get("sweep") or []
+    if sweep:
+        loads = [w["load"] for w in sweep]
+        for system, style in (("deltapack", "-o"), ("swap", "--s"), ("deltapack_at_bound", "-.^")):
+            if all(system in w for w in sweep):
+                a.plot(loads, [w[system]["throughput"] for w in sweep], style, label=f"{system} throughput")
+        a.set(xlabel="offered load (x deltapack's capacity)", ylabel="tokens/s",
+              title="trace (simulated, per-step costs measured on the GPU)")
+        b = a.twinx()
+        for system, style in (("deltapack", ":o"), ("swap", ":s")):
+            b.plot(loads, [w[system]["ttft_p99"] for w in sweep], style, alpha=0.6, label=f"{system} TTFT p99")
+        b.set(ylabel="TTFT p99 (s)", yscale="log")
+        a.legend(fontsize=7, loc="upper left")
+        b.legend(fontsize=7, loc="lower right")
+    elif tr:
         names = [r["system"] for r in tr]
         a.bar(names, [r["throughput"] for r in tr])
         a.set(ylabel="tokens/s", title="trace (simulated, measured costs): throughput")
@@ -616,11 +684,36 @@ def plot(data: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def resimulate_trace(out: Path, tc: dict) -> None:
+    """The trace part again from the per-step costs a GPU run stored: the simulation is pure Python, so a change to
+    it (or a new load sweep) needs no GPU time. notes.runs.trace keeps the device run that measured the costs."""
+    data = json.loads(out.read_text())
+    notes = data["notes"]
+    measured = notes["runs"].get("trace", {})
+    if not notes.get("trace", {}).get("costs") or not measured:
+        raise SystemExit(f"{out} has no measured trace costs (run --parts trace on the GPU first)")
+    script = os.path.relpath(Path(sys.argv[0]).resolve(), ROOT)
+    command = "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in [script] + sys.argv[1:])
+    date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    data["trace"] = simulate_trace(notes["trace"]["costs"], tc, notes)
+    notes["runs"]["trace_simulation"] = {
+        "command": command, "date": date, "host": platform.node() or platform.machine(),
+        "costs_from": f"{measured.get('command')} on {measured.get('device')} at {measured.get('date')}"}
+    data["command"] = command
+    notes["targets"] = targets(data)
+    write_json(out, data)
+    plot(data, out.with_suffix(".png"))
+    log(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
     ap.add_argument("--out", default=None, help="result JSON (default bench/results/serving[_smoke].json)")
+    ap.add_argument("--trace-from-costs", action="store_true",
+                    help="re-run only the trace simulation (records + load sweep) from the per-step costs already in "
+                         "--out (notes.trace.costs, measured on the GPU); no GPU needed")
     ap.add_argument("--codecs", default=None, help="only these codecs (comma-separated) in kernels/decode/resident; "
                     "the other codecs' records already in the file are kept")
     args = ap.parse_args()
@@ -628,6 +721,8 @@ def main() -> None:
     bad = [p for p in parts if p not in PARTS]
     if bad:
         ap.error(f"unknown parts {bad}; choose from {PARTS}")
+    if args.trace_from_costs:
+        return resimulate_trace(Path(args.out) if args.out else RESULTS / "serving.json", settings(args.smoke)["trace"])
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     world = World(args.smoke)
