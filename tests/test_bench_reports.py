@@ -1,0 +1,116 @@
+"""The benchmark report generators: every figure in the README comes from them, so their bookkeeping is tested on
+small synthetic inputs (which part wins, repeats, fine-tune runs, intervals, the trace simulation and its sweep)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str, path: Path):
+    sys.path.insert(0, str(path.parent))  # the scripts import their siblings (common, trace_sim)
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(path.parent))
+
+
+@pytest.fixture(scope="module")
+def quality_report():
+    return _load("bench_quality_report", BENCH / "quality" / "report.py")
+
+
+def _rec(task, label, ratio, acc, ft, kl, n=128, true=None):
+    return {"task": task, "method": label.split("-")[0], "label": label, "target_ratio": ratio, "accuracy": acc,
+            "finetuned_accuracy": ft, "kept": acc / ft, "kl": kl, "n_eval": n, "seconds": 1.0,
+            "true_ratio": true or (ratio or 0.4), "nominal_ratio": true or (ratio or 0.4)}
+
+
+def _part(path: Path, date: str, results, loss=0.5, ft=0.8):
+    path.write_text(json.dumps({"command": f"run {path.name}", "device": "GPU X", "date": date, "results": results,
+                                "finetunes": {"arith": {"finetuned_accuracy": ft, "rounds": [{"final_loss": loss}]}},
+                                "notes": [{"task": "arith", "method": "bitdelta", "target_ratio": 64.0, "note": "cannot reach"}]}))
+    return path
+
+
+def test_quality_report_latest_part_wins_and_repeats_are_listed(quality_report, tmp_path):
+    old = _part(tmp_path / "a.json", "2026-01-01T00:00:00", [_rec("arith", "dare", 16.0, 0.70, 0.80, 0.02),
+                                                            _rec("arith", "dare", 32.0, 0.60, 0.80, 0.05)])
+    new = _part(tmp_path / "b.json", "2026-01-02T00:00:00", [_rec("arith", "dare", 16.0, 0.78, 0.80, 0.01, n=1024)])
+    merged = quality_report.merge([new, old])  # order on the command line does not matter: dates do
+    by_key = {(r["label"], r["target_ratio"]): r for r in merged["results"]}
+    assert by_key[("dare", 16.0)]["accuracy"] == 0.78 and by_key[("dare", 16.0)]["finetune_part"] == "b.json"
+    assert by_key[("dare", 32.0)]["finetune_part"] == "a.json"
+    (rep,) = merged["repeats"]
+    assert rep["target_ratio"] == 16.0 and rep["parts"] == ["a.json", "b.json"] and rep["n_eval"] == [128, 1024]
+    assert [f["part"] for f in merged["finetunes"]["arith"]] == ["a.json", "b.json"]  # both runs measured something
+    md = quality_report.markdown({**merged, "summary": quality_report.summarize(merged["results"])}, "q.json")
+    assert "| dare | 0.975 (16.0x)§ | 0.750 (32.0x) |" in md  # 0.78 / 0.80 from the newer part, marked n > 128
+    assert "128 → 1024" in md and "0.875 → 0.975" in md  # the repeat, oldest first
+    assert md.count("cannot reach") == 1  # the same note from two parts is listed once
+
+
+def test_quality_report_drops_fine_tunes_whose_records_were_all_superseded(quality_report, tmp_path):
+    old = _part(tmp_path / "a.json", "2026-01-01T00:00:00", [_rec("arith", "dare", 16.0, 0.70, 0.80, 0.02)])
+    new = _part(tmp_path / "b.json", "2026-01-02T00:00:00", [_rec("arith", "dare", 16.0, 0.78, 0.80, 0.01)])
+    merged = quality_report.merge([old, new])
+    assert [f["part"] for f in merged["finetunes"]["arith"]] == ["b.json"]
+
+
+def test_wilson_interval_and_kept_interval(quality_report):
+    lo, hi = quality_report.wilson(64, 128)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(0.17, abs=0.01)  # the textbook width at n=128, p=0.5
+    lo4, hi4 = quality_report.wilson(512, 1024)
+    assert hi4 - lo4 < (hi - lo) / 2.5  # ~1/sqrt(8) as wide with 8x the items
+    assert quality_report.wilson(0, 10)[0] == 0.0 and quality_report.wilson(10, 10)[1] == 1.0
+    r = _rec("arith", "dare", 16.0, 0.6, 0.75, 0.01, n=1024)
+    klo, khi = quality_report.kept_interval(r)
+    assert klo < r["kept"] < khi
+    assert quality_report.kept_interval({**r, "n_eval": None}) is None
+
+
+def test_trace_simulation_sweep_and_kernels_at_bound():
+    run = _load("bench_serving_run", BENCH / "serving" / "run.py")
+    costs = {"decode_base_s": {"1": 0.008, "64": 0.010}, "decode_extra_s": {"0": 0.0, "1": 0.04, "64": 0.10},
+             "prefill_s": {"1": 0.1, "8": 0.4}, "swap_s": 0.25}
+    tc = {"tenants": 16, "requests": 120, "prompt": 32, "out": 16, "batch": 16, "ratio": 16.0}
+    notes: dict = {}
+    recs = run.simulate_trace(costs, tc, notes)
+    assert {r["system"] for r in recs} == {"deltapack", "swap"}
+    sweep = notes["trace"]["sweep"]
+    assert [w["load"] for w in sweep] == list(run.TRACE_LOADS)
+    for w in sweep:
+        # the same arrivals: a faster step can only help, and nothing serves more than was offered
+        assert w["deltapack_at_bound"]["throughput"] >= w["deltapack"]["throughput"] * 0.999
+        assert w["throughput_ratio"] == pytest.approx(w["deltapack"]["throughput"] / w["swap"]["throughput"], rel=1e-3)
+    light, heavy = sweep[0], sweep[-1]
+    assert light["deltapack"]["ttft_p99"] < light["swap"]["ttft_p99"]  # no swap wait at low load
+    assert heavy["deltapack"]["throughput"] > light["deltapack"]["throughput"]
+    data = {"trace": recs, "notes": notes}
+    t = run.targets(data)["trace_10x_swap_throughput"]
+    assert t["saturated"]["offered_load"] == run.TRACE_LOADS[-1]
+    assert t["saturated"]["ratio_with_kernels_at_bound"] == heavy["throughput_ratio_at_bound"]
+
+
+def test_serving_report_renders_every_part(tmp_path):
+    rep = _load("bench_serving_report", BENCH / "serving" / "report.py")
+    eq = {"device": "GPU X", "reference": "exact", "dtype": "float32", "n_prompts": 2, "max_tokens": 4,
+          "deltas": {"t-a-16x": "x", "t-raw-lossless": "y"},
+          "runs": [{"kernels": "reference", "forwards": 5, "forwards_with_3plus_tenants": 4, "max_tenants_in_one_forward": 3,
+                    "tenants": [{"tenant": "base", "equal": True, "prompts_equal": 2, "tokens": 8},
+                                {"tenant": "t-a-16x", "equal": False, "prompts_equal": 1, "tokens": 8}]}]}
+    (tmp_path / "eq.json").write_text(json.dumps(eq))
+    out = tmp_path / "serving.md"
+    assert rep.main(["--equality", str(tmp_path / "eq.json"), "--load", str(tmp_path / "none.json"),
+                     "--serving", str(tmp_path / "none.json"), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "DIFFERS (1/2 prompts" in text and "equal (2/2 prompts" in text and "16x" in text
+    assert "merge --dtype float32" in text
