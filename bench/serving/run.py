@@ -4,6 +4,7 @@ many compressed tenants stay resident. Writes bench/results/serving.json (+ serv
     PYTHONPATH=src python bench/serving/run.py --parts kernels          # GPU, ~3 min
     PYTHONPATH=src python bench/serving/run.py --parts decode,trace     # GPU, ~6 min (trace reuses decode's model)
     PYTHONPATH=src python bench/serving/run.py --parts resident         # GPU, ~2 min
+    PYTHONPATH=src python bench/serving/run.py --parts profile          # GPU, ~3 min (notes.profile)
     PYTHONPATH=src python bench/serving/run.py --smoke                  # CPU, Triton interpreter, tiny shapes, ~1 min
 
 A run updates only the parts it ran (the others are kept from the existing file); `notes.runs` says when and with
@@ -26,6 +27,9 @@ Parts (records as the issue asks):
             this GPU (bench/serving/trace_sim.py): 64 tenants, Zipf(1) popularity, Poisson arrivals, 128-token prompts
             and outputs; deltapack (all tenants resident, continuous batching) against swapping merged full models
             from pinned CPU memory (swap time measured here).
+  profile   notes.profile only: torch.profiler breakdown (device time by kernel, wall vs busy) of one eager decode
+            step at the trace's batch with k = 0 (base), and each of the trace's k, and of one prefill with a delta:
+            where the step time goes, for the kernel work.
   resident  {codec, ratio, tenants, gpu_gb}: allocate the base's bytes and a KV cache of stated size, then whole-model
             16x tenants (every linear, lm_head and the embedding, packed) until the next would exceed the budget;
             gpu_gb = torch.cuda.memory_allocated() / 1e9 at the end.
@@ -51,7 +55,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
 RESULTS = ROOT / "bench" / "results"
-PARTS = ("kernels", "decode", "trace", "resident")
+PARTS = ("kernels", "decode", "trace", "profile", "resident")
+RECORD_PARTS = ("kernels", "decode", "trace", "resident")  # the issue's record lists; profile writes notes only
 
 
 def log(msg: str) -> None:
@@ -534,6 +539,69 @@ def simulate_trace(costs_s: dict, tc: dict, notes: dict) -> list[dict]:
     return records
 
 
+def _profile(world: World, fn, reps: int) -> dict:
+    """Run fn() `reps` times under torch.profiler: wall seconds per call, device-busy seconds per call, and the
+    kernels (or, on the CPU, the ops) that take the time, by self time."""
+    torch = world.torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()  # warm: Triton compiles, caches fill
+    world.sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if world.cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        world.sync()
+        wall = (time.perf_counter() - t0) / reps
+    rows = []
+    for e in prof.key_averages():
+        dev = getattr(e, "self_device_time_total", None)
+        if dev is None:
+            dev = getattr(e, "self_cuda_time_total", 0)
+        t = (dev if world.cuda else e.self_cpu_time_total) / 1e6 / reps  # profiler totals are microseconds
+        if t > 0:
+            rows.append({"name": e.key[:120], "calls": e.count // reps, "seconds": round(t, 6)})
+    rows.sort(key=lambda r: -r["seconds"])
+    busy = sum(r["seconds"] for r in rows)
+    return {"wall_s": round(wall, 6), "busy_s": round(busy, 6), "busy_share": round(busy / wall, 3) if wall else None,
+            "top": rows[:20]}
+
+
+def part_profile(world: World, notes: dict) -> list[dict]:
+    """Where a decode step with deltas and a prefill with deltas spend their time: eager (no CUDA graph, so each
+    kernel shows), batch of the trace with k tenants round-robin, against the base. Goes to notes.profile (not one of
+    the issue's record lists): the breakdown the kernel work starts from."""
+    cfg = world.cfg
+    tc = cfg["trace"]
+    world.build_model()
+    shapes = world.model_shapes()
+    B, P = tc["batch"], cfg["prompt"]
+    reps = 3 if world.cuda else 1
+    vocab = cfg["model"]["vocab"]
+    out: dict = {"batch": B, "kernels": "triton", "graph": False, "steps": {}}
+    tenants = [world.tenant("delta-come", tc["ratio"], shapes, i) for i in range(max(tc["ks"]))]
+    from deltapack.serve.fastpath import StaticDecoder
+
+    for k in [0] + list(tc["ks"]):
+        world.install(tenants[:k])
+        rows = [-1] * B if k == 0 else [b % k for b in range(B)]
+        dec = StaticDecoder(world.model, world.state, batch=B, max_len=P + reps + 8, graph=False)
+        dec.prefill([[random.randrange(3, vocab) for _ in range(P)] for _ in range(B)], rows)
+        out["steps"][f"decode k={k}"] = prof = _profile(world, dec.step, reps)
+        log(f"profile decode k={k}: {prof['wall_s'] * 1e3:.1f} ms per step, device busy {prof['busy_s'] * 1e3:.1f} ms; "
+            f"top: {', '.join(r['name'][:40] for r in prof['top'][:3])}")
+        del dec
+    world.install(tenants[:1])
+    dec = StaticDecoder(world.model, world.state, batch=1, max_len=tc["prompt"] + 8, graph=False)
+    prompt = [[random.randrange(3, vocab) for _ in range(tc["prompt"])]]
+    out["steps"][f"prefill 1x{tc['prompt']} k=1"] = prof = _profile(world, lambda: dec.prefill(prompt, [0]), reps)
+    log(f"profile prefill: {prof['wall_s'] * 1e3:.1f} ms, device busy {prof['busy_s'] * 1e3:.1f} ms")
+    world.install([])
+    notes["profile"] = out
+    return []
+
+
 def part_resident(world: World, notes: dict) -> list[dict]:
     torch = world.torch
     rc = world.cfg["resident"]
@@ -743,9 +811,10 @@ def main() -> None:
     command = "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in [script] + sys.argv[1:])
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     data.update({"command": command, "device": world.name(), "date": date})
-    for p in PARTS:
+    for p in RECORD_PARTS:
         data.setdefault(p, [])
-    fns = {"kernels": part_kernels, "decode": part_decode, "trace": part_trace, "resident": part_resident}
+    fns = {"kernels": part_kernels, "decode": part_decode, "trace": part_trace, "profile": part_profile,
+           "resident": part_resident}
     for p in PARTS:  # fixed order: resident frees the model, so it runs last
         if p not in parts:
             continue
@@ -755,7 +824,8 @@ def main() -> None:
             recs = fns[p](world, notes)
             if only is not None and p != "trace":  # keep the records of codecs not run now
                 recs = [r for r in data.get(p, []) if r.get("codec") not in only] + recs
-            data[p] = recs
+            if p in RECORD_PARTS:
+                data[p] = recs
             errors.pop(p, None)
         except Exception as e:
             traceback.print_exc()
