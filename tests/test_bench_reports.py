@@ -72,9 +72,32 @@ def test_wilson_interval_and_kept_interval(quality_report):
     assert hi4 - lo4 < (hi - lo) / 2.5  # ~1/sqrt(8) as wide with 8x the items
     assert quality_report.wilson(0, 10)[0] == 0.0 and quality_report.wilson(10, 10)[1] == 1.0
     r = _rec("arith", "dare", 16.0, 0.6, 0.75, 0.01, n=1024)
-    klo, khi = quality_report.kept_interval(r)
-    assert klo < r["kept"] < khi
+    (klo, khi), how = quality_report.kept_interval(r)
+    assert klo < r["kept"] < khi and how == "unpaired Wilson"
     assert quality_report.kept_interval({**r, "n_eval": None}) is None
+
+
+def test_per_item_results_round_trip_and_paired_interval(quality_report):
+    import random
+
+    common = sys.modules["common"]  # loaded by the report
+    rnd = random.Random(0)
+    for n in (1, 5, 128, 1023):
+        items = [rnd.random() < 0.6 for _ in range(n)]
+        assert common.hex_to_items(common.items_to_hex(items), n) == items
+    assert len(common.items_to_hex([True] * 1024)) == 256
+    # a rebuilt model that answers like the fine-tune except 10 of 600 right items: the paired interval is much
+    # tighter than the unpaired one, and it holds the point estimate
+    ft = [i < 600 for i in range(1024)]
+    rebuilt = [i < 590 for i in range(1024)]
+    lo, hi = quality_report.paired_interval(rebuilt, ft)
+    assert lo < 590 / 600 < hi <= 1.0 and hi - lo < 0.03
+    r = _rec("arith", "dare", 16.0, 590 / 1024, 600 / 1024, 0.01, n=1024)
+    (wlo, whi), how = quality_report.kept_interval(r)
+    assert how == "unpaired Wilson" and whi - wlo > 3 * (hi - lo)
+    r["correct_items"] = common.items_to_hex(rebuilt)
+    (plo, phi), how = quality_report.kept_interval(r, common.items_to_hex(ft))
+    assert how == "paired bootstrap" and (plo, phi) == (lo, hi)
 
 
 def test_trace_simulation_sweep_and_kernels_at_bound():

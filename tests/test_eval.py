@@ -136,7 +136,9 @@ def test_batched_greedy_equals_one_by_one(pico):
     assert exact_match(model, tok, wrong, max_new_tokens=6, batch_size=5).correct == 0
     # half right, half wrong: accuracy counts exactly
     mixed = examples[:5] + wrong[5:]
-    assert exact_match(model, tok, mixed, max_new_tokens=6, batch_size=3).accuracy == pytest.approx(5 / 11)
+    em_mixed = exact_match(model, tok, mixed, max_new_tokens=6, batch_size=3)
+    assert em_mixed.accuracy == pytest.approx(5 / 11)
+    assert em_mixed.per_item == [True] * 5 + [False] * 6  # in example order, whatever the batching
 
 
 def test_kl_zero_to_itself_and_matches_manual(pico):

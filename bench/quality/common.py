@@ -76,3 +76,16 @@ def smoke_base_dir(workdir: Path, hidden: int = 64, layers: int = 2) -> Path:
 
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def items_to_hex(per_item: list[bool]) -> str:
+    """Right/wrong per test item as hex (item i = bit i mod 4 of hex digit i // 4): 1024 items in 256 characters."""
+    digits = []
+    for i in range(0, len(per_item), 4):
+        v = sum(1 << j for j, ok in enumerate(per_item[i:i + 4]) if ok)
+        digits.append("0123456789abcdef"[v])
+    return "".join(digits)
+
+
+def hex_to_items(text: str, n: int) -> list[bool]:
+    return [bool(int(text[i // 4], 16) >> (i % 4) & 1) for i in range(n)]

@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, command_line, device_name, embedded_base_dir, now_iso, smoke_base_dir, write_json  # noqa: E402
+from common import (RESULTS, command_line, device_name, embedded_base_dir, items_to_hex, now_iso, smoke_base_dir,  # noqa: E402
+                    write_json)
 
 log = logging.getLogger("bench.quality")
 
@@ -261,8 +262,10 @@ def main(argv: list[str] | None = None) -> int:
             write_json(marker, ft_info)
 
         ref = load_checkpoint(ft_dir, device=device, dtype=dtype)
-        ft_acc = exact_match(ref.model, ref.tokenizer, test[task], batch_size=args.batch_size).accuracy
+        ft_em = exact_match(ref.model, ref.tokenizer, test[task], batch_size=args.batch_size)
+        ft_acc = ft_em.accuracy
         ft_info["finetuned_accuracy"] = ft_acc
+        ft_info["correct_items"] = items_to_hex(ft_em.per_item)  # for paired intervals of accuracy kept
         ft_info["gain"] = ft_acc - base_acc[task]
         ft_info["meets_target_gain"] = ft_acc - base_acc[task] >= args.target_gain
         part.data["finetunes"][task] = ft_info
@@ -366,7 +369,7 @@ def run_one(part: Part, budget: Budget, spec: MethodSpec, ratio, task, base_dir,
         "bytes": info["total_bytes"], "task": task, "accuracy": em.accuracy, "finetuned_accuracy": ft_acc,
         "base_accuracy": base_acc, "kept": em.accuracy / ft_acc if ft_acc > 0 else None, "kl": kl.kl,
         "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3), "n_eval": len(examples),
-        "n_kl_tokens": kl.tokens,
+        "n_kl_tokens": kl.tokens, "correct_items": items_to_hex(em.per_item),
     }
     part.add(rec)
     budget.record(spec.label, time.perf_counter() - t_all)

@@ -100,6 +100,7 @@ class ExactMatch:
     total: int
     max_new_tokens: int
     predictions: list[str] = field(default_factory=list)
+    per_item: list[bool] = field(default_factory=list)  # right or wrong, in example order (paired comparisons)
 
     def summary(self, keep_predictions: int = 0) -> dict:
         return {
@@ -125,8 +126,9 @@ def exact_match(
     prompts = [prompt_ids(tok, e.prompt, chat) for e in examples]
     gens = greedy_generate(model, tok, prompts, max_new_tokens=mnt, batch_size=batch_size, progress=progress)
     preds = [tok.decode(g, skip_special_tokens=True) for g in gens]
-    correct = sum(answer_matches(p, e.answer, first_line) for p, e in zip(preds, examples))
-    return ExactMatch(correct / len(examples), correct, len(examples), mnt, preds)
+    per_item = [bool(answer_matches(p, e.answer, first_line)) for p, e in zip(preds, examples)]
+    correct = sum(per_item)
+    return ExactMatch(correct / len(examples), correct, len(examples), mnt, preds, per_item)
 
 
 def _right_padded(seqs: Sequence[list[int]], pid: int) -> tuple[torch.Tensor, torch.Tensor]:
