@@ -137,3 +137,19 @@ def test_serving_report_renders_every_part(tmp_path):
     text = out.read_text()
     assert "DIFFERS (1/2 prompts" in text and "equal (2/2 prompts" in text and "16x" in text
     assert "merge --dtype float32" in text
+
+
+def test_share_targets_compare_with_layer_dropping_on_both_sides():
+    share = _load("bench_share_run", BENCH / "share" / "run.py")
+    res = {"original": {"params": 1000, "ppl": 10.0, "task_items_kept": 10, "task_items": 20},
+           "device": "GPU X", "date": "d", "command": "c",
+           "results": [{"method": "deltallm", "reduction": 0.12, "params": 880, "ppl": 11.0, "kl": 0.1, "kept": 0.5,
+                        "tokens": 5, "seconds": 1.0},
+                       {"method": "layerdrop", "reduction": 0.12, "params": 860, "ppl": 20.0, "kl": 0.5, "kept": 0.2,
+                        "tokens": 0, "seconds": 0.0}],
+           "details": [{"reduction": 0.12, "layerdrop_one_fewer": {"params": 900, "kept": 0.6}}]}
+    text = share.table(res)
+    assert "missed by 45.0 points" in text
+    assert "20.0% at 14.0%, 60.0% at 10.0%" in text and "not beaten" in text  # the smaller drop keeps more
+    res["details"][0]["layerdrop_one_fewer"]["kept"] = 0.4
+    assert ": beaten." in share.table(res)

@@ -284,9 +284,32 @@ def table(res: dict) -> str:
         kept = "n/a" if r["kept"] is None else f"{100 * r['kept']:.1f}%"
         lines.append(f"| {r['method']} | {100 * (1 - r['params'] / res['original']['params']):.2f}% (target {100 * r['reduction']:g}%) | "
                      f"{r['params']:,} | {r['ppl']:.3f} | {r['kl']:.4g} | {kept} | {r['tokens']:,} | {r['seconds']:.0f} |")
+    lines += targets_lines(res)
     lines.append("")
     lines.append(f"Device: {res['device']}; {res['date']}; command: `{res['command']}`")
     return "\n".join(lines)
+
+
+def targets_lines(res: dict) -> list[str]:
+    """Issue 7's targets against the results: at -12% keep >= 95% of the task answers, and beat layer dropping at
+    equal size (layer dropping cannot hit a size exactly, so DeltaLLM must beat it at the sizes on both sides)."""
+    orig = res["original"]["params"]
+    out = []
+    for red in sorted({r["reduction"] for r in res["results"]}):
+        dl = next((r for r in res["results"] if r["method"] == "deltallm" and r["reduction"] == red), None)
+        if dl is None or dl["kept"] is None:
+            continue
+        drops = [r for r in res["results"] if r["method"] == "layerdrop" and r["reduction"] == red]
+        drops += [{**d["layerdrop_one_fewer"]} for d in res.get("details", [])
+                  if d.get("reduction") == red and d.get("layerdrop_one_fewer")]
+        beats = [f"{100 * d['kept']:.1f}% at {100 * (1 - d['params'] / orig):.1f}%" for d in drops if d.get("kept") is not None]
+        won = all(dl["kept"] > d["kept"] for d in drops if d.get("kept") is not None) if drops else None
+        goal = " (target ≥ 95%: " + ("met" if dl["kept"] >= 0.95 else f"missed by {100 * (0.95 - dl['kept']):.1f} points") + ")" \
+            if abs(red - 0.12) < 1e-9 else ""
+        out.append(f"- −{100 * red:g}%: DeltaLLM keeps {100 * dl['kept']:.1f}% of the answers{goal}; layer dropping "
+                   f"keeps {', '.join(beats) or 'n/a'} of the parameters removed: "
+                   f"{'beaten' if won else 'not beaten' if won is not None else 'no comparison'}.")
+    return ["", "**Targets** (issue 7):", ""] + out if out else []
 
 
 def main(argv=None) -> None:
