@@ -274,5 +274,16 @@ def test_self_chat_samples_are_seeded_and_disjoint_from_eval_tasks(tmp_path):
     b = self_chat_texts(model, tok, 6, seed=3, max_new_tokens=5, batch=4)
     assert a == b and 1 <= len(a) <= 6
     assert all("user :" in t and "assistant :" in t for t in a)
+    # cache: written once, reused with the same settings (even if the model would now sample otherwise), ignored
+    # and rewritten when a setting differs or the file is damaged
+    cache = tmp_path / "c" / "self_chat.json"
+    assert self_chat_texts(model, tok, 6, seed=3, max_new_tokens=5, batch=4, cache=cache) == a and cache.is_file()
+    stored = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**stored, "texts": ["sentinel"]}))
+    assert self_chat_texts(model, tok, 6, seed=3, max_new_tokens=5, batch=4, cache=cache) == ["sentinel"]
+    assert self_chat_texts(model, tok, 6, seed=4, max_new_tokens=5, batch=4, cache=cache) != ["sentinel"]
+    assert json.loads(cache.read_text())["key"]["seed"] == 4
+    cache.write_text("{not json")
+    assert self_chat_texts(model, tok, 6, seed=3, max_new_tokens=5, batch=4, cache=cache) == a
     tok.chat_template = None
     assert self_chat_texts(model, tok, 6) == []

@@ -131,7 +131,8 @@ def run(args) -> dict:
                           local_steps=args.local_steps, replace_frac=args.replace_frac)
         t = time.perf_counter()
         train_texts, held_texts = split_docs(load_docs(args.data))
-        chat = self_chat_texts(original, tok, args.self_chat, seed=args.seed, docs=train_texts, progress=not args.quiet)
+        chat = self_chat_texts(original, tok, args.self_chat, seed=args.seed, docs=train_texts, progress=not args.quiet,
+                               cache=Path(args.cache_dir) / "self_chat.json" if args.cache_dir else None)
         train_texts = train_texts + chat
         train_w = windows(tok, train_texts, args.seq_len, cfg.steps * cfg.batch_size, seed=args.seed)
         held_w = windows(tok, held_texts, args.seq_len, args.eval_windows, seed=args.seed)
@@ -331,6 +332,8 @@ def main(argv=None) -> None:
     ap.add_argument("--criterion", default="kl", choices=["kl", "residual"])
     ap.add_argument("--data", default=None, help="training/held-out text file (default: Python's own docs)")
     ap.add_argument("--self-chat", type=int, default=None, help="samples the original generates for training (default 2048; smoke 8; 0: off)")
+    ap.add_argument("--cache-dir", default=None, help="keep the self-chat samples here and reuse them in later runs "
+                    "with the same settings (saves minutes of GPU time per run)")
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--calib-windows", type=int, default=16)
     ap.add_argument("--per-task", type=int, default=24, help="items per generated task family")

@@ -131,18 +131,54 @@ def chat_prompts(n: int, seed: int = 0, docs: list[str] | None = None) -> list[s
     return out
 
 
-@torch.no_grad()
+def _self_chat_key(model, n: int, seed: int, max_new_tokens: int, prompts: list[str]) -> dict:
+    """What the samples depend on: a cache entry is reused only when all of it matches."""
+    digest = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()
+    params = sum(p.numel() for p in model.parameters())
+    return {"model": str(getattr(model.config, "_name_or_path", "")), "params": params, "n": n, "seed": seed,
+            "max_new_tokens": max_new_tokens, "prompts_sha256": digest}
+
+
 def self_chat_texts(model, tokenizer, n: int, *, seed: int = 0, max_new_tokens: int = 96, batch: int = 64,
-                    docs: list[str] | None = None, progress: bool = False) -> list[str]:
+                    docs: list[str] | None = None, progress: bool = False, cache: str | Path | None = None) -> list[str]:
     """The original model's own (sampled, seeded) answers to `chat_prompts`, each rendered as one chat document.
     Returns [] for n <= 0 or a tokenizer without a chat template (plain-text models: docs alone are the right
-    distribution there)."""
+    distribution there).
+
+    `cache` (a JSON file): reuse the samples written there by an earlier call with the same model, prompts and
+    settings, else generate and write them. A resumed training run must see the same text (sampling on a GPU is not
+    guaranteed to repeat across processes), and generating them is minutes of GPU time."""
     if n <= 0 or not getattr(tokenizer, "chat_template", None):
         return []
+    prompts = chat_prompts(n, seed, docs)
+    key = _self_chat_key(model, n, seed, max_new_tokens, prompts)
+    if cache is not None and Path(cache).is_file():
+        import json
+
+        try:
+            stored = json.loads(Path(cache).read_text())
+        except (OSError, ValueError) as e:
+            log.warning("self-chat cache %s unreadable (%s): generating again", cache, e)
+            stored = {}
+        if stored.get("key") == key and isinstance(stored.get("texts"), list):
+            log.info("self-chat: %d samples from %s", len(stored["texts"]), cache)
+            return stored["texts"]
+        log.info("self-chat cache %s was made with other settings: generating again", cache)
+    texts = _generate_self_chat(model, tokenizer, prompts, seed, max_new_tokens, batch, progress)
+    if cache is not None:
+        from deltapack.io.writer import write_json_atomic
+
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(cache), {"key": key, "texts": texts})
+    return texts
+
+
+@torch.no_grad()
+def _generate_self_chat(model, tokenizer, prompts: list[str], seed: int, max_new_tokens: int, batch: int,
+                        progress: bool) -> list[str]:
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    prompts = chat_prompts(n, seed, docs)
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

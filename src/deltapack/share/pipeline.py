@@ -81,7 +81,9 @@ def share(
     t_start = time.perf_counter()
     model, tok, src_dir = load_original(model_ref, dev)
     train_texts, held_texts = split_docs(load_docs(data))
-    chat = self_chat_texts(model, tok, self_chat, seed=cfg.seed, docs=train_texts, progress=progress)
+    # kept beside the checkpoints: a resumed run trains on exactly the same text
+    chat = self_chat_texts(model, tok, self_chat, seed=cfg.seed, docs=train_texts, progress=progress,
+                           cache=ckpt / "self_chat.json")
     train_texts = train_texts + chat  # windows() shuffles documents, so the chat samples spread over training
     need = cfg.steps * cfg.batch_size
     train_w = windows(tok, train_texts, cfg.seq_len, need, seed=cfg.seed)
