@@ -117,6 +117,12 @@ def test_trace_simulation_sweep_and_kernels_at_bound():
     light, heavy = sweep[0], sweep[-1]
     assert light["deltapack"]["ttft_p99"] < light["swap"]["ttft_p99"]  # no swap wait at low load
     assert heavy["deltapack"]["throughput"] > light["deltapack"]["throughput"]
+    # a measured base prefill (what a swapped-in merged model pays) replaces the delta prefill for swap only
+    notes2: dict = {}
+    faster = run.simulate_trace({**costs, "prefill_base_s": {"1": 0.01, "8": 0.04}}, tc, notes2)
+    assert faster[0] == recs[0]  # deltapack unchanged
+    assert faster[1]["ttft_p50"] < recs[1]["ttft_p50"]
+    assert "measured" in notes2["trace"]["swap_prefill"] and "overstates" in notes["trace"]["swap_prefill"]
     data = {"trace": recs, "notes": notes}
     t = run.targets(data)["trace_10x_swap_throughput"]
     assert t["saturated"]["offered_load"] == run.TRACE_LOADS[-1]

@@ -88,7 +88,8 @@ def bench_lines(sv: dict) -> list[str]:
                 f"{costs['delta_extra_s_at_expected_distinct'] * 1e3:.1f} ms (the bound would be "
                 f"{costs['delta_extra_s_at_bound'] * 1e3:.1f} ms), one 128-token prefill with deltas takes "
                 f"{costs['prefill_s_one_prompt'] * 1e3:.0f} ms, and swapping a merged model in from pinned memory "
-                f"{costs['swap_s'] * 1e3:.0f} ms, which Zipf popularity amortises over large per-tenant batches.", "",
+                f"{costs['swap_s'] * 1e3:.0f} ms, which Zipf popularity amortises over large per-tenant batches. "
+                f"Swap's prefill in this simulation: {sv['notes']['trace'].get('swap_prefill', 'as deltapack')}.", "",
                 "| target (issue 6) | measured | met |", "|---|---|---|"]
     for key, v in t.get("resident_50_tenants_16x", {}).items():
         out.append(f"| ≥ 50 resident 16x tenants per 80 GB: {key} | {v['tenants']} | {'yes' if v['met'] else 'no'} |")

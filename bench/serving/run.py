@@ -431,22 +431,28 @@ def part_trace(world: World, notes: dict) -> list[dict]:
     # prefill of prompts with deltas (eager, as the engine prefills), by number of prompts
     if tenants is None:
         tenants = [world.tenant("delta-come", tc["ratio"], shapes, i) for i in range(max(tc["ks"]))]
-    world.install(tenants[: max(tc["ks"])])
-    prefill = {}
     vocab = cfg["model"]["vocab"]
-    for n in cfg["prefill_batches"]:
+
+    def prefill_s(n: int, rows: list[int]) -> float:
         dec = world.decoder(n, tc["prompt"] + 4)
         prompts = [[random.randrange(3, vocab) for _ in range(tc["prompt"])] for _ in range(n)]
-        dec.prefill(prompts, list(range(n)))  # warm
+        dec.prefill(prompts, rows)  # warm
         world.sync()
         t0 = time.perf_counter()
         for _ in range(3):
-            dec.prefill(prompts, list(range(n)))
+            dec.prefill(prompts, rows)
         world.sync()
-        prefill[n] = (time.perf_counter() - t0) / 3
-        log(f"trace costs: prefill of {n} x {tc['prompt']} tokens: {prefill[n] * 1e3:.1f} ms")
         del world.decoders[(n, tc["prompt"] + 4)]
+        return (time.perf_counter() - t0) / 3
+
+    # deltapack prefills with each prompt's delta; a swapped-in merged model prefills as the plain base does
+    world.install(tenants[: max(tc["ks"])])
+    prefill = {n: prefill_s(n, list(range(n))) for n in cfg["prefill_batches"]}
     world.install([])
+    prefill_base = {n: prefill_s(n, [-1] * n) for n in cfg["prefill_batches"]}
+    for n in cfg["prefill_batches"]:
+        log(f"trace costs: prefill of {n} x {tc['prompt']} tokens: {prefill[n] * 1e3:.1f} ms with deltas, "
+            f"{prefill_base[n] * 1e3:.1f} ms base")
     del tenants
     gc.collect()
     # swapping one merged full model in from pinned CPU memory
@@ -467,7 +473,8 @@ def part_trace(world: World, notes: dict) -> list[dict]:
     else:
         swap = 0.26 * nbytes / 13.5e9  # the GPU figure (GPU.md), scaled to the smoke model's bytes
     log(f"trace costs: swap of {nbytes / 1e9:.2f} GB: {swap * 1e3:.1f} ms")
-    costs = {"decode_base_s": base, "decode_extra_s": extra, "prefill_s": prefill, "swap_s": swap}
+    costs = {"decode_base_s": base, "decode_extra_s": extra, "prefill_s": prefill, "prefill_base_s": prefill_base,
+             "swap_s": swap}
     return simulate_trace(costs, tc, notes)
 
 
@@ -484,7 +491,8 @@ def simulate_trace(costs_s: dict, tc: dict, notes: dict) -> list[dict]:
         return {int(k): float(v) for k, v in d.items()}
 
     costs = ts.Costs(keyed(costs_s["decode_base_s"]), keyed(costs_s["decode_extra_s"]), keyed(costs_s["prefill_s"]),
-                     float(costs_s["swap_s"]))
+                     float(costs_s["swap_s"]),
+                     keyed(costs_s["prefill_base_s"]) if costs_s.get("prefill_base_s") else None)
     B = tc["batch"]
     distinct = ts.expected_distinct(tc["tenants"], B)
     capacity = ts.capacity_rps(costs, B, round(distinct), tc["out"])
@@ -494,7 +502,7 @@ def simulate_trace(costs_s: dict, tc: dict, notes: dict) -> list[dict]:
     ratio = float((notes.get("decode", {}).get("effective_ratio") or {}).get(f"delta-come {tc['ratio']:g}x", tc["ratio"]))
     b_full = costs.decode(B, 0)
     at_bound = ts.Costs(costs.decode_base, {k: b_full * k / ratio for k in costs.decode_extra}, costs.prefill,
-                        costs.swap_s)
+                        costs.swap_s, costs.prefill_base)
 
     def run(load: float, bound: bool = False) -> list[dict]:
         trace = ts.make_trace(tc["requests"], tc["tenants"], load * capacity, tc["out"], seed=0)
@@ -524,6 +532,9 @@ def simulate_trace(costs_s: dict, tc: dict, notes: dict) -> list[dict]:
         "output_tokens": tc["out"], "max_batch": B, "expected_distinct_tenants_per_full_batch": round(distinct, 1),
         "costs": costs_s,
         "swap_policy": "oldest waiting request's tenant next, all its waiting requests as one static batch",
+        "swap_prefill": ("the base's prefill, measured (prefill_base_s)" if costs.prefill_base else
+                         "the prefill WITH deltas (no base prefill was measured in this run): this overstates the swap "
+                         "system's prefill, so its throughput and TTFT here are pessimistic"),
         "sweep": sweep,
         "step_costs_at_full_batch": {
             "base_step_s": round(b_full, 5),

@@ -6,7 +6,8 @@ the GPU (`Costs`), so both systems see the same requests and the same hardware.
              tenants costs decode(B, k).
   swap       one merged full model on the GPU at a time; the oldest waiting request's tenant is served next with all
              its waiting requests as one static batch (up to the batch limit): swap its weights in from pinned CPU
-             memory if another tenant's are loaded (swap_s), prefill, decode until the batch is done; then the next.
+             memory if another tenant's are loaded (swap_s), prefill (as the base: prefill_base), decode until the
+             batch is done; then the next.
 
 Metrics: throughput = generated tokens / (last completion - first arrival); TTFT = first token - arrival; ITL = gaps
 between a request's consecutive tokens. Deterministic for a seed.
@@ -23,12 +24,14 @@ from dataclasses import dataclass, field
 class Costs:
     """Measured seconds. decode_base[B] per decode step of the base (or one merged model) at batch B; decode_extra[k]
     the extra time of a step whose rows hold k distinct tenants (measured at the largest batch, interpolated in k);
-    prefill[B] for B prompts of `prompt_len` tokens; swap_s to load one merged model."""
+    prefill[B] for B prompts of `prompt_len` tokens with their deltas; prefill_base[B] the same without deltas (a
+    merged model; None: use prefill); swap_s to load one merged model."""
 
     decode_base: dict[int, float]
     decode_extra: dict[int, float]
     prefill: dict[int, float]
     swap_s: float
+    prefill_base: dict[int, float] | None = None
 
     @staticmethod
     def _interp(table: dict[int, float], x: float) -> float:
@@ -46,6 +49,9 @@ class Costs:
 
     def prefill_s(self, n: int) -> float:
         return self._interp(self.prefill, n)
+
+    def prefill_merged_s(self, n: int) -> float:
+        return self._interp(self.prefill_base or self.prefill, n)
 
 
 @dataclass
@@ -120,7 +126,7 @@ def simulate_swap(trace: list[Request], costs: Costs, max_batch: int) -> list[Re
         if loaded != tenant:
             clock += costs.swap_s
             loaded = tenant
-        clock += costs.prefill_s(len(batch))
+        clock += costs.prefill_merged_s(len(batch))
         for r in batch:
             r.tokens.append(clock)
         live = [r for r in batch if r.out_len > 1]
