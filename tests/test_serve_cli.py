@@ -46,7 +46,7 @@ def test_cli_serve_subprocess(tmp_path):
         torch.set_num_threads(n)
     port = free_port()
     cmd = [sys.executable, "-c", "from deltapack.cli import main; main()", "serve", str(tmp_path / "base"), "--delta", f"a={delta}",
-           "--port", str(port), "--served-model-name", "base", "--max-batch", "4"]
+           "--port", str(port), "--served-model-name", "base", "--max-batch", "4", "--warmup", "on"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
@@ -70,3 +70,4 @@ def test_cli_serve_subprocess(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0
+    assert "warm-up done" in proc.stdout.read().decode()  # --warmup on ran before the server listened

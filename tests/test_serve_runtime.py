@@ -165,3 +165,30 @@ def test_delta_larger_than_device_budget(env):
         r = httpx.post(f"{url}/v1/deltas", json={"name": "a", "path": "a"})
         assert r.status_code == 400 and "budget" in r.json()["error"]["message"]
 
+
+
+def test_warmup_runs_every_model_once_and_loads_the_deltas(env):
+    """`serve --warmup`: one short request per model before listening; every delta is loaded to a tier, the engine
+    is idle afterwards, and real requests still equal the merged models."""
+    from deltapack.serve.app import warmup
+
+    d, root, deltas, refs = env
+    with running_server(d / "base", list(deltas.items()), device="cpu", dtype="float32", max_batch=2) as (state, url):
+        outcome = warmup(state, prompt_tokens=5, max_tokens=2)
+        assert outcome == {"base": "length", "a": "length", "b": "length", "c": "length"}
+        # every delta reached the device tier (the budget holds all three) and got a slot
+        assert all(t.tier == "device" and t.slot is not None for t in state.tiers.tenants.values())
+        assert _wait_idle(state)
+        for name in deltas:
+            assert _gen(url, name).json()["choices"][0]["token_ids"] == refs[name]
+        state.tiers.tenants["b"].removed = True  # an unloaded delta is skipped, not warmed
+        assert set(warmup(state, prompt_tokens=5, max_tokens=1)) == {"base", "a", "c"}
+
+
+def _wait_idle(state, timeout=10.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if state.engine.snapshot()["running"] == 0:
+            return True
+        time.sleep(0.05)
+    return False

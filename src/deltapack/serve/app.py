@@ -83,6 +83,42 @@ def build_server(
     return ServerState(runner, tiers, engine, metrics, name, root, verify_base)
 
 
+def warmup(state: ServerState, *, prompt_tokens: int = 24, max_tokens: int = 3, timeout_s: float = 1800.0) -> dict:
+    """Send one short greedy request for the base and for every registered delta at once, and wait for them: the
+    kernels the first real requests would need (prefill blocks, mixed-tenant decode steps, every bit width the
+    deltas use) are compiled and the deltas loaded before the server answers /health. Triton compiles each kernel
+    variant on first use (minutes for a full set, cached on disk afterwards); without this, the first users pay it.
+    Returns {model: finish reason or error}. Warm-up requests are counted in /metrics like any other."""
+
+    from deltapack.serve.engine import ErrorEvent, FinishEvent, GenRequest
+    from deltapack.serve.sampling import SamplingParams
+
+    names = [state.base_name] + [n for n, t in state.tiers.tenants.items() if not t.removed]
+    done = threading.Event()
+    outcome: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def emit(name: str, ev) -> None:
+        if isinstance(ev, (FinishEvent, ErrorEvent)):
+            with lock:
+                outcome[name] = ev.reason if isinstance(ev, FinishEvent) else f"error {ev.status}: {ev.message}"
+                if len(outcome) == len(names):
+                    done.set()
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    for i, name in enumerate(names):
+        target = resolve_model(state, name)
+        ids = [(7 + 13 * j) % max(2, target.vocab) for j in range(prompt_tokens)]  # any valid ids: only shapes matter
+        state.engine.submit(GenRequest(f"warmup-{i}", name, target.tenant, ids, params, partial(emit, name),
+                                       target.tokenizer, target.vocab, target.eos_ids))
+    if not done.wait(timeout_s):
+        raise DeltapackError(f"warm-up did not finish in {timeout_s:.0f} s (finished: {sorted(outcome)})")
+    bad = {n: o for n, o in outcome.items() if o.startswith("error")}
+    if bad:
+        raise DeltapackError(f"warm-up failed: {bad}")
+    return outcome
+
+
 # ---- helpers --------------------------------------------------------------------------------------------------------
 class ClientGone(Exception):
     pass

@@ -34,14 +34,20 @@ def register(main: click.Group) -> None:
     @click.option("--max-prefill-tokens", default=4096, show_default=True, type=int, help="padded tokens per prefill forward")
     @click.option("--served-model-name", default=None, help="name of the base model in the API (default: BASE as given)")
     @click.option("--no-verify-base", is_flag=True, help="skip the full-content check that deltas were made against this base")
-    def serve(base, deltas, delta_root, host, port, max_batch, gpu_delta_bytes, cpu_delta_bytes, device, dtype, kernels, max_model_len, max_prefill_tokens, served_model_name, no_verify_base):
+    @click.option("--warmup", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                  help="before listening, run one short request per model so kernels compile and deltas load "
+                       "(auto: on with the Triton kernels, whose first compile takes minutes)")
+    def serve(base, deltas, delta_root, host, port, max_batch, gpu_delta_bytes, cpu_delta_bytes, device, dtype, kernels, max_model_len, max_prefill_tokens, served_model_name, no_verify_base, warmup):
         """Serve BASE and compressed fine-tunes of it over an OpenAI-compatible HTTP API.
 
         Every request names a model: the base (BASE, or --served-model-name) or a delta NAME. Requests for different
         deltas share one batch; each delta is applied from its compressed form, never merged.
         """
+        import time
+
         from deltapack.cli import _size
         from deltapack.serve.app import build_server, serve_forever
+        from deltapack.serve.app import warmup as run_warmup
 
         state = build_server(
             base,
@@ -58,6 +64,11 @@ def register(main: click.Group) -> None:
             served_model_name=served_model_name,
             verify_base=not no_verify_base,
         )
+        if warmup == "on" or (warmup == "auto" and state.runner.state.kernels.name == "triton"):
+            t0 = time.perf_counter()
+            click.echo(f"warming up {1 + len(state.tiers.tenants)} models (kernel compilation, delta loads)...", err=True)
+            run_warmup(state)
+            click.echo(f"warm-up done in {time.perf_counter() - t0:.1f} s", err=True)
         click.echo(
             f"serving {state.base_name} + {len(state.tiers.tenants)} deltas on http://{host}:{port} "
             f"({state.runner.device}, {str(state.runner.dtype).replace('torch.', '')}, kernels={state.runner.state.kernels.name})",
