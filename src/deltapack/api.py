@@ -36,9 +36,12 @@ def _check_base(delta: DeltaDir, base: ModelSource) -> None:
         )
 
 
-def merged_specs(base: ModelSource, delta: DeltaDir) -> list[TensorSpec]:
+def merged_specs(base: ModelSource, delta: DeltaDir, merge_dtype: torch.dtype | None = None) -> list[TensorSpec]:
     """(name, dtype, shape) of every tensor of the rebuilt fine-tune, known before anything is decoded: the base's
-    tensors the fine-tune kept (sorted by name), then the tensors it added."""
+    tensors the fine-tune kept (sorted by name), then the tensors it added; floating ones in `merge_dtype` if given
+    (what MergedTensors with the same merge_dtype returns)."""
+    if merge_dtype is not None:
+        return [(n, merge_dtype if dt.is_floating_point else dt, shape) for n, dt, shape in merged_specs(base, delta)]
     man = delta.manifest
     removed = set(man.removed)
     specs: list[TensorSpec] = []
@@ -57,6 +60,8 @@ def merged_specs(base: ModelSource, delta: DeltaDir) -> list[TensorSpec]:
 
 class MergedTensors:
     """Fine-tune tensors by name, in any order, one at a time: base tensor (read by byte range) + decoded delta.
+    With `merge_dtype`, every floating tensor comes out in that dtype, changed ones summed without rounding to the
+    fine-tune's dtype first.
 
     `finish()` reads whatever base tensors were not asked for and raises MismatchError if the base's content
     fingerprint differs from the one recorded; callers write to temp paths and call it before committing."""
@@ -77,10 +82,11 @@ class MergedTensors:
 
     def __call__(self, n: str) -> torch.Tensor:
         te = self.delta.manifest.tensors.get(n)
-        if te is not None and not te.in_base:
-            return self.delta.merge_tensor(n, None, self.merge_dtype)
+        if te is not None:
+            dtype = self.merge_dtype if getattr(torch, te.dtype).is_floating_point else None
+            return self.delta.merge_tensor(n, self._base_tensor(n) if te.in_base else None, dtype)
         b = self._base_tensor(n)
-        return self.delta.merge_tensor(n, b, self.merge_dtype) if te is not None else b
+        return b.to(self.merge_dtype) if self.merge_dtype is not None and b.is_floating_point() else b
 
     def finish(self) -> None:
         man = self.delta.manifest
@@ -98,7 +104,7 @@ def iter_merged(base: ModelSource, delta: DeltaDir, *, progress: bool = False, v
     """Yield (name, fine-tune tensor) for every tensor of the fine-tune, streaming. Raises MismatchError at the end
     if the base's content fingerprint differs from the one recorded (callers write to temp paths first)."""
     merged = MergedTensors(base, delta, verify_base=verify_base, merge_dtype=merge_dtype)
-    specs = merged_specs(base, delta)
+    specs = merged_specs(base, delta, merge_dtype)
     for n, _, _ in tqdm(specs, desc="merge", disable=not progress):
         yield n, merged(n)
     merged.finish()
@@ -127,17 +133,9 @@ def merge(
     d.check()
     bsrc = open_model(base)
     merged = MergedTensors(bsrc, d, verify_base=verify_base, merge_dtype=dtype)
-    specs = merged_specs(bsrc, d)
-    tensor_fn = merged
-    if dtype is not None:
-        specs = [(n, dtype if dt.is_floating_point else dt, shape) for n, dt, shape in specs]
-
-        def tensor_fn(n: str) -> torch.Tensor:
-            t = merged(n)
-            return t.to(dtype) if t.is_floating_point() else t
-
     with AtomicDir(out, overwrite=overwrite) as tmp:
-        write_weights(tmp, specs, tensor_fn, max_shard_bytes=max_shard_bytes, desc="merge", progress=progress)
+        write_weights(tmp, merged_specs(bsrc, d, dtype), merged, max_shard_bytes=max_shard_bytes, desc="merge",
+                      progress=progress)
         merged.finish()
         _copy_aux(d, bsrc, tmp)
         if dtype is not None:
@@ -175,8 +173,8 @@ def _copy_aux(d: DeltaDir, bsrc: ModelSource, dest: Path) -> None:
 
 def merged_state_dict(base: str | os.PathLike | ModelSource, delta: str | os.PathLike | DeltaDir, *, verify_base=True,
                       merge_dtype: torch.dtype | None = None):
-    """name -> tensor of the rebuilt fine-tune. Changed tensors come out in the fine-tune's dtype, as `merge` writes
-    them, unless `merge_dtype` says otherwise (float32: base + delta unrounded)."""
+    """name -> tensor of the rebuilt fine-tune, as `merge` writes it: in the fine-tune's dtypes, or with `merge_dtype`
+    every floating tensor in that dtype (float32: base + delta unrounded, as `merge --dtype float32`)."""
     bsrc = base if isinstance(base, ModelSource) else open_model(base)
     d = delta if isinstance(delta, DeltaDir) else DeltaDir.open(delta)
     d.check()
