@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import logging
 import random
 import sysconfig
@@ -153,8 +154,6 @@ def self_chat_texts(model, tokenizer, n: int, *, seed: int = 0, max_new_tokens: 
     prompts = chat_prompts(n, seed, docs)
     key = _self_chat_key(model, n, seed, max_new_tokens, prompts)
     if cache is not None and Path(cache).is_file():
-        import json
-
         try:
             stored = json.loads(Path(cache).read_text())
         except (OSError, ValueError) as e:
