@@ -225,6 +225,30 @@ def test_mixed_tenants_forced_split(mode, dtype):
             assert torch.all(y[t] == 0)
 
 
+@pytest.mark.parametrize("split", [None, 2], ids=["nosplit", "split2"])
+@pytest.mark.parametrize("mode", ["decode", "prefill"])
+def test_post_scaled_factors(mode, split):
+    """Per-rank B scales (delta-come's per-row grids): the V side writes z * s and the constant column, the U side
+    loads no scales; same result as the column-scale path, with and without reduction splits, next to a 16-bit
+    group (lowrank: no post-scale) in the same launch."""
+    dtype = torch.bfloat16
+    fast = tk.TritonKernels(tk.LaunchConfig(split=split))
+    plain = tk.TritonKernels(tk.LaunchConfig(split=split, post_scale=False))
+    lay, exact = _layer(fast, ["deltacome_rows", "lowrank", "deltacome_rows"], dtype, slots=[0, 2, 5])
+    tokens, slots = _tokens(mode)
+    slots = torch.where(slots == 1, torch.full_like(slots, 5), slots)  # slot 5 holds the second delta-come tenant
+    tokens = TokenSlots(slots, [(s, torch.nonzero(slots == s).flatten()) for s in sorted(set(slots.tolist()))])
+    x = torch.randn(slots.numel(), N, generator=torch.Generator().manual_seed(3)).to(dtype)
+    y = fast.linear(x, tokens, lay)
+    plan = lay.cache["triton"][(x.device, x.dtype)]
+    assert plan.v.post == tk.POST_V and plan.u.post == tk.POST_U and plan.v.width == plan.rank + 1
+    assert _rel(y, _want(x, slots, exact)) < TOL[dtype]
+    lay.cache.clear()
+    y_plain = plain.linear(x, tokens, lay)
+    assert lay.cache["triton"][(x.device, x.dtype)].u.post == tk.POST_NONE
+    assert _rel(y, y_plain) < TOL[dtype]
+
+
 def test_unknown_composition():
     """TokenSlots without host-side groups (slot ids only): blocks are sized by the device-side bound."""
     k = get_kernels("triton")

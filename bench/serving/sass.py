@@ -42,14 +42,15 @@ LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*(
 SEG_SIG = {
     "x_ptr": "*bf16", "stride_x": "i32", "out_ptr": "*fp32", "stride_o": "i32", "order_ptr": "*i32",
     "blk_slot_ptr": "*i32", "blk_start_ptr": "*i32", "blk_len_ptr": "*i32", "ptr_tab": "*i64", "tile_tab": "*i32",
-    "seg_tab": "*i32", "NT": "i32", "NSEG": "i32",
+    "seg_tab": "*i32", "NT": "i32", "NSEG": "i32", "ccol": "i32",
 }
 ELL_SIG = {
     "x_ptr": "*bf16", "stride_x": "i32", "out_ptr": "*bf16", "stride_o": "i32", "order_ptr": "*i32",
     "blk_slot_ptr": "*i32", "blk_start_ptr": "*i32", "blk_len_ptr": "*i32", "ptr_tab": "*i64", "M": "i32",
 }
 DELTA_COME = (1 << 2) | (1 << 3) | (1 << 8)  # widths of delta-come's paper recipe: 8, 3, 2 bits
-ROW, ROWTILE, COL, ELEM = 1 << 1, 1 << 2, 1 << 3, (1 << 4) | (1 << 5)
+ROW, ROWTILE, COL, ELEM, UNIT = 1 << 1, 1 << 2, 1 << 3, (1 << 4) | (1 << 5), 1 << 6
+POST_V, POST_U = 1, 2  # post-scaled factors (kernels.py): the backend's launches for per-rank B scales
 
 
 def variants(cfg: LaunchConfig) -> list[dict]:
@@ -57,7 +58,7 @@ def variants(cfg: LaunchConfig) -> list[dict]:
     out = []
 
     def seg(name, bt, widths, modes, *, x="*bf16", sign=False, scf32=False, split=1, fdt=tl.bfloat16, xdt=tl.bfloat16,
-            ieee=False):
+            ieee=False, post=0):
         dot = bt > cfg.bcast_max_tokens
         bk = cfg.block_k_dot if dot else cfg.block_k
         if dot and xdt == tl.float32:
@@ -67,12 +68,13 @@ def variants(cfg: LaunchConfig) -> list[dict]:
             "codes_per_thread": cfg.block_r * bk / (32 * cfg.num_warps),
             "const": {"BLOCK_T": bt, "BLOCK_R": cfg.block_r, "BLOCK_K": bk, "BLOCK_F": cfg.block_f, "SPLIT_K": split,
                       "WIDTHS": widths, "MODES": modes, "SIGN": sign, "SC_F32": scf32, "FDT": fdt, "XDT": xdt,
-                      "DOT": dot, "UPCAST": False, "IEEE": ieee, "ATOMIC": split > 1},
+                      "DOT": dot, "UPCAST": False, "IEEE": ieee, "ATOMIC": split > 1, "POST": post},
         })
 
     for bt in (1, 2, 16):
-        seg(f"delta-come V side, {bt} token(s)/tenant", bt, DELTA_COME, ROW)
-        seg(f"delta-come U side, {bt} token(s)/tenant", bt, DELTA_COME, COL, x="*fp32")
+        seg(f"delta-come V side, {bt} token(s)/tenant", bt, DELTA_COME, ROW, post=POST_V)
+        seg(f"delta-come U side, {bt} token(s)/tenant", bt, DELTA_COME, UNIT, x="*fp32", post=POST_U)
+    seg("delta-come U side, grouped B scales (COL), 1 token", 1, DELTA_COME, COL, x="*fp32")
     seg("2-bit V side, decode 1 token", 1, 1 << 2, ROW)
     seg("2-bit U side, decode 1 token", 1, 1 << 2, COL, x="*fp32")
     seg("2-bit V side, decode 2 tokens", 2, 1 << 2, ROW)

@@ -93,6 +93,8 @@ class LaunchConfig:
     programs_per_sm: int = 4  # reduction splits aim at this many programs per SM
     split: int | None = None  # force every reduction split (tests)
     num_warps: int = 4
+    num_stages: int | None = None  # software-pipelining depth of the K loops (None: Triton's default)
+    post_scale: bool = True  # factors with per-rank B scales: the V side applies them (kernels.py docstring)
 
 
 def token_blocks(slot_ids: torch.Tensor, num_slots: int, block_t: int, num_blocks: int):
@@ -131,16 +133,17 @@ def token_blocks(slot_ids: torch.Tensor, num_slots: int, block_t: int, num_block
 
 
 # ---- per-layer plans ------------------------------------------------------------------------------------------------
-MODE_FLOAT, MODE_ROW, MODE_ROWTILE, MODE_COL, MODE_ELEM_ROW, MODE_ELEM_COL = range(6)
+MODE_FLOAT, MODE_ROW, MODE_ROWTILE, MODE_COL, MODE_ELEM_ROW, MODE_ELEM_COL, MODE_UNIT = range(7)
+POST_NONE, POST_V, POST_U = range(3)  # post-scaled factors (kernels.py docstring): V side scales z, U side adds c
 
 
 @dataclass
 class _SegLaunch:
     """Launch data of one _seg_kernel launch for a layer: per-slot pointers, tiles (row blocks) and segments."""
 
-    ptr: torch.Tensor  # (S, 4) int64: words, scale, zero, floats
+    ptr: torch.Tensor  # (S, 6) int64: words, scale, zero, floats, post scale, post zero
     tiles: torch.Tensor  # (S, NT, 5) int32: rows, out row, segment row, first segment, segment count
-    segs: torch.Tensor  # (S, NSEG, 9) int32: bits, k begin, k length, rows, base, mode, scale base, stride, gs
+    segs: torch.Tensor  # (S, NSEG, 10) int32: bits, k begin, k length, rows, base, mode, scale base, stride, gs, post
     nt: int
     nseg: int
     widths: int  # bit b: some segment holds b-bit codes; bit 0: 16-bit values
@@ -152,6 +155,8 @@ class _SegLaunch:
     sc_f32: bool
     fdt: object
     width: int  # output columns
+    post: int = POST_NONE
+    ccol: int = 0  # POST launches: the column of z holding c
 
 
 @dataclass
@@ -184,16 +189,16 @@ def _ptr(t: torch.Tensor | None) -> int:
 class _SegBuilder:
     def __init__(self, S: int, block_r: int):
         self.S, self.block_r = S, block_r
-        self.ptr = torch.zeros(S, 4, dtype=torch.int64)
+        self.ptr = torch.zeros(S, 6, dtype=torch.int64)
         self.tiles: dict[int, list[list[int]]] = {}
         self.segs: dict[int, list[list[int]]] = {}
         self.widths = self.modes = self.kmax = 0
         self.floats: list[torch.Tensor] = []
 
     def seg(self, s: int, bits: int, kbeg: int, klen: int, rows: int, base: int, mode: int, sbase: int, stride: int,
-            gs: int) -> int:
+            gs: int, post: int = -1) -> int:
         segs = self.segs.setdefault(s, [])
-        segs.append([bits, kbeg, klen, rows, base, mode, sbase, stride, max(1, gs)])
+        segs.append([bits, kbeg, klen, rows, base, mode, sbase, stride, max(1, gs), post])
         self.widths |= 1 if bits >= 16 else 1 << bits
         self.modes |= 1 << mode
         self.kmax = max(self.kmax, klen)
@@ -203,10 +208,11 @@ class _SegBuilder:
         for t0 in range(0, nrows, self.block_r):
             self.tiles.setdefault(s, []).append([min(self.block_r, nrows - t0), orow0 + t0, t0, first, count])
 
-    def build(self, device, *, block_k: int, block_k_dot: int, sign: bool, sc_f32: bool, fdt, width: int) -> _SegLaunch:
-        tiles, segs = _table(self.tiles, self.S, 5), _table(self.segs, self.S, 9)
+    def build(self, device, *, block_k: int, block_k_dot: int, sign: bool, sc_f32: bool, fdt, width: int,
+              post: int = POST_NONE, ccol: int = 0) -> _SegLaunch:
+        tiles, segs = _table(self.tiles, self.S, 5), _table(self.segs, self.S, 10)
         return _SegLaunch(self.ptr.to(device), tiles.to(device), segs.to(device), tiles.shape[1], segs.shape[1],
-                          self.widths, self.modes, block_k, block_k_dot, self.kmax, sign, sc_f32, fdt, width)
+                          self.widths, self.modes, block_k, block_k_dot, self.kmax, sign, sc_f32, fdt, width, post, ccol)
 
 
 def _block_k(gss: list[int], cap: int) -> tuple[int, dict[int, int]]:
@@ -270,12 +276,15 @@ def _build_plan(layer: LayerDeltas, device: torch.device, dtype: torch.dtype, cf
     if qf:
         a_gs = [g["A"]["gs"] if g["A"]["ng"] > 1 else 0 for p in qf.values() for g in p.meta["groups"] if g["bits"] < 16]
         bk, a_mode = _block_k(a_gs, cfg.block_k)
+        # post-scaled factors when every quantized B group has one scale per rank index (kernels.py docstring)
+        post = cfg.post_scale and all(g["B"]["ng"] == 1 for p in qf.values() for g in p.meta["groups"] if g["bits"] < 16)
         vb, ub = _SegBuilder(S, BR), _SegBuilder(S, BR)
         r16 = {}
         for s, p in qf.items():
             t = p.tensors
-            vb.ptr[s] = torch.tensor([_ptr(t["A.words"]), _ptr(t["A.scale"]), _ptr(t["A.zero"]), _ptr(t["A.float"])])
-            ub.ptr[s] = torch.tensor([_ptr(t["B.words"]), _ptr(t["B.scale"]), _ptr(t["B.zero"]), _ptr(t["B.float"])])
+            vb.ptr[s] = torch.tensor([_ptr(t["A.words"]), _ptr(t["A.scale"]), _ptr(t["A.zero"]), _ptr(t["A.float"]),
+                                      _ptr(t["B.scale"]) if post else 0, _ptr(t["B.zero"]) if post else 0])
+            ub.ptr[s, :4] = torch.tensor([_ptr(t["B.words"]), _ptr(t["B.scale"]), _ptr(t["B.zero"]), _ptr(t["B.float"])])
             r16[s] = t["B.float"].shape[1]
             ufirst = None
             for g in p.meta["groups"]:
@@ -285,10 +294,11 @@ def _build_plan(layer: LayerDeltas, device: torch.device, dtype: torch.dtype, cf
                     ui = ub.seg(s, 16, z0, r, M, B["f"], MODE_FLOAT, 0, r16[s], 1)
                 else:
                     mode = MODE_ROW if A["ng"] == 1 else a_mode[A["gs"]]
-                    vi = vb.seg(s, bits, 0, K, r, A["words"], mode, A["scale"], A["ng"], A["gs"] if A["ng"] > 1 else K)
+                    vi = vb.seg(s, bits, 0, K, r, A["words"], mode, A["scale"], A["ng"], A["gs"] if A["ng"] > 1 else K,
+                                post=B["scale"] if post else -1)
                     col_ok = B["ng"] == 1 or B["gs"] % BR == 0
-                    ui = ub.seg(s, bits, z0, r, M, B["words"], MODE_COL if col_ok else MODE_ELEM_COL, B["scale"],
-                                B["ng"], B["gs"] if B["ng"] > 1 else M)
+                    umode = MODE_UNIT if post else MODE_COL if col_ok else MODE_ELEM_COL
+                    ui = ub.seg(s, bits, z0, r, M, B["words"], umode, B["scale"], B["ng"], B["gs"] if B["ng"] > 1 else M)
                 vb.row_tiles(s, r, z0, vi, 1)
                 ufirst = ui if ufirst is None else ufirst
             ub.row_tiles(s, M, 0, ufirst, len(p.meta["groups"]))
@@ -296,9 +306,10 @@ def _build_plan(layer: LayerDeltas, device: torch.device, dtype: torch.dtype, cf
         plan.rank = max(p.meta["rank"] for p in qf.values())
         fdt = _fdt([p.tensors["A.float"] for p in qf.values()] + [p.tensors["B.float"] for p in qf.values()], dtype)
         bkd = min(bk, cfg.block_k_dot)
-        plan.v = vb.build(device, block_k=bk, block_k_dot=bkd, sign=False, sc_f32=False, fdt=fdt, width=plan.rank)
+        plan.v = vb.build(device, block_k=bk, block_k_dot=bkd, sign=False, sc_f32=False, fdt=fdt,
+                          width=plan.rank + (1 if post else 0), post=POST_V if post else POST_NONE, ccol=plan.rank)
         plan.u = ub.build(device, block_k=cfg.block_k, block_k_dot=cfg.block_k_dot, sign=False, sc_f32=False, fdt=fdt,
-                          width=M)
+                          width=M, post=POST_U if post else POST_NONE, ccol=plan.rank)
 
     # ---- sparse: ELL ----
     ell = {s: p for s, p in enumerate(slots) if p is not None and p.kind == "ell"}
@@ -437,13 +448,16 @@ class TritonKernels(DeltaKernels):
             return out
         tdt = _TL[xdt]
         _k._seg_kernel[(nb, L.nt, split)](
-            x, x.stride(0), out, out.stride(0), order, bslot, bstart, blen, L.ptr, L.tiles, L.segs, L.nt, L.nseg,
+            x, x.stride(0), out, out.stride(0), order, bslot, bstart, blen, L.ptr, L.tiles, L.segs, L.nt, L.nseg, L.ccol,
             BLOCK_T=bt, BLOCK_R=cfg.block_r, BLOCK_K=bk, BLOCK_F=cfg.block_f, SPLIT_K=split, WIDTHS=L.widths,
             MODES=L.modes, SIGN=L.sign, SC_F32=L.sc_f32, FDT=L.fdt, XDT=tdt, DOT=dot,
-            UPCAST=interpreting() and tdt == tl.bfloat16, IEEE=xdt == torch.float32, ATOMIC=atomic,
-            num_warps=cfg.num_warps,
+            UPCAST=interpreting() and tdt == tl.bfloat16, IEEE=xdt == torch.float32, ATOMIC=atomic, POST=L.post,
+            num_warps=cfg.num_warps, **self._stages(),
         )
         return out
+
+    def _stages(self) -> dict:
+        return {} if self.config.num_stages is None else {"num_stages": self.config.num_stages}
 
     def _run_ell(self, L: _EllLaunch, x: torch.Tensor, tokens: TokenSlots, S: int) -> torch.Tensor:
         cfg = self.config
@@ -461,7 +475,7 @@ class TritonKernels(DeltaKernels):
             x, x.stride(0), out, out.stride(0), order, bslot, bstart, blen, L.ptr, L.width,
             BLOCK_T=bt, BLOCK_J=block_j, SPLIT_J=split, ROWS=ELL_ROWS, COL32=L.col32, FDT=L.fdt,
             UPCAST=interpreting() and x.dtype == torch.bfloat16, ATOMIC=atomic,
-            num_warps=cfg.num_warps,
+            num_warps=cfg.num_warps, **self._stages(),
         )
         return out
 

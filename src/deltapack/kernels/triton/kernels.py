@@ -16,7 +16,13 @@ segment is one block of packed codes with one bit width (a rank group, a sign pl
 Scales: MODE_ROW (one scale/zero per row: folded out, s * sum(x q) + z * sum(x), applied once per segment),
 MODE_ROWTILE (per row and group of gs columns, gs a multiple of BLOCK_K: applied per K step), MODE_COL (B side:
 per rank index, for the tile's group of output rows: folded into x, x' = x * s, plus sum(x * zero)), MODE_ELEM
-(anything else: scale and zero gathered per element, slow but general).
+(anything else: scale and zero gathered per element, slow but general), MODE_UNIT (no scale, no zero).
+
+Post-scaled factors (POST launches): when every quantized B group of a layer has one scale/zero per rank index
+(per-row grids on Bt, delta-come's usual choice), y = sum_r z_r (s_r q[o, r] + zero_r) = sum_r (z_r s_r) q[o, r] + c
+with c = sum_r z_r zero_r. The V side then writes z' = z * s directly and adds c into an extra column of z (atomic:
+every rank tile contributes); the U side runs MODE_UNIT and adds c once. The U side thus loads no scales at all
+(the column scales cost a load per code column and, with 3-bit codes, twice the registers).
 
 Dequantization, few tokens per tenant (decode): a b-bit code masked in place inside its int32 word is, read as an
 fp32, the denormal q * 2^(pos - 149) exactly (no conversion instruction), so each code costs one AND and one FFMA
@@ -42,8 +48,13 @@ MODE_ROWTILE = tl.constexpr(2)
 MODE_COL = tl.constexpr(3)
 MODE_ELEM_ROW = tl.constexpr(4)
 MODE_ELEM_COL = tl.constexpr(5)
+MODE_UNIT = tl.constexpr(6)
 TILE_FIELDS = tl.constexpr(5)  # rows, out row, segment row, first segment, segments
-SEG_FIELDS = tl.constexpr(9)  # bits, k begin, k length, rows, words (or float) base, mode, scale base, stride, gs
+SEG_FIELDS = tl.constexpr(10)  # bits, k begin, k length, rows, words (or float) base, mode, scale base, stride, gs,
+#                                post-scale base (V side of POST launches, -1: none)
+PTR_FIELDS = tl.constexpr(6)  # per slot: words, scale, zero, floats, post scale, post zero
+POST_V = tl.constexpr(1)
+POST_U = tl.constexpr(2)
 TWO64 = tl.constexpr(18446744073709551616.0)  # undoes the 2^-64 of the denormal products
 
 
@@ -251,7 +262,7 @@ def _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, 
                 zz = tl.load(zp + sbase + cols * sstride + ogrp, mask=cm, other=0.0).to(tl.float32)
                 sx0 += xt0 * zz
                 sx1 += xt1 * zz
-            else:
+            elif MODE != MODE_UNIT:
                 sx0 += xt0
                 sx1 += xt1
     r0 = tl.sum(p0, axis=1)
@@ -277,7 +288,7 @@ def _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, 
     elif MODE == MODE_ROWTILE:
         r0 += zr0
         r1 += zr1
-    else:
+    elif MODE != MODE_UNIT:
         r0 += tl.sum(sx0, axis=0)
         r1 += tl.sum(sx1, axis=0)
     return acc + _pair(r0, r1, BLOCK_T)
@@ -307,7 +318,15 @@ def _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kb
             q = _codes(wp, wbase, seg_rows, rows, rmask, k0, klen, W0, W1, W2, BLOCK_R, BLOCK_K)
         xt = tl.load(x_ptr + tok[:, None] * stride_x + (kbeg + cols)[None, :], mask=tmask[:, None] & cm[None, :],
                      other=0.0)
-        if MODE == MODE_COL:
+        if MODE == MODE_UNIT:
+            xs = xt.to(tl.float32)
+            if B16:
+                xs = xs.to(tl.bfloat16)  # the operand as the dot sees it, so the offset cancels exactly
+                if UPCAST:
+                    xs = _rne_bf16(xt.to(tl.float32)).to(tl.bfloat16)
+                soe += xs.to(tl.float32)
+            d += _dot(xs, tl.trans(q), XDT, UPCAST, IEEE)
+        elif MODE == MODE_COL:
             xf = xt.to(tl.float32)
             sc = tl.load(sp + sbase + cols * sstride + ogrp, mask=cm, other=0.0).to(tl.float32)
             zc = tl.load(zp + sbase + cols * sstride + ogrp, mask=cm, other=0.0).to(tl.float32)
@@ -341,6 +360,8 @@ def _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kb
         acc += (d - OFFSET * sx[:, None]) * sr[None, :] + sx[:, None] * zr[None, :]
     elif MODE == MODE_COL:
         acc += d - OFFSET * tl.sum(soe, axis=1)[:, None] + sx[:, None]
+    elif MODE == MODE_UNIT:
+        acc += d - OFFSET * tl.sum(soe, axis=1)[:, None]
     else:
         acc += d
     return acc
@@ -426,7 +447,12 @@ def _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, r
                SPLIT_K: tl.constexpr, SIGN: tl.constexpr, DOT: tl.constexpr, XDT: tl.constexpr, UPCAST: tl.constexpr,
                IEEE: tl.constexpr):
     """Dispatch one quantized segment on its scale mode (uniform per program) to the paths the launch compiled
-    (MODES: bit m set when some segment of the launch has mode m)."""
+    (MODES: bit m set when some segment of the launch has mode m).
+
+    On the CUDA-core path each width gets its own K step, at most BLOCK_K * 2 bits of a row per step (the words of a
+    2-bit step): the register tiles scale with the words per step, and one launch compiles every width it holds, so a
+    fixed K step let the widest codes (8-bit: 4x the words) set the registers, and hence the occupancy, of all."""
+    BKW: tl.constexpr = BLOCK_K if W0 <= 2 else BLOCK_K * 2 // W0
     if MODES & 48:
         if mode >= MODE_ELEM_ROW:
             acc = _seg_general(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, kbeg, klen, seg_rows, wbase,
@@ -441,7 +467,7 @@ def _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, r
             else:
                 acc = _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
                                  seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_ROW, BLOCK_T, BLOCK_R,
-                                 BLOCK_K, SPLIT_K, SIGN)
+                                 BKW, SPLIT_K, SIGN)
     if MODES & 4:
         if mode == MODE_ROWTILE:
             if DOT:
@@ -451,7 +477,17 @@ def _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, r
             else:
                 acc = _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
                                  seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_ROWTILE, BLOCK_T,
-                                 BLOCK_R, BLOCK_K, SPLIT_K, SIGN)
+                                 BLOCK_R, BKW, SPLIT_K, SIGN)
+    if MODES & 64:
+        if mode == MODE_UNIT:
+            if DOT:
+                acc = _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows,
+                               wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_UNIT, BLOCK_T, BLOCK_R, BLOCK_K,
+                               SPLIT_K, SIGN, XDT, UPCAST, IEEE)
+            else:
+                acc = _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
+                                 seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_UNIT, BLOCK_T, BLOCK_R,
+                                 BKW, SPLIT_K, SIGN)
     if MODES & 8:
         if mode == MODE_COL:
             if DOT:
@@ -461,7 +497,7 @@ def _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, r
             else:
                 acc = _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
                                  seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_COL, BLOCK_T, BLOCK_R,
-                                 BLOCK_K, SPLIT_K, SIGN)
+                                 BKW, SPLIT_K, SIGN)
     return acc
 
 
@@ -469,11 +505,11 @@ def _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, r
 @triton.jit
 def _seg_kernel(
     x_ptr, stride_x, out_ptr, stride_o, order_ptr, blk_slot_ptr, blk_start_ptr, blk_len_ptr,
-    ptr_tab, tile_tab, seg_tab, NT, NSEG,
+    ptr_tab, tile_tab, seg_tab, NT, NSEG, ccol,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     SPLIT_K: tl.constexpr, WIDTHS: tl.constexpr, MODES: tl.constexpr, SIGN: tl.constexpr, SC_F32: tl.constexpr,
     FDT: tl.constexpr, XDT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    ATOMIC: tl.constexpr, POST: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -499,7 +535,7 @@ def _seg_kernel(
     rr = tl.arange(0, BLOCK_R)
     rmask = rr < nrows
     rows = srow + rr
-    prow = ptr_tab + slot * 4
+    prow = ptr_tab + slot * PTR_FIELDS
     wp = tl.load(prow).to(tl.pointer_type(tl.int32))
     if SC_F32:
         sp = tl.load(prow + 1).to(tl.pointer_type(tl.float32))
@@ -565,6 +601,18 @@ def _seg_kernel(
                 acc = _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg,
                                  klen, seg_rows, wbase, mode, sbase, sstride, gs, pid_k, 8, 0, 0, MODES,
                                  BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
+    if POST == POST_V:  # z' = z * s of B's rank rows, and c += sum_r z_r zero_r (module docstring)
+        post = tl.load(seg_tab + (slot * NSEG + sfirst) * SEG_FIELDS + 9)
+        if post >= 0:
+            psp = tl.load(prow + 4).to(tl.pointer_type(tl.float16))
+            pzp = tl.load(prow + 5).to(tl.pointer_type(tl.float16))
+            ps = tl.load(psp + post + rows, mask=rmask, other=0.0).to(tl.float32)
+            pz = tl.load(pzp + post + rows, mask=rmask, other=0.0).to(tl.float32)
+            tl.atomic_add(out_ptr + tok * stride_o + ccol, tl.sum(acc * pz[None, :], axis=1), mask=tmask)
+            acc = acc * ps[None, :]
+    if POST == POST_U:  # + c, once per output (split programs: the first)
+        if pid_k == 0:
+            acc += tl.load(x_ptr + tok * stride_x + ccol, mask=tmask, other=0.0).to(tl.float32)[:, None]
     optrs = out_ptr + tok[:, None] * stride_o + (orow + rr)[None, :]
     omask = tmask[:, None] & rmask[None, :]
     if ATOMIC:

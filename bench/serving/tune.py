@@ -1,0 +1,149 @@
+"""Launch-configuration sweep of the Triton delta kernels at the 7B decode shapes: where a `kernels.linear` call
+spends its time (V side, U side, the rest) and how block sizes, warps, pipelining depth and reduction splits move it.
+
+    PYTHONPATH=src python bench/serving/tune.py --out bench/results/serving_tune.json [--budget-s 420]
+
+Each config is one `LaunchConfig` (defaults changed one field at a time, then a few combinations); each case is a
+(codec, shape, k) of the kernels part of run.py (batch 64, k tenants round-robin, tenant sets beyond the L2 cache,
+CUDA-graph replays). Results are written after every measurement, so a run cut by its time budget keeps what it
+measured. The choice of defaults in LaunchConfig cites this file's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import shlex
+import sys
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run as R  # noqa: E402  (bench/serving/run.py: World, time_call, copy_gbps)
+
+CASES = [  # (codec, (in, out), k)
+    ("delta-come", (4096, 4096), 64), ("delta-come", (4096, 4096), 8), ("delta-come", (4096, 4096), 32),
+    ("delta-come", (4096, 4096), 1), ("delta-come", (11008, 4096), 64), ("delta-come", (11008, 4096), 8),
+    ("bitdelta", (4096, 4096), 64), ("bitdelta", (4096, 4096), 8),
+]
+VARIANTS = [  # one field changed from the defaults
+    {}, {"post_scale": False}, {"num_warps": 2}, {"block_r": 128}, {"block_k": 128}, {"block_k": 512},
+    {"max_block_t": 32}, {"max_block_t": 64}, {"programs_per_sm": 8}, {"block_k_dot": 32}, {"num_warps": 8},
+    {"num_stages": 1},
+]
+SWEEP_CASES = (0, 1, 3, 6)  # the cases every non-default variant runs (defaults run all)
+SMOKE_CASES = [("delta-come", (64, 96), 4), ("delta-come", (64, 96), 1), ("bitdelta", (64, 64), 4)]
+
+
+def measure(world: R.World, codec: str, shape_in_out: tuple[int, int], k: int, cfg_kw: dict) -> dict:
+    torch = world.torch
+    from deltapack.kernels import LayerDeltas, TokenSlots
+    from deltapack.kernels.triton import LaunchConfig, TritonKernels
+
+    kern = TritonKernels(LaunchConfig(**cfg_kw))
+    n_in, n_out = shape_in_out
+    shape = (n_out, n_in)
+    B = world.cfg["batch"]
+    tb = world.template(codec, shape, world.cfg["kernel_ratio"]).nbytes()
+    sets = min(64, max(1, -(-world.cfg["l2_bytes"] * 4 // (k * tb))))
+    layers = []
+    for s in range(sets):
+        lay = LayerDeltas(f"tune.{s}")
+        for t in range(k):
+            lay.set(t, world.tenant(codec, world.cfg["kernel_ratio"], {"w": shape}, s * 1000 + t)["w"])
+        layers.append(lay)
+    rows = [t % k for t in range(B)]
+    tokens = TokenSlots.from_rows(rows, 1, world.device)
+    x = torch.randn(B, n_in, device=world.device).to(world.dtype)
+    # correctness of this config against the reference backend's layout definition
+    from deltapack.kernels.triton.layouts import dequant_layout
+
+    y = kern.linear(x, tokens, layers[0]).float()
+    d = dequant_layout(layers[0].slots[0]).to(world.device)
+    idx = [i for i, r in enumerate(rows) if r == 0]
+    want = x[idx].float() @ d.T
+    err = float((y[idx] - want).norm() / want.norm().clamp_min(1e-30))
+    if not err < 2e-2:
+        raise AssertionError(f"config {cfg_kw}: rel err {err:.3g}")
+    reps = 20 if world.cuda else 1
+    total = R.time_call(world, lambda: [kern.linear(x, tokens, lay) for lay in layers], reps) / sets
+    rec = {"codec": codec, "shape": f"{n_in}x{n_out}", "k": k, "config": cfg_kw, "us": round(total * 1e6, 2),
+           "delta_bytes": k * tb, "rel_err": err}
+    plan = kern._plan(layers[0], x)
+    if plan.v is not None:  # the two sides of factors, each alone
+        plans = [kern._plan(lay, x) for lay in layers]
+        rec["v_us"] = round(R.time_call(world, lambda: [kern._run_seg(p.v, x, tokens, p.S, x.dtype, torch.float32)
+                                                         for p in plans], reps) / sets * 1e6, 2)
+        z = torch.randn(B, plan.v.width, device=world.device)
+        rec["u_us"] = round(R.time_call(world, lambda: [kern._run_seg(p.u, z, tokens, p.S, x.dtype, x.dtype)
+                                                         for p in plans], reps) / sets * 1e6, 2)
+    moved = k * tb + B * n_in * 2 + B * n_out * 2
+    rec["gbps"] = round(moved / total / 1e9, 1)
+    del layers
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(R.RESULTS / "serving_tune.json"))
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting new measurements after this long")
+    ap.add_argument("--cases", default=None, help="comma list of case indices (default all)")
+    ap.add_argument("--variants", default=None, help="JSON list of LaunchConfig overrides (default the built-in sweep)")
+    ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (checks the script, times nothing real)")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    world = R.World(smoke=args.smoke)
+    if not world.cuda and not args.smoke:
+        sys.exit("tune.py needs a CUDA GPU (or --smoke)")
+    all_cases = SMOKE_CASES if args.smoke else CASES
+    cases = all_cases if args.cases is None else [all_cases[int(i)] for i in args.cases.split(",")]
+    sweep = cases if args.smoke or args.cases else [cases[i] for i in SWEEP_CASES]
+    variants = VARIANTS if args.variants is None else json.loads(args.variants)
+    for v in variants:
+        from deltapack.kernels.triton import LaunchConfig
+
+        unknown = set(v) - {f.name for f in dataclasses.fields(LaunchConfig)}
+        if unknown:
+            sys.exit(f"unknown LaunchConfig fields {sorted(unknown)}")
+    cg = R.copy_gbps(world)
+    out = {"command": "PYTHONPATH=src python bench/serving/" + " ".join(shlex.quote(a) for a in sys.argv),
+           "device": world.name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+           "copy_gbps": round(cg, 1), "batch": world.cfg["batch"], "ratio": world.cfg["kernel_ratio"],
+           "records": [], "errors": [], "complete": False}
+    path = Path(args.out)
+
+    def save() -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.replace(path)
+
+    for v in variants:  # variant-major: every case sees the defaults first
+        for codec, shp, k in (cases if not v else sweep):
+            if time.perf_counter() - t_start > args.budget_s:
+                save()
+                R.log("time budget reached")
+                return
+            try:
+                t0 = time.perf_counter()
+                rec = measure(world, codec, shp, k, v)
+                rec["efficiency"] = round(rec["gbps"] / cg, 3)
+                out["records"].append(rec)
+                R.log(f"{codec} {shp} k={k} {v}: {rec['us']} us ({rec.get('v_us')} V, {rec.get('u_us')} U) "
+                      f"{rec['efficiency']:.0%} of copy ({time.perf_counter() - t0:.0f}s)")
+            except Exception as e:  # noqa: BLE001 - a config that fails is a result too
+                out["errors"].append({"codec": codec, "shape": shp, "k": k, "config": v, "error": f"{type(e).__name__}: {e}"})
+                traceback.print_exc()
+            save()
+            if world.cuda:
+                world.torch.cuda.empty_cache()
+    out["complete"] = True
+    save()
+
+
+if __name__ == "__main__":
+    main()
