@@ -60,15 +60,18 @@ def variants(cfg: LaunchConfig) -> list[dict]:
     def seg(name, bt, widths, modes, *, x="*bf16", sign=False, scf32=False, split=1, fdt=tl.bfloat16, xdt=tl.bfloat16,
             ieee=False, post=0):
         dot = bt > cfg.bcast_max_tokens
-        bk = cfg.block_k_dot if dot else cfg.block_k
+        # K step of 2-bit codes (the per-code figures are per 2-bit code; other widths step by the same words)
+        bk = cfg.block_k_dot if dot else min(cfg.block_k, cfg.words_per_step * 16)
+        warps = cfg.num_warps_dot if dot and cfg.num_warps_dot else cfg.num_warps
         if dot and xdt == tl.float32:
             bk = min(bk, 32)
         out.append({
-            "name": name, "fn": K._seg_kernel, "sig": dict(SEG_SIG, x_ptr=x), "warps": cfg.num_warps,
-            "codes_per_thread": cfg.block_r * bk / (32 * cfg.num_warps),
+            "name": name, "fn": K._seg_kernel, "sig": dict(SEG_SIG, x_ptr=x), "warps": warps,
+            "codes_per_thread": cfg.block_r * bk / (32 * warps),
             "const": {"BLOCK_T": bt, "BLOCK_R": cfg.block_r, "BLOCK_K": bk, "BLOCK_F": cfg.block_f, "SPLIT_K": split,
                       "WIDTHS": widths, "MODES": modes, "SIGN": sign, "SC_F32": scf32, "FDT": fdt, "XDT": xdt,
-                      "DOT": dot, "UPCAST": False, "IEEE": ieee, "ATOMIC": split > 1, "POST": post},
+                      "DOT": dot, "UPCAST": False, "IEEE": ieee, "ATOMIC": split > 1, "POST": post,
+                      "WORDS": cfg.words_per_step},
         })
 
     for bt in (1, 2, 16):

@@ -32,9 +32,8 @@ CASES = [  # (codec, (in, out), k)
     ("bitdelta", (4096, 4096), 64), ("bitdelta", (4096, 4096), 8),
 ]
 VARIANTS = [  # one field changed from the defaults
-    {}, {"post_scale": False}, {"num_warps": 2}, {"block_r": 128}, {"block_k": 128}, {"block_k": 512},
-    {"max_block_t": 32}, {"max_block_t": 64}, {"programs_per_sm": 8}, {"block_k_dot": 32}, {"num_warps": 8},
-    {"num_stages": 1},
+    {}, {"words_per_step": 16}, {"words_per_step": 4}, {"block_r": 128}, {"block_r": 32}, {"num_warps": 2},
+    {"num_warps": 8}, {"programs_per_sm": 2}, {"programs_per_sm": 8}, {"num_warps_dot": 4}, {"post_scale": False},
 ]
 SWEEP_CASES = (0, 1, 3, 6)  # the cases every non-default variant runs (defaults run all)
 SMOKE_CASES = [("delta-come", (64, 96), 4), ("delta-come", (64, 96), 1), ("bitdelta", (64, 64), 4)]

@@ -83,7 +83,10 @@ class LaunchConfig:
     """Block sizes and the path and split heuristics. Defaults suit an H100 at decode shapes; tests force `split`."""
 
     block_r: int = 64  # rows per tile (rank rows on the V side, output rows elsewhere)
-    block_k: int = 256  # reduction step of the in-place decode path (few tokens per tenant)
+    block_k: int = 256  # largest reduction step of the in-place decode path (few tokens per tenant)
+    # words of a row's codes per step on that path (K step = words * 32 / bits, at most block_k): 8 words (2-bit:
+    # 128 columns) took delta-come 4096x4096 at k=64 from 160 to 139 us against 16 (bench/results/serving_tune.json)
+    words_per_step: int = 8
     block_k_dot: int = 64  # reduction step of the tensor-core path
     block_f: int = 32  # reduction step over 16-bit values
     bcast_max_tokens: int = 2  # tokens of one tenant per program on CUDA cores; more use the tensor cores
@@ -93,7 +96,12 @@ class LaunchConfig:
     programs_per_sm: int = 4  # reduction splits aim at this many programs per SM
     split: int | None = None  # force every reduction split (tests)
     num_warps: int = 4
-    num_stages: int | None = None  # software-pipelining depth of the K loops (None: Triton's default)
+    # warps of tensor-core-path launches (None: num_warps); 2: delta-come 4096x4096 at k=8 83 us against 106 with 4
+    num_warps_dot: int | None = 2
+    # software-pipelining depth of Triton's own pipeliner (it touches only the tensor-core path's loads; the decode
+    # path prefetches by hand). 1: the tensor-core path at 8 tokens/tenant took 106 us instead of 161 us with the
+    # default 3 (bench/results/serving_tune.json, delta-come 4096x4096 k=8); None: Triton's default
+    num_stages: int | None = 1
     post_scale: bool = True  # factors with per-rank B scales: the V side applies them (kernels.py docstring)
 
 
@@ -452,7 +460,8 @@ class TritonKernels(DeltaKernels):
             BLOCK_T=bt, BLOCK_R=cfg.block_r, BLOCK_K=bk, BLOCK_F=cfg.block_f, SPLIT_K=split, WIDTHS=L.widths,
             MODES=L.modes, SIGN=L.sign, SC_F32=L.sc_f32, FDT=L.fdt, XDT=tdt, DOT=dot,
             UPCAST=interpreting() and tdt == tl.bfloat16, IEEE=xdt == torch.float32, ATOMIC=atomic, POST=L.post,
-            num_warps=cfg.num_warps, **self._stages(),
+            WORDS=cfg.words_per_step,
+            num_warps=cfg.num_warps_dot if dot and cfg.num_warps_dot else cfg.num_warps, **self._stages(),
         )
         return out
 

@@ -445,14 +445,15 @@ def _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, r
                wbase, mode, sbase, sstride, gs, pid_k, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                MODES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                SPLIT_K: tl.constexpr, SIGN: tl.constexpr, DOT: tl.constexpr, XDT: tl.constexpr, UPCAST: tl.constexpr,
-               IEEE: tl.constexpr):
+               IEEE: tl.constexpr, WORDS: tl.constexpr):
     """Dispatch one quantized segment on its scale mode (uniform per program) to the paths the launch compiled
     (MODES: bit m set when some segment of the launch has mode m).
 
-    On the CUDA-core path each width gets its own K step, at most BLOCK_K * 2 bits of a row per step (the words of a
-    2-bit step): the register tiles scale with the words per step, and one launch compiles every width it holds, so a
-    fixed K step let the widest codes (8-bit: 4x the words) set the registers, and hence the occupancy, of all."""
-    BKW: tl.constexpr = BLOCK_K if W0 <= 2 else BLOCK_K * 2 // W0
+    On the CUDA-core path each width gets its own K step, WORDS int32 words of a row's widest part per step (at most
+    BLOCK_K columns): the register tiles scale with the words per step, and one launch compiles every width it holds,
+    so a fixed K step let the widest codes (8-bit: 4x the words of 2-bit) set the registers, and hence the occupancy,
+    of all."""
+    BKW: tl.constexpr = BLOCK_K if BLOCK_K * W0 <= WORDS * 32 else WORDS * 32 // W0
     if MODES & 48:
         if mode >= MODE_ELEM_ROW:
             acc = _seg_general(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, kbeg, klen, seg_rows, wbase,
@@ -509,7 +510,7 @@ def _seg_kernel(
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
     SPLIT_K: tl.constexpr, WIDTHS: tl.constexpr, MODES: tl.constexpr, SIGN: tl.constexpr, SC_F32: tl.constexpr,
     FDT: tl.constexpr, XDT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    ATOMIC: tl.constexpr, POST: tl.constexpr,
+    ATOMIC: tl.constexpr, POST: tl.constexpr, WORDS: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -565,42 +566,42 @@ def _seg_kernel(
             if bits == 1:
                 acc = _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg,
                                  klen, seg_rows, wbase, mode, sbase, sstride, gs, pid_k, 1, 0, 0, MODES,
-                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
+                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE, WORDS)
         if WIDTHS & 4:
             if bits == 2:
                 acc = _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg,
                                  klen, seg_rows, wbase, mode, sbase, sstride, gs, pid_k, 2, 0, 0, MODES,
-                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
+                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE, WORDS)
         if WIDTHS & 8:
             if bits == 3:
                 acc = _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg,
                                  klen, seg_rows, wbase, mode, sbase, sstride, gs, pid_k, 2, 1, 0, MODES,
-                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
+                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE, WORDS)
         if WIDTHS & 16:
             if bits == 4:
                 acc = _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg,
                                  klen, seg_rows, wbase, mode, sbase, sstride, gs, pid_k, 4, 0, 0, MODES,
-                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
+                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE, WORDS)
         if WIDTHS & 32:
             if bits == 5:
                 acc = _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg,
                                  klen, seg_rows, wbase, mode, sbase, sstride, gs, pid_k, 4, 1, 0, MODES,
-                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
+                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE, WORDS)
         if WIDTHS & 64:
             if bits == 6:
                 acc = _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg,
                                  klen, seg_rows, wbase, mode, sbase, sstride, gs, pid_k, 4, 2, 0, MODES,
-                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
+                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE, WORDS)
         if WIDTHS & 128:
             if bits == 7:
                 acc = _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg,
                                  klen, seg_rows, wbase, mode, sbase, sstride, gs, pid_k, 4, 2, 1, MODES,
-                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
+                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE, WORDS)
         if WIDTHS & 256:
             if bits == 8:
                 acc = _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg,
                                  klen, seg_rows, wbase, mode, sbase, sstride, gs, pid_k, 8, 0, 0, MODES,
-                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
+                                 BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE, WORDS)
     if POST == POST_V:  # z' = z * s of B's rank rows, and c += sum_r z_r zero_r (module docstring)
         post = tl.load(seg_tab + (slot * NSEG + sfirst) * SEG_FIELDS + 9)
         if post >= 0:
