@@ -109,10 +109,12 @@ def main() -> None:
         unknown = set(v) - {f.name for f in dataclasses.fields(LaunchConfig)}
         if unknown:
             sys.exit(f"unknown LaunchConfig fields {sorted(unknown)}")
+    from deltapack.kernels.triton import LaunchConfig
+
     cg = R.copy_gbps(world)
     out = {"command": "PYTHONPATH=src python bench/serving/" + " ".join(shlex.quote(a) for a in sys.argv),
            "device": world.name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "copy_gbps": round(cg, 1), "batch": world.cfg["batch"], "ratio": world.cfg["kernel_ratio"],
+           "defaults": dataclasses.asdict(LaunchConfig()), "copy_gbps": round(cg, 1), "batch": world.cfg["batch"], "ratio": world.cfg["kernel_ratio"],
            "records": [], "errors": [], "complete": False}
     path = Path(args.out)
 

@@ -95,7 +95,9 @@ class LaunchConfig:
     default_tokens: int = 16  # tokens per tenant assumed when the batch composition is unknown on the host
     programs_per_sm: int = 4  # reduction splits aim at this many programs per SM
     split: int | None = None  # force every reduction split (tests)
-    num_warps: int = 4
+    # warps of decode-path launches: 2 took delta-come 4096x4096 at k=64 from 152 to 136 us and bitdelta from 174 to
+    # 140 us against 4 (bench/results/serving_tune.json)
+    num_warps: int = 2
     # warps of tensor-core-path launches (None: num_warps); 2: delta-come 4096x4096 at k=8 83 us against 106 with 4
     num_warps_dot: int | None = 2
     # software-pipelining depth of Triton's own pipeliner (it touches only the tensor-core path's loads; the decode
