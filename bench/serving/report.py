@@ -67,8 +67,19 @@ def bench_lines(sv: dict) -> list[str]:
     if dec:
         lo = min(dec.items(), key=lambda kv: kv[1]["of_bound"])
         hi = max(dec.items(), key=lambda kv: kv[1]["of_bound"])
+        met = [k for k, v in dec.items() if v["met"]]
+        verdict = "yes" if len(met) == len(dec) else (f"only {', '.join(met)}" if met else "no")
         out.append(f"| end-to-end decode ≥ 80% of 1/(1+k/R) | {lo[1]['of_bound']:.1%} ({lo[0]}) to "
-                   f"{hi[1]['of_bound']:.1%} ({hi[0]}) | {'yes' if all(v['met'] for v in dec.values()) else 'no'} |")
+                   f"{hi[1]['of_bound']:.1%} ({hi[0]}) | {verdict} |")
+    paths = (t.get("what_bounds_the_kernels") or {})
+    if isinstance(paths, dict) and paths.get("best_by_path"):
+        few = ", ".join(f"{c} {p['1-2 tokens/tenant']['efficiency']:.0%}" for c, p in paths["best_by_path"].items()
+                        if "1-2 tokens/tenant" in p)
+        many = ", ".join(f"{c} {p['>= 3 tokens/tenant']['efficiency']:.0%}" for c, p in paths["best_by_path"].items()
+                         if ">= 3 tokens/tenant" in p)
+        out.append(f"| what bounds the kernels | best with 1-2 tokens per tenant: {few}; with ≥ 3 (k = 8 at batch 64): "
+                   f"{many}. The first is bound by instruction issue and load latency, the second by decoding codes "
+                   f"into the tensor cores' operand layout (`notes.targets.what_bounds_the_kernels`) | |")
     tr = t.get("trace_10x_swap_throughput")
     if tr:
         rec = {r["system"]: r for r in sv["trace"]}

@@ -693,10 +693,31 @@ def targets(data: dict) -> dict:
     if res:
         out["resident_50_tenants_16x"] = {f"{r['codec']} {r['ratio']:g}x": {"tenants": r["tenants"], "met": r["tenants"] >= 50}
                                           for r in res}
-    out["what_bounds_the_kernels"] = ("where a kernel is short of the copy rate, compare its hot loop's instructions per "
-                                      "code (bench/results/serving_sass.json) with the issue budget in docs/kernels.md: "
-                                      "above it the kernel is bound by instruction issue, not memory")
+    out["what_bounds_the_kernels"] = bounds_note(data.get("kernels", []))
     return out
+
+
+def bounds_note(kernels: list[dict]) -> dict:
+    """Per codec, the best efficiency with 1-2 and with more tokens per tenant (batch / k; factors and sign codes:
+    the CUDA-core decode path and the tensor-core path), and what bounds each path."""
+    by_path: dict = {}
+    for r in kernels:
+        per = 64 // max(1, r["k"])
+        path = "1-2 tokens/tenant" if per <= 2 else ">= 3 tokens/tenant"
+        cur = by_path.setdefault(r["codec"], {}).get(path)
+        if cur is None or r["efficiency"] > cur["efficiency"]:
+            by_path[r["codec"]][path] = {"efficiency": r["efficiency"], "at": f"{r['shape']} k={r['k']}"}
+    return {
+        "best_by_path": by_path,
+        "1-2 tokens/tenant": "factors and sign: the decode path, codes decoded in place on the CUDA cores (an AND and an FFMA per code and token, plus x loads): "
+                       "bound by instruction issue and load latency, not by memory; bench/results/serving_sass.json has "
+                       "the instructions per code of each launch, bench/results/serving_tune.json the block-size / warp / "
+                       "split sweep the defaults come from",
+        ">= 3 tokens/tenant": "factors and sign: the tensor-core path, codes decoded to bf16 and moved through shared memory into the MMA operand layout: several "
+                            "times the instructions per code of the decode path (serving_sass.json), and a tenant with more "
+                            "than 16 tokens is read once per 16 (k=1 at batch 64: 4 times). sparse (ELL): 3-D gathers of x by column, "
+                              "tens of instructions per non-zero whatever the token count",
+    }
 
 
 # ---- output -------------------------------------------------------------------------------------------------------------

@@ -100,6 +100,10 @@ class LaunchConfig:
     num_warps: int = 2
     # warps of tensor-core-path launches (None: num_warps); 2: delta-come 4096x4096 at k=8 83 us against 106 with 4
     num_warps_dot: int | None = 2
+    # warps of decode-path launches holding only 16-bit values (lowrank factors, dense): at 2 warps the float tile
+    # took 255 registers per thread (bench/serving/sass.py) and lowrank fell from 65-70% to 60-64% of the
+    # copy rate at k=64 (bench/results/serving.json before and after the 2-warp default)
+    num_warps_float: int | None = 4
     # software-pipelining depth of Triton's own pipeliner (it touches only the tensor-core path's loads; the decode
     # path prefetches by hand). 1: the tensor-core path at 8 tokens/tenant took 106 us instead of 161 us with the
     # default 3 (bench/results/serving_tune.json, delta-come 4096x4096 k=8); None: Triton's default
@@ -463,9 +467,17 @@ class TritonKernels(DeltaKernels):
             MODES=L.modes, SIGN=L.sign, SC_F32=L.sc_f32, FDT=L.fdt, XDT=tdt, DOT=dot,
             UPCAST=interpreting() and tdt == tl.bfloat16, IEEE=xdt == torch.float32, ATOMIC=atomic, POST=L.post,
             WORDS=cfg.words_per_step,
-            num_warps=cfg.num_warps_dot if dot and cfg.num_warps_dot else cfg.num_warps, **self._stages(),
+            num_warps=self._warps(L, dot), **self._stages(),
         )
         return out
+
+    def _warps(self, L: _SegLaunch, dot: bool) -> int:
+        cfg = self.config
+        if dot and cfg.num_warps_dot:
+            return cfg.num_warps_dot
+        if L.widths == 1 and cfg.num_warps_float:  # 16-bit values only
+            return cfg.num_warps_float
+        return cfg.num_warps
 
     def _stages(self) -> dict:
         return {} if self.config.num_stages is None else {"num_stages": self.config.num_stages}
