@@ -78,8 +78,9 @@ def bench_lines(sv: dict) -> list[str]:
         many = ", ".join(f"{c} {p['>= 3 tokens/tenant']['efficiency']:.0%}" for c, p in paths["best_by_path"].items()
                          if ">= 3 tokens/tenant" in p)
         out.append(f"| what bounds the kernels | best with 1-2 tokens per tenant: {few}; with ≥ 3 (k = 8 at batch 64): "
-                   f"{many}. The first is bound by instruction issue and load latency, the second by decoding codes "
-                   f"into the tensor cores' operand layout (`notes.targets.what_bounds_the_kernels`) | |")
+                   f"{many}. The first is bound by instruction issue and load latency; the second, for factors and "
+                   f"sign codes, by decoding codes into the tensor cores' operand layout, for sparse ones by gathers "
+                   f"(`notes.targets.what_bounds_the_kernels`) | |")
     tr = t.get("trace_10x_swap_throughput")
     if tr:
         rec = {r["system"]: r for r in sv["trace"]}

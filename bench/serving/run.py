@@ -341,7 +341,9 @@ def part_kernels(world: World, notes: dict) -> list[dict]:
                     traceback.print_exc()
             if world.cuda:
                 torch.cuda.empty_cache()
-    notes["kernels"] = {"batch": B, "ratio": ratio, "shape": "in x out", "checks": checks, "errors": errors,
+    # a run of some codecs only (--codecs) keeps the other codecs' checks, as their records
+    earlier = [c for c in notes.get("kernels", {}).get("checks", []) if c["config"].split()[0] not in cfg["kernel_codecs"]]
+    notes["kernels"] = {"batch": B, "ratio": ratio, "shape": "in x out", "checks": earlier + checks, "errors": errors,
                         "l2_sets_bytes": cfg["l2_bytes"] * 4,
                         "bytes": "k tenants' packed bytes + x read + output written (+ z written and read, fp32)"}
     return records
@@ -864,7 +866,9 @@ def main() -> None:
             traceback.print_exc()
             errors[p] = f"{type(e).__name__}: {e}"
             log(f"part {p} FAILED: {errors[p]}")
-        runs[p] = {"command": command, "device": world.name(), "date": date, "seconds": round(time.perf_counter() - t0, 1)}
+        # a run of some codecs only keeps the provenance of the other codecs' records (the earlier full run)
+        key = p if only is None or p == "trace" else f"{p}:{','.join(only)}"
+        runs[key] = {"command": command, "device": world.name(), "date": date, "seconds": round(time.perf_counter() - t0, 1)}
         notes.setdefault("templates", {}).update(world.template_stats)
         write_json(out, data)  # after every part: a later crash keeps what was measured
     notes["targets"] = targets(data)
