@@ -695,16 +695,17 @@ def targets(data: dict) -> dict:
     if res:
         out["resident_50_tenants_16x"] = {f"{r['codec']} {r['ratio']:g}x": {"tenants": r["tenants"], "met": r["tenants"] >= 50}
                                           for r in res}
-    out["what_bounds_the_kernels"] = bounds_note(data.get("kernels", []))
+    out["what_bounds_the_kernels"] = bounds_note(data.get("kernels", []),
+                                                 data.get("notes", {}).get("kernels", {}).get("batch", 64))
     return out
 
 
-def bounds_note(kernels: list[dict]) -> dict:
+def bounds_note(kernels: list[dict], batch: int) -> dict:
     """Per codec, the best efficiency with 1-2 and with more tokens per tenant (batch / k; factors and sign codes:
     the CUDA-core decode path and the tensor-core path), and what bounds each path."""
     by_path: dict = {}
     for r in kernels:
-        per = 64 // max(1, r["k"])
+        per = batch // max(1, r["k"])
         path = "1-2 tokens/tenant" if per <= 2 else ">= 3 tokens/tenant"
         cur = by_path.setdefault(r["codec"], {}).get(path)
         if cur is None or r["efficiency"] > cur["efficiency"]:

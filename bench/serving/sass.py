@@ -62,8 +62,7 @@ def variants(cfg: LaunchConfig) -> list[dict]:
         dot = bt > cfg.bcast_max_tokens
         # K step of 2-bit codes (the per-code figures are per 2-bit code; other widths step by the same words)
         bk = cfg.block_k_dot if dot else min(cfg.block_k, cfg.words_per_step * 16)
-        warps = (cfg.num_warps_dot if dot and cfg.num_warps_dot else
-                 cfg.num_warps_float if widths == 1 and cfg.num_warps_float else cfg.num_warps)
+        warps = cfg.warps(dot, widths)
         if dot and xdt == tl.float32:
             bk = min(bk, 32)
         out.append({

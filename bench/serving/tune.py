@@ -102,15 +102,13 @@ def main() -> None:
     all_cases = SMOKE_CASES if args.smoke else CASES
     cases = all_cases if args.cases is None else [all_cases[int(i)] for i in args.cases.split(",")]
     sweep = cases if args.smoke or args.cases else [cases[i] for i in SWEEP_CASES]
-    variants = VARIANTS if args.variants is None else json.loads(args.variants)
-    for v in variants:
-        from deltapack.kernels.triton import LaunchConfig
-
-        unknown = set(v) - {f.name for f in dataclasses.fields(LaunchConfig)}
-        if unknown:
-            sys.exit(f"unknown LaunchConfig fields {sorted(unknown)}")
     from deltapack.kernels.triton import LaunchConfig
 
+    variants = VARIANTS if args.variants is None else json.loads(args.variants)
+    fields = {f.name for f in dataclasses.fields(LaunchConfig)}
+    for v in variants:
+        if set(v) - fields:
+            sys.exit(f"unknown LaunchConfig fields {sorted(set(v) - fields)}")
     cg = R.copy_gbps(world)
     out = {"command": "PYTHONPATH=src python bench/serving/" + " ".join(shlex.quote(a) for a in sys.argv),
            "device": world.name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -104,11 +104,19 @@ class LaunchConfig:
     # took 255 registers per thread (bench/serving/sass.py) and lowrank fell from 65-70% to 60-64% of the
     # copy rate at k=64 (bench/results/serving.json before and after the 2-warp default)
     num_warps_float: int | None = 4
-    # software-pipelining depth of Triton's own pipeliner (it touches only the tensor-core path's loads; the decode
-    # path prefetches by hand). 1: the tensor-core path at 8 tokens/tenant took 106 us instead of 161 us with the
+    # software-pipelining depth of Triton's own pipeliner (it touches only the tensor-core path's loads; a hand-written
+    # prefetch on the decode path measured slower and is not used). 1: the tensor-core path at 8 tokens/tenant took 106 us instead of 161 us with the
     # default 3 (bench/results/serving_tune.json, delta-come 4096x4096 k=8); None: Triton's default
     num_stages: int | None = 1
     post_scale: bool = True  # factors with per-rank B scales: the V side applies them (kernels.py docstring)
+
+    def warps(self, dot: bool, widths: int) -> int:
+        """Warps of one _seg_kernel launch: tensor-core path, 16-bit values only (widths == 1), or the decode path."""
+        if dot and self.num_warps_dot:
+            return self.num_warps_dot
+        if widths == 1 and self.num_warps_float:
+            return self.num_warps_float
+        return self.num_warps
 
 
 def token_blocks(slot_ids: torch.Tensor, num_slots: int, block_t: int, num_blocks: int):
@@ -467,17 +475,9 @@ class TritonKernels(DeltaKernels):
             MODES=L.modes, SIGN=L.sign, SC_F32=L.sc_f32, FDT=L.fdt, XDT=tdt, DOT=dot,
             UPCAST=interpreting() and tdt == tl.bfloat16, IEEE=xdt == torch.float32, ATOMIC=atomic, POST=L.post,
             WORDS=cfg.words_per_step,
-            num_warps=self._warps(L, dot), **self._stages(),
+            num_warps=cfg.warps(dot, L.widths), **self._stages(),
         )
         return out
-
-    def _warps(self, L: _SegLaunch, dot: bool) -> int:
-        cfg = self.config
-        if dot and cfg.num_warps_dot:
-            return cfg.num_warps_dot
-        if L.widths == 1 and cfg.num_warps_float:  # 16-bit values only
-            return cfg.num_warps_float
-        return cfg.num_warps
 
     def _stages(self) -> dict:
         return {} if self.config.num_stages is None else {"num_stages": self.config.num_stages}

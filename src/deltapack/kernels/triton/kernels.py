@@ -441,6 +441,22 @@ def _seg_float(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, fp, rows, rmask, kb
 
 
 @triton.jit
+def _seg_scaled(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows,
+                wbase, sbase, sstride, gs, pid_k, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
+                MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                BKW: tl.constexpr, SPLIT_K: tl.constexpr, SIGN: tl.constexpr, DOT: tl.constexpr, XDT: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One segment of a fast scale mode (ROW, ROWTILE, UNIT, COL): the tensor-core path (K step BLOCK_K) or the
+    decode path (K step BKW, per width)."""
+    if DOT:
+        return _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows, wbase,
+                        sbase, sstride, gs, pid_k, W0, W1, W2, MODE, BLOCK_T, BLOCK_R, BLOCK_K, SPLIT_K, SIGN, XDT,
+                        UPCAST, IEEE)
+    return _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows, wbase,
+                      sbase, sstride, gs, pid_k, W0, W1, W2, MODE, BLOCK_T, BLOCK_R, BKW, SPLIT_K, SIGN)
+
+
+@triton.jit
 def _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows,
                wbase, mode, sbase, sstride, gs, pid_k, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                MODES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -461,44 +477,24 @@ def _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, r
                                DOT, XDT, UPCAST, IEEE)
     if MODES & 2:
         if mode == MODE_ROW:
-            if DOT:
-                acc = _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows,
-                               wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_ROW, BLOCK_T, BLOCK_R, BLOCK_K,
-                               SPLIT_K, SIGN, XDT, UPCAST, IEEE)
-            else:
-                acc = _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
-                                 seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_ROW, BLOCK_T, BLOCK_R,
-                                 BKW, SPLIT_K, SIGN)
+            acc = _seg_scaled(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
+                              seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_ROW, BLOCK_T, BLOCK_R,
+                              BLOCK_K, BKW, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
     if MODES & 4:
         if mode == MODE_ROWTILE:
-            if DOT:
-                acc = _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows,
-                               wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_ROWTILE, BLOCK_T, BLOCK_R, BLOCK_K,
-                               SPLIT_K, SIGN, XDT, UPCAST, IEEE)
-            else:
-                acc = _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
-                                 seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_ROWTILE, BLOCK_T,
-                                 BLOCK_R, BKW, SPLIT_K, SIGN)
+            acc = _seg_scaled(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
+                              seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_ROWTILE, BLOCK_T, BLOCK_R,
+                              BLOCK_K, BKW, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
     if MODES & 64:
         if mode == MODE_UNIT:
-            if DOT:
-                acc = _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows,
-                               wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_UNIT, BLOCK_T, BLOCK_R, BLOCK_K,
-                               SPLIT_K, SIGN, XDT, UPCAST, IEEE)
-            else:
-                acc = _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
-                                 seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_UNIT, BLOCK_T, BLOCK_R,
-                                 BKW, SPLIT_K, SIGN)
+            acc = _seg_scaled(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
+                              seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_UNIT, BLOCK_T, BLOCK_R,
+                              BLOCK_K, BKW, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
     if MODES & 8:
         if mode == MODE_COL:
-            if DOT:
-                acc = _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows,
-                               wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_COL, BLOCK_T, BLOCK_R, BLOCK_K,
-                               SPLIT_K, SIGN, XDT, UPCAST, IEEE)
-            else:
-                acc = _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
-                                 seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_COL, BLOCK_T, BLOCK_R,
-                                 BKW, SPLIT_K, SIGN)
+            acc = _seg_scaled(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen,
+                              seg_rows, wbase, sbase, sstride, gs, pid_k, W0, W1, W2, MODE_COL, BLOCK_T, BLOCK_R,
+                              BLOCK_K, BKW, SPLIT_K, SIGN, DOT, XDT, UPCAST, IEEE)
     return acc
 
 
