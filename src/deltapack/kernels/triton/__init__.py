@@ -215,7 +215,6 @@ class _SegBuilder:
         self.tiles: dict[int, list[list[int]]] = {}
         self.segs: dict[int, list[list[int]]] = {}
         self.widths = self.modes = self.kmax = 0
-        self.floats: list[torch.Tensor] = []
 
     def seg(self, s: int, bits: int, kbeg: int, klen: int, rows: int, base: int, mode: int, sbase: int, stride: int,
             gs: int, post: int = -1) -> int:
