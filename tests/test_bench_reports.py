@@ -159,3 +159,46 @@ def test_share_targets_compare_with_layer_dropping_on_both_sides():
     assert "20.0% at 14.0%, 60.0% at 10.0%" in text and "not beaten" in text  # the smaller drop keeps more
     res["details"][0]["layerdrop_one_fewer"]["kept"] = 0.4
     assert ": beaten." in share.table(res)
+
+
+def test_share_table_reports_the_paper_scoring_beside_exact_answers():
+    share = _load("bench_share_run", BENCH / "share" / "run.py")
+    res = {"original": {"params": 1000, "ppl": 10.0, "task_items_kept": 10, "task_items": 20},
+           "device": "GPU X", "date": "d", "command": "c",
+           "results": [{"method": "deltallm", "reduction": 0.12, "params": 880, "ppl": 11.0, "kl": 0.1, "kept": 0.5,
+                        "choice_kept": 0.97, "tokens": 5, "seconds": 1.0},
+                       {"method": "layerdrop", "reduction": 0.12, "params": 860, "ppl": 20.0, "kl": 0.5, "kept": 0.2,
+                        "choice_kept": 0.8, "tokens": 0, "seconds": 0.0}]}
+    text = share.table(res)
+    assert "| 50.0% | 97.0% |" in text and "| 20.0% | 80.0% |" in text
+    assert "missed by 45.0 points" in text and "97.0% (≥ 95%: met), layer dropping 80.0%" in text
+    res["results"][0].pop("choice_kept")  # files written before the choice scoring existed
+    assert "| 50.0% | n/a |" in share.table(res)
+
+
+def test_ncu_csv_parsed_per_launch_and_summarised_per_path():
+    ncu = _load("bench_serving_ncu", BENCH / "serving" / "ncu.py")
+    run = _load("bench_serving_run", BENCH / "serving" / "run.py")
+    head = '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
+
+    def launch(i, us, regs, occ, issue, wait):
+        rows = [("gpu__time_duration.sum", f"{us * 1000:,.0f}"), ("launch__registers_per_thread", str(regs)),
+                ("launch__grid_size", "512"), ("sm__warps_active.avg.pct_of_peak_sustained_active", str(occ)),
+                ("smsp__issue_active.avg.pct_of_peak_sustained_active", str(issue)),
+                ("dram__throughput.avg.pct_of_peak_sustained_elapsed", "7.5"),
+                ("smsp__average_warps_issue_stalled_wait_per_issue_active.ratio", str(wait)),
+                ("smsp__average_warps_issue_stalled_selected_per_issue_active.ratio", "1"),
+                ("smsp__average_warps_issue_stalled_drain_per_issue_active.ratio", "0.01")]
+        return "".join(f'"{i}","_seg_kernel","{m}","",{json.dumps(v)}\n' for m, v in rows)
+
+    text = "==PROF== Connected\n" + head + launch(0, 45.9, 128, 25.0, 40.0, 1.5) + launch(1, 37.1, 120, 12.5, 30.0, 2.5)
+    recs = ncu.parse(text)
+    assert [r["us"] for r in recs] == [45.9, 37.1] and recs[0]["registers"] == 128 and recs[1]["grid"] == 512
+    assert recs[0]["stalls"] == {"wait": 1.5, "selected": 1.0}  # reasons under 0.05 cycles dropped
+    data = {"device": "GPU X", "date": "d", "kernels_sha": "abc",
+            "records": [{"codec": "delta-come", "k": 8, "launch": n, **r} for n, r in zip(("V side", "U side"), recs)]
+            + [{"codec": "dare", "k": 8, "launch": "launch", **recs[0]}]}
+    s = run.ncu_summary(data, batch=64)
+    tc = s["by_path"][">= 3 tokens/tenant"]
+    assert tc["warps_per_scheduler"] == [2.0, 4.0] and tc["issue_active_pct"] == [30.0, 40.0]
+    assert tc["top_stalls"] == {"wait": 2.0} and "sparse (ELL)" in s["by_path"] and "abc" in s["source"]

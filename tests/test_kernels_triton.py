@@ -1,13 +1,18 @@
 """Triton delta kernels (deltapack.kernels.triton), run by Triton's CPU interpreter: every layout and bit width,
 mixed tenants with base tokens, decode (few tokens per tenant: broadcast-sum path) and prefill (>= 16 tokens per
 tenant: tl.dot path), fp32 and bf16, forced reduction splits (atomic adds), against the exact delta (codec decode,
-fp64) and against the pure-torch reference backend; and a pico model served end to end with kernels="triton"."""
+fp64) and against the pure-torch reference backend; and a pico model served end to end with kernels="triton".
+
+On a GPU machine the same kernel checks run compiled: `DELTAPACK_TRITON_TEST_DEVICE=cuda pytest
+tests/test_kernels_triton.py -k "linear or mixed or post_scaled or unknown"` (the interpreter-only tests skip)."""
 
 from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere: kernels run on CPU tensors
+DEV = os.environ.get("DELTAPACK_TRITON_TEST_DEVICE", "cpu")
+if DEV == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere: kernels run on CPU tensors
 
 import pytest
 import torch.utils._python_dispatch
@@ -86,6 +91,7 @@ def _exact(codec, params, parts) -> torch.Tensor:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.cpu(), b.cpu()
     assert torch.isfinite(a).all()
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
@@ -95,12 +101,13 @@ def _layer(kernels, keys, dtype, slots=None):
     exact = {}
     for i, key in enumerate(keys):
         s = slots[i] if slots else i
-        lay.set(s, kernels.pack(*ENTRIES[key], (M, N), dtype=dtype))
+        lay.set(s, kernels.pack(*ENTRIES[key], (M, N), dtype=dtype, device=DEV))
         exact[s] = _exact(*ENTRIES[key])
     return lay, exact
 
 
 def _want(x, slots, exact):
+    x = x.cpu()
     out = torch.zeros(x.shape[0], M, dtype=torch.float64)
     for t, s in enumerate(slots.tolist()):
         if s in exact:
@@ -163,12 +170,12 @@ def test_token_blocks():
 def _tokens(mode: str):
     if mode == "decode":  # a few tokens per tenant, base tokens, a slot past the layer's table
         slots = [0, -1, 0, 2, 9, 0, 1]
-        return TokenSlots.from_rows(slots, 1, "cpu"), torch.tensor(slots)
+        return TokenSlots.from_rows(slots, 1, DEV), torch.tensor(slots)
     if mode == "prefill":  # rows of 9 tokens: tenant 0 has 18 tokens (a block of 32: tl.dot)
-        ts = TokenSlots.from_rows([0, -1, 0, 1], 9, "cpu")
-        return ts, ts.slot_ids
-    ts = TokenSlots(torch.tensor([1, 1, 0, -1, 0, 1]))  # no host groups: default block, device-side bound
-    return ts, ts.slot_ids
+        ts = TokenSlots.from_rows([0, -1, 0, 1], 9, DEV)
+        return ts, ts.slot_ids.cpu()
+    ts = TokenSlots(torch.tensor([1, 1, 0, -1, 0, 1], device=DEV))  # no host groups: default block, device-side bound
+    return ts, ts.slot_ids.cpu()
 
 
 MODES = [("decode", torch.float32), ("decode", torch.bfloat16), ("prefill", torch.float32), ("prefill", torch.bfloat16)]
@@ -185,14 +192,14 @@ def test_linear_matches_exact_and_reference(key, mode, dtype):
     ref = get_kernels("reference")
     lay, exact = _layer(k, [key], dtype, slots=[0])
     other = "deltacome_rows" if key != "deltacome_rows" else "dense"
-    lay.set(1, k.pack(*ENTRIES[other], (M, N), dtype=dtype))
+    lay.set(1, k.pack(*ENTRIES[other], (M, N), dtype=dtype, device=DEV))
     exact[1] = _exact(*ENTRIES[other])
     ref_lay = LayerDeltas("w")
     ref_lay.set(0, ref.pack(*ENTRIES[key], (M, N), dtype=dtype))
     ref_lay.set(1, ref.pack(*ENTRIES[other], (M, N), dtype=dtype))
     tokens, slots = _tokens(mode)
     x = torch.randn(slots.numel(), N, generator=torch.Generator().manual_seed(hash((key, mode)) % 1000)).to(dtype)
-    y = k.linear(x, tokens, lay)
+    y = k.linear(x.to(DEV), tokens, lay).cpu()
     want = _want(x, slots, exact)
     assert _rel(y, want) < TOL[dtype], (key, mode)
     assert torch.all(y[(slots < 0) | (slots > 1)] == 0)  # base tokens and tenants without this delta: untouched
@@ -210,12 +217,12 @@ def test_mixed_tenants_forced_split(mode, dtype):
     lay, exact = _layer(k, keys, dtype, slots=slot_ids)
     if mode == "decode":
         rows = [0, 11, -1, 2, 3, 5, 6, 8, 9, 0, 7, 11, 3]
-        tokens = TokenSlots.from_rows(rows, 1, "cpu")
+        tokens = TokenSlots.from_rows(rows, 1, DEV)
     else:
-        tokens = TokenSlots.from_rows([2, 0, -1, 2, 11], 8, "cpu")
-    slots = tokens.slot_ids
+        tokens = TokenSlots.from_rows([2, 0, -1, 2, 11], 8, DEV)
+    slots = tokens.slot_ids.cpu()
     x = torch.randn(slots.numel(), N, generator=torch.Generator().manual_seed(7)).to(dtype)
-    y = k.linear(x, tokens, lay)
+    y = k.linear(x.to(DEV), tokens, lay).cpu()
     assert _rel(y, _want(x, slots, exact)) < TOL[dtype]
     for t, s in enumerate(slots.tolist()):  # each token individually right, not only the batch in norm
         if s in exact:
@@ -237,8 +244,9 @@ def test_post_scaled_factors(mode, split):
     lay, exact = _layer(fast, ["deltacome_rows", "lowrank", "deltacome_rows"], dtype, slots=[0, 2, 5])
     tokens, slots = _tokens(mode)
     slots = torch.where(slots == 1, torch.full_like(slots, 5), slots)  # slot 5 holds the second delta-come tenant
-    tokens = TokenSlots(slots, [(s, torch.nonzero(slots == s).flatten()) for s in sorted(set(slots.tolist()))])
-    x = torch.randn(slots.numel(), N, generator=torch.Generator().manual_seed(3)).to(dtype)
+    tokens = TokenSlots(slots.to(DEV), [(s, torch.nonzero(slots == s).flatten().to(DEV))
+                                        for s in sorted(set(slots.tolist()))])
+    x = torch.randn(slots.numel(), N, generator=torch.Generator().manual_seed(3)).to(dtype).to(DEV)
     y = fast.linear(x, tokens, lay)
     plan = lay.cache["triton"][(x.device, x.dtype)]
     assert plan.v.post == tk.POST_V and plan.u.post == tk.POST_U and plan.v.width == plan.rank + 1
@@ -255,7 +263,7 @@ def test_unknown_composition():
     lay, exact = _layer(k, ["deltacome_rows", "sign_3_row", "dare_4", "g32_both"], torch.float32)
     tokens, slots = _tokens("nogroups")
     x = torch.randn(slots.numel(), N)
-    assert _rel(k.linear(x, tokens, lay), _want(x, slots, exact)) < 1e-5
+    assert _rel(k.linear(x.to(DEV), tokens, lay), _want(x, slots, exact)) < 1e-5
 
 
 def test_layer_cache_follows_versions():

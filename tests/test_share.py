@@ -287,3 +287,29 @@ def test_self_chat_samples_are_seeded_and_disjoint_from_eval_tasks(tmp_path):
     assert self_chat_texts(model, tok, 6, seed=3, max_new_tokens=5, batch=4, cache=cache) == a
     tok.chat_template = None
     assert self_chat_texts(model, tok, 6) == []
+
+
+def test_choice_scoring_matches_unbatched_likelihoods(tmp_path):
+    """The paper-style scoring: batched, right-padded log-likelihoods of each choice equal one sequence at a time,
+    and the right answer is each item's choice index."""
+    from deltapack.serve.testing import make_word_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    items = tasks.make_items(seed=1, per_task=3)
+    assert all(it["choices"][it["choice"]] == it["answers"][0] for it in items)
+    make_llama(tmp_path / "m", hidden=32, vocab=64, seed=2)
+    make_word_tokenizer(tmp_path / "m", 64)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    sample = [items[0], items[5], items[-1]]
+    got = tasks.choice_logprobs(model, tok, sample, batch=7)  # batches cut across items
+    for it, lps in zip(sample, got):
+        prompt = tok(tasks._prompt_text(tok, it["prompt"]), add_special_tokens=False)["input_ids"]
+        for c, lp in zip(it["choices"], lps):
+            ids = tok(c, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + ids])).logits.float(), -1)[0]
+            want = sum(float(logp[len(prompt) + i - 1, t]) for i, t in enumerate(ids))
+            assert lp == pytest.approx(want, abs=1e-4)
+    right = tasks.score_choices(model, tok, sample)
+    assert right == [lps[it["choice"]] == max(lps) and lps.count(max(lps)) == 1 for it, lps in zip(sample, got)]

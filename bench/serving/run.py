@@ -59,6 +59,16 @@ PARTS = ("kernels", "decode", "trace", "profile", "resident")
 RECORD_PARTS = ("kernels", "decode", "trace", "resident")  # the issue's record lists; profile writes notes only
 
 
+def kernels_sha() -> str:
+    """Identity of the kernel code measured (the GPU machine gets a copy of the tree without git history)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted((ROOT / "src" / "deltapack" / "kernels" / "triton").glob("*.py")):
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def log(msg: str) -> None:
     print(f"[serving {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -695,12 +705,43 @@ def targets(data: dict) -> dict:
     if res:
         out["resident_50_tenants_16x"] = {f"{r['codec']} {r['ratio']:g}x": {"tenants": r["tenants"], "met": r["tenants"] >= 50}
                                           for r in res}
+    ncu_file = RESULTS / "serving_ncu.json"
+    ncu = json.loads(ncu_file.read_text()) if ncu_file.is_file() else None
     out["what_bounds_the_kernels"] = bounds_note(data.get("kernels", []),
-                                                 data.get("notes", {}).get("kernels", {}).get("batch", 64))
+                                                 data.get("notes", {}).get("kernels", {}).get("batch", 64), ncu)
     return out
 
 
-def bounds_note(kernels: list[dict], batch: int) -> dict:
+def ncu_summary(ncu: dict, batch: int) -> dict:
+    """Ranges of the Nsight Compute counters per kernel path (bench/serving/ncu.py's records): warps per scheduler
+    (achieved occupancy x 64 warps / 4 schedulers), share of cycles issuing, DRAM share of peak, top stall reasons."""
+    paths: dict = {}
+    for r in ncu.get("records", []):
+        path = "sparse (ELL)" if r["codec"] in ("dare", "deltadq") else \
+            "1-2 tokens/tenant" if batch // max(1, r["k"]) <= 2 else ">= 3 tokens/tenant"
+        paths.setdefault(path, []).append(r)
+    out = {}
+    for path, recs in paths.items():
+        def rng(vals):
+            return [round(min(vals), 1), round(max(vals), 1)]
+        stalls: dict = {}
+        for r in recs:
+            for k, v in r["stalls"].items():
+                if k not in ("selected", "not_selected"):
+                    stalls[k] = stalls.get(k, 0.0) + v / len(recs)
+        out[path] = {
+            "launches": [f"{r['codec']} k={r['k']} {r['launch']}" for r in recs],
+            "warps_per_scheduler": rng([r["occupancy_pct"] * 64 / 100 / 4 for r in recs]),
+            "issue_active_pct": rng([r["issue_active_pct"] for r in recs]),
+            "dram_pct": rng([r["dram_pct"] for r in recs]),
+            "registers": rng([r["registers"] for r in recs]),
+            "top_stalls": {k: round(v, 2) for k, v in sorted(stalls.items(), key=lambda kv: -kv[1])[:3]},
+        }
+    return {"source": f"bench/results/serving_ncu.json ({ncu.get('device')}, {ncu.get('date')}, kernels "
+                      f"{ncu.get('kernels_sha')})", "by_path": out}
+
+
+def bounds_note(kernels: list[dict], batch: int, ncu: dict | None = None) -> dict:
     """Per codec, the best efficiency with 1-2 and with more tokens per tenant (batch / k; factors and sign codes:
     the CUDA-core decode path and the tensor-core path), and what bounds each path."""
     by_path: dict = {}
@@ -712,14 +753,19 @@ def bounds_note(kernels: list[dict], batch: int) -> dict:
             by_path[r["codec"]][path] = {"efficiency": r["efficiency"], "at": f"{r['shape']} k={r['k']}"}
     return {
         "best_by_path": by_path,
-        "1-2 tokens/tenant": "factors and sign: the decode path, codes decoded in place on the CUDA cores (an AND and an FFMA per code and token, plus x loads): "
-                       "bound by instruction issue and load latency, not by memory; bench/results/serving_sass.json has "
-                       "the instructions per code of each launch, bench/results/serving_tune.json the block-size / warp / "
-                       "split sweep the defaults come from",
-        ">= 3 tokens/tenant": "factors and sign: the tensor-core path, codes decoded to bf16 and moved through shared memory into the MMA operand layout: several "
-                            "times the instructions per code of the decode path (serving_sass.json), and a tenant with more "
-                            "than 16 tokens is read once per 16 (k=1 at batch 64: 4 times). sparse (ELL): 3-D gathers of x by column, "
-                              "tens of instructions per non-zero whatever the token count",
+        "1-2 tokens/tenant": "factors and sign: the decode path, codes decoded in place on the CUDA cores (an AND and an FFMA per code "
+                             "and token, plus x loads): bound by instruction issue, not by memory (`ncu`: the schedulers "
+                             "issue on most cycles while DRAM runs far below its peak); "
+                             "bench/results/serving_sass.json has the instructions per code of each launch, "
+                             "bench/results/serving_tune.json the block-size / warp / split sweep the defaults come from",
+        ">= 3 tokens/tenant": "factors and sign: the tensor-core path, codes decoded to bf16 and moved through shared memory into the "
+                              "MMA operand layout: several times the instructions per code of the decode path (serving_sass.json) "
+                              "on few resident warps (`ncu`, below: a few warps per scheduler at the 128-register cap, issue on "
+                              "under half the cycles, stalls on memory latency and dependent-instruction waits), "
+                              "and a tenant with more than 16 tokens is read once per 16 (k=1 at batch 64: 4 times). "
+                              "sparse (ELL): 3-D gathers of x by column, tens of instructions per non-zero whatever the token "
+                              "count (`ncu`: memory-latency and MIO-throttle stalls)",
+        **({"ncu": ncu_summary(ncu, batch)} if ncu else {}),
     }
 
 
@@ -869,7 +915,8 @@ def main() -> None:
             log(f"part {p} FAILED: {errors[p]}")
         # a run of some codecs only keeps the provenance of the other codecs' records (the earlier full run)
         key = p if only is None or p == "trace" else f"{p}:{','.join(only)}"
-        runs[key] = {"command": command, "device": world.name(), "date": date, "seconds": round(time.perf_counter() - t0, 1)}
+        runs[key] = {"command": command, "device": world.name(), "date": date, "seconds": round(time.perf_counter() - t0, 1),
+                     "kernels_sha": kernels_sha()}
         notes.setdefault("templates", {}).update(world.template_stats)
         write_json(out, data)  # after every part: a later crash keeps what was measured
     notes["targets"] = targets(data)

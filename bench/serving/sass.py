@@ -67,6 +67,7 @@ def variants(cfg: LaunchConfig) -> list[dict]:
             bk = min(bk, 32)
         out.append({
             "name": name, "fn": K._seg_kernel, "sig": dict(SEG_SIG, x_ptr=x), "warps": warps,
+            "maxnreg": cfg.max_registers_dot if dot else cfg.max_registers,
             "codes_per_thread": cfg.block_r * bk / (32 * warps),
             "const": {"BLOCK_T": bt, "BLOCK_R": cfg.block_r, "BLOCK_K": bk, "BLOCK_F": cfg.block_f, "SPLIT_K": split,
                       "WIDTHS": widths, "MODES": modes, "SIGN": sign, "SC_F32": scf32, "FDT": fdt, "XDT": xdt,
@@ -98,6 +99,7 @@ def variants(cfg: LaunchConfig) -> list[dict]:
         bj = min(64, max(8, 4096 // (16 * bt)))
         out.append({
             "name": f"sparse (ELL), {bt} token(s)/tenant", "fn": K._ell_kernel, "sig": ELL_SIG, "warps": cfg.num_warps,
+            "maxnreg": cfg.max_registers,
             "codes_per_thread": 16 * bj / (32 * cfg.num_warps),
             "const": {"BLOCK_T": bt, "BLOCK_J": bj, "SPLIT_J": 1, "ROWS": 16, "COL32": False, "FDT": tl.bfloat16,
                       "UPCAST": False, "ATOMIC": False},
@@ -108,7 +110,7 @@ def variants(cfg: LaunchConfig) -> list[dict]:
 def compile_variant(v: dict, workdir: Path) -> dict:
     t0 = time.perf_counter()
     k = triton.compile(ASTSource(fn=v["fn"], signature=v["sig"], constexprs=v["const"]), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": v["warps"]})
+                       options={"num_warps": v["warps"], **({"maxnreg": v["maxnreg"]} if v.get("maxnreg") else {})})
     cubin = workdir / "k.cubin"
     cubin.write_bytes(k.asm["cubin"])
     res = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True).stdout

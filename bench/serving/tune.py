@@ -29,7 +29,7 @@ import run as R  # noqa: E402  (bench/serving/run.py: World, time_call, copy_gbp
 CASES = [  # (codec, (in, out), k)
     ("delta-come", (4096, 4096), 64), ("delta-come", (4096, 4096), 8), ("delta-come", (4096, 4096), 32),
     ("delta-come", (4096, 4096), 1), ("delta-come", (11008, 4096), 64), ("delta-come", (11008, 4096), 8),
-    ("bitdelta", (4096, 4096), 64), ("bitdelta", (4096, 4096), 8),
+    ("bitdelta", (4096, 4096), 64), ("bitdelta", (4096, 4096), 8), ("lowrank", (4096, 4096), 8),
 ]
 VARIANTS = [  # one field changed from the defaults
     {}, {"words_per_step": 16}, {"words_per_step": 4}, {"block_r": 128}, {"block_r": 32}, {"num_warps": 2},
@@ -112,7 +112,7 @@ def main() -> None:
     cg = R.copy_gbps(world)
     out = {"command": "PYTHONPATH=src python bench/serving/" + " ".join(shlex.quote(a) for a in sys.argv),
            "device": world.name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-           "defaults": dataclasses.asdict(LaunchConfig()), "copy_gbps": round(cg, 1), "batch": world.cfg["batch"], "ratio": world.cfg["kernel_ratio"],
+           "kernels_sha": R.kernels_sha(), "defaults": dataclasses.asdict(LaunchConfig()), "copy_gbps": round(cg, 1), "batch": world.cfg["batch"], "ratio": world.cfg["kernel_ratio"],
            "records": [], "errors": [], "complete": False}
     path = Path(args.out)
 

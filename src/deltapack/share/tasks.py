@@ -2,6 +2,11 @@
 original answered. Items are generated from fixed word lists with a seeded RNG (same items on every machine);
 a response counts as correct when an accepted answer appears as a whole word in its first line, before any
 listed distractor (e.g. the smaller number in "which is larger").
+
+Each item also lists `choices` (its family's possible answers, the right one at `choice`) for the scoring the
+DeltaLLM paper reports (zero-shot tasks through lm-eval-harness): the answer is the choice the model gives the
+highest log-likelihood as the start of its reply, so a model that still ranks the right answer first counts even when
+its greedy reply would not match.
 """
 
 from __future__ import annotations
@@ -43,27 +48,32 @@ def make_items(seed: int = 0, per_task: int = 24) -> list[dict]:
     rng = random.Random(seed)
     items: list[dict] = []
 
-    def add(task, prompt, answers, distractors=()):
-        items.append({"task": task, "prompt": prompt, "answers": list(answers), "distractors": list(distractors)})
+    def add(task, prompt, answers, distractors=(), choices=()):
+        choices = list(choices)
+        items.append({"task": task, "prompt": prompt, "answers": list(answers), "distractors": list(distractors),
+                      "choices": choices, "choice": choices.index(answers[0])})
 
     for _ in range(per_task):
         a, b = rng.randint(1, 9), rng.randint(1, 9)
-        add("add", f"What is {a} + {b}? Answer with just the number.", _num(a + b))
+        add("add", f"What is {a} + {b}? Answer with just the number.", _num(a + b), choices=[str(n) for n in range(2, 19)])
     for _ in range(per_task):
         a, b = rng.sample(range(2, 99), 2)
-        add("larger", f"Which number is larger, {a} or {b}? Answer with just the number.", _num(max(a, b)), _num(min(a, b)))
+        add("larger", f"Which number is larger, {a} or {b}? Answer with just the number.", _num(max(a, b)), _num(min(a, b)),
+            choices=[str(a), str(b)])
     for country, city in rng.sample(CAPITALS, min(per_task, len(CAPITALS))):
-        add("capital", f"What is the capital of {country}?", [city])
+        add("capital", f"What is the capital of {country}?", [city], choices=[c for _, c in CAPITALS])
     for i, d in enumerate(DAYS):
-        add("next-day", f"Which day of the week comes after {d}?", [DAYS[(i + 1) % 7]])
+        add("next-day", f"Which day of the week comes after {d}?", [DAYS[(i + 1) % 7]], choices=DAYS)
     for i, m in enumerate(MONTHS):
-        add("next-month", f"Which month comes after {m}?", [MONTHS[(i + 1) % 12]])
+        add("next-month", f"Which month comes after {m}?", [MONTHS[(i + 1) % 12]], choices=MONTHS)
     for w, ans in OPPOSITES:
-        add("opposite", f"What is the opposite of '{w}'? Answer with one word.", ans)
+        add("opposite", f"What is the opposite of '{w}'? Answer with one word.", ans, choices=[a[0] for _, a in OPPOSITES])
     for animal, n in LEGS:
-        add("legs", f"How many legs does a {animal} have? Answer with a number.", _num(n), [x for k in (2, 4, 6, 8) if k != n for x in _num(k)])
+        add("legs", f"How many legs does a {animal} have? Answer with a number.", _num(n),
+            [x for k in (2, 4, 6, 8) if k != n for x in _num(k)], choices=["2", "4", "6", "8"])
     for thing, ans in COLORS:
-        add("color", f"What color is {thing}? Answer with one word.", ans)
+        add("color", f"What color is {thing}? Answer with one word.", ans,
+            choices=list(dict.fromkeys(a[0] for _, a in COLORS)))
     return items
 
 
@@ -108,3 +118,44 @@ def answer(model, tok, items: list[dict], *, batch: int = 64, max_new_tokens: in
 
 def score(model, tok, items: list[dict], **kw) -> list[bool]:
     return [is_correct(r, it) for r, it in zip(answer(model, tok, items, **kw), items)]
+
+
+@torch.no_grad()
+def choice_logprobs(model, tok, items: list[dict], *, batch: int = 64) -> list[list[float]]:
+    """Per item, the summed log-probability of each of its `choices` as the start of the model's reply."""
+    device = next(model.parameters()).device
+    seqs, spans = [], []  # one sequence per (item, choice); span = the choice's token positions
+    for it in items:
+        prompt = tok(_prompt_text(tok, it["prompt"]), add_special_tokens=False)["input_ids"]
+        for c in it["choices"]:
+            ids = tok(c, add_special_tokens=False)["input_ids"]
+            seqs.append(prompt + ids)
+            spans.append((len(prompt), len(prompt) + len(ids)))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    scores = []
+    for i in range(0, len(seqs), batch):
+        chunk, sp = seqs[i : i + batch], spans[i : i + batch]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, s in enumerate(chunk):  # right padding: positions stay those of the unpadded sequence
+            ids[j, : len(s)] = torch.tensor(s)
+            mask[j, : len(s)] = 1
+        logp = torch.log_softmax(model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+        for j, (a, b) in enumerate(sp):
+            tgt = ids[j, a:b].to(device)
+            scores.append(float(logp[j, a - 1 : b - 1].gather(-1, tgt[:, None]).sum()))
+    out, k = [], 0
+    for it in items:
+        out.append(scores[k : k + len(it["choices"])])
+        k += len(it["choices"])
+    return out
+
+
+def score_choices(model, tok, items: list[dict], **kw) -> list[bool]:
+    """Right when the item's answer has the highest log-likelihood among its choices (ties count as wrong)."""
+    res = []
+    for it, lp in zip(items, choice_logprobs(model, tok, items, **kw)):
+        best = max(lp)
+        res.append(lp[it["choice"]] == best and lp.count(best) == 1)
+    return res

@@ -98,8 +98,10 @@ class LaunchConfig:
     # warps of decode-path launches: 2 took delta-come 4096x4096 at k=64 from 152 to 136 us and bitdelta from 174 to
     # 140 us against 4 (bench/results/serving_tune.json)
     num_warps: int = 2
-    # warps of tensor-core-path launches (None: num_warps); 2: delta-come 4096x4096 at k=8 83 us against 106 with 4
-    num_warps_dot: int | None = 2
+    # warps of tensor-core-path launches (None: num_warps); 4 with at most 128 registers (max_registers_dot):
+    # delta-come 4096x4096 at k=8 69.5 us against 72.1 at 2 warps uncapped, bitdelta 69.7 against 72.7, lowrank 26.0
+    # against 28.8 (bench/results/serving_tune_registers.json); uncapped, 4 warps were slower than 2
+    num_warps_dot: int | None = 4
     # warps of decode-path launches holding only 16-bit values (lowrank factors, dense): at 2 warps the float tile
     # took 255 registers per thread (bench/serving/sass.py) and lowrank fell from 65-70% to 60-64% of the
     # copy rate at k=64 (bench/results/serving.json before and after the 2-warp default)
@@ -109,6 +111,13 @@ class LaunchConfig:
     # default 3 (bench/results/serving_tune.json, delta-come 4096x4096 k=8); None: Triton's default
     num_stages: int | None = 1
     post_scale: bool = True  # factors with per-rank B scales: the V side applies them (kernels.py docstring)
+    # register cap per thread (ptxas maxnreg) of decode-path and tensor-core-path launches; None: the compiler's
+    # choice. Uncapped, ptxas gives the tensor-core path 234-255 registers, i.e. 8 warps per SM
+    # (bench/results/serving_ncu.json); a cap of 96 or 128 on the decode path changed its times by -8% to +4%
+    # across cases (serving_tune_registers.json: faster for delta-come at k=64, slower at k=32 and for bitdelta),
+    # so only the tensor-core path is capped
+    max_registers: int | None = None
+    max_registers_dot: int | None = 128
 
     def warps(self, dot: bool, widths: int) -> int:
         """Warps of one _seg_kernel launch: tensor-core path, 16-bit values only (widths == 1), or the decode path."""
@@ -474,12 +483,18 @@ class TritonKernels(DeltaKernels):
             MODES=L.modes, SIGN=L.sign, SC_F32=L.sc_f32, FDT=L.fdt, XDT=tdt, DOT=dot,
             UPCAST=interpreting() and tdt == tl.bfloat16, IEEE=xdt == torch.float32, ATOMIC=atomic, POST=L.post,
             WORDS=cfg.words_per_step,
-            num_warps=cfg.warps(dot, L.widths), **self._stages(),
+            num_warps=cfg.warps(dot, L.widths), **self._options(dot),
         )
         return out
 
-    def _stages(self) -> dict:
-        return {} if self.config.num_stages is None else {"num_stages": self.config.num_stages}
+    def _options(self, dot: bool) -> dict:
+        """Compiler options of a launch beyond its warps."""
+        cfg = self.config
+        opts = {} if cfg.num_stages is None else {"num_stages": cfg.num_stages}
+        cap = cfg.max_registers_dot if dot else cfg.max_registers
+        if cap is not None and not interpreting():
+            opts["maxnreg"] = cap
+        return opts
 
     def _run_ell(self, L: _EllLaunch, x: torch.Tensor, tokens: TokenSlots, S: int) -> torch.Tensor:
         cfg = self.config
@@ -497,7 +512,7 @@ class TritonKernels(DeltaKernels):
             x, x.stride(0), out, out.stride(0), order, bslot, bstart, blen, L.ptr, L.width,
             BLOCK_T=bt, BLOCK_J=block_j, SPLIT_J=split, ROWS=ELL_ROWS, COL32=L.col32, FDT=L.fdt,
             UPCAST=interpreting() and x.dtype == torch.bfloat16, ATOMIC=atomic,
-            num_warps=cfg.num_warps, **self._stages(),
+            num_warps=cfg.num_warps, **self._options(False),
         )
         return out
 

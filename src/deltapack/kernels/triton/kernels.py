@@ -93,15 +93,32 @@ def _dot(a, b, XDT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _halves(v, s: tl.constexpr, BLOCK_R: tl.constexpr, N: tl.constexpr):
+    """(BLOCK_R, N) words -> (BLOCK_R, 2N): each word, then the word shifted down by s bits, side by side."""
+    return tl.reshape(tl.join(v, v >> s), (BLOCK_R, 2 * N))
+
+
+@triton.jit
 def _load_part(wp, base, wpr, rows, rmask, c0, W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Codes of one power-of-two part (rows of wpr words) for rows x [c0, c0 + BLOCK_C): int32 (BLOCK_R, BLOCK_C)."""
+    """Codes of one power-of-two part (rows of wpr words) for rows x [c0, c0 + BLOCK_C): int32 (BLOCK_R, BLOCK_C).
+    Unpacked by halving (16, 8, ... W bits): join keeps a word's codes in the thread that loaded it, so the
+    compiler reaches the MMA operand layout with far fewer shared-memory stores than a 3-D shift and reshape
+    (bench/serving/sass.py). Column order: a word's halving tree enumerates its codes low bits first, the packing
+    order."""
     NPW: tl.constexpr = 32 // W
     CW: tl.constexpr = BLOCK_C // NPW
     cw = c0 // NPW + tl.arange(0, CW)
     w = tl.load(wp + base + rows[:, None] * wpr + cw[None, :], mask=rmask[:, None] & (cw < wpr)[None, :], other=0)
-    sh = tl.arange(0, NPW) * W
-    q = (w[:, :, None] >> sh[None, None, :]) & ((1 << W) - 1)
-    return tl.reshape(q, (BLOCK_R, BLOCK_C))
+    q = _halves(w, 16, BLOCK_R, CW)
+    if W <= 8:
+        q = _halves(q, 8, BLOCK_R, 2 * CW)
+    if W <= 4:
+        q = _halves(q, 4, BLOCK_R, 4 * CW)
+    if W <= 2:
+        q = _halves(q, 2, BLOCK_R, 8 * CW)
+    if W == 1:
+        q = _halves(q, 1, BLOCK_R, 16 * CW)
+    return q & ((1 << W) - 1)
 
 
 @triton.jit
