@@ -913,8 +913,12 @@ def main() -> None:
             traceback.print_exc()
             errors[p] = f"{type(e).__name__}: {e}"
             log(f"part {p} FAILED: {errors[p]}")
-        # a run of some codecs only keeps the provenance of the other codecs' records (the earlier full run)
+        # a run of some codecs only keeps the provenance of the other codecs' records (the earlier full run); a full
+        # run replaces every record of the part, so earlier codec-only provenance goes
         key = p if only is None or p == "trace" else f"{p}:{','.join(only)}"
+        if only is None:
+            for stale in [k for k in runs if k.startswith(f"{p}:")]:
+                del runs[stale]
         runs[key] = {"command": command, "device": world.name(), "date": date, "seconds": round(time.perf_counter() - t0, 1),
                      "kernels_sha": kernels_sha()}
         notes.setdefault("templates", {}).update(world.template_stats)

@@ -319,11 +319,14 @@ def _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kb
     """One quantized segment for a block of >= 16 tokens on the tensor cores. Codes are decoded to exact values:
     bf16 128 + q for codes of <= 7 bits with a bf16 model (the 128 folds into the zero term), else exact integers
     in fp32 (bf16 and fp16 hold integers up to 256 exactly). Scales are folded: MODE_ROW once per segment,
-    MODE_ROWTILE per K step, MODE_COL into x (x' = x * s) with sum(x * zero) added."""
+    MODE_ROWTILE per K step, MODE_COL into x (x' = x * s) with sum(x * zero) added. The product is taken
+    transposed, codes (BLOCK_R rows) as the left operand: with 64 rows and 4 warps that is Hopper's warpgroup MMA,
+    whose left operand can come from registers, and the decoded tile skips most of the shared-memory round trip
+    (bench/serving/sass.py: instructions per code)."""
     B16: tl.constexpr = (XDT == tl.bfloat16) and (W0 + W1 + W2 <= 7)
     OFFSET: tl.constexpr = 128.0 if B16 else 0.0
     cc = tl.arange(0, BLOCK_K)
-    d = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+    dt = tl.zeros([BLOCK_R, BLOCK_T], dtype=tl.float32)  # the segment's products, transposed
     sxe = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)  # x (MODE_ROW) or x * zero (MODE_COL), reduced at the end
     soe = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)  # x * s (MODE_COL with the 128 offset)
     for k0 in range(pid_k * BLOCK_K, klen, SPLIT_K * BLOCK_K):
@@ -342,7 +345,7 @@ def _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kb
                 if UPCAST:
                     xs = _rne_bf16(xt.to(tl.float32)).to(tl.bfloat16)
                 soe += xs.to(tl.float32)
-            d += _dot(xs, tl.trans(q), XDT, UPCAST, IEEE)
+            dt += _dot(q, tl.trans(xs), XDT, UPCAST, IEEE)
         elif MODE == MODE_COL:
             xf = xt.to(tl.float32)
             sc = tl.load(sp + sbase + cols * sstride + ogrp, mask=cm, other=0.0).to(tl.float32)
@@ -353,18 +356,19 @@ def _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kb
                 if UPCAST:
                     xs = _rne_bf16(xf * sc[None, :]).to(tl.bfloat16)
                 soe += xs.to(tl.float32)
-            d += _dot(xs, tl.trans(q), XDT, UPCAST, IEEE)
+            dt += _dot(q, tl.trans(xs), XDT, UPCAST, IEEE)
             sxe += xf * zc[None, :]
         elif MODE == MODE_ROWTILE:
             ridx = sbase + rows * sstride + k0 // gs
             sr = tl.load(sp + ridx, mask=rmask, other=0.0).to(tl.float32)
             zr = tl.load(zp + ridx, mask=rmask, other=0.0).to(tl.float32)
             xsum = tl.sum(xt.to(tl.float32), axis=1)
-            d += (_dot(xt, tl.trans(q), XDT, UPCAST, IEEE) - OFFSET * xsum[:, None]) * sr[None, :] \
-                + xsum[:, None] * zr[None, :]
+            dt += (_dot(q, tl.trans(xt), XDT, UPCAST, IEEE) - OFFSET * xsum[None, :]) * sr[:, None] \
+                + zr[:, None] * xsum[None, :]
         else:
-            d += _dot(xt, tl.trans(q), XDT, UPCAST, IEEE)
+            dt += _dot(q, tl.trans(xt), XDT, UPCAST, IEEE)
             sxe += xt.to(tl.float32)
+    d = tl.trans(dt)
     sx = tl.sum(sxe, axis=1)
     if MODE == MODE_ROW:
         ridx = sbase + rows * sstride
