@@ -720,10 +720,11 @@ def ncu_summary(ncu: dict, batch: int) -> dict:
         path = "sparse (ELL)" if r["codec"] in ("dare", "deltadq") else \
             "1-2 tokens/tenant" if batch // max(1, r["k"]) <= 2 else ">= 3 tokens/tenant"
         paths.setdefault(path, []).append(r)
+    def rng(vals):
+        return [round(min(vals), 1), round(max(vals), 1)]
+
     out = {}
     for path, recs in paths.items():
-        def rng(vals):
-            return [round(min(vals), 1), round(max(vals), 1)]
         stalls: dict = {}
         for r in recs:
             for k, v in r["stalls"].items():

@@ -99,7 +99,7 @@ def choice_eval(model, tok, items, original_accuracy: float | None) -> dict:
     return {"choice_accuracy": acc, "choice_kept": acc / original_accuracy if original_accuracy else None}
 
 
-def row(method, reduction, model, held, original, tok, kept_items, extra, items=(), original_choice=None) -> dict:
+def row(method, reduction, model, held, original, tok, kept_items, *, items, original_choice, extra) -> dict:
     t = time.perf_counter()
     ev = evaluate(model, held, teacher=original)
     acc = task_eval(model, tok, kept_items)
