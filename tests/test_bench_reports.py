@@ -202,3 +202,12 @@ def test_ncu_csv_parsed_per_launch_and_summarised_per_path():
     tc = s["by_path"][">= 3 tokens/tenant"]
     assert tc["warps_per_scheduler"] == [2.0, 4.0] and tc["issue_active_pct"] == [30.0, 40.0]
     assert tc["top_stalls"] == {"wait": 2.0} and "sparse (ELL)" in s["by_path"] and "abc" in s["source"]
+    # the README row quotes the summary
+    rep = _load("bench_serving_report", BENCH / "serving" / "report.py")
+    kernels = [{"codec": "delta-come", "shape": "4096x4096", "k": k, "efficiency": e} for k, e in ((8, 0.12), (64, 0.5))]
+    decode_only = {**data, "records": data["records"] + [{"codec": "delta-come", "k": 64, "launch": "V side", **recs[1]}]}
+    sv = {"device": "GPU X", "kernels": kernels, "notes": {"targets": {
+        "what_bounds_the_kernels": run.bounds_note(kernels, 64, decode_only)}}}
+    row = next(line for line in rep.bench_lines(sv) if line.startswith("| what bounds"))
+    assert "delta-come 50%" in row and "delta-come 12%" in row
+    assert "tensor-core path issues on 30-40% with 2-4 warps per scheduler" in row and "decode path issues on 30%" in row

@@ -407,3 +407,14 @@ def test_static_decoder_matches_merged_models(tmp_path, kernels):
         assert got[b] == greedy_reference(refs[t], prompts[b], 3), b
     with _NoHostSync(), torch.inference_mode():
         dec._step_body()
+
+
+def test_launch_options_cap_registers_only_when_compiled(monkeypatch):
+    """The register cap (ptxas maxnreg) goes to compiled tensor-core launches only; the interpreter gets none."""
+    k = tk.TritonKernels(tk.LaunchConfig())
+    monkeypatch.setattr(tk, "interpreting", lambda: True)
+    assert "maxnreg" not in k._options(True) and k._options(True)["num_stages"] == 1
+    monkeypatch.setattr(tk, "interpreting", lambda: False)
+    assert k._options(True)["maxnreg"] == 128 and "maxnreg" not in k._options(False)
+    k = tk.TritonKernels(tk.LaunchConfig(max_registers=96, max_registers_dot=None, num_stages=None))
+    assert k._options(False) == {"maxnreg": 96} and k._options(True) == {}

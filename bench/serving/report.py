@@ -77,10 +77,22 @@ def bench_lines(sv: dict) -> list[str]:
                         if "1-2 tokens/tenant" in p)
         many = ", ".join(f"{c} {p['>= 3 tokens/tenant']['efficiency']:.0%}" for c, p in paths["best_by_path"].items()
                          if ">= 3 tokens/tenant" in p)
+        ncu = (paths.get("ncu") or {}).get("by_path", {})
+        counters = ""
+        if "1-2 tokens/tenant" in ncu and ">= 3 tokens/tenant" in ncu:
+            dec, tc = ncu["1-2 tokens/tenant"], ncu[">= 3 tokens/tenant"]
+
+            def span(v, unit=""):
+                return f"{v[0]:g}{unit}" if v[0] == v[1] else f"{v[0]:g}-{v[1]:g}{unit}"
+
+            counters = (f" Nsight Compute (`bench/results/serving_ncu.json`): the decode path issues on "
+                        f"{span(dec['issue_active_pct'], '%')} of cycles with DRAM at {span(dec['dram_pct'], '%')} of "
+                        f"peak; the tensor-core path issues on {span(tc['issue_active_pct'], '%')} with "
+                        f"{span(tc['warps_per_scheduler'])} warps per scheduler.")
         out.append(f"| what bounds the kernels | best with 1-2 tokens per tenant: {few}; with ≥ 3 (k = 8 at batch 64): "
                    f"{many}. The first is bound by instruction issue and load latency; the second, for factors and "
-                   f"sign codes, by decoding codes into the tensor cores' operand layout, for sparse ones by gathers "
-                   f"(`notes.targets.what_bounds_the_kernels`) | |")
+                   f"sign codes, by decoding codes into the tensor cores' operand layout with too few warps to hide "
+                   f"the latency, for sparse ones by gathers (`notes.targets.what_bounds_the_kernels`).{counters} | |")
     tr = t.get("trace_10x_swap_throughput")
     if tr:
         rec = {r["system"]: r for r in sv["trace"]}
