@@ -16,7 +16,6 @@ import argparse
 import csv
 import datetime as dt
 import io
-import json
 import shlex
 import shutil
 import subprocess
@@ -55,17 +54,11 @@ def child(codec: str, k: int) -> None:
     import run as R
     import torch
 
-    from deltapack.kernels import LayerDeltas, TokenSlots
     from deltapack.kernels.triton import LaunchConfig, TritonKernels
 
     world = R.World(smoke=False)
     kern = TritonKernels(LaunchConfig())
-    layer = LayerDeltas("ncu")
-    for t in range(k):
-        layer.set(t, world.tenant(codec, world.cfg["kernel_ratio"], {"w": (4096, 4096)}, t)["w"])
-    batch = world.cfg["batch"]
-    tokens = TokenSlots.from_rows([t % k for t in range(batch)], 1, world.device)
-    x = torch.randn(batch, 4096, device=world.device).to(world.dtype)
+    (layer,), _, tokens, x = R.kernel_case(world, codec, (4096, 4096), k)
     for _ in range(3):  # compile, build the plan, warm the caches of everything but the measured call
         kern.linear(x, tokens, layer)
     torch.cuda.synchronize()
@@ -110,7 +103,7 @@ def main() -> None:
     import torch
 
     sys.path.insert(0, str(HERE))
-    from run import kernels_sha
+    from run import kernels_sha, write_json
 
     result = {
         "command": "PYTHONPATH=src python bench/serving/" + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + sys.argv[1:]),
@@ -134,10 +127,7 @@ def main() -> None:
             print(f"{codec} k={k} {name}: {rec.get('us')} us, {rec.get('registers')} regs, occupancy "
                   f"{rec.get('occupancy_pct')}%, issue {rec.get('issue_active_pct')}%, dram {rec.get('dram_pct')}%, "
                   f"stalls {list(rec['stalls'].items())[:4]}", flush=True)
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
+    write_json(Path(args.out), result)
     if result["errors"]:
         sys.exit(f"{len(result['errors'])} case(s) failed")
 

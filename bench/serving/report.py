@@ -80,13 +80,13 @@ def bench_lines(sv: dict) -> list[str]:
         ncu = (paths.get("ncu") or {}).get("by_path", {})
         counters = ""
         if "1-2 tokens/tenant" in ncu and ">= 3 tokens/tenant" in ncu:
-            dec, tc = ncu["1-2 tokens/tenant"], ncu[">= 3 tokens/tenant"]
+            bc, tc = ncu["1-2 tokens/tenant"], ncu[">= 3 tokens/tenant"]
 
             def span(v, unit=""):
                 return f"{v[0]:g}{unit}" if v[0] == v[1] else f"{v[0]:g}-{v[1]:g}{unit}"
 
             counters = (f" Nsight Compute (`bench/results/serving_ncu.json`): the decode path issues on "
-                        f"{span(dec['issue_active_pct'], '%')} of cycles with DRAM at {span(dec['dram_pct'], '%')} of "
+                        f"{span(bc['issue_active_pct'], '%')} of cycles with DRAM at {span(bc['dram_pct'], '%')} of "
                         f"peak; the tensor-core path issues on {span(tc['issue_active_pct'], '%')} with "
                         f"{span(tc['warps_per_scheduler'])} warps per scheduler.")
         out.append(f"| what bounds the kernels | best with 1-2 tokens per tenant: {few}; with ≥ 3 (k = 8 at batch 64): "

@@ -295,11 +295,45 @@ def copy_gbps(world: World) -> float:
 
 
 # ---- parts --------------------------------------------------------------------------------------------------------------
-def part_kernels(world: World, notes: dict) -> list[dict]:
-    torch = world.torch
+def kernel_sets(world: World, tenant_bytes: int, k: int) -> int:
+    """How many distinct sets of k tenants a timing cycles through so that together they exceed the L2 cache."""
+    l2 = world.cfg["l2_bytes"]
+    return min(64, max(1, -(-l2 * 4 // (k * tenant_bytes)))) if l2 else 1
+
+
+def kernel_case(world: World, codec: str, shape: tuple[int, int], k: int, sets: int = 1):
+    """`sets` layers of k distinct tenants of `codec` at the kernel ratio (weight `shape` = (out, in)), the batch's
+    rows round-robin over the k slots, their TokenSlots and hidden states x: (layers, rows, tokens, x)."""
     from deltapack.kernels import LayerDeltas, TokenSlots
+
+    layers = []
+    for s in range(sets):
+        lay = LayerDeltas(f"bench.{s}")
+        for t in range(k):
+            lay.set(t, world.tenant(codec, world.cfg["kernel_ratio"], {"w": shape}, s * 1000 + t)["w"])
+        layers.append(lay)
+    rows = [t % k for t in range(world.cfg["batch"])]
+    tokens = TokenSlots.from_rows(rows, 1, world.device)
+    x = world.torch.randn(len(rows), shape[1], device=world.device).to(world.dtype)
+    return layers, rows, tokens, x
+
+
+def layout_rel_err(world: World, y, x, rows: list[int], layer, tenants) -> float:
+    """Worst relative error, over `tenants`' tokens, of a kernel output y against x @ the layout's definitionᵀ."""
     from deltapack.kernels.triton.layouts import dequant_layout
 
+    worst = 0.0
+    for t in tenants:
+        d = dequant_layout(layer.slots[t]).to(world.device)
+        idx = [i for i, r in enumerate(rows) if r == t]
+        want = x[idx].float() @ d.T
+        worst = max(worst, float((y[idx].float() - want).norm() / want.norm().clamp_min(1e-30)))
+        del d
+    return worst
+
+
+def part_kernels(world: World, notes: dict) -> list[dict]:
+    torch = world.torch
     cfg = world.cfg
     cg = copy_gbps(world)
     log(f"device-to-device copy: {cg:.0f} GB/s")
@@ -313,26 +347,11 @@ def part_kernels(world: World, notes: dict) -> list[dict]:
             for k in cfg["ks"]:
                 name = f"{codec} {n_in}x{n_out} k={k}"
                 try:
-                    sets = max(1, -(-cfg["l2_bytes"] * 4 // (k * tb))) if cfg["l2_bytes"] else 1
-                    sets = min(sets, 64)
-                    layers = []
-                    for s in range(sets):
-                        lay = LayerDeltas(f"bench.{s}")
-                        for t in range(k):
-                            lay.set(t, world.tenant(codec, ratio, {"w": shape}, s * 1000 + t)["w"])
-                        layers.append(lay)
-                    rows = [t % k for t in range(B)]
-                    tokens = TokenSlots.from_rows(rows, 1, world.device)
-                    x = torch.randn(B, n_in, device=world.device).to(world.dtype)
+                    sets = kernel_sets(world, tb, k)
+                    layers, rows, tokens, x = kernel_case(world, codec, shape, k, sets)
                     # correctness on fresh inputs: every token of two tenants against the layout's definition
                     y = world.kernels.linear(x, tokens, layers[0]).float()
-                    worst = 0.0
-                    for t in sorted({0, k - 1}):
-                        d = dequant_layout(layers[0].slots[t]).to(world.device)
-                        idx = [i for i, r in enumerate(rows) if r == t]
-                        want = x[idx].float() @ d.T
-                        worst = max(worst, float((y[idx] - want).norm() / want.norm().clamp_min(1e-30)))
-                        del d
+                    worst = layout_rel_err(world, y, x, rows, layers[0], sorted({0, k - 1}))
                     checks.append({"config": name, "rel_err": worst})
                     if not worst < 2e-2:
                         raise AssertionError(f"kernel output differs from the layout's definition: rel err {worst:.3g}")
@@ -712,14 +731,20 @@ def targets(data: dict) -> dict:
     return out
 
 
+def kernel_path(k: int, batch: int) -> str:
+    """Which path a batch of k tenants takes for factors and sign codes: 1-2 tokens per tenant run on the CUDA-core
+    decode path, more on the tensor-core path."""
+    return "1-2 tokens/tenant" if batch // max(1, k) <= 2 else ">= 3 tokens/tenant"
+
+
 def ncu_summary(ncu: dict, batch: int) -> dict:
     """Ranges of the Nsight Compute counters per kernel path (bench/serving/ncu.py's records): warps per scheduler
     (achieved occupancy x 64 warps / 4 schedulers), share of cycles issuing, DRAM share of peak, top stall reasons."""
     paths: dict = {}
     for r in ncu.get("records", []):
-        path = "sparse (ELL)" if r["codec"] in ("dare", "deltadq") else \
-            "1-2 tokens/tenant" if batch // max(1, r["k"]) <= 2 else ">= 3 tokens/tenant"
+        path = "sparse (ELL)" if r["codec"] in ("dare", "deltadq") else kernel_path(r["k"], batch)
         paths.setdefault(path, []).append(r)
+
     def rng(vals):
         return [round(min(vals), 1), round(max(vals), 1)]
 
@@ -747,8 +772,7 @@ def bounds_note(kernels: list[dict], batch: int, ncu: dict | None = None) -> dic
     the CUDA-core decode path and the tensor-core path), and what bounds each path."""
     by_path: dict = {}
     for r in kernels:
-        per = batch // max(1, r["k"])
-        path = "1-2 tokens/tenant" if per <= 2 else ">= 3 tokens/tenant"
+        path = kernel_path(r["k"], batch)
         cur = by_path.setdefault(r["codec"], {}).get(path)
         if cur is None or r["efficiency"] > cur["efficiency"]:
             by_path[r["codec"]][path] = {"efficiency": r["efficiency"], "at": f"{r['shape']} k={r['k']}"}

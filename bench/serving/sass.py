@@ -34,7 +34,9 @@ import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from deltapack.kernels.triton import LaunchConfig  # noqa: E402
+from deltapack.kernels.triton import (  # noqa: E402
+    MODE_COL, MODE_ELEM_COL, MODE_ELEM_ROW, MODE_ROW, MODE_ROWTILE, MODE_UNIT, POST_U, POST_V, LaunchConfig,
+)
 from deltapack.kernels.triton import kernels as K  # noqa: E402
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -49,8 +51,9 @@ ELL_SIG = {
     "blk_slot_ptr": "*i32", "blk_start_ptr": "*i32", "blk_len_ptr": "*i32", "ptr_tab": "*i64", "M": "i32",
 }
 DELTA_COME = (1 << 2) | (1 << 3) | (1 << 8)  # widths of delta-come's paper recipe: 8, 3, 2 bits
-ROW, ROWTILE, COL, ELEM, UNIT = 1 << 1, 1 << 2, 1 << 3, (1 << 4) | (1 << 5), 1 << 6
-POST_V, POST_U = 1, 2  # post-scaled factors (kernels.py): the backend's launches for per-rank B scales
+# MODES bit masks of a launch (the backend sets bit m when a segment has scale mode m)
+ROW, ROWTILE, COL, UNIT = 1 << MODE_ROW, 1 << MODE_ROWTILE, 1 << MODE_COL, 1 << MODE_UNIT
+ELEM = (1 << MODE_ELEM_ROW) | (1 << MODE_ELEM_COL)
 
 
 def variants(cfg: LaunchConfig) -> list[dict]:

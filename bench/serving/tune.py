@@ -41,7 +41,6 @@ SMOKE_CASES = [("delta-come", (64, 96), 4), ("delta-come", (64, 96), 1), ("bitde
 
 def measure(world: R.World, codec: str, shape_in_out: tuple[int, int], k: int, cfg_kw: dict) -> dict:
     torch = world.torch
-    from deltapack.kernels import LayerDeltas, TokenSlots
     from deltapack.kernels.triton import LaunchConfig, TritonKernels
 
     kern = TritonKernels(LaunchConfig(**cfg_kw))
@@ -49,24 +48,10 @@ def measure(world: R.World, codec: str, shape_in_out: tuple[int, int], k: int, c
     shape = (n_out, n_in)
     B = world.cfg["batch"]
     tb = world.template(codec, shape, world.cfg["kernel_ratio"]).nbytes()
-    sets = min(64, max(1, -(-world.cfg["l2_bytes"] * 4 // (k * tb))))
-    layers = []
-    for s in range(sets):
-        lay = LayerDeltas(f"tune.{s}")
-        for t in range(k):
-            lay.set(t, world.tenant(codec, world.cfg["kernel_ratio"], {"w": shape}, s * 1000 + t)["w"])
-        layers.append(lay)
-    rows = [t % k for t in range(B)]
-    tokens = TokenSlots.from_rows(rows, 1, world.device)
-    x = torch.randn(B, n_in, device=world.device).to(world.dtype)
-    # correctness of this config against the reference backend's layout definition
-    from deltapack.kernels.triton.layouts import dequant_layout
-
-    y = kern.linear(x, tokens, layers[0]).float()
-    d = dequant_layout(layers[0].slots[0]).to(world.device)
-    idx = [i for i, r in enumerate(rows) if r == 0]
-    want = x[idx].float() @ d.T
-    err = float((y[idx] - want).norm() / want.norm().clamp_min(1e-30))
+    sets = R.kernel_sets(world, tb, k)
+    layers, rows, tokens, x = R.kernel_case(world, codec, shape, k, sets)
+    # correctness of this config against the layout's definition
+    err = R.layout_rel_err(world, kern.linear(x, tokens, layers[0]), x, rows, layers[0], [0])
     if not err < 2e-2:
         raise AssertionError(f"config {cfg_kw}: rel err {err:.3g}")
     reps = 20 if world.cuda else 1
@@ -117,9 +102,7 @@ def main() -> None:
     path = Path(args.out)
 
     def save() -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(path)
+        R.write_json(path, out)
 
     for v in variants:  # variant-major: every case sees the defaults first
         for codec, shp, k in (cases if not v else sweep):

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from deltapack.io.writer import write_json_atomic  # noqa: E402
+from deltapack.io.writer import write_bytes_atomic, write_json_atomic  # noqa: E402
 from deltapack.share import tasks  # noqa: E402
 from deltapack.share.baselines import drop_layers, layer_drop_model, svd_init_model  # noqa: E402
 from deltapack.share.data import load_docs, self_chat_texts, split_docs, windows  # noqa: E402
@@ -380,7 +380,7 @@ def main(argv=None) -> None:
         text = table(json.loads(Path(args.table).read_text()))
         print(text)
         if Path(args.table).resolve() == (RESULTS / "share.json").resolve():
-            (RESULTS / "share.md").write_text(text + "\n")
+            write_bytes_atomic(RESULTS / "share.md", (text + "\n").encode())
         return
     smoke = args.smoke
     defaults = {"tokens": 16_384 if smoke else 8_000_000, "train_seconds": 30.0 if smoke else 140.0,
