@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import os
 import shlex
 import sys
 import time
@@ -81,6 +82,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter, tiny shapes (checks the script, times nothing real)")
     args = ap.parse_args()
     t_start = time.perf_counter()
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported (as run.py --smoke does)
     world = R.World(smoke=args.smoke)
     if not world.cuda and not args.smoke:
         sys.exit("tune.py needs a CUDA GPU (or --smoke)")
