@@ -75,10 +75,17 @@ def test_references_differ(setup):
     assert len(distinct) == len(refs)
 
 
-def test_mixed_batch_matches_merged_models(setup):
+# decode modes testable here: `static` keeps the rows in a static KV cache (the bookkeeping of CUDA-graph decoding,
+# stepped eagerly); `graph` itself needs a GPU
+MODES = ["dynamic", "static"] + (["graph"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("decode", MODES)
+def test_mixed_batch_matches_merged_models(setup, decode):
     """All tenants and the base, 3 prompts each, admitted in one step: one batch of 18 rows, ragged prompts."""
     d, deltas, refs = setup
-    with running_server(d / "base", list(deltas.items()), max_batch=32) as (state, url):
+    with running_server(d / "base", list(deltas.items()), max_batch=32, decode=decode) as (state, url):
+        assert state.engine.decode_mode == decode
         jobs = [(m, i) for m in refs for i in range(len(PROMPTS))]
         with state.tiers.lock:  # hold the engine between steps until every request is queued
             with ThreadPoolExecutor(len(jobs)) as pool:
@@ -96,10 +103,11 @@ def test_mixed_batch_matches_merged_models(setup):
         assert state.engine.max_tenants_in_step == len(refs)  # every tenant decoded in the same steps
 
 
-def test_requests_joining_a_running_batch(setup):
+@pytest.mark.parametrize("decode", MODES)
+def test_requests_joining_a_running_batch(setup, decode):
     """Continuous batching: a long request runs while others join (different cache lengths) and leave."""
     d, deltas, refs = setup
-    with running_server(d / "base", list(deltas.items()), max_batch=8) as (state, url):
+    with running_server(d / "base", list(deltas.items()), max_batch=8, decode=decode) as (state, url):
         long_prompt = PROMPTS[1]
         long_ref = greedy_reference(merged_model(d / "base", deltas["dare"]), long_prompt, 40)
         out = {}
@@ -127,3 +135,58 @@ def test_grown_vocabulary_ids(setup):
         assert _complete(url, "grown", [5, new_id, 9], 6) == ref
         r = httpx.post(f"{url}/v1/completions", json={"model": "base", "prompt": [5, new_id], "max_tokens": 2})
         assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"]
+
+
+def test_static_rows_move_to_the_front(setup, monkeypatch):
+    """Static decoding: once every running request starts past the first columns (here 3), the used columns move
+    to the cache's front; tokens stay exactly those of the merged models, and an emptied batch starts over."""
+    from deltapack.serve import fastpath
+
+    monkeypatch.setattr(fastpath, "COMPACT_AT", 3)
+    d, deltas, refs = setup
+    long_ref = greedy_reference(merged_model(d / "base", deltas["lowrank"]), PROMPTS[0], 30)
+    late_ref = greedy_reference(merged_model(d / "base", deltas["grown"]), PROMPTS[1], 20)
+    with running_server(d / "base", list(deltas.items()), max_batch=4, decode="static", max_model_len=40) as (state, url):
+        batch, engine = state.engine.batch, state.engine
+        assert batch.L == 40 + 3 + 1
+        assert _complete(url, "bitdelta", PROMPTS[1]) == refs["bitdelta"][1]
+        t0 = time.monotonic()
+        while batch.rows and time.monotonic() - t0 < 10:  # the engine drops the row just after streaming its end
+            time.sleep(0.001)
+        assert batch.col == 0 and batch.compactions == 0  # the batch emptied: the cache starts over
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(_complete, url, "lowrank", PROMPTS[0], 30)
+            t0 = time.monotonic()
+            while engine.steps < 20 and time.monotonic() - t0 < 30:
+                time.sleep(0.001)
+            with state.tiers.lock:  # hold the engine while two more requests queue: they join mid-way
+                late = [pool.submit(_complete, url, "grown", PROMPTS[1], 20), pool.submit(_complete, url, "dare", PROMPTS[2])]
+                while engine.snapshot()["waiting"] < 2 and time.monotonic() - t0 < 30:
+                    time.sleep(0.001)
+            got = [first.result(), late[0].result(), late[1].result()]
+        assert got == [long_ref, late_ref, refs["dare"][2]]
+        assert batch.compactions >= 1  # after the long request left, the late ones started past column 3
+        assert batch.eager_steps == engine.steps  # no graphs without CUDA
+
+
+def test_late_requests_gather_for_one_prefill(setup):
+    """With a prefill delay, a request arriving while rows decode waits for company (up to the delay) instead of
+    stalling the batch with a prefill of its own; two arriving together share one prefill. Tokens are unchanged."""
+    d, deltas, refs = setup
+    long_ref = greedy_reference(merged_model(d / "base", deltas["lowrank"]), PROMPTS[0], 40)
+    with running_server(d / "base", list(deltas.items()), max_batch=8, decode="static", prefill_delay_s=0.15) as (state, url):
+        engine = state.engine
+        assert engine.prefill_batch == 8 and engine.prefill_delay_s == 0.15
+        with ThreadPoolExecutor(3) as pool:
+            first = pool.submit(_complete, url, "lowrank", PROMPTS[0], 40)
+            t0 = time.monotonic()
+            while engine.steps < 2 and time.monotonic() - t0 < 30:
+                time.sleep(0.001)
+            steps, t1 = engine.steps, time.monotonic()
+            late = [pool.submit(_complete, url, m, PROMPTS[2]) for m in ("dare", "raw")]
+            got = [f.result() for f in late]
+            waited = time.monotonic() - t1
+            assert first.result() == long_ref
+        assert got == [refs["dare"][2], refs["raw"][2]]
+        assert waited >= 0.15  # neither was admitted before the delay (two waiting are fewer than 8)
+        assert engine.steps > steps  # the running row kept decoding meanwhile

@@ -185,6 +185,22 @@ def test_warmup_runs_every_model_once_and_loads_the_deltas(env):
         assert set(warmup(state, prompt_tokens=5, max_tokens=1)) == {"base", "a", "c"}
 
 
+def test_warmup_with_static_decoding(env):
+    """Warm-up on a static-rows engine: the stand-in prefills and the (CPU: no) graph captures leave the batch
+    empty and at column 0, and requests afterwards still equal the merged models."""
+    from deltapack.serve.app import warmup
+
+    d, root, deltas, refs = env
+    with running_server(d / "base", list(deltas.items()), device="cpu", dtype="float32", max_batch=2,
+                        decode="static") as (state, url):
+        warmup(state, prompt_tokens=5, max_tokens=2)
+        slots = [t.slot for t in state.tiers.tenants.values()]
+        assert state.engine.warmup_graphs(slots) == 0  # graphs need CUDA; the prefills still ran
+        assert _wait_idle(state) and len(state.engine.batch) == 0 and state.engine.batch.col == 0
+        for name in deltas:
+            assert _gen(url, name).json()["choices"][0]["token_ids"] == refs[name]
+
+
 def _wait_idle(state, timeout=10.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:

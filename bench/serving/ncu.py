@@ -16,7 +16,6 @@ import argparse
 import csv
 import datetime as dt
 import io
-import shlex
 import shutil
 import subprocess
 import sys
@@ -106,7 +105,7 @@ def main() -> None:
     from run import kernels_sha, write_json
 
     result = {
-        "command": "PYTHONPATH=src python bench/serving/" + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name] + sys.argv[1:]),
+        "command": R.command_line(),
         "device": torch.cuda.get_device_name(0), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "kernels_sha": kernels_sha(), "shape": "4096x4096", "ratio": 16, "definitions": DEFINITIONS, "records": [],
         "errors": [],

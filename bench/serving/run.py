@@ -260,6 +260,12 @@ def timed(world: World, fn, reps: int) -> float:
     return start.elapsed_time(end) / 1000 / reps
 
 
+def command_line() -> str:
+    """This process's command, as run from the repository root."""
+    script = os.path.relpath(Path(sys.argv[0]).resolve(), ROOT)
+    return "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in [script] + sys.argv[1:])
+
+
 def time_call(world: World, fn, reps: int) -> float:
     """Seconds per fn() call: on CUDA from replays of a captured graph (falls back to timed eager calls)."""
     torch = world.torch
@@ -301,9 +307,10 @@ def kernel_sets(world: World, tenant_bytes: int, k: int) -> int:
     return min(64, max(1, -(-l2 * 4 // (k * tenant_bytes)))) if l2 else 1
 
 
-def kernel_case(world: World, codec: str, shape: tuple[int, int], k: int, sets: int = 1):
-    """`sets` layers of k distinct tenants of `codec` at the kernel ratio (weight `shape` = (out, in)), the batch's
-    rows round-robin over the k slots, their TokenSlots and hidden states x: (layers, rows, tokens, x)."""
+def kernel_case(world: World, codec: str, shape: tuple[int, int], k: int, sets: int = 1, batch: int | None = None):
+    """`sets` layers of k distinct tenants of `codec` at the kernel ratio (weight `shape` = (out, in)), `batch`
+    (default the decode batch) rows round-robin over the k slots, their TokenSlots and hidden states x:
+    (layers, rows, tokens, x)."""
     from deltapack.kernels import LayerDeltas, TokenSlots
 
     layers = []
@@ -312,7 +319,7 @@ def kernel_case(world: World, codec: str, shape: tuple[int, int], k: int, sets: 
         for t in range(k):
             lay.set(t, world.tenant(codec, world.cfg["kernel_ratio"], {"w": shape}, s * 1000 + t)["w"])
         layers.append(lay)
-    rows = [t % k for t in range(world.cfg["batch"])]
+    rows = [t % k for t in range(batch or world.cfg["batch"])]
     tokens = TokenSlots.from_rows(rows, 1, world.device)
     x = world.torch.randn(len(rows), shape[1], device=world.device).to(world.dtype)
     return layers, rows, tokens, x
@@ -583,9 +590,15 @@ def simulate_trace(costs_s: dict, tc: dict, notes: dict) -> list[dict]:
 
 
 def _profile(world: World, fn, reps: int) -> dict:
-    """Run fn() `reps` times under torch.profiler: wall seconds per call, device-busy seconds per call, and the
-    kernels (or, on the CPU, the ops) that take the time, by self time."""
+    """Run fn() `reps` times under torch.profiler: wall seconds per call, device-busy seconds per call (the kernels'
+    own time: an op's device time is its kernels', so summing both would count them twice), the kernels (or, on the
+    CPU, the ops) that take the time, by self time, and the Python functions that take the host's time (cProfile,
+    a separate run: its hooks slow the host path down, so its wall time is not the one reported)."""
+    import cProfile
+    import pstats
+
     torch = world.torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     fn()  # warm: Triton compiles, caches fill
@@ -599,6 +612,9 @@ def _profile(world: World, fn, reps: int) -> dict:
         wall = (time.perf_counter() - t0) / reps
     rows = []
     for e in prof.key_averages():
+        on_device = getattr(e, "device_type", None) == DeviceType.CUDA
+        if world.cuda and not on_device:
+            continue
         dev = getattr(e, "self_device_time_total", None)
         if dev is None:
             dev = getattr(e, "self_cuda_time_total", 0)
@@ -607,8 +623,19 @@ def _profile(world: World, fn, reps: int) -> dict:
             rows.append({"name": e.key[:120], "calls": e.count // reps, "seconds": round(t, 6)})
     rows.sort(key=lambda r: -r["seconds"])
     busy = sum(r["seconds"] for r in rows)
+    py = cProfile.Profile()
+    py.enable()
+    for _ in range(reps):
+        fn()
+    world.sync()
+    py.disable()
+    host = []
+    for (path, line, func), (_, calls, tottime, cumtime, _) in pstats.Stats(py).stats.items():
+        host.append({"function": f"{Path(path).name}:{line}({func})", "calls": calls // reps,
+                     "self_s": round(tottime / reps, 6), "total_s": round(cumtime / reps, 6)})
+    host.sort(key=lambda r: -r["self_s"])
     return {"wall_s": round(wall, 6), "busy_s": round(busy, 6), "busy_share": round(busy / wall, 3) if wall else None,
-            "top": rows[:20]}
+            "top": rows[:20], "host_top": host[:25]}
 
 
 def part_profile(world: World, notes: dict) -> list[dict]:
@@ -867,8 +894,7 @@ def resimulate_trace(out: Path, tc: dict) -> None:
     measured = notes["runs"].get("trace", {})
     if not notes.get("trace", {}).get("costs") or not measured:
         raise SystemExit(f"{out} has no measured trace costs (run --parts trace on the GPU first)")
-    script = os.path.relpath(Path(sys.argv[0]).resolve(), ROOT)
-    command = "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in [script] + sys.argv[1:])
+    command = command_line()
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     data["trace"] = simulate_trace(notes["trace"]["costs"], tc, notes)
     notes["runs"]["trace_simulation"] = {
@@ -914,8 +940,7 @@ def main() -> None:
     notes = data.setdefault("notes", {})
     errors = notes.setdefault("errors", {})
     runs = notes.setdefault("runs", {})
-    script = os.path.relpath(Path(sys.argv[0]).resolve(), ROOT)
-    command = "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in [script] + sys.argv[1:])
+    command = command_line()
     date = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     data.update({"command": command, "device": world.name(), "date": date})
     for p in RECORD_PARTS:

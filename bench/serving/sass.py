@@ -44,11 +44,12 @@ LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*(
 SEG_SIG = {
     "x_ptr": "*bf16", "stride_x": "i32", "out_ptr": "*fp32", "stride_o": "i32", "order_ptr": "*i32",
     "blk_slot_ptr": "*i32", "blk_start_ptr": "*i32", "blk_len_ptr": "*i32", "ptr_tab": "*i64", "tile_tab": "*i32",
-    "seg_tab": "*i32", "NT": "i32", "NSEG": "i32", "ccol": "i32",
+    "seg_tab": "*i32", "NT": "i32", "NSEG": "i32", "ccol": "i32", "SPLIT_K": "i32",
 }
 ELL_SIG = {
     "x_ptr": "*bf16", "stride_x": "i32", "out_ptr": "*bf16", "stride_o": "i32", "order_ptr": "*i32",
     "blk_slot_ptr": "*i32", "blk_start_ptr": "*i32", "blk_len_ptr": "*i32", "ptr_tab": "*i64", "M": "i32",
+    "SPLIT_J": "i32",
 }
 DELTA_COME = (1 << 2) | (1 << 3) | (1 << 8)  # widths of delta-come's paper recipe: 8, 3, 2 bits
 # MODES bit masks of a launch (the backend sets bit m when a segment has scale mode m)
@@ -72,7 +73,7 @@ def variants(cfg: LaunchConfig) -> list[dict]:
             "name": name, "fn": K._seg_kernel, "sig": dict(SEG_SIG, x_ptr=x), "warps": warps,
             "maxnreg": cfg.max_registers_dot if dot else cfg.max_registers,
             "codes_per_thread": cfg.block_r * bk / (32 * warps),
-            "const": {"BLOCK_T": bt, "BLOCK_R": cfg.block_r, "BLOCK_K": bk, "BLOCK_F": cfg.block_f, "SPLIT_K": split,
+            "const": {"BLOCK_T": bt, "BLOCK_R": cfg.block_r, "BLOCK_K": bk, "BLOCK_F": cfg.block_f,
                       "WIDTHS": widths, "MODES": modes, "SIGN": sign, "SC_F32": scf32, "FDT": fdt, "XDT": xdt,
                       "DOT": dot, "UPCAST": False, "IEEE": ieee, "ATOMIC": split > 1, "POST": post,
                       "WORDS": cfg.words_per_step},
@@ -104,7 +105,7 @@ def variants(cfg: LaunchConfig) -> list[dict]:
             "name": f"sparse (ELL), {bt} token(s)/tenant", "fn": K._ell_kernel, "sig": ELL_SIG, "warps": cfg.num_warps,
             "maxnreg": cfg.max_registers,
             "codes_per_thread": 16 * bj / (32 * cfg.num_warps),
-            "const": {"BLOCK_T": bt, "BLOCK_J": bj, "SPLIT_J": 1, "ROWS": 16, "COL32": False, "FDT": tl.bfloat16,
+            "const": {"BLOCK_T": bt, "BLOCK_J": bj, "ROWS": 16, "COL32": False, "FDT": tl.bfloat16,
                       "UPCAST": False, "ATOMIC": False},
         })
     return out

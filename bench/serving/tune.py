@@ -16,7 +16,6 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import shlex
 import sys
 import time
 import traceback
@@ -27,10 +26,13 @@ sys.path.insert(0, str(HERE))
 
 import run as R  # noqa: E402  (bench/serving/run.py: World, time_call, copy_gbps)
 
-CASES = [  # (codec, (in, out), k)
+CASES = [  # (codec, (in, out), k[, batch]): batch defaults to the decode batch (64)
     ("delta-come", (4096, 4096), 64), ("delta-come", (4096, 4096), 8), ("delta-come", (4096, 4096), 32),
     ("delta-come", (4096, 4096), 1), ("delta-come", (11008, 4096), 64), ("delta-come", (11008, 4096), 8),
     ("bitdelta", (4096, 4096), 64), ("bitdelta", (4096, 4096), 8), ("lowrank", (4096, 4096), 8),
+    # prefill: one 128-token prompt, and eight of them from eight tenants
+    ("delta-come", (4096, 4096), 1, 128), ("delta-come", (4096, 4096), 8, 1024), ("delta-come", (11008, 4096), 1, 128),
+    ("bitdelta", (4096, 4096), 1, 128), ("lowrank", (4096, 4096), 1, 128),
 ]
 VARIANTS = [  # one field changed from the defaults
     {}, {"words_per_step": 16}, {"words_per_step": 4}, {"block_r": 128}, {"block_r": 32}, {"num_warps": 2},
@@ -40,24 +42,25 @@ SWEEP_CASES = (0, 1, 3, 6)  # the cases every non-default variant runs (defaults
 SMOKE_CASES = [("delta-come", (64, 96), 4), ("delta-come", (64, 96), 1), ("bitdelta", (64, 64), 4)]
 
 
-def measure(world: R.World, codec: str, shape_in_out: tuple[int, int], k: int, cfg_kw: dict) -> dict:
+def measure(world: R.World, codec: str, shape_in_out: tuple[int, int], k: int, cfg_kw: dict,
+            batch: int | None = None) -> dict:
     torch = world.torch
     from deltapack.kernels.triton import LaunchConfig, TritonKernels
 
     kern = TritonKernels(LaunchConfig(**cfg_kw))
     n_in, n_out = shape_in_out
     shape = (n_out, n_in)
-    B = world.cfg["batch"]
+    B = batch or world.cfg["batch"]
     tb = world.template(codec, shape, world.cfg["kernel_ratio"]).nbytes()
     sets = R.kernel_sets(world, tb, k)
-    layers, rows, tokens, x = R.kernel_case(world, codec, shape, k, sets)
+    layers, rows, tokens, x = R.kernel_case(world, codec, shape, k, sets, B)
     # correctness of this config against the layout's definition
     err = R.layout_rel_err(world, kern.linear(x, tokens, layers[0]), x, rows, layers[0], [0])
     if not err < 2e-2:
         raise AssertionError(f"config {cfg_kw}: rel err {err:.3g}")
     reps = 20 if world.cuda else 1
     total = R.time_call(world, lambda: [kern.linear(x, tokens, lay) for lay in layers], reps) / sets
-    rec = {"codec": codec, "shape": f"{n_in}x{n_out}", "k": k, "config": cfg_kw, "us": round(total * 1e6, 2),
+    rec = {"codec": codec, "shape": f"{n_in}x{n_out}", "k": k, "batch": B, "config": cfg_kw, "us": round(total * 1e6, 2),
            "delta_bytes": k * tb, "rel_err": err}
     plan = kern._plan(layers[0], x)
     if plan.v is not None:  # the two sides of factors, each alone
@@ -98,7 +101,7 @@ def main() -> None:
         if set(v) - fields:
             sys.exit(f"unknown LaunchConfig fields {sorted(set(v) - fields)}")
     cg = R.copy_gbps(world)
-    out = {"command": "PYTHONPATH=src python bench/serving/" + " ".join(shlex.quote(a) for a in sys.argv),
+    out = {"command": R.command_line(),
            "device": world.name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
            "kernels_sha": R.kernels_sha(), "defaults": dataclasses.asdict(LaunchConfig()), "copy_gbps": round(cg, 1), "batch": world.cfg["batch"], "ratio": world.cfg["kernel_ratio"],
            "records": [], "errors": [], "complete": False}
@@ -108,17 +111,17 @@ def main() -> None:
         R.write_json(path, out)
 
     for v in variants:  # variant-major: every case sees the defaults first
-        for codec, shp, k in (cases if not v else sweep):
+        for codec, shp, k, *batch in (cases if not v else sweep):
             if time.perf_counter() - t_start > args.budget_s:
                 save()
                 R.log("time budget reached")
                 return
             try:
                 t0 = time.perf_counter()
-                rec = measure(world, codec, shp, k, v)
+                rec = measure(world, codec, shp, k, v, *batch)
                 rec["efficiency"] = round(rec["gbps"] / cg, 3)
                 out["records"].append(rec)
-                R.log(f"{codec} {shp} k={k} {v}: {rec['us']} us ({rec.get('v_us')} V, {rec.get('u_us')} U) "
+                R.log(f"{codec} {shp} k={k} batch={rec['batch']} {v}: {rec['us']} us ({rec.get('v_us')} V, {rec.get('u_us')} U) "
                       f"{rec['efficiency']:.0%} of copy ({time.perf_counter() - t0:.0f}s)")
             except Exception as e:  # noqa: BLE001 - a config that fails is a result too
                 out["errors"].append({"codec": codec, "shape": shp, "k": k, "config": v, "error": f"{type(e).__name__}: {e}"})

@@ -52,6 +52,9 @@ class PackedDelta:
     extra_rows: torch.Tensor | None = None  # vocabulary growth: full rows [shape[0], shape[0]+g) of the tenant's tensor
     replace: bool = False  # tensor absent from the base: the tenant's tensor is the delta itself (base is dropped)
     source: str = ""  # stored codec it was packed from (for reports)
+    # derived tensors a backend keeps for this device copy (e.g. the dequantized A side of factors for row lookups);
+    # not part of the layout, not counted by nbytes
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def nbytes(self) -> int:
         n = sum(t.numel() * t.element_size() for t in self.tensors.values())
@@ -153,6 +156,9 @@ class DeltaKernels(ABC):
     """A backend that packs stored deltas into its resident layout and applies them to mixed-tenant batches."""
 
     name: ClassVar[str] = ""
+    # linear() and vector() need no host view of the batch (no TokenSlots.groups): a forward through them can be
+    # captured once in a CUDA graph and replayed for any mix of tenants
+    capturable: ClassVar[bool] = False
 
     @abstractmethod
     def pack(

@@ -64,6 +64,8 @@ def build_server(
     max_prefill_tokens: int = 4096,
     served_model_name: str | None = None,
     verify_base: bool = True,
+    decode: str = "auto",
+    prefill_delay_s: float | None = None,
 ) -> ServerState:
     """Load the base, register the deltas, start the engine thread."""
     from deltapack.serve.model import ModelRunner
@@ -77,7 +79,8 @@ def build_server(
     for dname, dpath in deltas:
         tiers.register(dname, dpath, verify_base=verify_base)
     metrics = ServeMetrics()
-    engine = Engine(runner, tiers, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, metrics=metrics)
+    engine = Engine(runner, tiers, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, metrics=metrics,
+                    decode=decode, prefill_delay_s=prefill_delay_s)
     metrics.bind(engine, tiers)
     engine.start()
     return ServerState(runner, tiers, engine, metrics, name, root, verify_base)
@@ -116,6 +119,11 @@ def warmup(state: ServerState, *, prompt_tokens: int = 24, max_tokens: int = 3, 
     bad = {n: o for n, o in outcome.items() if o.startswith("error")}
     if bad:
         raise DeltapackError(f"warm-up failed: {bad}")
+    # graph decoding: capture every token bucket's decode step now, with the tenants that are on the device
+    slots = [t.slot for t in state.tiers.tenants.values() if not t.removed and t.slot is not None and t.tier == "device"]
+    graphs = state.engine.warmup_graphs(slots)
+    if graphs:
+        log.info("warm-up captured %d decode graphs", graphs)
     return outcome
 
 

@@ -37,7 +37,16 @@ def register(main: click.Group) -> None:
     @click.option("--warmup", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="before listening, run one short request per model so kernels compile and deltas load "
                        "(auto: on with the Triton kernels, whose first compile takes minutes)")
-    def serve(base, deltas, delta_root, host, port, max_batch, gpu_delta_bytes, cpu_delta_bytes, device, dtype, kernels, max_model_len, max_prefill_tokens, served_model_name, no_verify_base, warmup):
+    @click.option("--decode", "decode", type=click.Choice(["auto", "graph", "static", "dynamic"]), default="auto",
+                  show_default=True,
+                  help="decode steps: graph (rows in a static KV cache, each step a CUDA-graph replay), static (the "
+                       "same without graphs), dynamic (eager, the cache rebuilt each step); auto: graph on a GPU with "
+                       "the Triton kernels when the static cache (max-batch x max-model-len) fits in half the free "
+                       "memory, else dynamic")
+    @click.option("--prefill-delay-ms", type=float, default=None,
+                  help="while rows decode, new requests wait up to this long (or until 8 can join) to share one prefill "
+                       "[default: 250 with --decode graph, else 0]")
+    def serve(base, deltas, delta_root, host, port, max_batch, gpu_delta_bytes, cpu_delta_bytes, device, dtype, kernels, max_model_len, max_prefill_tokens, served_model_name, no_verify_base, warmup, decode, prefill_delay_ms):
         """Serve BASE and compressed fine-tunes of it over an OpenAI-compatible HTTP API.
 
         Every request names a model: the base (BASE, or --served-model-name) or a delta NAME. Requests for different
@@ -63,6 +72,8 @@ def register(main: click.Group) -> None:
             max_prefill_tokens=max_prefill_tokens,
             served_model_name=served_model_name,
             verify_base=not no_verify_base,
+            decode=decode,
+            prefill_delay_s=None if prefill_delay_ms is None else prefill_delay_ms / 1000,
         )
         if warmup == "on" or (warmup == "auto" and state.runner.state.kernels.name == "triton"):
             t0 = time.perf_counter()
@@ -71,7 +82,8 @@ def register(main: click.Group) -> None:
             click.echo(f"warm-up done in {time.perf_counter() - t0:.1f} s", err=True)
         click.echo(
             f"serving {state.base_name} + {len(state.tiers.tenants)} deltas on http://{host}:{port} "
-            f"({state.runner.device}, {str(state.runner.dtype).replace('torch.', '')}, kernels={state.runner.state.kernels.name})",
+            f"({state.runner.device}, {str(state.runner.dtype).replace('torch.', '')}, kernels={state.runner.state.kernels.name}, "
+            f"decode={state.engine.decode_mode})",
             err=True,
         )
         serve_forever(state, host, port)

@@ -7,9 +7,12 @@ One engine thread loops:
      token, and merge their KV cache rows into the running batch,
   4. run one decode step for every running row: one forward of the base model for the whole batch, each row's
      tenant delta applied by the kernels; sample; stream tokens; drop finished rows.
-Requests thus join and leave between decode steps. The KV cache of the running batch is kept by the engine
-(`BatchKV`: per layer (B, heads, L, head_dim), left-padded, with the attention mask and per-row positions) and
-handed to transformers as a DynamicCache for each step; the prompt is never run again after its prefill.
+Requests thus join and leave between decode steps; the prompt is never run again after its prefill. The running
+batch's KV cache is one of two kinds (`--decode`, `choose_decode`): `GraphBatch` (deltapack.serve.fastpath: fixed
+slots of a static cache, each step a CUDA-graph replay; `static` is the same stepped eagerly) or `BatchKV` (dynamic:
+per layer (B, heads, L, head_dim), left-padded, with the attention mask and per-row positions, handed to
+transformers as a DynamicCache each step). While rows decode, new requests may wait briefly to share one prefill
+(`prefill_delay_s`).
 """
 
 from __future__ import annotations
@@ -158,6 +161,20 @@ class BatchKV:
         self.next_pos = torch.cat([self.next_pos, next_pos], 0)
         self.rows += rows
 
+    def clear(self) -> None:
+        self.__init__()
+
+    def step(self, runner, last_ids: list[int], slots: list[int]) -> torch.Tensor:
+        """One decode step of every row (eager, the cache rebuilt as a DynamicCache): next-token logits (B, W)."""
+        dev = runner.device
+        ids = torch.tensor([[t] for t in last_ids], dtype=torch.long, device=dev)
+        mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=dev)], 1)
+        logits, cache = runner.forward(ids, mask, self.next_pos[:, None], self.cache(), slots, 1)
+        self.keys, self.values = BatchKV.tensors_of(cache)
+        self.mask = mask
+        self.next_pos = self.next_pos + 1
+        return logits[:, -1, :]
+
     def keep(self, idx: list[int]) -> None:
         if not idx:
             self.__init__()
@@ -175,6 +192,49 @@ class BatchKV:
         self.rows = [self.rows[i] for i in idx]
 
 
+DECODE_MODES = ("auto", "graph", "static", "dynamic")
+STATIC_KV_SHARE = 0.5  # auto picks graph decoding when its static KV cache takes at most this share of free memory
+
+
+def static_kv_len(runner) -> int:
+    """Columns of the static KV cache: the longest request plus room to run before the rows are moved to the front."""
+    from deltapack.serve.fastpath import COMPACT_AT
+
+    return int(runner.max_model_len) + COMPACT_AT + 1
+
+
+def static_kv_bytes(runner, rows: int) -> int:
+    cfg = runner.config
+    heads = getattr(cfg, "num_attention_heads", 1)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    item = torch.empty((), dtype=runner.dtype).element_size()
+    return rows * static_kv_len(runner) * runner.num_layers * 2 * kv_heads * head_dim * item
+
+
+def choose_decode(runner, max_batch: int, mode: str) -> str:
+    """The decode mode: graph (static rows, CUDA-graph steps), static (static rows, eager steps: the same
+    bookkeeping, for CPUs and debugging) or dynamic (the cache rebuilt each step). auto: graph on a CUDA device with
+    capturable kernels (triton) when the static cache fits in STATIC_KV_SHARE of free memory, else dynamic."""
+    if mode not in DECODE_MODES:
+        raise DeltapackError(f"unknown decode mode {mode!r}; choose from {', '.join(DECODE_MODES)}")
+    cuda = runner.device.type == "cuda"
+    if mode == "graph" and not cuda:
+        raise DeltapackError("--decode graph needs a CUDA device")
+    if mode != "auto":
+        return mode
+    if not cuda or not getattr(runner.state.kernels, "capturable", False):
+        return "dynamic"
+    need = static_kv_bytes(runner, max_batch)
+    free, _ = torch.cuda.mem_get_info(runner.device)
+    if need > STATIC_KV_SHARE * free:
+        log.warning("decode: dynamic (a static KV cache of %d rows x %d columns needs %.1f GB, %.1f GB free): lower "
+                    "--max-model-len or --max-batch for CUDA-graph decoding", max_batch, static_kv_len(runner),
+                    need / 1e9, free / 1e9)
+        return "dynamic"
+    return "graph"
+
+
 class Engine:
     def __init__(
         self,
@@ -184,6 +244,9 @@ class Engine:
         max_batch: int = 16,
         max_prefill_tokens: int = 4096,
         metrics=None,
+        decode: str = "auto",
+        prefill_batch: int = 8,
+        prefill_delay_s: float | None = None,
     ):
         if max_batch < 1:
             raise DeltapackError("--max-batch must be at least 1")
@@ -192,7 +255,15 @@ class Engine:
         self.max_batch = max_batch
         self.max_prefill_tokens = max(1, max_prefill_tokens)
         self.metrics = metrics
-        self.batch = BatchKV()
+        self.decode_mode = choose_decode(runner, max_batch, decode)
+        # while rows are decoding, new requests wait for company: up to prefill_delay_s, or until prefill_batch of
+        # them can join at once. A prefill forward costs nearly the same for one prompt as for eight (launch-bound:
+        # bench/results/serving.json, notes.trace.costs.prefill_s) and stalls every running row, so admitting the
+        # row or two a full batch frees per step one prefill at a time spends most of the engine's time in
+        # prefills. Graph mode only by default: there the decode step is cheap enough for the prefill to dominate.
+        self.prefill_batch = max(1, prefill_batch)
+        self.prefill_delay_s = (0.25 if self.decode_mode == "graph" else 0.0) if prefill_delay_s is None else prefill_delay_s
+        self.batch = self._new_batch()
         self.waiting: list[GenRequest] = []
         self._inbox: deque[GenRequest] = deque()
         self._aborts: set[str] = set()
@@ -201,6 +272,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_tenants_in_step = 0
+        # where the engine thread's time goes (seconds; prefill forwards, decode steps with their sampling)
+        self.busy = {"prefill_s": 0.0, "prefill_forwards": 0, "decode_s": 0.0}
         self.last_error: str | None = None
 
     # ---- public API (any thread) --------------------------------------------------------------------------------
@@ -258,7 +331,7 @@ class Engine:
                 self.last_error = f"{e.__class__.__name__}: {e}"
                 for r in list(self.batch.rows):
                     self._fail(r, 500, f"internal error: {self.last_error}")
-                self.batch = BatchKV()
+                self.batch.clear()
             if self.waiting and not self.batch.rows:
                 time.sleep(0.002)  # everything waits on a tier that running work pins; do not spin
             if time.monotonic() - last_trim > TRIM_EVERY_S:
@@ -303,7 +376,20 @@ class Engine:
         with self._cv:
             self.batch.keep(keep)
 
+    def _prefill_now(self) -> bool:
+        """Admit now, or let the waiting requests gather (see prefill_delay_s)?"""
+        if not self.waiting or not self.batch.rows or self.prefill_delay_s <= 0:
+            return True
+        # as many as prefill_batch can join at once (waiting, and rows free for them; a full batch frees a row or
+        # two per step, and admitting those one prefill at a time is exactly the stall to avoid), or one waited long
+        room = self.max_batch - len(self.batch.rows)
+        if min(len(self.waiting), room) >= self.prefill_batch:
+            return True
+        return room > 0 and time.monotonic() - min(r.arrival for r in self.waiting) >= self.prefill_delay_s
+
     def _admit(self) -> list[GenRequest]:
+        if not self._prefill_now():
+            return []
         room = self.max_batch - len(self.batch.rows)
         admitted, keep = [], []
         blocked = False
@@ -365,7 +451,9 @@ class Engine:
         return out
 
     def _prefill(self, admitted: list[GenRequest]) -> None:
+        t0 = time.perf_counter()
         for chunk in self._chunks(admitted):
+            self.busy["prefill_forwards"] += 1
             try:
                 self._prefill_chunk(chunk)
             except Exception as e:
@@ -373,6 +461,7 @@ class Engine:
                 for r in chunk:
                     if not r.done:
                         self._fail(r, 500, f"internal error in prefill: {e.__class__.__name__}: {e}")
+        self.busy["prefill_s"] += time.perf_counter() - t0
 
     def _prefill_chunk(self, rows: list[GenRequest]) -> None:
         from transformers.cache_utils import DynamicCache
@@ -420,28 +509,53 @@ class Engine:
                 [rows[b] for b in cont],
             )
 
+    def warmup_graphs(self, slots: list[int]) -> int:
+        """Before serving (engine thread idle or not started), with tenant `slots` resident: run stand-in prefills
+        of 1 to prefill_batch prompts of a few lengths (Triton compiles a kernel variant per launch shape class on
+        first use, seconds each, which would otherwise stall the first real prefills), then capture the decode
+        graphs (graph mode; GraphBatch.warmup). Returns the number of graphs captured."""
+        from transformers.cache_utils import DynamicCache
+
+        runner = self.runner
+        with self.tiers.lock:
+            if slots:
+                n = 1
+                while n <= self.prefill_batch:
+                    for length in (32, 128, 512):
+                        if n * length > self.max_prefill_tokens or length >= runner.max_model_len:
+                            continue
+                        ids = torch.full((n, length), 3, dtype=torch.long, device=runner.device)
+                        mask = torch.ones(n, length, dtype=torch.long, device=runner.device)
+                        pos = torch.arange(length, device=runner.device).expand(n, length)
+                        runner.forward(ids, mask, pos, DynamicCache(), [slots[i % len(slots)] for i in range(n)], 1)
+                    n *= 2
+            warm = getattr(self.batch, "warmup", None)
+            return warm(slots) if warm is not None else 0
+
+    def _new_batch(self):
+        if self.decode_mode == "dynamic":
+            return BatchKV()
+        from deltapack.serve.fastpath import GraphBatch
+
+        return GraphBatch(self.runner, rows=self.max_batch, max_len=static_kv_len(self.runner),
+                          graphs=self.decode_mode == "graph")
+
     def _decode(self) -> None:
-        bt = self.batch
-        rows = bt.rows
-        dev = self.runner.device
-        ids = torch.tensor([[r.output_ids[-1]] for r in rows], dtype=torch.long, device=dev)
-        mask = torch.cat([bt.mask, torch.ones(len(rows), 1, dtype=bt.mask.dtype, device=dev)], 1)
+        t0 = time.perf_counter()
+        rows = self.batch.rows
         slots = [r.slot for r in rows]
-        logits, cache = self.runner.forward(ids, mask, bt.next_pos[:, None], bt.cache(), slots, 1)
-        bt.keys, bt.values = BatchKV.tensors_of(cache)
-        bt.mask = mask
-        bt.next_pos = bt.next_pos + 1
+        last = self.batch.step(self.runner, [r.output_ids[-1] for r in rows], slots)
         self.steps += 1
         tenants = len(set(slots))
         self.max_tenants_in_step = max(self.max_tenants_in_step, tenants)
         if self.metrics:
             self.metrics.batch_tenants.observe(tenants)
             self.metrics.batch_size.observe(len(rows))
-        last = logits[:, -1, :]
         toks = select_tokens(last, [r.params for r in rows], [r.generator for r in rows], [r.vocab for r in rows])
         keep = [b for b, (r, tok) in enumerate(zip(rows, toks)) if not self._append_token(r, tok, last[b])]
         if len(keep) < len(rows):
             self._set_rows(keep)
+        self.busy["decode_s"] += time.perf_counter() - t0
 
     def _append_token(self, r: GenRequest, tok: int, logits_row: torch.Tensor) -> bool:
         """Record a sampled token, stream it; True when the request is finished."""

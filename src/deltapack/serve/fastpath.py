@@ -216,4 +216,303 @@ class StaticDecoder:
         return self.tokens[:, P : P + max_new_tokens].tolist()
 
 
-__all__ = ["StaticBatch", "StaticDecoder"]
+
+
+# ---- the engine's running batch in static buffers ------------------------------------------------------------------
+VIEW_STEP = 256  # attention reads the cache up to a multiple of this (graphs are captured per view length)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16)  # most tokens of one tenant in a step, rounded up: one graph per bucket
+COMPACT_AT = 128  # move the rows' KV to the front once every running row starts at least this many columns in
+
+
+class _ViewCache:
+    """Factory of a StaticCache whose update returns the cache up to `view_len` columns: a step's attention reads
+    only the columns in use (rounded up to VIEW_STEP), not the whole static length."""
+
+    @staticmethod
+    def make(config, max_len: int):
+        from transformers import StaticCache
+
+        class ViewStaticCache(StaticCache):
+            view_len = max_len
+
+            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+                k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+                return k[:, :, : self.view_len], v[:, :, : self.view_len]
+
+        return ViewStaticCache(config=config, max_cache_len=max_len)
+
+
+def _pow2_bucket(n: int) -> int:
+    for b in TOKEN_BUCKETS:
+        if n <= b:
+            return b
+    return TOKEN_BUCKETS[-1]
+
+
+class GraphBatch:
+    """The engine's running rows in static buffers, decoded one step at a time by CUDA-graph replay.
+
+    Rows live in `rows` fixed slots of one KV cache (transformers' StaticCache, `max_len` columns). Every step writes
+    column `col` of every slot (one shared write column: the cache's own counter) and advances it; each slot keeps
+    its own RoPE position and a per-column validity mask, so requests join and leave between steps at any column:
+      * a prefilled request (`add`) copies its prompt's KV into a free slot's columns [col - n, col);
+      * a finished request (`keep`) frees its slot; nothing moves;
+      * when every running request starts COMPACT_AT columns in, or the cache is full, the used columns move to the
+        front (one copy, rare: each move frees at least COMPACT_AT columns).
+    Attention reads the cache up to the next multiple of VIEW_STEP past `col`, so a step costs what its longest row
+    needs, not the static length.
+
+    Graphs: one per (most tokens of one tenant in the step, rounded to TOKEN_BUCKETS; view length), captured on first
+    use. The step reads the rows' tenant slots from a device tensor, and the kernels size their grids from a bound
+    instead of the batch's composition (`deltapack.kernels.triton`), so a graph serves every mix of tenants: the
+    engine's batch changes every few steps, a recapture each time would cost more than it saves. Input embeddings
+    (with their per-tenant deltas) are computed outside the graph. Anything that needs the host's view of the batch
+    inside the forward (a tenant replacing a whole tensor, vocabulary growth) runs the same step eagerly instead, as
+    does everything on the CPU; so do resident-set changes until the next capture (graphs are dropped whenever a
+    layer's deltas change).
+    """
+
+    def __init__(self, runner, *, rows: int, max_len: int, graphs: bool | None = None):
+        self.runner = runner
+        model = runner.model
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.B, self.L = int(rows), int(max_len)
+        if self.L <= COMPACT_AT:
+            raise InputError(f"a static KV cache needs more than {COMPACT_AT} columns, got {self.L}")
+        self.graphs = (self.device.type == "cuda") if graphs is None else bool(graphs)
+        if self.graphs and self.device.type != "cuda":
+            raise InputError("CUDA graphs need a CUDA model")
+        dev = self.device
+        self.cache = _ViewCache.make(model.config, self.L)
+        hidden = model.get_input_embeddings().weight.shape[1]
+        self.embeds = torch.zeros(self.B, 1, hidden, dtype=self.dtype, device=dev)
+        self.pos = torch.zeros(self.B, 1, dtype=torch.long, device=dev)
+        self.slot_ids = torch.full((self.B,), -1, dtype=torch.long, device=dev)
+        self.valid = torch.zeros(self.B, self.L, dtype=torch.bool, device=dev)
+        self.col = 0  # host copy of the write column
+        self.rows: list = []  # running requests, in the engine's order
+        self.index: list[int] = []  # their slots
+        self.start = [0] * self.B  # first column of each slot's request
+        self.next_pos = [0] * self.B
+        self.row_slots = [-1] * self.B  # tenant slot of each cache slot (-1: base, or free)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self._signature = None
+        self.captures = 0
+        self.eager_steps = 0
+        self.compactions = 0
+        self._init_cache()
+
+    # ---- set-up --------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _init_cache(self) -> None:
+        """Allocate the static layers (transformers allocates on first write) with one throw-away step of the base."""
+        self._set_col(0)
+        self._forward(BatchContext([-1] * self.B, self.device), self.L)
+        self._set_col(0)
+        self.valid.zero_()
+        kinds = {type(lay).__name__ for lay in self.cache.layers}
+        if kinds != {"StaticLayer"}:
+            raise InputError(f"static decoding supports full-attention caches only (got {sorted(kinds)})")
+
+    @torch.inference_mode()  # the counters were made under inference mode (the first write allocates them)
+    def _set_col(self, col: int) -> None:
+        for lay in self.cache.layers:
+            if getattr(lay, "is_initialized", False):
+                lay.cumulative_length.fill_(col)
+        self.col = col
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def clear(self) -> None:
+        self.rows, self.index = [], []
+        self.row_slots = [-1] * self.B
+        self._set_col(0)
+        self.valid.zero_()
+
+    # ---- rows joining and leaving -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _compact(self, force: bool = False) -> None:
+        """Move the running rows' columns to the front when that frees at least COMPACT_AT columns (or, forced,
+        any)."""
+        s = min((self.start[i] for i in self.index), default=self.col)
+        if s == 0 or (s < COMPACT_AT and not force):
+            return
+        n = self.col - s
+        for lay in self.cache.layers:
+            lay.keys[:, :, :n] = lay.keys[:, :, s : self.col].clone()
+            lay.values[:, :, :n] = lay.values[:, :, s : self.col].clone()
+        self.valid[:, :n] = self.valid[:, s : self.col].clone()
+        self.valid[:, n:] = False
+        for i in self.index:
+            self.start[i] -= s
+        self._set_col(n)
+        self.compactions += 1
+
+    @torch.inference_mode()
+    def add(self, keys, values, mask, next_pos, rows: list) -> None:
+        """Prefilled requests: per layer (n, heads, P, dim) keys/values left-padded to P with `mask` (n, P), the
+        next position of each, and the requests. Each takes a free slot."""
+        free = sorted(set(range(self.B)) - set(self.index))
+        if len(rows) > len(free):
+            raise RuntimeError(f"{len(rows)} requests for {len(free)} free rows of the static batch")
+        lengths = mask.sum(1).tolist()
+        need = max(lengths)
+        if self.col + 1 >= self.L or self.col < need:
+            self._compact(force=True)
+        if self.col < need:  # room for the prompt in front of the write column; the skipped columns stay invalid
+            self._set_col(need)
+        if need >= self.L:
+            raise InputError(f"a prompt of {need} tokens does not fit a static cache of {self.L} columns")
+        P = mask.shape[1]
+        positions = next_pos.tolist()
+        for j, (r, n) in enumerate(zip(rows, lengths)):
+            i = free[j]
+            c0 = self.col - n
+            for lay, k, v in zip(self.cache.layers, keys, values):
+                lay.keys[i, :, c0 : self.col] = k[j, :, P - n :]
+                lay.values[i, :, c0 : self.col] = v[j, :, P - n :]
+            self.valid[i].zero_()
+            self.valid[i, c0 : self.col] = True
+            self.start[i] = c0
+            self.next_pos[i] = int(positions[j])
+            self.row_slots[i] = r.slot
+            self.rows.append(r)
+            self.index.append(i)
+
+    def keep(self, idx: list[int]) -> None:
+        for j in set(range(len(self.rows))) - set(idx):
+            self.row_slots[self.index[j]] = -1
+        self.rows = [self.rows[j] for j in idx]
+        self.index = [self.index[j] for j in idx]
+        if not self.rows:
+            self.clear()
+
+    # ---- one decode step ------------------------------------------------------------------------------------------
+    def _graphable(self) -> bool:
+        st = self.runner.state
+        if not self.graphs or not getattr(st.kernels, "capturable", False):
+            return False
+        return not any(lay.replace_slots or (lay.max_extra_rows and key != self.runner.embed_key)
+                       for key, lay in st.layers.items() if lay.count)
+
+    def _forward(self, ctx: BatchContext, view: int) -> torch.Tensor:
+        """The step's forward over the static buffers (captured in graphs as is): last-position logits (B, W)."""
+        # this step's column (the cache advances it in place; before the first write it still lives on the CPU)
+        c = self.cache.layers[0].cumulative_length.clone().to(self.device)
+        self.valid.index_fill_(1, c.view(1), True)  # free slots too: an all-masked row would give NaNs
+        self.cache.view_len = view
+        self.runner.state.ctx = ctx
+        try:
+            out = self.runner.model(inputs_embeds=self.embeds, attention_mask=self.valid[:, None, None, :view],
+                                    position_ids=self.pos, past_key_values=self.cache, use_cache=True,
+                                    logits_to_keep=1)
+        finally:
+            self.runner.state.ctx = None
+            self.cache.view_len = self.L
+        return out.logits[:, -1, :]
+
+    def _graph(self, bucket: int, view: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (bucket, view)
+        hit = self._graphs.get(key)
+        if hit is not None:
+            return hit
+
+        def context() -> StaticBatch:
+            # a fresh one per forward: the kernels cache per-forward data (token blocks) on its TokenSlots, and
+            # those must be computed inside the graph; blocks cached by the warm-up would be baked in as pointers
+            # to eager memory that is freed (and reused) once the warm-up's context goes
+            ctx = StaticBatch(self.row_slots, self.slot_ids, None, bucket)
+            ctx.any = bucket > 0
+            return ctx
+
+        saved_valid = self.valid[:, self.col].clone()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up (compiles this bucket's kernels, builds plans); undone below
+            for _ in range(2):
+                self._forward(context(), view)
+                self._set_col(self.col)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.valid[:, self.col] = saved_valid
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._forward(context(), view)
+        self._graphs[key] = (graph, logits)
+        self.captures += 1
+        return graph, logits
+
+    @torch.inference_mode()
+    def warmup(self, slots: list[int]) -> int:
+        """Capture the graph of every token bucket (first view length) before serving, with a stand-in batch of
+        tenant `slots`: Triton compiles each bucket's kernels on first use, minutes on a cold cache, which would
+        otherwise land on the first requests. Returns the number of graphs captured. Only on an empty batch."""
+        if self.rows or not self._graphable():
+            return 0
+        before = self.captures
+        self._signature = tuple((k, lay.version) for k, lay in self.runner.state.layers.items())
+        for bucket in (0,) + (TOKEN_BUCKETS if slots else ()):
+            rows = [-1] * self.B
+            for i in range(min(self.B, bucket)):
+                rows[i] = slots[0]
+            for i, s in enumerate(slots[1:], start=bucket):  # the other tenants, one row each
+                if i < self.B:
+                    rows[i] = s
+            self.row_slots = rows
+            self.slot_ids.copy_(torch.tensor(rows, dtype=torch.long))
+            self._graph(bucket, min(self.L, VIEW_STEP))
+        self.clear()
+        return self.captures - before
+
+    @torch.inference_mode()
+    def step(self, runner, last_ids: list[int], slots: list[int]) -> torch.Tensor:
+        """One decode step of every running row: the logits of its next token, (len(rows), W)."""
+        if self.col + 1 >= self.L or min(self.start[i] for i in self.index) >= COMPACT_AT:
+            self._compact(force=self.col + 1 >= self.L)
+        if self.col >= self.L:
+            raise RuntimeError(f"static KV cache of {self.L} columns is full")
+        dev = self.device
+        ids = [runner.pad_id] * self.B
+        pos = [0] * self.B
+        for i, t in zip(self.index, last_ids):
+            ids[i] = int(t)
+            pos[i] = self.next_pos[i]
+        for i, s in zip(self.index, slots):
+            self.row_slots[i] = s
+        ids_t = torch.tensor(ids, dtype=torch.long).view(self.B, 1).to(dev)
+        eager_ctx = BatchContext(self.row_slots, dev)
+        runner.state.ctx = eager_ctx  # the embedding's deltas, on the host's view of the batch
+        try:
+            self.embeds.copy_(runner.model.get_input_embeddings()(ids_t))
+        finally:
+            runner.state.ctx = None
+        self.pos.copy_(torch.tensor(pos, dtype=torch.long).view(self.B, 1))
+        self.slot_ids.copy_(torch.tensor(self.row_slots, dtype=torch.long))
+        view = min(self.L, -(-(self.col + 1) // VIEW_STEP) * VIEW_STEP)
+        signature = tuple((k, lay.version) for k, lay in runner.state.layers.items())
+        if signature != self._signature:  # resident deltas changed: launch tables moved, graphs hold stale pointers
+            self._graphs.clear()
+            self._signature = signature
+        if self._graphable():
+            counts: dict[int, int] = {}
+            for s in self.row_slots:
+                if s >= 0:
+                    counts[s] = counts.get(s, 0) + 1
+            bucket = _pow2_bucket(max(counts.values())) if counts else 0
+            graph, logits = self._graph(bucket, view)
+            graph.replay()
+        else:
+            logits = self._forward(eager_ctx, view)
+            self.eager_steps += 1
+        self.col += 1
+        for i in self.index:
+            self.next_pos[i] += 1
+        return logits.index_select(0, torch.tensor(self.index, device=dev))
+
+
+__all__ = ["GraphBatch", "StaticBatch", "StaticDecoder"]

@@ -376,6 +376,7 @@ def _table(per_slot: dict[int, list[list[int]]], S: int, fields: int) -> torch.T
 @register_backend
 class TritonKernels(DeltaKernels):
     name = "triton"
+    capturable = True  # token blocks are built on the device, launch grids from a bound when groups are unknown
 
     def __init__(self, config: LaunchConfig | None = None):
         self.config = config or LaunchConfig()

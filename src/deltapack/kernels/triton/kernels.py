@@ -34,7 +34,9 @@ multiplied on the tensor cores (tl.dot, bf16/fp16 operands, fp32 accumulation; f
 
 _ell_kernel: out[t, r] (+)= sum_j values[r, j] * x[t, col[r, j]]: sparse deltas in ELL tiles of 16 rows.
 
-Splits along the reduction axis (SPLIT_K) add partial sums atomically into an fp32 output.
+Splits along the reduction axis (SPLIT_K) add partial sums atomically into an fp32 output. SPLIT_K / SPLIT_J are
+runtime arguments, not constexprs: the split follows the batch (programs per launch), and as a constexpr every new
+split meant a new compilation, seconds each, landing on whichever prefill first had that many token blocks.
 """
 
 from __future__ import annotations
@@ -208,7 +210,7 @@ def _pair(r0, r1, BLOCK_T: tl.constexpr):
 @triton.jit
 def _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows, wbase,
                sbase, sstride, gs, pid_k, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, MODE: tl.constexpr,
-               BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
                SIGN: tl.constexpr):
     """One quantized segment for one or two tokens of a tenant (decode): in-place masked codes, per-(row, word)
     partial sums in 2-D registers, reduced once per segment."""
@@ -314,7 +316,7 @@ def _seg_bcast(acc, x_ptr, stride_x, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, 
 @triton.jit
 def _seg_dot(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows, wbase, sbase,
              sstride, gs, pid_k, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, MODE: tl.constexpr,
-             BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+             BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
              SIGN: tl.constexpr, XDT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """One quantized segment for a block of >= 16 tokens on the tensor cores. Codes are decoded to exact values:
     bf16 128 + q for codes of <= 7 bits with a bf16 model (the 128 folds into the zero term), else exact integers
@@ -408,7 +410,7 @@ def _apply_full(acc, a, x_ptr, stride_x, tok, tmask, kcols, cm, BLOCK_T: tl.cons
 @triton.jit
 def _seg_general(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, kbeg, klen, seg_rows, wbase, mode,
                  sbase, sstride, gs, pid_k, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K,
                  SIGN: tl.constexpr, DOT: tl.constexpr, XDT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """MODE_ELEM_ROW / MODE_ELEM_COL: scale and zero gathered per element (any group size); slow, general. Steps of
     at most 64 columns (a whole dequantized tile lives in registers)."""
@@ -434,7 +436,7 @@ def _seg_general(acc, x_ptr, stride_x, tok, tmask, wp, sp, zp, rows, rmask, kbeg
 
 @triton.jit
 def _seg_float(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, fp, rows, rmask, kbeg, klen, fbase, fstride, pid_k,
-               BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, SPLIT_K: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr, SPLIT_K,
                DOT: tl.constexpr, XDT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """One 16-bit segment: element (row, k) at fbase + row * fstride + k."""
     cc = tl.arange(0, BLOCK_F)
@@ -465,7 +467,7 @@ def _seg_float(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, fp, rows, rmask, kb
 def _seg_scaled(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows,
                 wbase, sbase, sstride, gs, pid_k, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                 MODE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                BKW: tl.constexpr, SPLIT_K: tl.constexpr, SIGN: tl.constexpr, DOT: tl.constexpr, XDT: tl.constexpr,
+                BKW: tl.constexpr, SPLIT_K, SIGN: tl.constexpr, DOT: tl.constexpr, XDT: tl.constexpr,
                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """One segment of a fast scale mode (ROW, ROWTILE, UNIT, COL): the tensor-core path (K step BLOCK_K) or the
     decode path (K step BKW, per width)."""
@@ -481,7 +483,7 @@ def _seg_scaled(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, 
 def _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, rmask, ogrp, kbeg, klen, seg_rows,
                wbase, mode, sbase, sstride, gs, pid_k, W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr,
                MODES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-               SPLIT_K: tl.constexpr, SIGN: tl.constexpr, DOT: tl.constexpr, XDT: tl.constexpr, UPCAST: tl.constexpr,
+               SPLIT_K, SIGN: tl.constexpr, DOT: tl.constexpr, XDT: tl.constexpr, UPCAST: tl.constexpr,
                IEEE: tl.constexpr, WORDS: tl.constexpr):
     """Dispatch one quantized segment on its scale mode (uniform per program) to the paths the launch compiled
     (MODES: bit m set when some segment of the launch has mode m).
@@ -525,7 +527,7 @@ def _seg_kernel(
     x_ptr, stride_x, out_ptr, stride_o, order_ptr, blk_slot_ptr, blk_start_ptr, blk_len_ptr,
     ptr_tab, tile_tab, seg_tab, NT, NSEG, ccol,
     BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_F: tl.constexpr,
-    SPLIT_K: tl.constexpr, WIDTHS: tl.constexpr, MODES: tl.constexpr, SIGN: tl.constexpr, SC_F32: tl.constexpr,
+    SPLIT_K, WIDTHS: tl.constexpr, MODES: tl.constexpr, SIGN: tl.constexpr, SC_F32: tl.constexpr,
     FDT: tl.constexpr, XDT: tl.constexpr, DOT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ATOMIC: tl.constexpr, POST: tl.constexpr, WORDS: tl.constexpr,
 ):
@@ -643,7 +645,7 @@ def _seg_kernel(
 @triton.jit
 def _ell_kernel(
     x_ptr, stride_x, out_ptr, stride_o, order_ptr, blk_slot_ptr, blk_start_ptr, blk_len_ptr, ptr_tab, M,
-    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_J: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_J, ROWS: tl.constexpr,
     COL32: tl.constexpr, FDT: tl.constexpr, UPCAST: tl.constexpr, ATOMIC: tl.constexpr,
 ):
     pid_b = tl.program_id(0)

@@ -324,7 +324,12 @@ def _base_layout_rows(p: PackedDelta, ids: torch.Tensor) -> torch.Tensor:
     if p.kind == "dense":
         return p.tensors["values"][ids]
     if p.kind == "qfactors":
-        return qfactors_side(p, "Bt", ids).T @ qfactors_side(p, "A")
+        # every row needs all of A: keep it dequantized (r x in, fp32) after the first lookup, or each decode step's
+        # embedding lookup would unpack it again for every tenant in the batch
+        a = p.cache.get("rows_A")
+        if a is None:
+            a = p.cache["rows_A"] = qfactors_side(p, "A")
+        return qfactors_side(p, "Bt", ids).T @ a
     if p.kind == "sign32":
         return sign_planes(p, ids).sum(0)
     if p.kind == "ell":

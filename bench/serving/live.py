@@ -1,0 +1,209 @@
+"""Live trace through the serving engine: the code `deltapack serve` runs (deltapack.serve.engine.Engine, continuous
+batching), not a simulation. The 7B-shaped model of run.py (random bf16 weights), 64 resident delta-come 16x tenants
+(run.py's synthetic packed deltas), a Zipf/Poisson trace of run.py's shape (128-token prompts, 128 generated tokens,
+greedy, EOS ignored) fed in real time; every token is timed when the engine emits it.
+
+    PYTHONPATH=src python bench/serving/live.py [--modes graph,dynamic] [--requests 300] [--load 0.8]
+
+Each mode serves the same trace: graph (rows in a static KV cache, one CUDA-graph replay per step) and dynamic (the
+eager step, the cache rebuilt each step: what the server ran before graph decoding). The offered rate is `--load`
+times the capacity the simulation (trace_sim) predicts from the per-step costs in bench/results/serving.json, so the
+live run can be set beside the simulated one at the same load: `simulated` is the simulation of this very trace.
+Results: bench/results/serving_live.json (records as in serving.json's `trace`, plus per-mode engine counters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import threading
+import time
+import types
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run as R  # noqa: E402
+import trace_sim as ts  # noqa: E402
+
+
+class BenchRunner:
+    """What the engine needs of deltapack.serve.model.ModelRunner, over run.py's in-memory model and tenants."""
+
+    def __init__(self, world: R.World, max_model_len: int):
+        from deltapack.serve.model import ModelRunner
+
+        self._forward = ModelRunner.forward
+        self.model, self.state = world.model, world.state
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.config = self.model.config
+        self.pad_id = 0
+        self.max_model_len = max_model_len
+        emb = self.model.get_input_embeddings()
+        self.vocab_size = emb.weight.shape[0]
+        self.embed_key = next(n for n, m in self.model.named_modules() if m is emb) + ".weight"
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def forward(self, *args, **kw):
+        return self._forward(self, *args, **kw)
+
+
+class ResidentTiers:
+    """Every tenant stays on the device (the resident part of serving.json shows 53+ fit); no loads to wait on."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+
+    def acquire(self, tenant) -> bool:
+        return True
+
+    def release(self, tenant) -> None:
+        pass
+
+
+def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int, max_batch: int, vocab: int,
+                timeout_s: float) -> tuple[list[ts.Request], dict]:
+    """Feed the trace to a fresh engine in real time; returns the requests with their token times (seconds from
+    the trace's start) and the engine's counters."""
+    import random
+
+    from deltapack.serve.engine import Engine, ErrorEvent, FinishEvent, GenRequest, TokenEvent
+    from deltapack.serve.sampling import SamplingParams
+
+    runner = BenchRunner(world, prompt + max(r.out_len for r in trace) + 8)
+    t_build = time.perf_counter()
+    engine = Engine(runner, ResidentTiers(), max_batch=max_batch, max_prefill_tokens=8 * prompt, decode=mode)
+    build_s = time.perf_counter() - t_build
+    t_warm = time.perf_counter()
+    graphs = engine.warmup_graphs(sorted({r.tenant for r in trace}))
+    warm_s = time.perf_counter() - t_warm
+    rnd = random.Random(1)
+    done = threading.Event()
+    left = [len(trace)]
+    lock = threading.Lock()
+    out = [ts.Request(r.rid, r.tenant, r.arrival, r.out_len) for r in trace]
+    t0 = [0.0]
+
+    def emit(req: ts.Request, ev) -> None:
+        if isinstance(ev, TokenEvent):
+            req.tokens.append(time.perf_counter() - t0[0])
+        elif isinstance(ev, (FinishEvent, ErrorEvent)):
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+    tenants = {}
+    engine.start()
+    try:
+        t0[0] = time.perf_counter()
+        for req in out:
+            wait = req.arrival - (time.perf_counter() - t0[0])
+            if wait > 0:
+                time.sleep(wait)
+            ten = tenants.setdefault(req.tenant, types.SimpleNamespace(slot=req.tenant, tier="device", removed=False))
+            ids = [rnd.randrange(3, vocab) for _ in range(prompt)]
+            params = SamplingParams(max_tokens=req.out_len, temperature=0.0, ignore_eos=True)
+            engine.submit(GenRequest(f"r{req.rid}", f"t{req.tenant}", ten, ids, params,
+                                     lambda ev, req=req: emit(req, ev), vocab=vocab))
+        finished = done.wait(timeout_s)
+    finally:
+        engine.stop()
+        engine.batch.clear()
+    errors = sum(1 for r in out if len(r.tokens) < r.out_len)
+    counters = {"decode_mode": engine.decode_mode, "incomplete_requests": errors, "steps": engine.steps, "engine_build_s": round(build_s, 2),
+                "warmup_s": round(warm_s, 2), "warmup_graphs": graphs,
+                "finished": finished, "max_tenants_in_step": engine.max_tenants_in_step,
+                **{k: round(v, 2) for k, v in engine.busy.items()}}
+    batch = engine.batch
+    for k in ("captures", "eager_steps", "compactions"):
+        if hasattr(batch, k):
+            counters[k] = getattr(batch, k)
+    del engine, batch  # the next mode needs the memory (static cache, graph pools)
+    import gc
+
+    gc.collect()
+    if world.cuda:
+        world.torch.cuda.empty_cache()
+    return out, counters
+
+
+def _rounded(rec: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in rec.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modes", default="graph,dynamic")
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--load", type=float, default=0.8, help="offered rate as a share of the simulated capacity")
+    ap.add_argument("--timeout-s", type=float, default=240.0, help="per mode")
+    ap.add_argument("--costs", default=None, help="serving.json with notes.trace.costs (default: the committed GPU "
+                    "results, or the smoke results with --smoke)")
+    ap.add_argument("--out", default=None, help="default bench/results/serving_live[_smoke].json")
+    ap.add_argument("--smoke", action="store_true", help="tiny model on the CPU (checks the script)")
+    args = ap.parse_args()
+    if args.smoke:
+        import os
+
+        os.environ["TRITON_INTERPRET"] = "1"
+    world = R.World(args.smoke)
+    cfg = world.cfg
+    tc = cfg["trace"]
+    world.build_model()
+    shapes = world.model_shapes()
+    tenants = [world.tenant("delta-come", tc["ratio"], shapes, i) for i in range(tc["tenants"])]
+    world.install(tenants)
+    # the simulation's view of this trace, from the committed GPU costs (or, smoke, the smoke file's)
+    costs_path = args.costs or R.RESULTS / ("serving_smoke.json" if args.smoke else "serving.json")
+    costs_file = json.loads(Path(costs_path).read_text())
+    c = costs_file["notes"]["trace"]["costs"]
+
+    def keyed(d):
+        return {int(k): float(v) for k, v in d.items()}
+
+    costs = ts.Costs(keyed(c["decode_base_s"]), keyed(c["decode_extra_s"]), keyed(c["prefill_s"]), float(c["swap_s"]),
+                     keyed(c["prefill_base_s"]) if c.get("prefill_base_s") else None)
+    B = tc["batch"]
+    capacity = ts.capacity_rps(costs, B, round(ts.expected_distinct(tc["tenants"], B)), tc["out"])
+    rate = args.load * capacity
+    trace = ts.make_trace(args.requests, tc["tenants"], rate, tc["out"], seed=0)
+    out_path = Path(args.out or R.RESULTS / ("serving_live_smoke.json" if args.smoke else "serving_live.json"))
+    result = {
+        "command": R.command_line(),
+        "device": world.name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "kernels_sha": R.kernels_sha(),
+        "trace": {"requests": args.requests, "tenants": tc["tenants"], "prompt": tc["prompt"], "out": tc["out"],
+                  "batch": B, "load": args.load, "rate_rps": round(rate, 3), "costs_from": costs_file.get("command")},
+        "records": [_rounded(ts.metrics("deltapack (simulated)", ts.simulate_deltapack(trace, costs, B))),
+                    _rounded(ts.metrics("swap (simulated)", ts.simulate_swap(trace, costs, B)))],
+        "engine": {},
+    }
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        R.log(f"live trace, decode={mode}: {args.requests} requests at {rate:.2f} req/s")
+        reqs, counters = serve_trace(world, trace, mode, tc["prompt"], B, cfg["model"]["vocab"], args.timeout_s)
+        served = [r for r in reqs if len(r.tokens) == r.out_len]
+        rec = ts.metrics(f"deltapack live ({mode})", served)
+        rec["completed"] = len(served)
+        if len(served) == len(reqs):
+            result["records"].append(_rounded(rec))
+        else:  # metrics over the requests that happened to finish would flatter a failed run
+            counters["partial_record"] = _rounded(rec)
+        result["engine"][mode] = counters
+        R.log(f"  {rec['throughput']:.0f} tok/s, TTFT p50 {rec['ttft_p50']:.2f}s p99 {rec['ttft_p99']:.2f}s, "
+              f"ITL p50 {rec['itl_p50'] * 1e3:.1f} ms p99 {rec['itl_p99'] * 1e3:.1f} ms; {counters}")
+        R.write_json(out_path, result)
+    for r in result["records"][:2]:
+        R.log(f"{r['system']}: {r['throughput']:.0f} tok/s, TTFT p50 {r['ttft_p50']:.2f}s p99 {r['ttft_p99']:.2f}s")
+    R.write_json(out_path, result)
+
+
+if __name__ == "__main__":
+    main()
