@@ -224,25 +224,22 @@ TOKEN_BUCKETS = (1, 2, 4, 8, 16)  # most tokens of one tenant in a step, rounded
 COMPACT_AT = 128  # move the rows' KV to the front once every running row starts at least this many columns in
 
 
-class _ViewCache:
-    """Factory of a StaticCache whose update returns the cache up to `view_len` columns: a step's attention reads
-    only the columns in use (rounded up to VIEW_STEP), not the whole static length."""
+def _view_cache(config, max_len: int):
+    """A StaticCache whose update returns the cache up to its `view_len` columns: a step's attention reads only the
+    columns in use (rounded up to VIEW_STEP), not the whole static length."""
+    from transformers import StaticCache
 
-    @staticmethod
-    def make(config, max_len: int):
-        from transformers import StaticCache
+    class ViewStaticCache(StaticCache):
+        view_len = max_len
 
-        class ViewStaticCache(StaticCache):
-            view_len = max_len
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            return k[:, :, : self.view_len], v[:, :, : self.view_len]
 
-            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-                k, v = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-                return k[:, :, : self.view_len], v[:, :, : self.view_len]
-
-        return ViewStaticCache(config=config, max_cache_len=max_len)
+    return ViewStaticCache(config=config, max_cache_len=max_len)
 
 
-def _pow2_bucket(n: int) -> int:
+def _token_bucket(n: int) -> int:
     for b in TOKEN_BUCKETS:
         if n <= b:
             return b
@@ -284,7 +281,7 @@ class GraphBatch:
         if self.graphs and self.device.type != "cuda":
             raise InputError("CUDA graphs need a CUDA model")
         dev = self.device
-        self.cache = _ViewCache.make(model.config, self.L)
+        self.cache = _view_cache(model.config, self.L)
         hidden = model.get_input_embeddings().weight.shape[1]
         self.embeds = torch.zeros(self.B, 1, hidden, dtype=self.dtype, device=dev)
         self.pos = torch.zeros(self.B, 1, dtype=torch.long, device=dev)
@@ -503,7 +500,7 @@ class GraphBatch:
             for s in self.row_slots:
                 if s >= 0:
                     counts[s] = counts.get(s, 0) + 1
-            bucket = _pow2_bucket(max(counts.values())) if counts else 0
+            bucket = _token_bucket(max(counts.values())) if counts else 0
             graph, logits = self._graph(bucket, view)
             graph.replay()
         else:
