@@ -195,7 +195,7 @@ def test_warmup_with_static_decoding(env):
                         decode="static") as (state, url):
         warmup(state, prompt_tokens=5, max_tokens=2)
         slots = [t.slot for t in state.tiers.tenants.values()]
-        assert state.engine.warmup_graphs(slots) == 0  # graphs need CUDA; the prefills still ran
+        assert state.engine.warm_up(slots) == 0  # graphs need CUDA; the prefills still ran
         assert _wait_idle(state) and len(state.engine.batch) == 0 and state.engine.batch.col == 0
         for name in deltas:
             assert _gen(url, name).json()["choices"][0]["token_ids"] == refs[name]

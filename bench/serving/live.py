@@ -82,13 +82,13 @@ def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int,
     engine = Engine(runner, ResidentTiers(), max_batch=max_batch, max_prefill_tokens=8 * prompt, decode=mode)
     build_s = time.perf_counter() - t_build
     t_warm = time.perf_counter()
-    graphs = engine.warmup_graphs(sorted({r.tenant for r in trace}))
+    graphs = engine.warm_up(sorted({r.tenant for r in trace}))
     warm_s = time.perf_counter() - t_warm
     rnd = random.Random(1)
     done = threading.Event()
     left = [len(trace)]
     lock = threading.Lock()
-    out = [ts.Request(r.rid, r.tenant, r.arrival, r.out_len) for r in trace]
+    out = ts.fresh_copies(trace)
     t0 = [0.0]
 
     def emit(req: ts.Request, ev) -> None:
@@ -164,13 +164,7 @@ def main() -> None:
     # the simulation's view of this trace, from the committed GPU costs (or, smoke, the smoke file's)
     costs_path = args.costs or R.RESULTS / ("serving_smoke.json" if args.smoke else "serving.json")
     costs_file = json.loads(Path(costs_path).read_text())
-    c = costs_file["notes"]["trace"]["costs"]
-
-    def keyed(d):
-        return {int(k): float(v) for k, v in d.items()}
-
-    costs = ts.Costs(keyed(c["decode_base_s"]), keyed(c["decode_extra_s"]), keyed(c["prefill_s"]), float(c["swap_s"]),
-                     keyed(c["prefill_base_s"]) if c.get("prefill_base_s") else None)
+    costs = ts.Costs.from_json(costs_file["notes"]["trace"]["costs"])
     B = tc["batch"]
     capacity = ts.capacity_rps(costs, B, round(ts.expected_distinct(tc["tenants"], B)), tc["out"])
     rate = args.load * capacity

@@ -526,12 +526,7 @@ def simulate_trace(costs_s: dict, tc: dict, notes: dict) -> list[dict]:
     only says whether it kept up; the saturated end of the sweep compares capacities."""
     import trace_sim as ts
 
-    def keyed(d):  # JSON round trips turn int keys into strings
-        return {int(k): float(v) for k, v in d.items()}
-
-    costs = ts.Costs(keyed(costs_s["decode_base_s"]), keyed(costs_s["decode_extra_s"]), keyed(costs_s["prefill_s"]),
-                     float(costs_s["swap_s"]),
-                     keyed(costs_s["prefill_base_s"]) if costs_s.get("prefill_base_s") else None)
+    costs = ts.Costs.from_json(costs_s)
     B = tc["batch"]
     distinct = ts.expected_distinct(tc["tenants"], B)
     capacity = ts.capacity_rps(costs, B, round(distinct), tc["out"])

@@ -47,6 +47,16 @@ class Costs:
     def decode(self, batch: int, tenants: int) -> float:
         return self._interp(self.decode_base, batch) + (self._interp(self.decode_extra, tenants) if tenants else 0.0)
 
+    @classmethod
+    def from_json(cls, c: dict) -> "Costs":
+        """From serving.json's notes.trace.costs (JSON round trips turn the int keys into strings)."""
+
+        def keyed(d):
+            return {int(k): float(v) for k, v in d.items()}
+
+        return cls(keyed(c["decode_base_s"]), keyed(c["decode_extra_s"]), keyed(c["prefill_s"]), float(c["swap_s"]),
+                   keyed(c["prefill_base_s"]) if c.get("prefill_base_s") else None)
+
     def prefill_s(self, n: int) -> float:
         return self._interp(self.prefill, n)
 
@@ -74,12 +84,13 @@ def make_trace(n_requests: int, tenants: int, rate: float, out_len: int, zipf_s:
     return out
 
 
-def _fresh(reqs: list[Request]) -> list[Request]:
+def fresh_copies(reqs: list[Request]) -> list[Request]:
+    """The requests again, without token times (each system serves its own copy)."""
     return [Request(r.rid, r.tenant, r.arrival, r.out_len) for r in reqs]
 
 
 def simulate_deltapack(trace: list[Request], costs: Costs, max_batch: int) -> list[Request]:
-    reqs = _fresh(trace)
+    reqs = fresh_copies(trace)
     pending = sorted(reqs, key=lambda r: r.arrival)
     i, clock = 0, 0.0
     waiting: list[Request] = []
@@ -108,7 +119,7 @@ def simulate_deltapack(trace: list[Request], costs: Costs, max_batch: int) -> li
 
 
 def simulate_swap(trace: list[Request], costs: Costs, max_batch: int) -> list[Request]:
-    reqs = _fresh(trace)
+    reqs = fresh_copies(trace)
     pending = sorted(reqs, key=lambda r: r.arrival)
     i, clock, loaded = 0, 0.0, None
     waiting: list[Request] = []

@@ -121,7 +121,7 @@ def warmup(state: ServerState, *, prompt_tokens: int = 24, max_tokens: int = 3, 
         raise DeltapackError(f"warm-up failed: {bad}")
     # graph decoding: capture every token bucket's decode step now, with the tenants that are on the device
     slots = [t.slot for t in state.tiers.tenants.values() if not t.removed and t.slot is not None and t.tier == "device"]
-    graphs = state.engine.warmup_graphs(slots)
+    graphs = state.engine.warm_up(slots)
     if graphs:
         log.info("warm-up captured %d decode graphs", graphs)
     return outcome

@@ -509,7 +509,7 @@ class Engine:
                 [rows[b] for b in cont],
             )
 
-    def warmup_graphs(self, slots: list[int]) -> int:
+    def warm_up(self, slots: list[int]) -> int:
         """Before serving (engine thread idle or not started), with tenant `slots` resident: run stand-in prefills
         of 1 to prefill_batch prompts of a few lengths (Triton compiles a kernel variant per launch shape class on
         first use, seconds each, which would otherwise stall the first real prefills), then capture the decode

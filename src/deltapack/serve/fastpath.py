@@ -32,6 +32,15 @@ from deltapack.serve.model import BatchContext, DeltaState
 log = logging.getLogger(__name__)
 
 
+def most_rows_per_tenant(row_slots: list[int]) -> int:
+    """Most rows any one tenant has (0 when every row is the base's, slot -1)."""
+    counts: dict[int, int] = {}
+    for s in row_slots:
+        if s >= 0:
+            counts[s] = counts.get(s, 0) + 1
+    return max(counts.values(), default=0)
+
+
 class StaticBatch(BatchContext):
     """A BatchContext over a static slot-id buffer: every forward gets a fresh TokenSlots (so per-forward kernel
     data, e.g. token blocks, is computed inside a captured graph) on the same device tensor."""
@@ -96,11 +105,7 @@ class StaticDecoder:
         ts = TokenSlots.from_rows(self.row_slots, 1, self.device)
         self.slot_ids.copy_(ts.slot_ids)
         self._groups = ts.groups()
-        counts: dict[int, int] = {}
-        for s in self.row_slots:
-            if s >= 0:
-                counts[s] = counts.get(s, 0) + 1
-        self._block_t = max(counts.values(), default=1)
+        self._block_t = max(1, most_rows_per_tenant(self.row_slots))
         self._graph = None
 
     def _context(self, static: bool = True) -> BatchContext:
@@ -295,7 +300,8 @@ class GraphBatch:
         self.row_slots = [-1] * self.B  # tenant slot of each cache slot (-1: base, or free)
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
-        self._signature = None
+        self._signature = None  # versions of the resident deltas the graphs (and _can_graph) were made for
+        self._can_graph = False
         self.captures = 0
         self.eager_steps = 0
         self.compactions = 0
@@ -390,11 +396,17 @@ class GraphBatch:
 
     # ---- one decode step ------------------------------------------------------------------------------------------
     def _graphable(self) -> bool:
+        """Whether this step can replay a graph. Checked against the resident deltas when they change (their
+        versions): a change also drops the graphs, whose launch tables moved."""
         st = self.runner.state
-        if not self.graphs or not getattr(st.kernels, "capturable", False):
-            return False
-        return not any(lay.replace_slots or (lay.max_extra_rows and key != self.runner.embed_key)
-                       for key, lay in st.layers.items() if lay.count)
+        signature = tuple((k, lay.version) for k, lay in st.layers.items())
+        if signature != self._signature:
+            self._graphs.clear()
+            self._signature = signature
+            self._can_graph = (self.graphs and getattr(st.kernels, "capturable", False) and not any(
+                lay.replace_slots or (lay.max_extra_rows and key != self.runner.embed_key)
+                for key, lay in st.layers.items() if lay.count))
+        return self._can_graph
 
     def _forward(self, ctx: BatchContext, view: int) -> torch.Tensor:
         """The step's forward over the static buffers (captured in graphs as is): last-position logits (B, W)."""
@@ -452,7 +464,6 @@ class GraphBatch:
         if self.rows or not self._graphable():
             return 0
         before = self.captures
-        self._signature = tuple((k, lay.version) for k, lay in self.runner.state.layers.items())
         for bucket in (0,) + (TOKEN_BUCKETS if slots else ()):
             rows = [-1] * self.B
             for i in range(min(self.B, bucket)):
@@ -491,17 +502,9 @@ class GraphBatch:
         self.pos.copy_(torch.tensor(pos, dtype=torch.long).view(self.B, 1))
         self.slot_ids.copy_(torch.tensor(self.row_slots, dtype=torch.long))
         view = min(self.L, -(-(self.col + 1) // VIEW_STEP) * VIEW_STEP)
-        signature = tuple((k, lay.version) for k, lay in runner.state.layers.items())
-        if signature != self._signature:  # resident deltas changed: launch tables moved, graphs hold stale pointers
-            self._graphs.clear()
-            self._signature = signature
         if self._graphable():
-            counts: dict[int, int] = {}
-            for s in self.row_slots:
-                if s >= 0:
-                    counts[s] = counts.get(s, 0) + 1
-            bucket = _token_bucket(max(counts.values())) if counts else 0
-            graph, logits = self._graph(bucket, view)
+            most = most_rows_per_tenant(self.row_slots)
+            graph, logits = self._graph(_token_bucket(most) if most else 0, view)
             graph.replay()
         else:
             logits = self._forward(eager_ctx, view)
@@ -512,4 +515,4 @@ class GraphBatch:
         return logits.index_select(0, torch.tensor(self.index, device=dev))
 
 
-__all__ = ["GraphBatch", "StaticBatch", "StaticDecoder"]
+__all__ = ["GraphBatch", "StaticBatch", "StaticDecoder", "most_rows_per_tenant"]
