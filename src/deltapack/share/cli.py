@@ -12,7 +12,7 @@ def register(main: click.Group) -> None:
     @click.option("--reduction", type=float, default=0.12, show_default=True, help="fraction of ALL parameters to remove (embeddings included)")
     @click.option("--pattern", type=click.Choice(["sequential", "alternating"]), default="sequential", show_default=True)
     @click.option("--modules", type=click.Choice(["mlp", "attn", "all"]), default="mlp", show_default=True, help="which linears of a block are shared")
-    @click.option("--rank", type=int, default=None, help="starting delta rank (default F/(4c)); raised to land on the target")
+    @click.option("--rank", type=int, default=None, help="starting delta rank (default F/(2c)); raised to land on the target")
     @click.option("--group", type=int, default=None, help="sequential: most dependents per anchor (default 3)")
     @click.option("--criterion", type=click.Choice(["kl", "residual"]), default="kl", show_default=True, help="how candidate (block, anchor) pairs are scored")
     @click.option("--tokens", type=int, default=4_000_000, show_default=True, help="training tokens")

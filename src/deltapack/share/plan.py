@@ -9,7 +9,9 @@ pattern "alternating" is group 1 (anchor, dependent, anchor, ...); "sequential" 
 Budget rule (exact integers; P = unique parameters of the model, embeddings and lm_head included, tied ones once):
   * target removed T = ceil(reduction · P).
   * Sharing one block's selected matrices removes F = Σ m·n and costs c·r for a rank-r delta, c = Σ (m + n).
-  * start rank r0 = --rank, or by default ⌊F / (4c)⌋ (the delta would be a quarter of what it replaces).
+  * start rank r0 = --rank, or by default ⌊F / (2c)⌋ (the delta would be half of what it replaces: more dependents
+    at a higher rank each: on SmolLM2-135M at -12% and 8M training tokens, KL 0.219 with 13 dependents at rank 222
+    against 0.251 with ⌊F/(4c)⌋'s 9 at 135; 16 at 259 and 20 at 291 did no better; bench/results/share_rank_sweep.md).
   * number of dependents n = the smallest n with n·(F − c·r0) ≥ T, capped by what the pattern can hold; if the
     resulting rank would exceed the cap (min(m, n) − 1 of the smallest matrix), n grows instead.
   * the whole delta budget D = n·F − T is then spent: every dependent gets ⌊D / (n·c)⌋ and the remaining whole rank
@@ -153,7 +155,7 @@ def budget(
             f"removing {reduction:.1%} needs {target} parameters, but sharing every eligible block's weights removes "
             f"at most {n_max * F} ({n_max * F / original:.1%}); use --modules all or a smaller --reduction"
         )
-    r0 = rank if rank is not None else F // (4 * c)
+    r0 = rank if rank is not None else F // (2 * c)
     if r0 < 0 or r0 > rank_cap:
         raise InputError(f"--rank must be between 0 and {rank_cap}, not {r0}")
     saving = F - c * r0
