@@ -176,6 +176,31 @@ def test_share_table_reports_the_paper_scoring_beside_exact_answers():
     assert "| 50.0% | n/a |" in share.table(res)
 
 
+def test_share_sweep_reads_each_deltallm_result_with_its_own_plan(tmp_path):
+    sweep = _load("bench_share_sweep", BENCH / "share" / "sweep.py")
+
+    def run(name, settings, results, plans):
+        path = tmp_path / name
+        path.write_text(json.dumps({
+            "command": f"run {name}", "device": "GPU X", "date": "2026-01-01T00:00:00", "settings": settings,
+            "results": results, "details": [{"reduction": r, "plan": {"blocks": [{"rank": k}] * n}} for r, n, k in plans]}))
+        return path
+
+    def res(method, reduction, kl, kept=0.5):
+        return {"method": method, "reduction": reduction, "tokens": 8, "ppl": 20.0, "kl": kl, "kept": kept,
+                "choice_kept": 0.75}
+
+    a = run("a.json", {"modules": "mlp", "pattern": "sequential"},
+            [res("layerdrop", 0.24, 9.0), res("deltallm", 0.24, 0.4), res("deltallm", 0.12, 0.2)],
+            [(0.12, 13, 222), (0.24, 20, 164)])  # details in another order than the results
+    b = run("b.json", {"modules": "all", "pattern": "sequential"}, [res("deltallm", 0.12, 0.3)], [(0.12, 10, 189)])
+    text, recs = sweep.sweep([b, a])
+    assert [(x["reduction"], x["modules"], x["dependents"], x["rank"], x["kl"]) for x in recs] == [
+        (0.12, "mlp", 13, 222, 0.2), (0.12, "all", 10, 189, 0.3), (0.24, "mlp", 20, 164, 0.4)]
+    assert "| 12% | mlp | sequential | 13 × 222 | 8 | 20.00 | 0.2000 | 50.0% | 75.0% |" in text
+    assert "layerdrop" not in text and f"`run a.json` ({a})" in text
+
+
 def test_ncu_csv_parsed_per_launch_and_summarised_per_path():
     ncu = _load("bench_serving_ncu", BENCH / "serving" / "ncu.py")
     run = _load("bench_serving_run", BENCH / "serving" / "run.py")

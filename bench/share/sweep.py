@@ -19,30 +19,45 @@ RESULTS = ROOT / "bench" / "results"
 
 
 def rows(path: Path) -> list[dict]:
+    """One record per deltallm result of a bench/share/run.py results file."""
     res = json.loads(path.read_text())
+    plans = {d["reduction"]: d["plan"] for d in res["details"]}
+    name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     out = []
-    for r, d in zip((r for r in res["results"] if r["method"] == "deltallm"), res["details"]):
-        blocks = d["plan"]["blocks"]
+    for r in (r for r in res["results"] if r["method"] == "deltallm"):
+        blocks = plans[r["reduction"]]["blocks"]
         out.append({
-            "file": str(path.relative_to(ROOT)), "command": res["command"], "date": res["date"], "device": res["device"],
-            "reduction": r["reduction"], "modules": res["settings"]["modules"], "dependents": len(blocks), "rank": min(b["rank"] for b in blocks),
-            "tokens": r["tokens"], "ppl": r["ppl"], "kl": r["kl"], "kept": r["kept"], "choice_kept": r.get("choice_kept"),
+            "file": name, "command": res["command"], "date": res["date"], "device": res["device"],
+            "reduction": r["reduction"], "modules": res["settings"]["modules"], "pattern": res["settings"]["pattern"],
+            "dependents": len(blocks), "rank": min(b["rank"] for b in blocks), "tokens": r["tokens"], "ppl": r["ppl"],
+            "kl": r["kl"], "kept": r["kept"], "choice_kept": r.get("choice_kept"),
         })
     return out
 
 
+def sweep(files: list[Path]) -> tuple[str, list[dict]]:
+    """The markdown table and its records, sorted by reduction, modules, pattern, dependents, tokens."""
+    recs = sorted((x for f in files for x in rows(f.resolve())),
+                  key=lambda x: (x["reduction"], x["modules"] != "mlp", x["pattern"], x["dependents"], x["tokens"]))
+    lines = ["| reduction | modules | pattern | dependents × rank | training tokens | ppl | KL | answers kept | "
+             "paper's scoring | date | command (file) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for x in recs:
+        choice = "n/a" if x["choice_kept"] is None else f"{x['choice_kept']:.1%}"
+        lines.append(f"| {x['reduction']:.0%} | {x['modules']} | {x['pattern']} | {x['dependents']} × {x['rank']} | "
+                     f"{x['tokens']:,} | {x['ppl']:.2f} | {x['kl']:.4f} | {x['kept']:.1%} | {choice} | "
+                     f"{x['date'][:16]} | `{x['command']}` ({x['file']}) |")
+    text = ("DeltaLLM on SmolLM2-135M-Instruct, KL criterion: how the delta rank (and hence the number of dependents at "
+            "a fixed parameter budget), the shared modules and the pattern move quality. Device: "
+            + ", ".join(sorted({x["device"] for x in recs})) + ". Runs without --rank use the default rule of their "
+            "date: ⌊F/(4c)⌋ before 2026-11-24T12:00 (default_f4c.json), ⌊F/(2c)⌋ after. Rows with fewer than 8M "
+            "tokens hit the run's wall-time bound (--train-seconds, which also pays for the block-wise local fit).\n\n"
+            + "\n".join(lines) + "\n")
+    return text, recs
+
+
 def main(argv: list[str]) -> None:
     files = [Path(a) for a in argv] or [RESULTS / "share.json", *sorted((RESULTS / "share_sweep").glob("*.json"))]
-    recs = sorted((x for f in files for x in rows(f.resolve())), key=lambda x: (x["reduction"], x["modules"] != "mlp", x["dependents"], x["tokens"]))
-    lines = ["| reduction | modules | dependents × rank | training tokens | ppl | KL | answers kept | paper's scoring | date | command (file) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for x in recs:
-        lines.append(f"| {x['reduction']:.0%} | {x['modules']} | {x['dependents']} × {x['rank']} | {x['tokens']:,} | {x['ppl']:.2f} | "
-                     f"{x['kl']:.4f} | {x['kept']:.1%} | {x['choice_kept']:.1%} | {x['date'][:16]} | `{x['command']}` ({x['file']}) |")
-    devices = sorted({x["device"] for x in recs})
-    text = ("DeltaLLM on SmolLM2-135M-Instruct, sequential pattern, KL criterion: how the delta rank (and hence "
-            "the number of dependents at a fixed parameter budget) and the shared modules move quality. Device: "
-            + ", ".join(devices) + ".\n\n" + "\n".join(lines) + "\n")
+    text, recs = sweep(files)
     (RESULTS / "share_rank_sweep.md").write_text(text)
     (RESULTS / "share_rank_sweep.json").write_text(json.dumps({"command": "python bench/share/sweep.py", "records": recs}, indent=1))
     print(text)
