@@ -65,7 +65,7 @@ def test_paper_methods_in_one_batch(setup):
                 state.tiers.lock.release()
                 got = {futs[f]: f.result() for f in futs}
         except BaseException:
-            if state.tiers.lock._is_owned():
+            if state.tiers.lock.held_by_me():
                 state.tiers.lock.release()
             raise
         for (m, i), toks in got.items():

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from deltapack.errors import DeltapackError, FormatError, InputError, MismatchEr
 from deltapack.format.directory import DeltaDir
 from deltapack.io.sources import TOKENIZER_FILES
 from deltapack.kernels import PackedDelta
+from deltapack.serve.locks import FairRLock
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class DeltaTiers:
         self.runner = runner
         self.base_name = base_name
         self.budget = {"device": int(device_bytes), "host": int(host_bytes)}
-        self.lock = threading.RLock()
+        self.lock = FairRLock()  # the engine takes it every step; admin calls must still get their turn
         self.tenants: dict[str, Tenant] = {}
         self.device_lru: OrderedDict[str, Tenant] = OrderedDict()
         self.host_lru: OrderedDict[str, Tenant] = OrderedDict()
