@@ -48,3 +48,36 @@ def test_a_waiter_gets_the_lock_before_a_looping_holder_takes_it_again():
     stop.set()
     t.join(5)
     assert waited <= 2, f"the engine took {waited} more steps while a caller waited"
+
+
+def test_a_waiter_interrupted_in_its_wait_does_not_block_the_line():
+    lock = FairRLock()
+    lock.acquire()
+    real_wait = lock._cv.wait
+    calls = []
+
+    def interrupted_wait(*a, **k):
+        if not calls:
+            calls.append(1)
+            raise KeyboardInterrupt
+        return real_wait(*a, **k)
+
+    lock._cv.wait = interrupted_wait
+    errors, got = [], []
+
+    def waiter(out):
+        try:
+            with lock:
+                out.append(True)
+        except KeyboardInterrupt as e:
+            out.append(e)
+
+    first = threading.Thread(target=waiter, args=(errors,), daemon=True)
+    first.start()
+    first.join(5)
+    assert len(errors) == 1 and isinstance(errors[0], KeyboardInterrupt)  # its ticket is dead
+    second = threading.Thread(target=waiter, args=(got,), daemon=True)
+    second.start()
+    lock.release()
+    second.join(5)
+    assert got == [True]  # the next in line got the lock past the dead ticket

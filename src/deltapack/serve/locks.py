@@ -19,6 +19,7 @@ class FairRLock:
         self._depth = 0
         self._next_ticket = 0  # handed to the next thread that has to wait its turn
         self._now_serving = 0  # the ticket that may take the lock once it is free
+        self._abandoned: set[int] = set()  # tickets whose waiter left (an exception in wait): skipped
 
     def acquire(self) -> bool:
         me = threading.get_ident()
@@ -28,8 +29,14 @@ class FairRLock:
                 return True
             ticket = self._next_ticket
             self._next_ticket += 1
-            while self._owner is not None or self._now_serving != ticket:
-                self._cv.wait()
+            try:
+                while self._owner is not None or self._now_serving != ticket:
+                    self._cv.wait()
+            except BaseException:  # e.g. Ctrl-C while waiting: a dead ticket must not block the line behind it
+                self._abandoned.add(ticket)
+                if self._owner is None:
+                    self._skip_abandoned()
+                raise
             self._owner, self._depth = me, 1
             return True
 
@@ -41,7 +48,13 @@ class FairRLock:
             if self._depth == 0:
                 self._owner = None
                 self._now_serving += 1
-                self._cv.notify_all()
+                self._skip_abandoned()
+
+    def _skip_abandoned(self) -> None:
+        while self._now_serving in self._abandoned:
+            self._abandoned.remove(self._now_serving)
+            self._now_serving += 1
+        self._cv.notify_all()
 
     def held_by_me(self) -> bool:
         return self._owner == threading.get_ident()
