@@ -16,6 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "src"))
+
+from deltapack.io.writer import write_bytes_atomic, write_json_atomic  # noqa: E402
 
 
 def rows(path: Path) -> list[dict]:
@@ -58,8 +61,8 @@ def sweep(files: list[Path]) -> tuple[str, list[dict]]:
 def main(argv: list[str]) -> None:
     files = [Path(a) for a in argv] or [RESULTS / "share.json", *sorted((RESULTS / "share_sweep").glob("*.json"))]
     text, recs = sweep(files)
-    (RESULTS / "share_rank_sweep.md").write_text(text)
-    (RESULTS / "share_rank_sweep.json").write_text(json.dumps({"command": "python bench/share/sweep.py", "records": recs}, indent=1))
+    write_bytes_atomic(RESULTS / "share_rank_sweep.md", text.encode())
+    write_json_atomic(RESULTS / "share_rank_sweep.json", {"command": "python bench/share/sweep.py", "records": recs})
     print(text)
 
 
