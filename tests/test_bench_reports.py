@@ -170,10 +170,10 @@ def test_share_table_reports_the_paper_scoring_beside_exact_answers():
                        {"method": "layerdrop", "reduction": 0.12, "params": 860, "ppl": 20.0, "kl": 0.5, "kept": 0.2,
                         "choice_kept": 0.8, "tokens": 0, "seconds": 0.0}]}
     text = share.table(res)
-    assert "| 50.0% | 97.0% |" in text and "| 20.0% | 80.0% |" in text
+    assert "| 50.0% (24–76) | 97.0% |" in text and "| 20.0% (6–51) | 80.0% |" in text
     assert "missed by 45.0 points" in text and "97.0% (≥ 95%: met), layer dropping 80.0%" in text
     res["results"][0].pop("choice_kept")  # files written before the choice scoring existed
-    assert "| 50.0% | n/a |" in share.table(res)
+    assert "| 50.0% (24–76) | n/a |" in share.table(res)  # Wilson 95% of 5 of the 10 kept items
 
 
 def test_share_sweep_reads_each_deltallm_result_with_its_own_plan(tmp_path):
@@ -197,8 +197,19 @@ def test_share_sweep_reads_each_deltallm_result_with_its_own_plan(tmp_path):
     text, recs = sweep.sweep([b, a])
     assert [(x["reduction"], x["modules"], x["dependents"], x["rank"], x["kl"]) for x in recs] == [
         (0.12, "mlp", 13, 222, 0.2), (0.12, "all", 10, 189, 0.3), (0.24, "mlp", 20, 164, 0.4)]
-    assert "| 12% | mlp | sequential | 13 × 222 | 8 | 20.00 | 0.2000 | 50.0% | 75.0% |" in text
+    assert "| 12% | mlp | sequential | 13 × 222 | n/a | 8 | 20.00 | 0.2000 | n/a (n/a) | 50.0% | 75.0% |" in text
     assert "layerdrop" not in text and f"`run a.json` ({a})" in text
+    # with the original's item counts (as run.py writes them): the kept figures carry their 95% intervals
+    c = json.loads(a.read_text())
+    c["original"] = {"task_items": 200, "task_items_kept": 100, "choice_accuracy": 0.5}
+    c["data"] = {"self_chat_samples": 2048}
+    for r in c["results"]:
+        r["choice_accuracy"] = 0.375
+    (tmp_path / "c.json").write_text(json.dumps(c))
+    text, recs = sweep.sweep([tmp_path / "c.json"])
+    lo, hi = recs[0]["kept_interval"]
+    assert 0.40 < lo < 0.41 and 0.59 < hi < 0.60  # Wilson 95% of 50/100
+    assert "| 2,048 | 8 | 20.00 | 0.2000 | 200 (100) | 50.0% (40%–60%) | 75.0% (62%–89%) |" in text
 
 
 def test_ncu_csv_parsed_per_launch_and_summarised_per_path():

@@ -244,12 +244,27 @@ def test_cli_end_to_end_generate(tmp_path):
 def test_task_items_and_scoring():
     a, b = tasks.make_items(seed=0), tasks.make_items(seed=0)
     assert a == b and len({it["task"] for it in a}) >= 6
+    for per_task in (24, 64, 100):  # no item twice (a repeat would count twice); "add" has only 81 distinct sums
+        prompts = [it["prompt"] for it in tasks.make_items(seed=1, per_task=per_task)]
+        assert len(prompts) == len(set(prompts))
+    assert sum(it["task"] == "add" for it in tasks.make_items(per_task=100)) == 81
     item = {"answers": ["7", "seven"], "distractors": ["3", "three"]}
     assert tasks.is_correct("7 is larger than 3.", item)
     assert not tasks.is_correct("3 is smaller than 7.", item)
     assert not tasks.is_correct("17", item)
     assert tasks.is_correct("The answer is Seven.\n3", item)
     assert not tasks.is_correct("", {"answers": ["Paris"], "distractors": []})
+
+
+def test_answer_intervals():
+    from deltapack.eval.metrics import wilson
+
+    ci = tasks.answer_intervals(0.5, 100, 0.3, 200, 0.6)
+    assert ci["kept"] == wilson(50, 100)
+    lo, hi = wilson(60, 200)
+    assert ci["choice_kept"] == pytest.approx((lo / 0.6, hi / 0.6))
+    assert tasks.answer_intervals(None, 100) == {"kept": None, "choice_kept": None}
+    assert tasks.answer_intervals(0.5, 0, 0.3, 200, None) == {"kept": None, "choice_kept": None}
 
 
 def test_self_chat_samples_are_seeded_and_disjoint_from_eval_tasks(tmp_path):

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, command_line, hex_to_items, load_json, now_iso, write_json  # noqa: E402
 
+from deltapack.eval.metrics import wilson  # noqa: E402
+
 LABEL_ORDER = ["raw", "lowrank", "bitdelta", "bitdelta-distill", "dare", "delta-come-paper", "delta-come-optimal", "deltadq"]
 
 
@@ -136,17 +138,6 @@ def plot(merged: dict, path: Path) -> Path:
 
 def _f(x, fmt="{:.3f}") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
-
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (max(0.0, mid - half), min(1.0, mid + half))
 
 
 def paired_interval(rebuilt: list[bool], finetune: list[bool], reps: int = 4000, seed: int = 0) -> tuple[float, float]:

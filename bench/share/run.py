@@ -230,7 +230,7 @@ def run(args) -> dict:
                 torch.cuda.empty_cache()
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
-    return {
+    res = {
         "command": " ".join(["python", *sys.argv]),
         "device": device_name(dev),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -251,6 +251,8 @@ def run(args) -> dict:
             "choice_accuracy": "share of all task items whose right answer this model ranks first among the item's choices by "
                                "log-likelihood (the DeltaLLM paper's lm-eval-harness scoring)",
             "choice_kept": "choice_accuracy relative to the original's (the paper's 'retains X% of the performance')",
+            "kept_interval": "95% Wilson interval of kept over the original's task_items_kept items",
+            "choice_kept_interval": "95% Wilson interval of choice_accuracy over task_items, divided by the original's (unpaired)",
             "tokens": "distillation tokens (calibration tokens for the criterion / Block Influence: calib_tokens)",
             "seconds": "compression wall time (plan, init, stage 0 and distillation; evaluation excluded)",
         },
@@ -258,6 +260,9 @@ def run(args) -> dict:
         "details": details,
         "seconds": {"load": load_s, "data": data_s, "total": time.perf_counter() - t_all},
     }
+    for r in res["results"]:
+        r.update({f"{k}_interval": v for k, v in result_intervals(res, r).items()})
+    return res
 
 
 def plot(res: dict, path: Path) -> None:
@@ -293,19 +298,33 @@ def plot(res: dict, path: Path) -> None:
     tmp.replace(path)
 
 
+def _pct_interval(value: float | None, interval: tuple[float, float] | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" + (f" ({100 * interval[0]:.0f}–{100 * interval[1]:.0f})" if interval else "")
+
+
+def result_intervals(res: dict, r: dict) -> dict:
+    """95% intervals of a result's `kept` and `choice_kept` (deltapack.share.tasks.answer_intervals)."""
+    o = res["original"]
+    return tasks.answer_intervals(r.get("kept"), o.get("task_items_kept", 0), r.get("choice_accuracy"),
+                                  o.get("task_items", 0), o.get("choice_accuracy"))
+
+
 def table(res: dict) -> str:
     lines = [
         f"Original: {res['original']['params']:,} parameters, held-out perplexity {res['original']['ppl']:.3f}, "
-        f"{res['original']['task_items_kept']}/{res['original']['task_items']} task items answered right (kept set).",
+        f"{res['original']['task_items_kept']}/{res['original']['task_items']} task items answered right (kept set). "
+        "Kept figures: value (95% interval).",
         "",
         "| method | reduction | params | ppl | KL | task answers kept | kept, paper's scoring | training tokens | seconds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["results"]:
-        kept = "n/a" if r["kept"] is None else f"{100 * r['kept']:.1f}%"
-        choice = "n/a" if r.get("choice_kept") is None else f"{100 * r['choice_kept']:.1f}%"
+        ci = result_intervals(res, r)
         lines.append(f"| {r['method']} | {100 * (1 - r['params'] / res['original']['params']):.2f}% (target {100 * r['reduction']:g}%) | "
-                     f"{r['params']:,} | {r['ppl']:.3f} | {r['kl']:.4g} | {kept} | {choice} | {r['tokens']:,} | {r['seconds']:.0f} |")
+                     f"{r['params']:,} | {r['ppl']:.3f} | {r['kl']:.4g} | {_pct_interval(r['kept'], ci['kept'])} | "
+                     f"{_pct_interval(r.get('choice_kept'), ci['choice_kept'])} | {r['tokens']:,} | {r['seconds']:.0f} |")
     lines += targets_lines(res)
     lines.append("")
     lines.append(f"Device: {res['device']}; {res['date']}; command: `{res['command']}`")
@@ -346,7 +365,8 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None, help="HF checkpoint directory (default: the embedded SmolLM2; --smoke: pico)")
     ap.add_argument("--reductions", type=lambda s: [float(x) for x in s.split(",")], default=[0.12, 0.24])
     ap.add_argument("--tokens", type=int, default=None, help="training-token budget per reduction (default 8M; smoke 16k)")
-    ap.add_argument("--train-seconds", type=float, default=None, help="wall-time bound per training run (default 140; smoke 30)")
+    ap.add_argument("--train-seconds", type=float, default=None,
+                    help="wall-time bound per training run, stage-0 local fit included (default 180; smoke 30)")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--lr", type=float, default=None)
@@ -364,7 +384,8 @@ def main(argv=None) -> None:
                     "with the same settings (saves minutes of GPU time per run)")
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--calib-windows", type=int, default=16)
-    ap.add_argument("--per-task", type=int, default=24, help="items per generated task family")
+    ap.add_argument("--per-task", type=int, default=64, help="items per generated task family (add, larger; the "
+                    "families with a fixed list hold at most that list)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (smoke on a busy machine: 1)")
@@ -383,7 +404,7 @@ def main(argv=None) -> None:
             write_bytes_atomic(RESULTS / "share.md", (text + "\n").encode())
         return
     smoke = args.smoke
-    defaults = {"tokens": 16_384 if smoke else 8_000_000, "train_seconds": 30.0 if smoke else 140.0,
+    defaults = {"tokens": 16_384 if smoke else 8_000_000, "train_seconds": 30.0 if smoke else 180.0,
                 "batch_size": 8 if smoke else 32, "seq_len": 64 if smoke else 256, "lr": 5e-3 if smoke and not args.model else 5e-4,
                 "eval_windows": 8 if smoke else 64, "self_chat": 8 if smoke else 2048}
     for k, v in defaults.items():

@@ -1,4 +1,5 @@
-"""The delta-rank sweep of DeltaLLM sharing as one table, from the result files of bench/share/run.py.
+"""The sweep of DeltaLLM sharing settings (delta rank, shared modules, pattern, training data) as one table, from
+the result files of bench/share/run.py.
 
     python bench/share/sweep.py        # bench/results/share.json + bench/results/share_sweep/*.json
                                        # -> bench/results/share_rank_sweep.md
@@ -19,6 +20,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 
 from deltapack.io.writer import write_bytes_atomic, write_json_atomic  # noqa: E402
+from deltapack.share.tasks import answer_intervals  # noqa: E402
 
 
 def rows(path: Path) -> list[dict]:
@@ -26,34 +28,57 @@ def rows(path: Path) -> list[dict]:
     res = json.loads(path.read_text())
     plans = {d["reduction"]: d["plan"] for d in res["details"]}
     name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    orig = res.get("original", {})
     out = []
     for r in (r for r in res["results"] if r["method"] == "deltallm"):
         blocks = plans[r["reduction"]]["blocks"]
+        ci = answer_intervals(r["kept"], orig.get("task_items_kept", 0), r.get("choice_accuracy"),
+                              orig.get("task_items", 0), orig.get("choice_accuracy"))
         out.append({
             "file": name, "command": res["command"], "date": res["date"], "device": res["device"],
             "reduction": r["reduction"], "modules": res["settings"]["modules"], "pattern": res["settings"]["pattern"],
             "dependents": len(blocks), "rank": min(b["rank"] for b in blocks), "tokens": r["tokens"], "ppl": r["ppl"],
             "kl": r["kl"], "kept": r["kept"], "choice_kept": r.get("choice_kept"),
+            "self_chat": res.get("data", {}).get("self_chat_samples"), "kept_items": orig.get("task_items_kept"),
+            "task_items": orig.get("task_items"), "kept_interval": ci["kept"], "choice_kept_interval": ci["choice_kept"],
         })
     return out
 
 
+def _n(x) -> str:
+    return "n/a" if x is None else f"{x:,}"
+
+
+def _pct(value: float | None, interval) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.1%}" + (f" ({interval[0]:.0%}–{interval[1]:.0%})" if interval else "")
+
+
 def sweep(files: list[Path]) -> tuple[str, list[dict]]:
-    """The markdown table and its records, sorted by reduction, modules, pattern, dependents, tokens."""
+    """The markdown table and its records, sorted by reduction, item set, modules, pattern, self-chat samples,
+    dependents, tokens."""
     recs = sorted((x for f in files for x in rows(f.resolve())),
-                  key=lambda x: (x["reduction"], x["modules"] != "mlp", x["pattern"], x["dependents"], x["tokens"]))
-    lines = ["| reduction | modules | pattern | dependents × rank | training tokens | ppl | KL | answers kept | "
-             "paper's scoring | date | command (file) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  key=lambda x: (x["reduction"], x["task_items"] or 0, x["modules"] != "mlp", x["pattern"],
+                                 x["self_chat"] or 0, x["dependents"], x["tokens"]))
+    lines = ["| reduction | modules | pattern | dependents × rank | self-chat samples | training tokens | ppl | KL | "
+             "items (kept set) | answers kept | paper's scoring | date | command (file) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in recs:
-        choice = "n/a" if x["choice_kept"] is None else f"{x['choice_kept']:.1%}"
         lines.append(f"| {x['reduction']:.0%} | {x['modules']} | {x['pattern']} | {x['dependents']} × {x['rank']} | "
-                     f"{x['tokens']:,} | {x['ppl']:.2f} | {x['kl']:.4f} | {x['kept']:.1%} | {choice} | "
-                     f"{x['date'][:16]} | `{x['command']}` ({x['file']}) |")
+                     f"{_n(x['self_chat'])} | {x['tokens']:,} | {x['ppl']:.2f} | {x['kl']:.4f} | "
+                     f"{_n(x['task_items'])} ({_n(x['kept_items'])}) | {_pct(x['kept'], x['kept_interval'])} | "
+                     f"{_pct(x['choice_kept'], x['choice_kept_interval'])} | {x['date'][:16]} | `{x['command']}` ({x['file']}) |")
     text = ("DeltaLLM on SmolLM2-135M-Instruct, KL criterion: how the delta rank (and hence the number of dependents at "
-            "a fixed parameter budget), the shared modules and the pattern move quality. Device: "
+            "a fixed parameter budget), the shared modules, the pattern and the training data (self-chat samples the "
+            "original generates, tokens) move quality. Device: "
             + ", ".join(sorted({x["device"] for x in recs})) + ". Runs without --rank use the default rule of their "
             "date: ⌊F/(4c)⌋ before 2026-11-24T12:00 (default_f4c.json), ⌊F/(2c)⌋ after. Rows with fewer than 8M "
-            "tokens hit the run's wall-time bound (--train-seconds, which also pays for the block-wise local fit).\n\n"
+            "tokens hit the run's wall-time bound (--train-seconds, which also pays for the block-wise local fit). "
+            "Kept figures: value (95% interval); runs with different item counts were scored on different item "
+            "sets (--per-task; files dated before 2026-11-24T16:00 also drew the add/larger items with repeats), so "
+            "compare a row with rows of the same items. Runs of one device call ran as concurrent processes on the "
+            "one GPU: their quality is unaffected, their seconds are not comparable (not shown).\n\n"
             + "\n".join(lines) + "\n")
     return text, recs
 

@@ -140,7 +140,7 @@ def _self_chat_key(model, n: int, seed: int, max_new_tokens: int, prompts: list[
             "max_new_tokens": max_new_tokens, "prompts_sha256": digest}
 
 
-def self_chat_texts(model, tokenizer, n: int, *, seed: int = 0, max_new_tokens: int = 96, batch: int = 64,
+def self_chat_texts(model, tokenizer, n: int, *, seed: int = 0, max_new_tokens: int = 96, batch: int | None = None,
                     docs: list[str] | None = None, progress: bool = False, cache: str | Path | None = None) -> list[str]:
     """The original model's own (sampled, seeded) answers to `chat_prompts`, each rendered as one chat document.
     Returns [] for n <= 0 or a tokenizer without a chat template (plain-text models: docs alone are the right
@@ -148,7 +148,10 @@ def self_chat_texts(model, tokenizer, n: int, *, seed: int = 0, max_new_tokens: 
 
     `cache` (a JSON file): reuse the samples written there by an earlier call with the same model, prompts and
     settings, else generate and write them. A resumed training run must see the same text (sampling on a GPU is not
-    guaranteed to repeat across processes), and generating them is minutes of GPU time."""
+    guaranteed to repeat across processes), and generating them is minutes of GPU time.
+
+    `batch`: prompts per `generate` call (default 256 on a GPU, where a small model's decode is launch-bound and a
+    larger batch costs about the same per step; 64 on a CPU)."""
     if n <= 0 or not getattr(tokenizer, "chat_template", None):
         return []
     prompts = chat_prompts(n, seed, docs)
@@ -163,6 +166,8 @@ def self_chat_texts(model, tokenizer, n: int, *, seed: int = 0, max_new_tokens: 
             log.info("self-chat: %d samples from %s", len(stored["texts"]), cache)
             return stored["texts"]
         log.info("self-chat cache %s was made with other settings: generating again", cache)
+    if batch is None:
+        batch = 256 if next(model.parameters()).device.type == "cuda" else 64
     texts = _generate_self_chat(model, tokenizer, prompts, seed, max_new_tokens, batch, progress)
     if cache is not None:
         from deltapack.io.writer import write_json_atomic

@@ -43,8 +43,10 @@ def _num(n: int) -> list[str]:
     return [str(n)] + ([NUMBER_WORDS[n]] if n < len(NUMBER_WORDS) else [])
 
 
-def make_items(seed: int = 0, per_task: int = 24) -> list[dict]:
-    """[{task, prompt, answers, distractors}] — a few families of one-fact questions, fixed by `seed`."""
+def make_items(seed: int = 0, per_task: int = 64) -> list[dict]:
+    """[{task, prompt, answers, distractors}] — a few families of one-fact questions, fixed by `seed`. No prompt
+    repeats (a repeated item would count twice and make the accuracy look more certain than it is); the families
+    with a fixed list (capitals, days, months, opposites, legs, colours) hold at most that list."""
     rng = random.Random(seed)
     items: list[dict] = []
 
@@ -53,11 +55,9 @@ def make_items(seed: int = 0, per_task: int = 24) -> list[dict]:
         items.append({"task": task, "prompt": prompt, "answers": list(answers), "distractors": list(distractors),
                       "choices": choices, "choice": choices.index(answers[0])})
 
-    for _ in range(per_task):
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
+    for a, b in rng.sample([(a, b) for a in range(1, 10) for b in range(1, 10)], min(per_task, 81)):
         add("add", f"What is {a} + {b}? Answer with just the number.", _num(a + b), choices=[str(n) for n in range(2, 19)])
-    for _ in range(per_task):
-        a, b = rng.sample(range(2, 99), 2)
+    for a, b in rng.sample([(a, b) for a in range(2, 99) for b in range(2, 99) if a != b], per_task):
         add("larger", f"Which number is larger, {a} or {b}? Answer with just the number.", _num(max(a, b)), _num(min(a, b)),
             choices=[str(a), str(b)])
     for country, city in rng.sample(CAPITALS, min(per_task, len(CAPITALS))):
@@ -159,3 +159,23 @@ def score_choices(model, tok, items: list[dict], **kw) -> list[bool]:
         best = max(lp)
         res.append(lp[it["choice"]] == best and lp.count(best) == 1)
     return res
+
+
+def answer_intervals(kept: float | None, n_kept: int, choice_accuracy: float | None = None, n_items: int = 0,
+                     original_choice_accuracy: float | None = None) -> dict[str, tuple[float, float] | None]:
+    """95% sampling intervals of the two 'kept' figures, so that differences between runs can be read against the
+    noise of a few hundred items.
+
+    kept: share of the n_kept items the original answers that the model answers too (the original is right on all
+    of them, so this is a plain binomial: Wilson). choice_kept = choice_accuracy / the original's over the same
+    n_items: the model's Wilson interval divided by the original's accuracy, which ignores that both models answer
+    the same items (wider than a paired interval)."""
+    from deltapack.eval.metrics import wilson
+
+    out: dict[str, tuple[float, float] | None] = {"kept": None, "choice_kept": None}
+    if kept is not None and n_kept > 0:
+        out["kept"] = wilson(round(kept * n_kept), n_kept)
+    if choice_accuracy is not None and n_items > 0 and original_choice_accuracy:
+        lo, hi = wilson(round(choice_accuracy * n_items), n_items)
+        out["choice_kept"] = (lo / original_choice_accuracy, hi / original_choice_accuracy)
+    return out
