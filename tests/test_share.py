@@ -328,3 +328,23 @@ def test_choice_scoring_matches_unbatched_likelihoods(tmp_path):
             assert lp == pytest.approx(want, abs=1e-4)
     right = tasks.score_choices(model, tok, sample)
     assert right == [lps[it["choice"]] == max(lps) and lps.count(max(lps)) == 1 for it, lps in zip(sample, got)]
+
+
+def test_time_bound_plans_what_fits_and_recovers_from_a_slow_first_window():
+    from deltapack.share.train import _TimeBound
+
+    bound = _TimeBound(max_seconds=100.0, probe_steps=10, wanted=1000)
+    assert bound.marks == (2, 12, 52)
+    assert bound.plan(2, step=2, now=0.0, spent_s=1.0) is None  # starts the clock
+    # first window: 0.2 s/step, 97 s left -> 485 more steps
+    assert bound.plan(12, step=12, now=2.0, spent_s=3.0) == 12 + 485
+    # the next window (steps 12..52) reads 0.08 s/step: everything wanted fits again, and never more than wanted
+    assert bound.plan(52, step=52, now=2.0 + 40 * 0.08, spent_s=6.2) == 1000
+    slower = _TimeBound(max_seconds=100.0, probe_steps=10, wanted=1000)
+    for mark, now in ((2, 0.0), (12, 1.0)):
+        slower.plan(mark, step=mark, now=now, spent_s=now)
+    assert slower.plan(52, step=52, now=9.0, spent_s=9.0) == 52 + int(91 / 0.2)  # 0.2 s/step over 12..52
+    # a bound already spent plans no more steps
+    spent = _TimeBound(10.0, 10, 1000)
+    spent.plan(2, step=2, now=0.0, spent_s=1.0)
+    assert spent.plan(12, step=12, now=1.0, spent_s=11.0) == 12

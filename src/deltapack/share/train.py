@@ -25,8 +25,8 @@ over `warmup_frac` of the steps, cosine decay to `min_lr_frac`·lr, gradient cli
 
 Checkpoints (`ckpt_dir/ckpt-<step>.pt`, written atomically, the last two kept) hold the trainable tensors,
 optimizer state, step, planned step count, RNG states and the plan; `resume=True` continues from the newest.
-`max_seconds` bounds wall time: after a few probe steps the planned step count shrinks to what fits, and the
-learning-rate and PMR schedules follow the new count.
+`max_seconds` bounds wall time: the step time is measured early (twice, `_TimeBound`), the step count is set to
+what fits (never above the planned count), and the learning-rate and PMR schedules follow the new count.
 """
 
 from __future__ import annotations
@@ -218,6 +218,29 @@ def local_fit(model: nn.Module, plan: SharePlan, windows: torch.Tensor, cfg: Tra
     return report
 
 
+class _TimeBound:
+    """Fits the step count to a wall-time bound. The step time is measured over a short window from the 2nd step
+    of this run (the first ones pay for allocation and kernel selection; `probe_steps` steps) and again over the
+    next four such windows; each measurement plans as many steps as fit in the time left, never more than `wanted`.
+    The second one can raise the count that the first lowered: the first window has been seen to read twice the
+    steady step time (H100, SmolLM2: 685 of 976 steps planned, the run then finished them in half the bound)."""
+
+    def __init__(self, max_seconds: float, probe_steps: int, wanted: int):
+        self.max_seconds, self.wanted = max_seconds, wanted
+        self.marks = (2, 2 + probe_steps, 2 + 5 * probe_steps)  # steps of this run at which to measure
+        self._last: tuple[int, float] | None = None  # (mark, clock) where the current window started
+
+    def plan(self, steps_done: int, step: int, now: float, spent_s: float) -> int | None:
+        """At mark `steps_done` (steps of this run), global `step`, clock `now`, `spent_s` seconds of the bound used:
+        the new total step count, or None when only starting the clock."""
+        start, self._last = self._last, (steps_done, now)
+        if start is None or steps_done <= start[0]:
+            return None
+        rate = (now - start[1]) / (steps_done - start[0])
+        left = self.max_seconds - spent_s
+        return min(self.wanted, step + max(0, int(left / max(rate, 1e-9))))
+
+
 def _fingerprint(windows: torch.Tensor) -> list[int]:
     return [int(windows.shape[0]), int(windows.shape[1]), int(windows[: min(64, len(windows))].sum())]
 
@@ -306,7 +329,8 @@ def train_deltas(
     local = None
     if cfg.local_steps > 0 and step == 0:  # a resumed run already has the fitted deltas in its checkpoint
         local = local_fit(model, plan, windows, cfg, progress)
-    start_step, probe_t = step, None
+    start_step = step
+    bound = _TimeBound(cfg.max_seconds, cfg.probe_steps, total) if cfg.max_seconds is not None else None
     log_every = max(1, total // 100)
     bar = tqdm(total=total, initial=step, desc="distil deltas", disable=not progress)
     last = {}
@@ -341,20 +365,14 @@ def train_deltas(
                         "compressed": 1 - len(original_blocks) / max(1, len(dependents))}
                 history.append(last)
                 bar.set_postfix(kl=f"{last['kl']:.4f}", lm=f"{last['lm']:.3f}", comp=f"{last['compressed']:.2f}")
-            # wall-time bound: after the probe, plan only as many steps as fit
-            if cfg.max_seconds is not None and step - start_step in (2, 2 + cfg.probe_steps):
+            if bound is not None and step - start_step in bound.marks:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                if step - start_step == 2:
-                    probe_t = time.perf_counter()
-                else:
-                    rate = (time.perf_counter() - probe_t) / cfg.probe_steps
-                    left = cfg.max_seconds - seconds_before - (time.perf_counter() - t0)
-                    fit = step + max(0, int(left / rate))
-                    if fit < total:
-                        log.info("time budget: %d of %d planned steps fit in %.0f s", fit, total, cfg.max_seconds)
-                        total = fit
-                        bar.total = total
+                fit = bound.plan(step - start_step, step, time.perf_counter(), seconds_before + time.perf_counter() - t0)
+                if fit is not None and fit != total:
+                    log.info("time budget: %d of %d wanted steps fit in %.0f s", fit, bound.wanted, cfg.max_seconds)
+                    total = fit
+                    bar.total = total
             if ckpt is not None and cfg.save_every and step % cfg.save_every == 0:
                 save_ckpt()
     finally:
