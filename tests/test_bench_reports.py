@@ -247,3 +247,26 @@ def test_ncu_csv_parsed_per_launch_and_summarised_per_path():
     row = next(line for line in rep.bench_lines(sv) if line.startswith("| what bounds"))
     assert "delta-come 50%" in row and "delta-come 12%" in row
     assert "tensor-core path issues on 30-40% with 2-4 warps per scheduler" in row and "decode path issues on 30%" in row
+
+
+def test_serving_targets_say_what_bounds_decode_and_residency():
+    run = _load("bench_serving_run", BENCH / "serving" / "run.py")
+    # base 6400 tok/s at batch 64 (10 ms a step); k=1 at 16x: the bound allows 10 ms / 16 more, measured 30 ms more
+    dec = {"codec": "c", "ratio": 16.0, "k": 1, "batch": 64, "tokens_per_s": 1600.0, "base_tokens_per_s": 6400.0,
+           "bound": 1 / (1 + 1 / 16), "of_bound": 0.27}
+    x = run.decode_extra(dec)
+    assert x["base_step_ms"] == 10.0 and x["extra_ms"] == 30.0
+    assert x["extra_ms_at_bound"] == pytest.approx(0.625, abs=0.006) and x["extra_over_bound"] == pytest.approx(48.0, abs=0.1)
+    templates = {"d a": {"codec": "dare", "ratio": 16.0, "layout": "ell", "stored_ratio": 16.0, "resident_ratio": 2.0,
+                         "resident_bytes_per_nonzero": 4.2},
+                 "d b": {"codec": "dare", "ratio": 16.0, "layout": "ell", "stored_ratio": 16.0, "resident_ratio": 1.9,
+                         "resident_bytes_per_nonzero": 4.1},
+                 "f": {"codec": "lowrank", "ratio": 16.0, "layout": "qfactors", "stored_ratio": 16.0, "resident_ratio": 16.0}}
+    t = run.targets({"decode": [dec], "resident": [{"codec": "dare", "ratio": 16.0, "tenants": 6},
+                                                   {"codec": "lowrank", "ratio": 16.0, "tenants": 53}],
+                     "notes": {"templates": templates}})
+    assert t["decode_80pct_of_bound"]["c 16x k=1"]["extra_over_bound"] == x["extra_over_bound"]
+    assert "tensor-core" in t["what_bounds_decode"]
+    dare, low = t["resident_50_tenants_16x"]["dare 16x"], t["resident_50_tenants_16x"]["lowrank 16x"]
+    assert dare["resident_ratio"] == 1.9 and "1/1.90 of the dense bytes" in dare["bounded_by"] and "4.1 bytes" in dare["bounded_by"]
+    assert low["met"] and "bounded_by" not in low

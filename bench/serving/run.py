@@ -732,7 +732,15 @@ def targets(data: dict) -> dict:
     if dec:
         out["decode_80pct_of_bound"] = {
             f"{r['codec']} {r['ratio']:g}x k={r['k']}": {"of_bound": r["of_bound"], "met": r["of_bound"] >= 0.8,
-                                                         "short_by": round(max(0.0, 0.8 - r["of_bound"]), 3)} for r in dec}
+                                                         "short_by": round(max(0.0, 0.8 - r["of_bound"]), 3),
+                                                         **decode_extra(r)} for r in dec}
+        out["what_bounds_decode"] = (
+            "a step's time over the base's (extra_ms) is the delta kernels' time: one launch per linear per layer "
+            "inside the step's CUDA graph. extra_ms_at_bound is what the deltas' bytes cost at the base's own rate "
+            "(the 1/(1 + k/R) bound); extra_over_bound = extra_ms / extra_ms_at_bound, how many times longer the "
+            "kernels take than their bytes. Their efficiencies and limits per path are in what_bounds_the_kernels: "
+            "with few tenants each tenant has many rows (k=1 at batch 64: 64), so the launch takes the tensor-core "
+            "path, which reads a tenant's delta once per 16 rows")
     tr = {r["system"]: r for r in data.get("trace", [])}
     if "deltapack" in tr and "swap" in tr:
         x = tr["deltapack"]["throughput"] / max(1e-12, tr["swap"]["throughput"])
@@ -744,12 +752,42 @@ def targets(data: dict) -> dict:
                 "ratio_with_kernels_at_bound": sweep[-1].get("throughput_ratio_at_bound")}
     res = data.get("resident", [])
     if res:
-        out["resident_50_tenants_16x"] = {f"{r['codec']} {r['ratio']:g}x": {"tenants": r["tenants"], "met": r["tenants"] >= 50}
+        templates = data.get("notes", {}).get("templates", {})
+        out["resident_50_tenants_16x"] = {f"{r['codec']} {r['ratio']:g}x": {"tenants": r["tenants"], "met": r["tenants"] >= 50,
+                                                                            **resident_bound(r, templates)}
                                           for r in res}
     ncu_file = RESULTS / "serving_ncu.json"
     ncu = json.loads(ncu_file.read_text()) if ncu_file.is_file() else None
     out["what_bounds_the_kernels"] = bounds_note(data.get("kernels", []),
                                                  data.get("notes", {}).get("kernels", {}).get("batch", 64), ncu)
+    return out
+
+
+def decode_extra(r: dict) -> dict:
+    """A decode record's step time over the base's, against what the bound allows (targets: what_bounds_decode)."""
+    step = r["batch"] / r["tokens_per_s"]
+    base = r["batch"] / r["base_tokens_per_s"]
+    at_bound = base / r["bound"] - base
+    return {"step_ms": round(1e3 * step, 2), "base_step_ms": round(1e3 * base, 2), "extra_ms": round(1e3 * (step - base), 2),
+            "extra_ms_at_bound": round(1e3 * at_bound, 2), "extra_over_bound": round((step - base) / at_bound, 1)}
+
+
+def resident_bound(r: dict, templates: dict) -> dict:
+    """What a resident tenant of this codec costs on the GPU against its stored ratio (the smallest resident ratio of
+    its matrix shapes), and, where that is what keeps the count short, why."""
+    mine = [t for t in templates.values() if t.get("codec") == r["codec"] and t.get("ratio") == r["ratio"]]
+    if not mine:
+        return {}
+    worst = min(mine, key=lambda t: t["resident_ratio"])
+    out = {"resident_ratio": worst["resident_ratio"], "stored_ratio": worst["stored_ratio"], "layout": worst["layout"]}
+    if worst["resident_ratio"] < 0.5 * worst["stored_ratio"]:
+        out["bounded_by"] = (
+            f"on the GPU a tenant takes 1/{worst['resident_ratio']:.2f} of the dense bytes, not 1/{worst['stored_ratio']:.0f}"
+            + (f": the '{worst['layout']}' layout stores each non-zero's column (int16) beside its bf16 value, "
+               f"{worst.get('resident_bytes_per_nonzero', float('nan')):.1f} bytes per non-zero with padding, while the "
+               "stored delta keeps no positions at all (the mask is regenerated from its seed) and k-bit values; a "
+               "kernel that regenerated the mask in registers would need the mask's RNG in Triton"
+               if worst["layout"] == "ell" else ""))
     return out
 
 
@@ -910,6 +948,8 @@ def main() -> None:
     ap.add_argument("--trace-from-costs", action="store_true",
                     help="re-run only the trace simulation (records + load sweep) from the per-step costs already in "
                          "--out (notes.trace.costs, measured on the GPU); no GPU needed")
+    ap.add_argument("--targets-only", action="store_true",
+                    help="recompute notes.targets of --out from its records (no GPU; records unchanged)")
     ap.add_argument("--codecs", default=None, help="only these codecs (comma-separated) in kernels/decode/resident; "
                     "the other codecs' records already in the file are kept")
     args = ap.parse_args()
@@ -917,6 +957,14 @@ def main() -> None:
     bad = [p for p in parts if p not in PARTS]
     if bad:
         ap.error(f"unknown parts {bad}; choose from {PARTS}")
+    if args.targets_only:
+        out = Path(args.out) if args.out else RESULTS / "serving.json"
+        data = json.loads(out.read_text())
+        data["notes"]["targets"] = targets(data)
+        data["notes"].setdefault("runs", {})["targets"] = {
+            "command": command_line(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        write_json(out, data)
+        return log(f"wrote {out}")
     if args.trace_from_costs:
         return resimulate_trace(Path(args.out) if args.out else RESULTS / "serving.json", settings(args.smoke)["trace"])
     if args.smoke:
