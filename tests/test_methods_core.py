@@ -71,3 +71,20 @@ def test_bitdelta_scale_distillation_lowers_kl(tmp_path):
     rec = json.loads((d / "delta_config.json").read_text())["calibration"]
     assert rec["source"] == "random-token-ids" and rec["distill"]["steps"] == 30
     assert rec["distill"]["kl_after"] < 0.9 * rec["distill"]["kl_before"]
+
+
+def test_bitdelta_scale_distillation_with_a_grown_vocabulary(tmp_path):
+    """The fine-tune added tokens: the student grows to its vocabulary (new rows = the fine-tune's, as the merge
+    makes them), the grown embedding's code still trains on its base rows, and the KL falls."""
+    make_llama(tmp_path / "b", hidden=64, vocab=128)
+    make_finetune(tmp_path / "b", tmp_path / "f", scale=1.0, seed=4, grow_vocab=8)
+    d = api.compress(
+        tmp_path / "b", tmp_path / "f", tmp_path / "d", method="bitdelta", ratio=2, progress=False,
+        params={"planes": 1, "scale": "row", "distill": True, "distill_steps": 30},
+    )
+    cfg = json.loads((d / "delta_config.json").read_text())
+    assert cfg["tensors"]["model.embed_tokens.weight"]["base_rows"] == 128
+    rec = cfg["calibration"]["distill"]
+    assert rec["kl_after"] < 0.9 * rec["kl_before"]
+    merged = api.merged_state_dict(tmp_path / "b", d)
+    assert merged["model.embed_tokens.weight"].shape[0] == 136

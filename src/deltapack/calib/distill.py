@@ -44,6 +44,29 @@ def _teacher_logprobs(teacher, ids: torch.Tensor, batch: int) -> torch.Tensor:
     return out
 
 
+def _grow_vocabulary(student, ctx, dev, dtype) -> dict[str, torch.Tensor]:
+    """The student's parameters, its embedding (and head) first grown to the fine-tune's vocabulary where the
+    fine-tune added tokens: the calibration text may use the new ids, and the teacher's log-probs cover them. The new
+    rows are the fine-tune's own, which the delta stores exactly (`new_rows`), so they are fixed, as in the merge."""
+    params = dict(student.named_parameters())
+    ft_names = set(ctx.finetuned.keys())
+    grown = {n: ctx.finetuned.meta(n).shape[0] for n, p in params.items()
+             if n in ft_names and p.dim() == 2 and ctx.finetuned.meta(n).shape[0] > p.shape[0]}
+    if not grown:
+        return params
+    base_rows = {n: params[n].shape[0] for n in grown}
+    student.resize_token_embeddings(max(grown.values()))
+    params = dict(student.named_parameters())
+    with torch.no_grad():
+        for n, rows in base_rows.items():
+            if n in params and params[n].shape[0] == grown[n]:
+                params[n][rows:] = ctx.finetuned.get(n)[rows:].to(dev, dtype)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    log.info("scale distillation: vocabulary grown to %d for the fine-tune's new tokens", max(grown.values()))
+    return params
+
+
 def distill_scales(method, encoded: dict, ctx) -> dict:
     from deltapack.methods.bitdelta import sign_planes
 
@@ -55,14 +78,14 @@ def distill_scales(method, encoded: dict, ctx) -> dict:
     student = _load(ctx.base.path, dev, dtype)
     for p in student.parameters():
         p.requires_grad_(False)
-    params = dict(student.named_parameters())
+    params = _grow_vocabulary(student, ctx, dev, dtype)
     trainable: dict[str, tuple] = {}
     for name, enc in encoded.items():
         if name not in params:
             continue  # e.g. a tied lm_head: the embedding entry carries it
-        w = params[name]
-        if enc.codec == "sign" and w.dim() == 2 and tuple(w.shape) == tuple(ctx.stats[name].shape):
-            planes = sign_planes(enc, tuple(w.shape), dev).to(torch.int8)  # (k, m, n) of +-1: half of bf16
+        w, shape = params[name], tuple(ctx.stats[name].shape)  # a grown tensor's code covers its base rows only
+        if enc.codec == "sign" and w.dim() == 2 and w.shape[1] == shape[1] and w.shape[0] >= shape[0]:
+            planes = sign_planes(enc, shape, dev).to(torch.int8)  # (k, m, n) of +-1: half of bf16
             s0 = enc.parts["scale"].to(dev).float()  # (k, 1 or m)
             theta = torch.zeros_like(s0, requires_grad=True)
             trainable[name] = (planes, s0, theta)
@@ -71,13 +94,21 @@ def distill_scales(method, encoded: dict, ctx) -> dict:
     # dense-stored tensors (norms) are applied as fixed deltas so the student is the full compressed model
     with torch.no_grad():
         for name, enc in encoded.items():
-            if enc.codec == "dense" and name in params and params[name].numel() == enc.parts["values"].numel():
-                params[name].add_(enc.parts["values"].to(dev, dtype).view_as(params[name]))
+            if enc.codec == "dense" and name in params:
+                values, w = enc.parts["values"], params[name]
+                if values.numel() == w.numel():
+                    w.add_(values.to(dev, dtype).view_as(w))
+                elif w.dim() == 2 and values.numel() % w.shape[1] == 0 and values.numel() < w.numel():  # grown
+                    rows = values.numel() // w.shape[1]  # the code covers the base rows
+                    w[:rows].add_(values.to(dev, dtype).view(rows, w.shape[1]))
     held_out = torch.arange(min(8, ids.shape[0]))
+
+    def with_delta(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return w + delta if delta.shape[0] == w.shape[0] else torch.cat([w[: delta.shape[0]] + delta, w[delta.shape[0]:]])
 
     def student_logits(batch):
         override = {
-            name: params[name] + ((s0 * (1 + th)).to(dtype).unsqueeze(-1) * planes).sum(0)
+            name: with_delta(params[name], ((s0 * (1 + th)).to(dtype).unsqueeze(-1) * planes).sum(0))
             for name, (planes, s0, th) in trainable.items()
         }
         return torch.func.functional_call(student, override, (batch,)).logits.float()
