@@ -40,6 +40,10 @@ def test_round_trip_true_ratio(small_pair, tmp_path, ratio):
     assert {r["codec"] for r in info["tensors"] if len(r["shape"]) == 2} == {"deltadq"}
     # every matrix, embedding and lm_head included, is compressed; only the 1-D norms stay dense
     assert all(r["codec"] == "dense" for r in info["tensors"] if len(r["shape"]) == 1)
+    for r in (r for r in info["tensors"] if r["codec"] == "deltadq"):  # inspect's detail: kept share x bits = payload
+        d = r["detail"]
+        assert set(d) == {"group", "kept", "bits", "scale"} and 0 < d["kept"] <= 1
+        assert r["payload_bytes"] * 8 == pytest.approx(d["kept"] * d["bits"] * r["shape"][0] * r["shape"][1], rel=0.01, abs=64)
 
     merged = api.merge(base, out, tmp_path / "m", progress=False)
     from transformers import AutoModelForCausalLM

@@ -246,7 +246,12 @@ def inspect(delta: str | os.PathLike) -> dict:
         if te.codec == "factors":
             detail = {"rank": sum(g["rank"] for g in p.get("groups", [])), "bits": sorted({g["bits"] for g in p.get("groups", [])})}
         elif te.codec == "sparse":
-            detail = {k: p[k] for k in ("keep_prob", "group_size", "keep", "bits") if k in p}
+            detail = {k: round(p[k], 4) if isinstance(p[k], float) else p[k]
+                      for k in ("keep_prob", "group_size", "keep", "bits") if k in p}
+        elif te.codec == "deltadq":  # rows < rows_hi keep one more per group: the mean kept share is exact
+            g, m = p.get("g", 1), te.shape[0] if te.shape else 1
+            kept = (p.get("keep", 0) * m + min(p.get("rows_hi", 0), m)) / max(1, g * m)
+            detail = {"group": g, "kept": round(kept, 4), "bits": p.get("bits"), "scale": p.get("scale")}
         elif te.codec == "sign":
             detail = {"planes": p.get("planes", 1), "scale": p.get("scale")}
         rows.append(
