@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
+import hashlib
 import json
 import logging
 import platform
@@ -240,7 +241,8 @@ def run(args) -> dict:
         "data": {"source": args.data or "python-stdlib-docs", "self_chat_samples": len(chat), "train_windows": len(train_w), "heldout_windows": len(held_w),
                  "seq_len": args.seq_len},
         "original": {"params": orig_params, "ppl": base["ppl"], "task_items": len(items), "task_items_kept": len(kept_items),
-                     "task_accuracy_all_items": sum(ok) / len(ok), "choice_accuracy": original_choice},
+                     "task_accuracy_all_items": sum(ok) / len(ok), "choice_accuracy": original_choice,
+                     "task_items_sha256": hashlib.sha256("\n".join(it["prompt"] for it in items).encode()).hexdigest()[:12]},
         "definitions": {
             "params": "unique parameters in memory (tied embeddings and shared anchors once), embeddings included",
             "reduction": "target fraction of parameters removed; the achieved one is 1 - params / original.params",

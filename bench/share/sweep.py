@@ -40,7 +40,8 @@ def rows(path: Path) -> list[dict]:
             "dependents": len(blocks), "rank": min(b["rank"] for b in blocks), "tokens": r["tokens"], "ppl": r["ppl"],
             "kl": r["kl"], "kept": r["kept"], "choice_kept": r.get("choice_kept"),
             "self_chat": res.get("data", {}).get("self_chat_samples"), "kept_items": orig.get("task_items_kept"),
-            "task_items": orig.get("task_items"), "kept_interval": ci["kept"], "choice_kept_interval": ci["choice_kept"],
+            "task_items": orig.get("task_items"), "items_sha256": orig.get("task_items_sha256"),
+            "kept_interval": ci["kept"], "choice_kept_interval": ci["choice_kept"],
         })
     return out
 
@@ -67,7 +68,7 @@ def sweep(files: list[Path]) -> tuple[str, list[dict]]:
     for x in recs:
         lines.append(f"| {x['reduction']:.0%} | {x['modules']} | {x['pattern']} | {x['dependents']} × {x['rank']} | "
                      f"{_n(x['self_chat'])} | {x['tokens']:,} | {x['ppl']:.2f} | {x['kl']:.4f} | "
-                     f"{_n(x['task_items'])} ({_n(x['kept_items'])}) | {_pct(x['kept'], x['kept_interval'])} | "
+                     f"{_n(x['task_items'])} ({_n(x['kept_items'])}){' ' + x['items_sha256'] if x['items_sha256'] else ''} | {_pct(x['kept'], x['kept_interval'])} | "
                      f"{_pct(x['choice_kept'], x['choice_kept_interval'])} | {x['date'][:16]} | `{x['command']}` ({x['file']}) |")
     text = ("DeltaLLM on SmolLM2-135M-Instruct, KL criterion: how the delta rank (and hence the number of dependents at "
             "a fixed parameter budget), the shared modules, the pattern and the training data (self-chat samples the "
@@ -76,8 +77,8 @@ def sweep(files: list[Path]) -> tuple[str, list[dict]]:
             "date: ⌊F/(4c)⌋ before 2026-11-24T12:00 (default_f4c.json), ⌊F/(2c)⌋ after. Rows with fewer than 8M "
             "tokens hit the run's wall-time bound (--train-seconds, which also pays for the block-wise local fit). "
             "Kept figures: value (95% interval); runs with different item counts were scored on different item "
-            "sets (--per-task; files dated before 2026-11-24T16:00 also drew the add/larger items with repeats), so "
-            "compare a row with rows of the same items. Runs of one device call ran as concurrent processes on the "
+            "sets (--per-task; files dated before 2026-11-24T15:50 drew the add/larger items with repeats, later ones "
+            "record a hash of their item prompts beside the counts), so compare a row with rows of the same items. Runs of one device call ran as concurrent processes on the "
             "one GPU: their quality is unaffected, their seconds are not comparable (not shown).\n\n"
             + "\n".join(lines) + "\n")
     return text, recs
