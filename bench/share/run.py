@@ -263,7 +263,7 @@ def run(args) -> dict:
         "seconds": {"load": load_s, "data": data_s, "total": time.perf_counter() - t_all},
     }
     for r in res["results"]:
-        r.update({f"{k}_interval": v for k, v in result_intervals(res, r).items()})
+        r.update({f"{k}_interval": v for k, v in tasks.result_intervals(res["original"], r).items()})
     return res
 
 
@@ -306,13 +306,6 @@ def _pct_interval(value: float | None, interval: tuple[float, float] | None) -> 
     return f"{100 * value:.1f}%" + (f" ({100 * interval[0]:.0f}–{100 * interval[1]:.0f})" if interval else "")
 
 
-def result_intervals(res: dict, r: dict) -> dict:
-    """95% intervals of a result's `kept` and `choice_kept` (deltapack.share.tasks.answer_intervals)."""
-    o = res["original"]
-    return tasks.answer_intervals(r.get("kept"), o.get("task_items_kept", 0), r.get("choice_accuracy"),
-                                  o.get("task_items", 0), o.get("choice_accuracy"))
-
-
 def table(res: dict) -> str:
     lines = [
         f"Original: {res['original']['params']:,} parameters, held-out perplexity {res['original']['ppl']:.3f}, "
@@ -323,7 +316,7 @@ def table(res: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["results"]:
-        ci = result_intervals(res, r)
+        ci = tasks.result_intervals(res["original"], r)
         lines.append(f"| {r['method']} | {100 * (1 - r['params'] / res['original']['params']):.2f}% (target {100 * r['reduction']:g}%) | "
                      f"{r['params']:,} | {r['ppl']:.3f} | {r['kl']:.4g} | {_pct_interval(r['kept'], ci['kept'])} | "
                      f"{_pct_interval(r.get('choice_kept'), ci['choice_kept'])} | {r['tokens']:,} | {r['seconds']:.0f} |")

@@ -20,7 +20,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 
 from deltapack.io.writer import write_bytes_atomic, write_json_atomic  # noqa: E402
-from deltapack.share.tasks import answer_intervals  # noqa: E402
+from deltapack.share.tasks import result_intervals  # noqa: E402
 
 
 def rows(path: Path) -> list[dict]:
@@ -32,8 +32,7 @@ def rows(path: Path) -> list[dict]:
     out = []
     for r in (r for r in res["results"] if r["method"] == "deltallm"):
         blocks = plans[r["reduction"]]["blocks"]
-        ci = answer_intervals(r["kept"], orig.get("task_items_kept", 0), r.get("choice_accuracy"),
-                              orig.get("task_items", 0), orig.get("choice_accuracy"))
+        ci = result_intervals(orig, r)
         out.append({
             "file": name, "command": res["command"], "date": res["date"], "device": res["device"],
             "reduction": r["reduction"], "modules": res["settings"]["modules"], "pattern": res["settings"]["pattern"],

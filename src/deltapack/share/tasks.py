@@ -179,3 +179,10 @@ def answer_intervals(kept: float | None, n_kept: int, choice_accuracy: float | N
         lo, hi = wilson(round(choice_accuracy * n_items), n_items)
         out["choice_kept"] = (lo / original_choice_accuracy, hi / original_choice_accuracy)
     return out
+
+
+def result_intervals(original: dict, result: dict) -> dict[str, tuple[float, float] | None]:
+    """answer_intervals of one result record of bench/share/run.py, with the counts of its file's `original` block
+    (files written before a field existed give None for the figures that need it)."""
+    return answer_intervals(result.get("kept"), original.get("task_items_kept", 0), result.get("choice_accuracy"),
+                            original.get("task_items", 0), original.get("choice_accuracy"))
