@@ -176,6 +176,24 @@ def test_share_table_reports_the_paper_scoring_beside_exact_answers():
     assert "| 50.0% (24–76) | n/a |" in share.table(res)  # Wilson 95% of 5 of the 10 kept items
 
 
+def test_share_paired_choice_score_counts_only_items_the_original_ranks_right(monkeypatch):
+    share = _load("bench_share_run", BENCH / "share" / "run.py")
+    original = [True, True, True, True, False, False, False, False]
+    model = [True, True, False, False, True, True, True, True]  # loses 2 of the original's 4, gains 4 others
+    monkeypatch.setattr(share.tasks, "score_choices", lambda m, tok, items: model)
+    r = share.choice_eval(None, None, list(range(8)), original)
+    assert r["choice_accuracy"] == 0.75 and r["choice_kept"] == 1.5  # the ratio hides the lost answers
+    assert r["choice_kept_paired"] == 0.5
+    assert share.choice_eval(None, None, list(range(8)), None)["choice_kept_paired"] is None
+    res = {"original": {"params": 1000, "ppl": 10.0, "task_items_kept": 10, "task_items": 8, "choice_accuracy": 0.5,
+                        "choice_items_right": 4},
+           "device": "GPU X", "date": "d", "command": "c",
+           "results": [{"method": "deltallm", "reduction": 0.12, "params": 880, "ppl": 11.0, "kl": 0.1, "kept": 0.5,
+                        "tokens": 5, "seconds": 1.0, **r}]}
+    assert "Paired (of the 4 items the original ranks right, the share this model ranks right too): 50.0% (15–85)" \
+        in share.table(res)
+
+
 def test_share_sweep_reads_each_deltallm_result_with_its_own_plan(tmp_path):
     sweep = _load("bench_share_sweep", BENCH / "share" / "sweep.py")
 
@@ -197,7 +215,7 @@ def test_share_sweep_reads_each_deltallm_result_with_its_own_plan(tmp_path):
     text, recs = sweep.sweep([b, a])
     assert [(x["reduction"], x["modules"], x["dependents"], x["rank"], x["kl"]) for x in recs] == [
         (0.12, "mlp", 13, 222, 0.2), (0.12, "all", 10, 189, 0.3), (0.24, "mlp", 20, 164, 0.4)]
-    assert "| 12% | mlp | sequential | 13 × 222 | n/a | 8 | 20.00 | 0.2000 | n/a (n/a) | 50.0% | 75.0% |" in text
+    assert "| 12% | mlp | sequential | 13 × 222 | n/a / 0 | n/a, n/a | 8 | 20.00 | 0.2000 | n/a (n/a) | 50.0% | 75.0% | n/a |" in text
     assert "layerdrop" not in text and f"`run a.json` ({a})" in text
     # with the original's item counts (as run.py writes them): the kept figures carry their 95% intervals
     c = json.loads(a.read_text())
@@ -209,7 +227,35 @@ def test_share_sweep_reads_each_deltallm_result_with_its_own_plan(tmp_path):
     text, recs = sweep.sweep([tmp_path / "c.json"])
     lo, hi = recs[0]["kept_interval"]
     assert 0.40 < lo < 0.41 and 0.59 < hi < 0.60  # Wilson 95% of 50/100
-    assert "| 2,048 | 8 | 20.00 | 0.2000 | 200 (100) | 50.0% (40%–60%) | 75.0% (62%–89%) |" in text
+    assert "| 2,048 / 0 | n/a, n/a | 8 | 20.00 | 0.2000 | 200 (100) | 50.0% (40%–60%) | 75.0% (62%–89%) | n/a |" in text
+
+
+def test_share_sweep_averages_repeated_default_runs_counting_cached_reruns_once(tmp_path):
+    sweep = _load("bench_share_sweep", BENCH / "share" / "sweep.py")
+
+    def run(name, self_text, kl, kept, choice, paired=None, tokens=7_995_392):
+        r = {"method": "deltallm", "reduction": 0.12, "tokens": tokens, "ppl": 22.0, "kl": kl, "kept": kept,
+             "choice_kept": choice, "choice_accuracy": choice * 0.34, "choice_kept_paired": paired}
+        path = tmp_path / name
+        path.write_text(json.dumps({
+            "command": f"run {name}", "device": "GPU X", "date": "2026-01-01T00:00:00",
+            "settings": {"modules": "mlp", "pattern": "sequential", "lr": 5e-4, "seed": 0},
+            "data": {"self_chat_samples": 2048, "self_text_samples": self_text},
+            "original": {"task_items": 215, "task_items_kept": 97, "choice_accuracy": 0.34, "choice_items_right": 73},
+            "results": [r], "details": [{"reduction": 0.12, "plan": {"blocks": [{"rank": 222}] * 13}}]}))
+        return path
+
+    files = [run("a.json", 0, 0.21, 0.36, 0.72), run("b.json", 0, 0.22, 0.38, 0.74),
+             run("c.json", 8192, 0.27, 0.40, 0.97), run("c_cached.json", 8192, 0.27, 0.40, 0.97),  # same figures
+             run("d.json", 8192, 0.28, 0.38, 0.85, paired=0.7),
+             run("e.json", 8192, 0.20, 0.90, 0.99, tokens=16_000_000)]  # another budget: not in the summary
+    text, recs = sweep.sweep(files)
+    assert len(recs) == 6
+    assert "| 12% | 0 | 2 | 37.0% (36.0%–38.0%) | 73.0% (72.0%–74.0%) | 0.2150 (0.2100–0.2200) |" in text
+    assert "| 12% | 8,192 | 2 | 39.0% (38.0%–40.0%) | 91.0% (85.0%–97.0%) | 0.2750 (0.2700–0.2800) |" in text
+    lo, hi = next(x for x in recs if x["file"].endswith("/d.json"))["choice_kept_paired_interval"]
+    assert lo < 0.7 < hi  # Wilson over the 73 items the original ranks right
+    assert "| 2,048 / 8,192 | 0.0005, 0 |" in text
 
 
 def test_ncu_csv_parsed_per_launch_and_summarised_per_path():

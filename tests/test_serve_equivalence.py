@@ -176,6 +176,15 @@ def test_late_requests_gather_for_one_prefill(setup):
     with running_server(d / "base", list(deltas.items()), max_batch=8, decode="static", prefill_delay_s=0.15) as (state, url):
         engine = state.engine
         assert engine.prefill_batch == 8 and engine.prefill_delay_s == 0.15
+        # the long request must still be decoding when the delay ends (else admitting the late ones at once is
+        # right): 5 ms per step makes its 40 steps outlast the delay on any machine, however fast the pico model
+        decode = engine._decode
+
+        def slow_decode():
+            time.sleep(0.005)
+            decode()
+
+        engine._decode = slow_decode
         with ThreadPoolExecutor(3) as pool:
             first = pool.submit(_complete, url, "lowrank", PROMPTS[0], 40)
             t0 = time.monotonic()

@@ -227,7 +227,8 @@ def test_cli_end_to_end_generate(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog." * 4 for i in range(60)))
     args = ["share", str(tmp_path / "m"), "-o", str(tmp_path / "o"), "--reduction", "0.1", "--tokens", "2048",
-            "--batch-size", "4", "--seq-len", "32", "--local-steps", "20", "--data", str(text), "--export-dense", str(tmp_path / "d"), "--quiet"]
+            "--batch-size", "4", "--seq-len", "32", "--local-steps", "20", "--data", str(text), "--self-text", "16",
+            "--export-dense", str(tmp_path / "d"), "--quiet"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "removed" in r.output and not (tmp_path / "o.ckpt").exists()
@@ -239,6 +240,7 @@ def test_cli_end_to_end_generate(tmp_path):
     assert r.exit_code == 2 and "already exists" in r.output
     r = CliRunner().invoke(main, ["share", str(tmp_path / "m"), "-o", str(tmp_path / "o2"), "--reduction", "0.9", "--data", str(text)])
     assert r.exit_code == 2 and "error:" in r.output and not (tmp_path / "o2").exists()
+    assert not (tmp_path / "o2.ckpt").exists()  # refused before any training text was generated
 
 
 def test_task_items_and_scoring():
@@ -302,6 +304,39 @@ def test_self_chat_samples_are_seeded_and_disjoint_from_eval_tasks(tmp_path):
     assert self_chat_texts(model, tok, 6, seed=3, max_new_tokens=5, batch=4, cache=cache) == a
     tok.chat_template = None
     assert self_chat_texts(model, tok, 6) == []
+
+
+def test_self_text_samples_start_anywhere_run_their_length_and_are_cached(tmp_path):
+    """Data-free training text: each sample starts from a different vocabulary token, runs to its length unless the
+    model ends it, repeats with the seed and is reused from the cache only under the same settings."""
+    from deltapack.errors import InputError
+    from deltapack.serve.testing import make_word_tokenizer
+    from deltapack.share.data import self_text_texts
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    make_llama(tmp_path / "m", hidden=32, vocab=64)
+    make_word_tokenizer(tmp_path / "m", 64)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # generation runs the full length; rows are cut at EOS afterwards
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    a = self_text_texts(model, tok, 9, seed=1, length=12, greedy_tokens=3, batch=4)
+    assert a == self_text_texts(model, tok, 9, seed=1, length=12, greedy_tokens=3, batch=4)
+    assert a != self_text_texts(model, tok, 9, seed=2, length=12, greedy_tokens=3, batch=4)
+    assert len(a) == 9
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in a]
+    assert all(len(i) <= 12 for i in ids) and sum(len(i) == 12 for i in ids) >= 6
+    assert not [t for t in a if tok.eos_token in t]  # cut at EOS: token_batches puts one between documents
+    assert len({i[0] for i in ids}) > 3  # starts drawn across the vocabulary
+    assert not {i[0] for i in ids} & set(tok.all_special_ids)
+    assert self_text_texts(model, tok, 0) == []
+    with pytest.raises(InputError):
+        self_text_texts(model, tok, 2, length=3, greedy_tokens=3)
+    cache = tmp_path / "self_text.json"
+    assert self_text_texts(model, tok, 9, seed=1, length=12, greedy_tokens=3, batch=4, cache=cache) == a
+    stored = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**stored, "texts": ["sentinel"]}))
+    assert self_text_texts(model, tok, 9, seed=1, length=12, greedy_tokens=3, batch=2, cache=cache) == ["sentinel"]
+    assert self_text_texts(model, tok, 9, seed=1, length=13, greedy_tokens=3, batch=4, cache=cache) != ["sentinel"]
 
 
 def test_choice_scoring_matches_unbatched_likelihoods(tmp_path):

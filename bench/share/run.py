@@ -10,11 +10,13 @@ Per reduction: one sharing plan (criterion measured on the original), then
   deltallm  – plan + SVD init + delta distillation with progressive module replacement (time-bounded);
   svd-init  – the same plan and parameter count, deltas left at their SVD initialisation;
   layerdrop – blocks with the lowest Block Influence dropped until the model is no larger than deltallm's.
-Metrics on held-out text (Python docs the training never saw): perplexity and mean token KL(original ‖ model);
+Training text: Python's own docs, 2048 chat answers and 8192 free texts the original writes itself (see
+docs/share.md). Metrics on held-out text (Python docs the training never saw): perplexity and mean token KL(original ‖ model);
 and accuracy on seeded prompt/answer items that the original answers correctly (`kept` = share of those the
 compressed model still answers; the original scores 1.0 on them by construction). Beside it, the scoring the
 DeltaLLM paper reports (lm-eval-harness zero-shot tasks): every item as a choice among its family's answers by
-log-likelihood, `choice_kept` = the model's accuracy over all items relative to the original's.
+log-likelihood, `choice_kept` = the model's accuracy over all items relative to the original's, and
+`choice_kept_paired` = the share of the items the original ranks right that the model ranks right too.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import torch  # noqa: E402
 from deltapack.io.writer import write_bytes_atomic, write_json_atomic  # noqa: E402
 from deltapack.share import tasks  # noqa: E402
 from deltapack.share.baselines import drop_layers, layer_drop_model, svd_init_model  # noqa: E402
-from deltapack.share.data import load_docs, self_chat_texts, split_docs, windows  # noqa: E402
+from deltapack.share.data import load_docs, self_chat_texts, self_text_texts, split_docs, windows  # noqa: E402
 from deltapack.share.evaluate import evaluate  # noqa: E402
 from deltapack.share.model import apply_plan, finalize  # noqa: E402
 from deltapack.share.plan import make_plan, unique_param_count  # noqa: E402
@@ -84,29 +86,43 @@ def device_name(dev: torch.device) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
-def task_eval(model, tok, items) -> float | None:
+def task_eval(model, tok, items) -> tuple[float | None, dict[str, list[int]]]:
+    """(share of `items` answered right, {task family: [right, items]}): the families show where answers are lost."""
     if not items:
-        return None
+        return None, {}
     ok = tasks.score(model, tok, items)
-    return sum(ok) / len(ok)
+    by_task: dict[str, list[int]] = {}
+    for it, good in zip(items, ok):
+        c = by_task.setdefault(it["task"], [0, 0])
+        c[0] += int(good)
+        c[1] += 1
+    return sum(ok) / len(ok), by_task
 
 
-def choice_eval(model, tok, items, original_accuracy: float | None) -> dict:
-    """Choice-by-likelihood accuracy over all items, and relative to the original's (the paper's 'kept')."""
+def choice_eval(model, tok, items, original_ok: list[bool] | None) -> dict:
+    """Choice-by-likelihood accuracy over all items; relative to the original's (the paper's 'kept'); and paired:
+    the share of the items the original ranks right that this model ranks right too (a ratio of accuracies can hide
+    answers lost on some items behind answers gained on others)."""
     if not items:
-        return {"choice_accuracy": None, "choice_kept": None}
+        return {"choice_accuracy": None, "choice_kept": None, "choice_kept_paired": None}
     ok = tasks.score_choices(model, tok, items)
     acc = sum(ok) / len(ok)
-    return {"choice_accuracy": acc, "choice_kept": acc / original_accuracy if original_accuracy else None}
+    if not original_ok:
+        return {"choice_accuracy": acc, "choice_kept": None, "choice_kept_paired": None}
+    orig_acc = sum(original_ok) / len(original_ok)
+    right = [good for good, orig in zip(ok, original_ok) if orig]
+    return {"choice_accuracy": acc, "choice_kept": acc / orig_acc if orig_acc else None,
+            "choice_kept_paired": sum(right) / len(right) if right else None}
 
 
-def row(method, reduction, model, held, original, tok, kept_items, *, items, original_choice, extra) -> dict:
+def row(method, reduction, model, held, original, tok, kept_items, *, items, original_choice: list[bool] | None, extra) -> dict:
     t = time.perf_counter()
     ev = evaluate(model, held, teacher=original)
-    acc = task_eval(model, tok, kept_items)
+    acc, by_task = task_eval(model, tok, kept_items)
     r = {
         "method": method, "reduction": reduction, "params": unique_param_count(model), "ppl": ev["ppl"], "kl": ev["kl"],
-        "task_accuracy": acc, "kept": acc, **choice_eval(model, tok, list(items), original_choice), **extra,
+        "task_accuracy": acc, "kept": acc, "kept_by_task": by_task,
+        **choice_eval(model, tok, list(items), original_choice), **extra,
         "eval_seconds": time.perf_counter() - t,
     }
     log.info("%s @%.2f: params %d ppl %.3f kl %.4f tasks %s choice %s", method, reduction, r["params"], r["ppl"], r["kl"],
@@ -148,7 +164,9 @@ def run(args) -> dict:
         train_texts, held_texts = split_docs(load_docs(args.data))
         chat = self_chat_texts(original, tok, args.self_chat, seed=args.seed, docs=train_texts, progress=not args.quiet,
                                cache=Path(args.cache_dir) / "self_chat.json" if args.cache_dir else None)
-        train_texts = train_texts + chat
+        free = self_text_texts(original, tok, args.self_text, seed=args.seed, progress=not args.quiet,
+                               cache=Path(args.cache_dir) / "self_text.json" if args.cache_dir else None)
+        train_texts = train_texts + chat + free
         train_w = windows(tok, train_texts, args.seq_len, cfg.steps * cfg.batch_size, seed=args.seed)
         held_w = windows(tok, held_texts, args.seq_len, args.eval_windows, seed=args.seed)
         calib_w = train_w[: args.calib_windows]
@@ -157,7 +175,7 @@ def run(args) -> dict:
         items = tasks.make_items(seed=args.seed, per_task=args.per_task)
         ok = tasks.score(original, tok, items)
         kept_items = [it for it, good in zip(items, ok) if good]
-        original_choice = choice_eval(original, tok, items, None)["choice_accuracy"]
+        original_choice = tasks.score_choices(original, tok, items) if items else None
         base = evaluate(original, held_w)
         orig_params = unique_param_count(original)
         log.info("original: %d params, ppl %.3f, %d/%d task items right", orig_params, base["ppl"], len(kept_items), len(items))
@@ -238,10 +256,12 @@ def run(args) -> dict:
         "model": "pico random Llama (smoke)" if args.smoke and not args.model else str(args.model or "SmolLM2-135M-Instruct (embedded GGUF, dequantized)"),
         "smoke": bool(args.smoke),
         "settings": {k: v for k, v in vars(args).items() if k not in ("out", "plot", "table", "quiet")},
-        "data": {"source": args.data or "python-stdlib-docs", "self_chat_samples": len(chat), "train_windows": len(train_w), "heldout_windows": len(held_w),
+        "data": {"source": args.data or "python-stdlib-docs", "self_chat_samples": len(chat), "self_text_samples": len(free), "train_windows": len(train_w), "heldout_windows": len(held_w),
                  "seq_len": args.seq_len},
         "original": {"params": orig_params, "ppl": base["ppl"], "task_items": len(items), "task_items_kept": len(kept_items),
-                     "task_accuracy_all_items": sum(ok) / len(ok), "choice_accuracy": original_choice,
+                     "task_accuracy_all_items": sum(ok) / len(ok),
+                     "choice_accuracy": sum(original_choice) / len(original_choice) if original_choice else None,
+                     "choice_items_right": sum(original_choice) if original_choice else 0,
                      "task_items_sha256": hashlib.sha256("\n".join(it["prompt"] for it in items).encode()).hexdigest()[:12]},
         "definitions": {
             "params": "unique parameters in memory (tied embeddings and shared anchors once), embeddings included",
@@ -250,11 +270,15 @@ def run(args) -> dict:
             "kl": "mean token KL(original || model) on the same windows, nats",
             "task_accuracy": "share of the seeded prompt/answer items the original answers correctly that this model also answers correctly",
             "kept": "task_accuracy relative to the original (which scores 1.0 on these items by construction)",
+            "kept_by_task": "per task family: [items this model answers right, items the original answers right]",
             "choice_accuracy": "share of all task items whose right answer this model ranks first among the item's choices by "
                                "log-likelihood (the DeltaLLM paper's lm-eval-harness scoring)",
             "choice_kept": "choice_accuracy relative to the original's (the paper's 'retains X% of the performance')",
             "kept_interval": "95% Wilson interval of kept over the original's task_items_kept items",
             "choice_kept_interval": "95% Wilson interval of choice_accuracy over task_items, divided by the original's (unpaired)",
+            "choice_kept_paired": "share of the items the original ranks right by likelihood (original.choice_items_right) "
+                                  "that this model ranks right too",
+            "choice_kept_paired_interval": "95% Wilson interval of choice_kept_paired",
             "tokens": "distillation tokens (calibration tokens for the criterion / Block Influence: calib_tokens)",
             "seconds": "compression wall time (plan, init, stage 0 and distillation; evaluation excluded)",
         },
@@ -351,6 +375,10 @@ def targets_lines(res: dict) -> list[str]:
                      f"{100 * dl['choice_kept']:.1f}%" + (f" (≥ 95%: {'met' if dl['choice_kept'] >= 0.95 else 'missed'})"
                                                           if goal else "")
                      + f", layer dropping {', '.join(paper) or 'n/a'}.")
+            if dl.get("choice_kept_paired") is not None:
+                ci = tasks.result_intervals(res["original"], dl)["choice_kept_paired"]
+                line += (f" Paired (of the {res['original'].get('choice_items_right')} items the original ranks right, "
+                         f"the share this model ranks right too): {_pct_interval(dl['choice_kept_paired'], ci)}.")
         out.append(line)
     return ["", "**Targets** (issue 7):", ""] + out if out else []
 
@@ -375,7 +403,9 @@ def main(argv=None) -> None:
     ap.add_argument("--criterion", default="kl", choices=["kl", "residual"])
     ap.add_argument("--data", default=None, help="training/held-out text file (default: Python's own docs)")
     ap.add_argument("--self-chat", type=int, default=None, help="samples the original generates for training (default 2048; smoke 8; 0: off)")
-    ap.add_argument("--cache-dir", default=None, help="keep the self-chat samples here and reuse them in later runs "
+    ap.add_argument("--self-text", type=int, default=None, help="texts the original writes freely from a random start "
+                    "token (256 tokens each), added to the training mix (default 8192; smoke 8; 0: off)")
+    ap.add_argument("--cache-dir", default=None, help="keep the self-chat and self-text samples here and reuse them in later runs "
                     "with the same settings (saves minutes of GPU time per run)")
     ap.add_argument("--eval-windows", type=int, default=None)
     ap.add_argument("--calib-windows", type=int, default=16)
@@ -401,7 +431,8 @@ def main(argv=None) -> None:
     smoke = args.smoke
     defaults = {"tokens": 16_384 if smoke else 8_000_000, "train_seconds": 30.0 if smoke else 180.0,
                 "batch_size": 8 if smoke else 32, "seq_len": 64 if smoke else 256, "lr": 5e-3 if smoke and not args.model else 5e-4,
-                "eval_windows": 8 if smoke else 64, "self_chat": 8 if smoke else 2048}
+                "eval_windows": 8 if smoke else 64, "self_chat": 8 if smoke else 2048,
+                "self_text": 8 if smoke else 8192}
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -38,7 +38,11 @@ def rows(path: Path) -> list[dict]:
             "reduction": r["reduction"], "modules": res["settings"]["modules"], "pattern": res["settings"]["pattern"],
             "dependents": len(blocks), "rank": min(b["rank"] for b in blocks), "tokens": r["tokens"], "ppl": r["ppl"],
             "kl": r["kl"], "kept": r["kept"], "choice_kept": r.get("choice_kept"),
-            "self_chat": res.get("data", {}).get("self_chat_samples"), "kept_items": orig.get("task_items_kept"),
+            "self_chat": res.get("data", {}).get("self_chat_samples"),
+            "self_text": res.get("data", {}).get("self_text_samples", 0),  # files before --self-text existed had none
+            "lr": res["settings"].get("lr"), "seed": res["settings"].get("seed"),
+            "choice_kept_paired": r.get("choice_kept_paired"), "choice_kept_paired_interval": ci.get("choice_kept_paired"),
+            "kept_items": orig.get("task_items_kept"),
             "task_items": orig.get("task_items"), "items_sha256": orig.get("task_items_sha256"),
             "kept_interval": ci["kept"], "choice_kept_interval": ci["choice_kept"],
         })
@@ -55,29 +59,60 @@ def _pct(value: float | None, interval) -> str:
     return f"{value:.1%}" + (f" ({interval[0]:.0%}–{interval[1]:.0%})" if interval else "")
 
 
+def self_text_summary(recs: list[dict]) -> list[str]:
+    """Mean and range over repeated runs of the default plan (mlp, sequential, ~8M tokens, 215 items), with and
+    without self-text: single runs differ by more than most knobs, so the comparison is made over runs."""
+    lines = ["Repeated runs of the default plan (mlp, sequential, 215 items, 2048 self-chat samples, 8M tokens; any lr "
+             "and seed), "
+             "with and without self-text: mean (min–max) over runs (runs with identical figures, a rerun on cached samples, "
+             "count once).", "",
+             "| reduction | self-text | runs | answers kept | paper's scoring | KL |", "|---|---|---|---|---|---|"]
+    groups: dict[tuple, list[dict]] = {}
+    for x in recs:
+        if (x["modules"], x["pattern"], x["task_items"], x["self_chat"]) == ("mlp", "sequential", 215, 2048) \
+                and 7_900_000 <= x["tokens"] <= 8_000_000:
+            runs = groups.setdefault((x["reduction"], x["self_text"]), [])
+            # a rerun on cached samples reproduces its figures exactly: one run, not two
+            if not any((y["kl"], y["kept"], y["choice_kept"]) == (x["kl"], x["kept"], x["choice_kept"]) for y in runs):
+                runs.append(x)
+
+    def stat(xs: list[dict], key: str, fmt: str) -> str:
+        v = [x[key] for x in xs if x[key] is not None]
+        return f"{format(sum(v) / len(v), fmt)} ({format(min(v), fmt)}–{format(max(v), fmt)})" if v else "n/a"
+
+    for (red, st), xs in sorted(groups.items()):
+        lines.append(f"| {red:.0%} | {st:,} | {len(xs)} | {stat(xs, 'kept', '.1%')} | {stat(xs, 'choice_kept', '.1%')} | "
+                     f"{stat(xs, 'kl', '.4f')} |")
+    return lines
+
+
 def sweep(files: list[Path]) -> tuple[str, list[dict]]:
     """The markdown table and its records, sorted by reduction, item set, modules, pattern, self-chat samples,
     dependents, tokens."""
     recs = sorted((x for f in files for x in rows(f.resolve())),
                   key=lambda x: (x["reduction"], x["task_items"] or 0, x["modules"] != "mlp", x["pattern"],
-                                 x["self_chat"] or 0, x["dependents"], x["tokens"]))
-    lines = ["| reduction | modules | pattern | dependents × rank | self-chat samples | training tokens | ppl | KL | "
-             "items (kept set) | answers kept | paper's scoring | date | command (file) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                                 x["self_text"], x["self_chat"] or 0, x["dependents"], x["tokens"], x["date"]))
+    lines = ["| reduction | modules | pattern | dependents × rank | self-chat / self-text samples | lr, seed | training tokens | "
+             "ppl | KL | items (kept set) | answers kept | paper's scoring | paired | date | command (file) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in recs:
         lines.append(f"| {x['reduction']:.0%} | {x['modules']} | {x['pattern']} | {x['dependents']} × {x['rank']} | "
-                     f"{_n(x['self_chat'])} | {x['tokens']:,} | {x['ppl']:.2f} | {x['kl']:.4f} | "
+                     f"{_n(x['self_chat'])} / {_n(x['self_text'])} | {'n/a' if x['lr'] is None else format(x['lr'], 'g')}, {_n(x['seed'])} | {x['tokens']:,} | {x['ppl']:.2f} | {x['kl']:.4f} | "
                      f"{_n(x['task_items'])} ({_n(x['kept_items'])}){' ' + x['items_sha256'] if x['items_sha256'] else ''} | {_pct(x['kept'], x['kept_interval'])} | "
-                     f"{_pct(x['choice_kept'], x['choice_kept_interval'])} | {x['date'][:16]} | `{x['command']}` ({x['file']}) |")
+                     f"{_pct(x['choice_kept'], x['choice_kept_interval'])} | {_pct(x['choice_kept_paired'], x['choice_kept_paired_interval'])} | "
+                     f"{x['date'][:16]} | `{x['command']}` ({x['file']}) |")
+    lines += ["", *self_text_summary(recs)]
     text = ("DeltaLLM on SmolLM2-135M-Instruct, KL criterion: how the delta rank (and hence the number of dependents at "
-            "a fixed parameter budget), the shared modules, the pattern and the training data (self-chat samples the "
-            "original generates, tokens) move quality. Device: "
+            "a fixed parameter budget), the shared modules, the pattern and the training data (self-chat samples and "
+            "free self-text the original generates, tokens) move quality. Device: "
             + ", ".join(sorted({x["device"] for x in recs})) + ". Runs without --rank use the default rule of their "
             "date: ⌊F/(4c)⌋ before 2026-11-24T12:00 (default_f4c.json), ⌊F/(2c)⌋ after. Rows with fewer than 8M "
             "tokens hit the run's wall-time bound (--train-seconds, which also pays for the block-wise local fit). "
             "Kept figures: value (95% interval); runs with different item counts were scored on different item "
             "sets (--per-task; files dated before 2026-11-24T15:50 drew the add/larger items with repeats, later ones "
-            "record a hash of their item prompts beside the counts), so compare a row with rows of the same items. Runs of one device call ran as concurrent processes on the "
+            "record a hash of their item prompts beside the counts), so compare a row with rows of the same items. 'paired': "
+            "of the items the original ranks right by likelihood, the share the model ranks right too (files before "
+            "2026-11-24T20:30 did not record it). Runs of one device call ran as concurrent processes on the "
             "one GPU: their quality is unaffected, their seconds are not comparable (not shown).\n\n"
             + "\n".join(lines) + "\n")
     return text, recs

@@ -19,6 +19,9 @@ def register(main: click.Group) -> None:
     @click.option("--data", type=click.Path(), default=None, help="training text (.txt / .jsonl); default: Python's own docs")
     @click.option("--self-chat", type=int, default=1024, show_default=True,
                   help="also train on this many answers the original model generates itself (keeps chat behaviour; 0: off)")
+    @click.option("--self-text", type=int, default=8192, show_default=True,
+                  help="also train on this many 256-token texts the original writes freely from a random start token "
+                       "(data-free distillation; ~1 min on an H100, long on a CPU; 0: off)")
     @click.option("--batch-size", type=int, default=16, show_default=True)
     @click.option("--seq-len", type=int, default=256, show_default=True)
     @click.option("--lr", type=float, default=5e-4, show_default=True)
@@ -35,7 +38,7 @@ def register(main: click.Group) -> None:
     @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
     @click.option("--overwrite", is_flag=True, help="replace OUT (and the dense export) if they exist")
     @click.option("--quiet", is_flag=True, help="no progress bars")
-    def share_cmd(model, out, reduction, pattern, modules, rank, group, criterion, tokens, data, self_chat, batch_size, seq_len, lr, alpha,
+    def share_cmd(model, out, reduction, pattern, modules, rank, group, criterion, tokens, data, self_chat, self_text, batch_size, seq_len, lr, alpha,
                   replace_frac, train_norms, local_steps, max_seconds, save_every, resume, keep_checkpoints, export_dense, seed, device, overwrite, quiet):
         """Share block weights inside MODEL (DeltaLLM): dependents = anchor + trained low-rank delta.
 
@@ -51,7 +54,7 @@ def register(main: click.Group) -> None:
         cfg = TrainConfig(tokens=tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, alpha=alpha, replace_frac=replace_frac, train_norms=train_norms, local_steps=local_steps,
                           max_seconds=max_seconds, save_every=save_every, seed=seed)
         res = share(model, out, reduction=reduction, pattern=pattern, modules=modules, rank=rank, group=group,
-                    criterion=criterion, data=data, self_chat=self_chat, train=cfg, device=device, resume=resume, keep_checkpoints=keep_checkpoints,
+                    criterion=criterion, data=data, self_chat=self_chat, self_text=self_text, train=cfg, device=device, resume=resume, keep_checkpoints=keep_checkpoints,
                     export_dense=export_dense, overwrite=overwrite, progress=not quiet)
         p = res["params"]
         ev = res["eval_heldout"]

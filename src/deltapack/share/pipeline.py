@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from deltapack.errors import InputError
-from deltapack.share.data import load_docs, self_chat_texts, split_docs, windows
+from deltapack.share.data import load_docs, self_chat_texts, self_text_texts, split_docs, windows
 from deltapack.share.evaluate import batched_kl, evaluate, teacher_logprobs
 from deltapack.share.model import apply_plan, finalize
-from deltapack.share.plan import SharePlan, make_plan, unique_param_count
+from deltapack.share.plan import SharePlan, check_plan, make_plan, unique_param_count
 from deltapack.share.store import export_dense as write_dense
 from deltapack.share.store import save_shared
 from deltapack.share.train import TrainConfig, _checkpoints, train_deltas
@@ -59,6 +59,7 @@ def share(
     criterion: str = "kl",
     data: str | os.PathLike | None = None,
     self_chat: int = 1024,
+    self_text: int = 8192,
     train: TrainConfig | None = None,
     device: str = "auto",
     calib_windows: int = 16,
@@ -80,11 +81,14 @@ def share(
     dev = pick_device(device)
     t_start = time.perf_counter()
     model, tok, src_dir = load_original(model_ref, dev)
+    if not resume:  # a bad --reduction/--rank fails now, not after minutes of generating training text
+        check_plan(model, reduction=reduction, pattern=pattern, module_set=modules, rank=rank, group=group, criterion=criterion)
     train_texts, held_texts = split_docs(load_docs(data))
     # kept beside the checkpoints: a resumed run trains on exactly the same text
     chat = self_chat_texts(model, tok, self_chat, seed=cfg.seed, docs=train_texts, progress=progress,
                            cache=ckpt / "self_chat.json")
-    train_texts = train_texts + chat  # windows() shuffles documents, so the chat samples spread over training
+    free = self_text_texts(model, tok, self_text, seed=cfg.seed, progress=progress, cache=ckpt / "self_text.json")
+    train_texts = train_texts + chat + free  # windows() shuffles documents, so the samples spread over training
     need = cfg.steps * cfg.batch_size
     train_w = windows(tok, train_texts, cfg.seq_len, need, seed=cfg.seed)
     held_w = windows(tok, held_texts, cfg.seq_len, eval_windows, seed=cfg.seed)
@@ -112,6 +116,7 @@ def share(
         "source": str(model_ref),
         "data": str(data) if data else "python-stdlib-docs",
         "self_chat_samples": len(chat),
+        "self_text_samples": len(free),
         "train_config": cfg.model_dump(),
         "training": summary,
         "eval_heldout": {

@@ -279,6 +279,35 @@ def _kl_costs(model, layers, module_names, pairs, rank, calib: torch.Tensor, bat
     return kl, residual
 
 
+def _sized(model: nn.Module, reduction: float, pattern: str, module_set: str, rank: int | None, group: int | None,
+           criterion: str, calib: torch.Tensor | None | bool):
+    """Validate a plan's arguments and size it: everything make_plan decides before measuring the criterion."""
+    if pattern not in DEFAULT_GROUP:
+        raise InputError(f"--pattern must be sequential or alternating, not {pattern!r}")
+    if criterion not in ("kl", "residual"):
+        raise InputError(f"criterion must be kl or residual, not {criterion!r}")
+    if criterion == "kl" and calib is None:
+        raise InputError("the kl criterion needs calibration tokens")
+    group = 1 if pattern == "alternating" else (group or DEFAULT_GROUP[pattern])
+    if group < 1:
+        raise InputError("--group must be at least 1")
+    layers_path, layers = find_layers(model)
+    lins = block_linears(layers[0], module_set)
+    shapes = {n: [m.out_features, m.in_features] for n, m in lins.items()}
+    F = sum(o * i for o, i in shapes.values())
+    c = sum(o + i for o, i in shapes.values())
+    rank_cap = min(min(s) for s in shapes.values()) - 1
+    P = unique_param_count(model)
+    n, r, extra, target = budget(P, F, c, reduction, max_dependents(len(layers), group), rank, rank_cap)
+    return layers_path, layers, list(lins), shapes, group, F, c, P, n, r, extra, target
+
+
+def check_plan(model: nn.Module, *, reduction: float, pattern: str = "sequential", module_set: str = "mlp",
+               rank: int | None = None, group: int | None = None, criterion: str = "kl") -> None:
+    """Raise InputError/BudgetError now for arguments make_plan would refuse, before minutes of data generation."""
+    _sized(model, reduction, pattern, module_set, rank, group, criterion, calib=True)
+
+
 def make_plan(
     model: nn.Module,
     *,
@@ -293,26 +322,9 @@ def make_plan(
     progress: bool = True,
 ) -> SharePlan:
     """Measure the criterion on `model` (left unchanged) and return the plan. `calib`: LongTensor [N, T] for "kl"."""
-    if pattern not in DEFAULT_GROUP:
-        raise InputError(f"--pattern must be sequential or alternating, not {pattern!r}")
-    if criterion not in ("kl", "residual"):
-        raise InputError(f"criterion must be kl or residual, not {criterion!r}")
-    if criterion == "kl" and calib is None:
-        raise InputError("the kl criterion needs calibration tokens")
-    group = 1 if pattern == "alternating" else (group or DEFAULT_GROUP[pattern])
-    if group < 1:
-        raise InputError("--group must be at least 1")
-    layers_path, layers = find_layers(model)
+    layers_path, layers, names, shapes, group, F, c, P, n, r, extra, target = _sized(
+        model, reduction, pattern, module_set, rank, group, criterion, calib)
     L = len(layers)
-    lins = block_linears(layers[0], module_set)
-    names = list(lins)
-    shapes = {n: [m.out_features, m.in_features] for n, m in lins.items()}
-    F = sum(o * i for o, i in shapes.values())
-    c = sum(o + i for o, i in shapes.values())
-    rank_cap = min(min(s) for s in shapes.values()) - 1
-    P = unique_param_count(model)
-    n_max = max_dependents(L, group)
-    n, r, extra, target = budget(P, F, c, reduction, n_max, rank, rank_cap)
 
     pairs = [(l, a) for l in _eligible(L) for a in range(max(0, l - group), l)]
     if criterion == "residual":

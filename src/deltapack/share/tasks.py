@@ -183,6 +183,12 @@ def answer_intervals(kept: float | None, n_kept: int, choice_accuracy: float | N
 
 def result_intervals(original: dict, result: dict) -> dict[str, tuple[float, float] | None]:
     """answer_intervals of one result record of bench/share/run.py, with the counts of its file's `original` block
-    (files written before a field existed give None for the figures that need it)."""
-    return answer_intervals(result.get("kept"), original.get("task_items_kept", 0), result.get("choice_accuracy"),
-                            original.get("task_items", 0), original.get("choice_accuracy"))
+    (files written before a field existed give None for the figures that need it), plus the Wilson interval of
+    choice_kept_paired over the items the original ranks right."""
+    from deltapack.eval.metrics import wilson
+
+    out = answer_intervals(result.get("kept"), original.get("task_items_kept", 0), result.get("choice_accuracy"),
+                           original.get("task_items", 0), original.get("choice_accuracy"))
+    paired, n = result.get("choice_kept_paired"), original.get("choice_items_right", 0)
+    out["choice_kept_paired"] = wilson(round(paired * n), n) if paired is not None and n > 0 else None
+    return out
