@@ -232,6 +232,7 @@ def test_cli_end_to_end_generate(tmp_path):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "removed" in r.output and not (tmp_path / "o.ckpt").exists()
+    assert json.loads((tmp_path / "o" / "share.json").read_text())["self_text_samples"] == 16
     model, tok = load_shared(tmp_path / "o")
     ids = tok("the quick", return_tensors="pt")["input_ids"]
     gen = model.generate(ids, max_new_tokens=5, do_sample=False)
@@ -241,6 +242,10 @@ def test_cli_end_to_end_generate(tmp_path):
     r = CliRunner().invoke(main, ["share", str(tmp_path / "m"), "-o", str(tmp_path / "o2"), "--reduction", "0.9", "--data", str(text)])
     assert r.exit_code == 2 and "error:" in r.output and not (tmp_path / "o2").exists()
     assert not (tmp_path / "o2.ckpt").exists()  # refused before any training text was generated
+    default = [a for a in args if a not in ("--self-text", "16", "--export-dense", str(tmp_path / "d"))]
+    r = CliRunner().invoke(main, [*default[:3], str(tmp_path / "o3"), *default[4:]])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "o3" / "share.json").read_text())["self_text_samples"] == 0  # opt-in on a CPU
 
 
 def test_task_items_and_scoring():

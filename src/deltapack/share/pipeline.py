@@ -47,6 +47,9 @@ def load_original(model_ref: str | os.PathLike, device: torch.device):
     return model, tok, src.path
 
 
+DEFAULT_SELF_TEXT = 8192  # as in bench/share/run.py, where it raised the paper-style score at -12% (docs/share.md)
+
+
 def share(
     model_ref: str | os.PathLike,
     out: str | os.PathLike,
@@ -59,7 +62,7 @@ def share(
     criterion: str = "kl",
     data: str | os.PathLike | None = None,
     self_chat: int = 1024,
-    self_text: int = 8192,
+    self_text: int | None = None,
     train: TrainConfig | None = None,
     device: str = "auto",
     calib_windows: int = 16,
@@ -87,6 +90,10 @@ def share(
     # kept beside the checkpoints: a resumed run trains on exactly the same text
     chat = self_chat_texts(model, tok, self_chat, seed=cfg.seed, docs=train_texts, progress=progress,
                            cache=ckpt / "self_chat.json")
+    if self_text is None:
+        # ~100 s for SmolLM2-135M on an H100; 2M tokens generated on a CPU are slow: opt-in there
+        self_text = DEFAULT_SELF_TEXT if dev.type == "cuda" else 0
+        log.info("self-text samples: %d (default on %s)", self_text, dev.type)
     free = self_text_texts(model, tok, self_text, seed=cfg.seed, progress=progress, cache=ckpt / "self_text.json")
     train_texts = train_texts + chat + free  # windows() shuffles documents, so the samples spread over training
     need = cfg.steps * cfg.batch_size

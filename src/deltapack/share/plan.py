@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 from fractions import Fraction
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from pydantic import BaseModel, Field
@@ -279,9 +279,26 @@ def _kl_costs(model, layers, module_names, pairs, rank, calib: torch.Tensor, bat
     return kl, residual
 
 
+class _Sizing(NamedTuple):
+    """What make_plan decides before measuring the criterion (names as in the module docstring)."""
+
+    layers_path: str
+    layers: nn.ModuleList
+    names: list[str]
+    shapes: dict[str, list[int]]
+    group: int
+    F: int  # shared parameters per block
+    c: int  # parameters per rank unit of one dependent's deltas
+    P: int  # the model's unique parameters
+    n: int  # dependents
+    r: int  # base rank
+    extra: int  # dependents that get rank r + 1
+    target: int  # parameters to remove
+
+
 def _sized(model: nn.Module, reduction: float, pattern: str, module_set: str, rank: int | None, group: int | None,
-           criterion: str, calib: torch.Tensor | None | bool):
-    """Validate a plan's arguments and size it: everything make_plan decides before measuring the criterion."""
+           criterion: str, calib: torch.Tensor | None | bool) -> _Sizing:
+    """Validate a plan's arguments and size it."""
     if pattern not in DEFAULT_GROUP:
         raise InputError(f"--pattern must be sequential or alternating, not {pattern!r}")
     if criterion not in ("kl", "residual"):
@@ -299,7 +316,7 @@ def _sized(model: nn.Module, reduction: float, pattern: str, module_set: str, ra
     rank_cap = min(min(s) for s in shapes.values()) - 1
     P = unique_param_count(model)
     n, r, extra, target = budget(P, F, c, reduction, max_dependents(len(layers), group), rank, rank_cap)
-    return layers_path, layers, list(lins), shapes, group, F, c, P, n, r, extra, target
+    return _Sizing(layers_path, layers, list(lins), shapes, group, F, c, P, n, r, extra, target)
 
 
 def check_plan(model: nn.Module, *, reduction: float, pattern: str = "sequential", module_set: str = "mlp",
