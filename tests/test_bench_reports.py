@@ -215,7 +215,7 @@ def test_share_sweep_reads_each_deltallm_result_with_its_own_plan(tmp_path):
     text, recs = sweep.sweep([b, a])
     assert [(x["reduction"], x["modules"], x["dependents"], x["rank"], x["kl"]) for x in recs] == [
         (0.12, "mlp", 13, 222, 0.2), (0.12, "all", 10, 189, 0.3), (0.24, "mlp", 20, 164, 0.4)]
-    assert "| 12% | mlp | sequential | 13 × 222 | n/a / 0 | n/a, n/a | 8 | 20.00 | 0.2000 | n/a (n/a) | 50.0% | 75.0% | n/a |" in text
+    assert "| 12% | mlp | sequential | 13 × 222 | n/a / 0 | n/a, 1, n/a | 8 | 20.00 | 0.2000 | n/a (n/a) | 50.0% | 75.0% | n/a |" in text
     assert "layerdrop" not in text and f"`run a.json` ({a})" in text
     # with the original's item counts (as run.py writes them): the kept figures carry their 95% intervals
     c = json.loads(a.read_text())
@@ -227,7 +227,7 @@ def test_share_sweep_reads_each_deltallm_result_with_its_own_plan(tmp_path):
     text, recs = sweep.sweep([tmp_path / "c.json"])
     lo, hi = recs[0]["kept_interval"]
     assert 0.40 < lo < 0.41 and 0.59 < hi < 0.60  # Wilson 95% of 50/100
-    assert "| 2,048 / 0 | n/a, n/a | 8 | 20.00 | 0.2000 | 200 (100) | 50.0% (40%–60%) | 75.0% (62%–89%) | n/a |" in text
+    assert "| 2,048 / 0 | n/a, 1, n/a | 8 | 20.00 | 0.2000 | 200 (100) | 50.0% (40%–60%) | 75.0% (62%–89%) | n/a |" in text
 
 
 def test_share_sweep_averages_repeated_default_runs_counting_cached_reruns_once(tmp_path):
@@ -255,7 +255,7 @@ def test_share_sweep_averages_repeated_default_runs_counting_cached_reruns_once(
     assert "| 12% | 8,192 | 2 | 39.0% (38.0%–40.0%) | 91.0% (85.0%–97.0%) | 0.2750 (0.2700–0.2800) |" in text
     lo, hi = next(x for x in recs if x["file"].endswith("/d.json"))["choice_kept_paired_interval"]
     assert lo < 0.7 < hi  # Wilson over the 73 items the original ranks right
-    assert "| 2,048 / 8,192 | 0.0005, 0 |" in text
+    assert "| 2,048 / 8,192 | 0.0005, 1, 0 |" in text
 
 
 def test_ncu_csv_parsed_per_launch_and_summarised_per_path():
