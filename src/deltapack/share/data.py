@@ -132,12 +132,15 @@ def chat_prompts(n: int, seed: int = 0, docs: list[str] | None = None) -> list[s
     return out
 
 
+def _model_key(model) -> dict:
+    """Which model wrote a cache's samples (part of every cache key)."""
+    return {"model": str(getattr(model.config, "_name_or_path", "")), "params": sum(p.numel() for p in model.parameters())}
+
+
 def _self_chat_key(model, n: int, seed: int, max_new_tokens: int, prompts: list[str]) -> dict:
     """What the samples depend on: a cache entry is reused only when all of it matches."""
     digest = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()
-    params = sum(p.numel() for p in model.parameters())
-    return {"model": str(getattr(model.config, "_name_or_path", "")), "params": params, "n": n, "seed": seed,
-            "max_new_tokens": max_new_tokens, "prompts_sha256": digest}
+    return {**_model_key(model), "n": n, "seed": seed, "max_new_tokens": max_new_tokens, "prompts_sha256": digest}
 
 
 def _cached_samples(kind: str, key: dict, cache: str | Path | None, make) -> list[str]:
@@ -203,8 +206,7 @@ def self_text_texts(model, tokenizer, n: int, *, seed: int = 0, length: int = 25
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     starts = [vocab[j] for j in torch.randint(len(vocab), (n,), generator=torch.Generator().manual_seed(seed)).tolist()]
-    key = {"kind": "self-text", "model": str(getattr(model.config, "_name_or_path", "")),
-           "params": sum(p.numel() for p in model.parameters()), "n": n, "seed": seed, "length": length,
+    key = {"kind": "self-text", **_model_key(model), "n": n, "seed": seed, "length": length,
            "greedy_tokens": greedy_tokens, "starts_sha256": hashlib.sha256(str(starts).encode()).hexdigest()}
     return _cached_samples("self-text", key, cache, lambda: _generate_self_text(
         model, tokenizer, starts, seed, length, greedy_tokens, batch or 4 * _default_batch(model), progress))

@@ -297,13 +297,13 @@ class _Sizing(NamedTuple):
 
 
 def _sized(model: nn.Module, reduction: float, pattern: str, module_set: str, rank: int | None, group: int | None,
-           criterion: str, calib: torch.Tensor | None | bool) -> _Sizing:
+           criterion: str, has_calib: bool) -> _Sizing:
     """Validate a plan's arguments and size it."""
     if pattern not in DEFAULT_GROUP:
         raise InputError(f"--pattern must be sequential or alternating, not {pattern!r}")
     if criterion not in ("kl", "residual"):
         raise InputError(f"criterion must be kl or residual, not {criterion!r}")
-    if criterion == "kl" and calib is None:
+    if criterion == "kl" and not has_calib:
         raise InputError("the kl criterion needs calibration tokens")
     group = 1 if pattern == "alternating" else (group or DEFAULT_GROUP[pattern])
     if group < 1:
@@ -322,7 +322,7 @@ def _sized(model: nn.Module, reduction: float, pattern: str, module_set: str, ra
 def check_plan(model: nn.Module, *, reduction: float, pattern: str = "sequential", module_set: str = "mlp",
                rank: int | None = None, group: int | None = None, criterion: str = "kl") -> None:
     """Raise InputError/BudgetError now for arguments make_plan would refuse, before minutes of data generation."""
-    _sized(model, reduction, pattern, module_set, rank, group, criterion, calib=True)
+    _sized(model, reduction, pattern, module_set, rank, group, criterion, has_calib=True)
 
 
 def make_plan(
@@ -340,7 +340,7 @@ def make_plan(
 ) -> SharePlan:
     """Measure the criterion on `model` (left unchanged) and return the plan. `calib`: LongTensor [N, T] for "kl"."""
     layers_path, layers, names, shapes, group, F, c, P, n, r, extra, target = _sized(
-        model, reduction, pattern, module_set, rank, group, criterion, calib)
+        model, reduction, pattern, module_set, rank, group, criterion, has_calib=calib is not None)
     L = len(layers)
 
     pairs = [(l, a) for l in _eligible(L) for a in range(max(0, l - group), l)]
