@@ -242,6 +242,8 @@ def test_cli_end_to_end_generate(tmp_path):
     r = CliRunner().invoke(main, ["share", str(tmp_path / "m"), "-o", str(tmp_path / "o2"), "--reduction", "0.9", "--data", str(text)])
     assert r.exit_code == 2 and "error:" in r.output and not (tmp_path / "o2").exists()
     assert not (tmp_path / "o2.ckpt").exists()  # refused before any training text was generated
+    r = CliRunner().invoke(main, ["share", str(tmp_path / "m"), "-o", str(tmp_path / "o4"), "--self-text", "-1"])
+    assert r.exit_code == 2 and "--self-text" in r.output and not (tmp_path / "o4").exists()
     default = [a for a in args if a not in ("--self-text", "16", "--export-dense", str(tmp_path / "d"))]
     r = CliRunner().invoke(main, [*default[:3], str(tmp_path / "o3"), *default[4:]])
     assert r.exit_code == 0, r.output

@@ -17,9 +17,9 @@ def register(main: click.Group) -> None:
     @click.option("--criterion", type=click.Choice(["kl", "residual"]), default="kl", show_default=True, help="how candidate (block, anchor) pairs are scored")
     @click.option("--tokens", type=int, default=4_000_000, show_default=True, help="training tokens")
     @click.option("--data", type=click.Path(), default=None, help="training text (.txt / .jsonl); default: Python's own docs")
-    @click.option("--self-chat", type=int, default=1024, show_default=True,
+    @click.option("--self-chat", type=click.IntRange(min=0), default=1024, show_default=True,
                   help="also train on this many answers the original model generates itself (keeps chat behaviour; 0: off)")
-    @click.option("--self-text", type=int, default=None,
+    @click.option("--self-text", type=click.IntRange(min=0), default=None,
                   help="also train on this many 256-token texts the original writes freely from a random start token "
                        "(data-free distillation; default 8192 on a GPU, ~100 s for SmolLM2-135M on an H100; 0 on a "
                        "CPU, where 2M generated tokens are slow: pass a number to opt in)")
