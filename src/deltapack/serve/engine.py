@@ -305,7 +305,8 @@ class Engine:
     def snapshot(self) -> dict:
         with self._cv:
             waiting = list(self.waiting) + list(self._inbox)
-            running = list(self.batch.rows)
+            # a row whose request finished has answered its client but leaves the batch only after the step ends
+            running = [r for r in self.batch.rows if not r.done]
         return {
             "running": len(running),
             "waiting": len(waiting),
