@@ -215,7 +215,7 @@ def test_share_sweep_reads_each_deltallm_result_with_its_own_plan(tmp_path):
     text, recs = sweep.sweep([b, a])
     assert [(x["reduction"], x["modules"], x["dependents"], x["rank"], x["kl"]) for x in recs] == [
         (0.12, "mlp", 13, 222, 0.2), (0.12, "all", 10, 189, 0.3), (0.24, "mlp", 20, 164, 0.4)]
-    assert "| 12% | mlp | sequential | 13 × 222 | n/a / 0 | n/a, 1, n/a | 8 | 20.00 | 0.2000 | n/a (n/a) | 50.0% | 75.0% | n/a |" in text
+    assert "| 12% | mlp | sequential | 13 × 222 | n/a / 0 | n/a, 0, 1, n/a | 8 | 20.00 | 0.2000 | n/a (n/a) | 50.0% | 75.0% | n/a |" in text
     assert "layerdrop" not in text and f"`run a.json` ({a})" in text
     # with the original's item counts (as run.py writes them): the kept figures carry their 95% intervals
     c = json.loads(a.read_text())
@@ -227,19 +227,20 @@ def test_share_sweep_reads_each_deltallm_result_with_its_own_plan(tmp_path):
     text, recs = sweep.sweep([tmp_path / "c.json"])
     lo, hi = recs[0]["kept_interval"]
     assert 0.40 < lo < 0.41 and 0.59 < hi < 0.60  # Wilson 95% of 50/100
-    assert "| 2,048 / 0 | n/a, 1, n/a | 8 | 20.00 | 0.2000 | 200 (100) | 50.0% (40%–60%) | 75.0% (62%–89%) | n/a |" in text
+    assert "| 2,048 / 0 | n/a, 0, 1, n/a | 8 | 20.00 | 0.2000 | 200 (100) | 50.0% (40%–60%) | 75.0% (62%–89%) | n/a |" in text
 
 
 def test_share_sweep_averages_repeated_default_runs_counting_cached_reruns_once(tmp_path):
     sweep = _load("bench_share_sweep", BENCH / "share" / "sweep.py")
 
-    def run(name, self_text, kl, kept, choice, paired=None, tokens=7_995_392):
+    def run(name, self_text, kl, kept, choice, paired=None, tokens=7_995_392, block_lr=None):
         r = {"method": "deltallm", "reduction": 0.12, "tokens": tokens, "ppl": 22.0, "kl": kl, "kept": kept,
              "choice_kept": choice, "choice_accuracy": choice * 0.34, "choice_kept_paired": paired}
         path = tmp_path / name
         path.write_text(json.dumps({
             "command": f"run {name}", "device": "GPU X", "date": "2026-01-01T00:00:00",
-            "settings": {"modules": "mlp", "pattern": "sequential", "lr": 5e-4, "seed": 0},
+            "settings": {"modules": "mlp", "pattern": "sequential", "lr": 5e-4, "seed": 0,
+                         **({} if block_lr is None else {"block_lr": block_lr})},
             "data": {"self_chat_samples": 2048, "self_text_samples": self_text},
             "original": {"task_items": 215, "task_items_kept": 97, "choice_accuracy": 0.34, "choice_items_right": 73},
             "results": [r], "details": [{"reduction": 0.12, "plan": {"blocks": [{"rank": 222}] * 13}}]}))
@@ -248,14 +249,15 @@ def test_share_sweep_averages_repeated_default_runs_counting_cached_reruns_once(
     files = [run("a.json", 0, 0.21, 0.36, 0.72), run("b.json", 0, 0.22, 0.38, 0.74),
              run("c.json", 8192, 0.27, 0.40, 0.97), run("c_cached.json", 8192, 0.27, 0.40, 0.97),  # same figures
              run("d.json", 8192, 0.28, 0.38, 0.85, paired=0.7),
-             run("e.json", 8192, 0.20, 0.90, 0.99, tokens=16_000_000)]  # another budget: not in the summary
+             run("e.json", 8192, 0.20, 0.90, 0.99, tokens=16_000_000),  # another budget: not in the summary
+             run("f.json", 8192, 0.21, 0.50, 0.95, block_lr=3e-4)]  # block training: another method, not either
     text, recs = sweep.sweep(files)
-    assert len(recs) == 6
+    assert len(recs) == 7
     assert "| 12% | 0 | 2 | 37.0% (36.0%–38.0%) | 73.0% (72.0%–74.0%) | 0.2150 (0.2100–0.2200) |" in text
     assert "| 12% | 8,192 | 2 | 39.0% (38.0%–40.0%) | 91.0% (85.0%–97.0%) | 0.2750 (0.2700–0.2800) |" in text
     lo, hi = next(x for x in recs if x["file"].endswith("/d.json"))["choice_kept_paired_interval"]
     assert lo < 0.7 < hi  # Wilson over the 73 items the original ranks right
-    assert "| 2,048 / 8,192 | 0.0005, 1, 0 |" in text
+    assert "| 2,048 / 8,192 | 0.0005, 0, 1, 0 |" in text and "| 2,048 / 8,192 | 0.0005, 0.0003, 1, 0 |" in text
 
 
 def test_ncu_csv_parsed_per_launch_and_summarised_per_path():
@@ -316,3 +318,12 @@ def test_serving_targets_say_what_bounds_decode_and_residency():
     dare, low = t["resident_50_tenants_16x"]["dare 16x"], t["resident_50_tenants_16x"]["lowrank 16x"]
     assert dare["resident_ratio"] == 1.9 and "1/1.90 of the dense bytes" in dare["bounded_by"] and "4.1 bytes" in dare["bounded_by"]
     assert low["met"] and "bounded_by" not in low
+
+
+def test_share_bench_refuses_a_bad_reduction_before_generating_data(tmp_path, capsys):
+    share = _load("bench_share_run", BENCH / "share" / "run.py")
+    out = tmp_path / "share.json"
+    with pytest.raises(SystemExit) as e:
+        share.main(["--smoke", "--reductions", "0.12,0.9", "--out", str(out), "--quiet"])
+    assert e.value.code == 2 and "error: removing 90.0%" in capsys.readouterr().err
+    assert not out.exists()

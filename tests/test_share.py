@@ -180,11 +180,58 @@ def test_train_norms_and_lm_term(pico):
         assert same == (i not in deps), i  # only the dependents' norms were trained
 
 
-def test_resume_matches_uninterrupted(pico, tmp_path):
+def test_block_training_trains_anchors_against_a_frozen_teacher(pico, tmp_path):
+    """block_lr > 0: anchors and intact blocks train too, distilled from a frozen copy of the original; training
+    lowers the KL, parameter count and save/load are unchanged, and a 16-bit model is cast back to its dtype (deltas
+    stay fp32 masters until finalize). Whether it beats deltas-only training cannot be shown on random pico weights
+    (their KL is ~5e-4 and Adam's steps on the blocks are mostly noise there); bench/results/share_sweep/blocklr*
+    measures it on SmolLM2."""
+    _, model = pico
+    data, held = _tokens(24, 32, seed=1), _tokens(8, 32, seed=2)
+    plan = make_plan(model, reduction=0.12, criterion="kl", calib=data[:8], progress=False)
+    teacher = teacher_logprobs(model, held, 8)
+    cfg = TrainConfig(tokens=24 * 8 * 32, batch_size=8, seq_len=32, lr=3e-3, local_steps=0)
+
+    def trained(c, **kw):
+        student = apply_plan(copy.deepcopy(model), plan, keep_original=True, delta_dtype=torch.float32)
+        train_deltas(student, plan, data, c, progress=False, **kw)
+        return student
+
+    init = batched_kl(apply_plan(copy.deepcopy(model), plan, keep_original=True), held, teacher, 8)
+    own_copy = trained(cfg.model_copy(update={"block_lr": 1e-5}))
+    given = trained(cfg.model_copy(update={"block_lr": 1e-5}), teacher=model)
+    for (n, a), (_, b) in zip(own_copy.named_parameters(), given.named_parameters()):
+        assert torch.equal(a, b), n  # the deep-copied teacher is the original, not the student being trained
+    assert batched_kl(finalize(own_copy), held, teacher, 8) < 0.85 * init
+    layers, trained_layers = model.model.layers, own_copy.model.layers
+    anchor = plan.blocks[0].anchor
+    assert not torch.equal(layers[anchor].mlp.up_proj.weight, trained_layers[anchor].mlp.up_proj.weight)
+    assert not torch.equal(layers[0].self_attn.q_proj.weight, trained_layers[0].self_attn.q_proj.weight)
+    assert torch.equal(model.model.embed_tokens.weight, own_copy.model.embed_tokens.weight)  # frozen
+    assert unique_param_count(own_copy) == plan.params.final
+    save_shared(own_copy, plan, tmp_path / "blocks")
+    loaded, _ = load_shared(tmp_path / "blocks")
+    ids = held[:2]
+    assert torch.allclose(_logits(loaded, ids), _logits(own_copy, ids), atol=1e-5)
+
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    student = apply_plan(copy.deepcopy(half), plan, keep_original=True, delta_dtype=torch.float32)
+    train_deltas(student, plan, data, cfg.model_copy(update={"tokens": 4 * 8 * 32, "block_lr": 1e-3}), progress=False)
+    assert {p.dtype for n, p in student.named_parameters() if not n.endswith(("delta_a", "delta_b"))} == {torch.bfloat16}
+    assert {p.dtype for n, p in student.named_parameters() if n.endswith(("delta_a", "delta_b"))} == {torch.float32}
+    assert {m.original.dtype for m in student.modules() if isinstance(m, SharedLinear)} == {torch.bfloat16}
+    assert not torch.equal(half.model.layers[anchor].mlp.up_proj.weight, student.model.layers[anchor].mlp.up_proj.weight)
+    with pytest.raises(DeltapackError, match="block_lr"):
+        train_deltas(student, plan, data, cfg.model_copy(update={"block_lr": -1.0}), progress=False)
+
+
+@pytest.mark.parametrize("block_lr", [0.0, 1e-4])
+def test_resume_matches_uninterrupted(pico, tmp_path, block_lr):
     _, model = pico
     data = _tokens(16, 32, seed=3)
     plan = make_plan(model, reduction=0.12, criterion="residual", progress=False)
-    cfg = TrainConfig(tokens=10 * 4 * 32, batch_size=4, seq_len=32, lr=3e-3, save_every=2, local_steps=20)
+    cfg = TrainConfig(tokens=10 * 4 * 32, batch_size=4, seq_len=32, lr=3e-3, save_every=2, local_steps=20,
+                      block_lr=block_lr)
 
     def fresh():
         return apply_plan(copy.deepcopy(model), plan, keep_original=True, delta_dtype=torch.float32)
@@ -201,8 +248,9 @@ def test_resume_matches_uninterrupted(pico, tmp_path):
     for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), n
     # a checkpoint of another configuration is refused
-    with pytest.raises(DeltapackError):
-        train_deltas(fresh(), plan, data, cfg.model_copy(update={"lr": 1e-2}), ckpt_dir=ckpt, resume=True, progress=False)
+    for change in ({"lr": 1e-2}, {"block_lr": block_lr + 1e-4}):
+        with pytest.raises(DeltapackError, match=next(iter(change))):
+            train_deltas(fresh(), plan, data, cfg.model_copy(update=change), ckpt_dir=ckpt, resume=True, progress=False)
 
 
 def test_layer_drop_baseline(pico):
@@ -245,9 +293,20 @@ def test_cli_end_to_end_generate(tmp_path):
     r = CliRunner().invoke(main, ["share", str(tmp_path / "m"), "-o", str(tmp_path / "o4"), "--self-text", "-1"])
     assert r.exit_code == 2 and "--self-text" in r.output and not (tmp_path / "o4").exists()
     default = [a for a in args if a not in ("--self-text", "16", "--export-dense", str(tmp_path / "d"))]
-    r = CliRunner().invoke(main, [*default[:3], str(tmp_path / "o3"), *default[4:]])
+    r = CliRunner().invoke(main, ["share", str(tmp_path / "m"), "-o", str(tmp_path / "o5"), "--block-lr", "-1"])
+    assert r.exit_code == 2 and "--block-lr" in r.output and not (tmp_path / "o5").exists()
+    r = CliRunner().invoke(main, [*default[:3], str(tmp_path / "o3"), *default[4:], "--block-lr", "1e-5"])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "o3" / "share.json").read_text())["self_text_samples"] == 0  # opt-in on a CPU
+    info = json.loads((tmp_path / "o3" / "share.json").read_text())
+    assert info["self_text_samples"] == 0  # opt-in on a CPU
+    assert info["train_config"]["block_lr"] == 1e-5
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    shared = load_shared(tmp_path / "o3")[0]
+    # block 0 is never shared: it changed only because --block-lr trained it
+    assert not torch.equal(original.model.layers[0].mlp.up_proj.weight, shared.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(original.model.embed_tokens.weight, shared.model.embed_tokens.weight)
 
 
 def test_task_items_and_scoring():

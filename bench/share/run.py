@@ -39,13 +39,14 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
+from deltapack.errors import DeltapackError  # noqa: E402
 from deltapack.io.writer import write_bytes_atomic, write_json_atomic  # noqa: E402
 from deltapack.share import tasks  # noqa: E402
 from deltapack.share.baselines import drop_layers, layer_drop_model, svd_init_model  # noqa: E402
 from deltapack.share.data import load_docs, self_chat_texts, self_text_texts, split_docs, windows  # noqa: E402
 from deltapack.share.evaluate import evaluate  # noqa: E402
 from deltapack.share.model import apply_plan, finalize  # noqa: E402
-from deltapack.share.plan import make_plan, unique_param_count  # noqa: E402
+from deltapack.share.plan import check_plan, make_plan, unique_param_count  # noqa: E402
 from deltapack.share.store import load_shared, save_shared  # noqa: E402
 from deltapack.share.train import TrainConfig, local_fit, train_deltas  # noqa: E402
 
@@ -159,7 +160,10 @@ def run(args) -> dict:
 
         cfg = TrainConfig(tokens=args.tokens, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, alpha=args.alpha,
                           max_seconds=args.train_seconds, save_every=0, seed=args.seed, train_norms=args.train_norms,
-                          local_steps=args.local_steps, replace_frac=args.replace_frac)
+                          block_lr=args.block_lr, local_steps=args.local_steps, replace_frac=args.replace_frac)
+        for red in args.reductions:  # a bad --reductions/--rank fails now, not after minutes of data generation
+            check_plan(original, reduction=red, pattern=args.pattern, module_set=args.modules, rank=args.rank,
+                       criterion=args.criterion)
         t = time.perf_counter()
         train_texts, held_texts = split_docs(load_docs(args.data))
         chat = self_chat_texts(original, tok, args.self_chat, seed=args.seed, docs=train_texts, progress=not args.quiet,
@@ -203,7 +207,7 @@ def run(args) -> dict:
                 kl_local = evaluate(student, held_w, teacher=original)["kl"]
                 t = time.perf_counter() - local_s  # evaluation time not counted
             stage = cfg.model_copy(update={"local_steps": 0, "max_seconds": cfg.max_seconds - (time.perf_counter() - t)})
-            summary = train_deltas(student, plan, train_w, stage, progress=not args.quiet)
+            summary = train_deltas(student, plan, train_w, stage, progress=not args.quiet, teacher=original)
             finalize(student)
             train_s = time.perf_counter() - t
             # the saved form must be the evaluated form: save, load back, compare logits
@@ -395,6 +399,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--alpha", type=float, default=1.0, help="loss = (1-alpha)*LM + alpha*KL")
     ap.add_argument("--train-norms", action="store_true", help="also train the norms of dependent blocks")
+    ap.add_argument("--block-lr", type=float, default=0.0, help="also train every other block weight at this learning rate "
+                    "(beyond the paper; 0: deltas only)")
     ap.add_argument("--replace-frac", type=float, default=0.3, help="share of steps of progressive module replacement")
     ap.add_argument("--local-steps", type=int, default=200, help="stage-0 block-wise fit steps per dependent (0: off)")
     ap.add_argument("--modules", default="mlp", choices=["mlp", "attn", "all"])
@@ -441,7 +447,11 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out or RESULTS / ("share_smoke.json" if smoke else "share.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    res = run(args)
+    try:
+        res = run(args)
+    except DeltapackError as e:  # bad arguments: a one-line reason and exit 2, as `deltapack share` does
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     write_json_atomic(out, res)
     plot(res, Path(args.plot) if args.plot else out.with_suffix(".png"))
     print(table(res))

@@ -40,7 +40,7 @@ def rows(path: Path) -> list[dict]:
             "kl": r["kl"], "kept": r["kept"], "choice_kept": r.get("choice_kept"),
             "self_chat": res.get("data", {}).get("self_chat_samples"),
             "self_text": res.get("data", {}).get("self_text_samples", 0),  # files before --self-text existed had none
-            "lr": res["settings"].get("lr"), "alpha": res["settings"].get("alpha", 1.0), "seed": res["settings"].get("seed"),
+            "lr": res["settings"].get("lr"), "block_lr": res["settings"].get("block_lr", 0.0), "alpha": res["settings"].get("alpha", 1.0), "seed": res["settings"].get("seed"),
             "choice_kept_paired": r.get("choice_kept_paired"), "choice_kept_paired_interval": ci.get("choice_kept_paired"),
             "kept_items": orig.get("task_items_kept"),
             "task_items": orig.get("task_items"), "items_sha256": orig.get("task_items_sha256"),
@@ -62,14 +62,14 @@ def _pct(value: float | None, interval) -> str:
 def self_text_summary(recs: list[dict]) -> list[str]:
     """Mean and range over repeated runs of the default plan (mlp, sequential, ~8M tokens, 215 items), with and
     without self-text: single runs differ by more than most knobs, so the comparison is made over runs."""
-    lines = ["Repeated runs of the default plan (mlp, sequential, 215 items, 2048 self-chat samples, 8M tokens, α = 1; "
-             "any lr and seed), "
+    lines = ["Repeated runs of the default plan (mlp, sequential, 215 items, 2048 self-chat samples, 8M tokens, α = 1, "
+             "deltas trained alone; any lr and seed), "
              "with and without self-text: mean (min–max) over runs (runs with identical figures, a rerun on cached samples, "
              "count once).", "",
              "| reduction | self-text | runs | answers kept | paper's scoring | KL |", "|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for x in recs:
-        if (x["modules"], x["pattern"], x["task_items"], x["self_chat"], x["alpha"]) == ("mlp", "sequential", 215, 2048, 1.0) \
+        if (x["modules"], x["pattern"], x["task_items"], x["self_chat"], x["alpha"], x["block_lr"]) == ("mlp", "sequential", 215, 2048, 1.0, 0.0) \
                 and 7_900_000 <= x["tokens"] <= 8_000_000:
             runs = groups.setdefault((x["reduction"], x["self_text"]), [])
             # a rerun on cached samples reproduces its figures exactly: one run, not two
@@ -91,13 +91,13 @@ def sweep(files: list[Path]) -> tuple[str, list[dict]]:
     dependents, tokens."""
     recs = sorted((x for f in files for x in rows(f.resolve())),
                   key=lambda x: (x["reduction"], x["task_items"] or 0, x["modules"] != "mlp", x["pattern"],
-                                 x["self_text"], x["self_chat"] or 0, x["dependents"], x["tokens"], x["date"]))
-    lines = ["| reduction | modules | pattern | dependents × rank | self-chat / self-text samples | lr, α, seed | training tokens | "
+                                 x["self_text"], x["self_chat"] or 0, x["dependents"], x["block_lr"], x["tokens"], x["date"]))
+    lines = ["| reduction | modules | pattern | dependents × rank | self-chat / self-text samples | lr, block lr, α, seed | training tokens | "
              "ppl | KL | items (kept set) | answers kept | paper's scoring | paired | date | command (file) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in recs:
         lines.append(f"| {x['reduction']:.0%} | {x['modules']} | {x['pattern']} | {x['dependents']} × {x['rank']} | "
-                     f"{_n(x['self_chat'])} / {_n(x['self_text'])} | {'n/a' if x['lr'] is None else format(x['lr'], 'g')}, {x['alpha']:g}, {_n(x['seed'])} | {x['tokens']:,} | {x['ppl']:.2f} | {x['kl']:.4f} | "
+                     f"{_n(x['self_chat'])} / {_n(x['self_text'])} | {'n/a' if x['lr'] is None else format(x['lr'], 'g')}, {x['block_lr']:g}, {x['alpha']:g}, {_n(x['seed'])} | {x['tokens']:,} | {x['ppl']:.2f} | {x['kl']:.4f} | "
                      f"{_n(x['task_items'])} ({_n(x['kept_items'])}){' ' + x['items_sha256'] if x['items_sha256'] else ''} | {_pct(x['kept'], x['kept_interval'])} | "
                      f"{_pct(x['choice_kept'], x['choice_kept_interval'])} | {_pct(x['choice_kept_paired'], x['choice_kept_paired_interval'])} | "
                      f"{x['date'][:16]} | `{x['command']}` ({x['file']}) |")
@@ -112,7 +112,9 @@ def sweep(files: list[Path]) -> tuple[str, list[dict]]:
             "sets (--per-task; files dated before 2026-11-24T15:50 drew the add/larger items with repeats, later ones "
             "record a hash of their item prompts beside the counts), so compare a row with rows of the same items. 'paired': "
             "of the items the original ranks right by likelihood, the share the model ranks right too (files before "
-            "2026-11-24T20:30 did not record it). Runs of one device call ran as concurrent processes on the "
+            "2026-11-24T20:30 did not record it). 'block lr' > 0: every other block weight (anchors, attention, intact "
+            "blocks) trained too, at that learning rate (--block-lr, beyond the paper); the blocklr*.json runs share one "
+            "set of cached self-chat/self-text samples with blocklr0_same_samples.json, their deltas-only twin. Runs of one device call ran as concurrent processes on the "
             "one GPU: their quality is unaffected, their seconds are not comparable (not shown).\n\n"
             + "\n".join(lines) + "\n")
     return text, recs

@@ -29,6 +29,9 @@ def register(main: click.Group) -> None:
     @click.option("--alpha", type=float, default=1.0, show_default=True, help="loss = (1-alpha)*LM + alpha*KL")
     @click.option("--replace-frac", type=float, default=0.3, show_default=True, help="share of steps over which blocks are progressively replaced")
     @click.option("--train-norms", is_flag=True, help="also train the norm weights of dependent blocks")
+    @click.option("--block-lr", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                  help="also train every other block weight (anchors, attention, intact blocks) at this learning rate; "
+                       "beyond the paper, which trains only the deltas (0). Holds a second copy of the model as teacher")
     @click.option("--local-steps", type=int, default=200, show_default=True, help="block-wise fit steps per dependent before distillation (0: off)")
     @click.option("--max-seconds", type=float, default=None, help="wall-time bound for training (fewer steps if needed)")
     @click.option("--save-every", type=int, default=200, show_default=True, help="checkpoint every N steps")
@@ -40,7 +43,7 @@ def register(main: click.Group) -> None:
     @click.option("--overwrite", is_flag=True, help="replace OUT (and the dense export) if they exist")
     @click.option("--quiet", is_flag=True, help="no progress bars")
     def share_cmd(model, out, reduction, pattern, modules, rank, group, criterion, tokens, data, self_chat, self_text, batch_size, seq_len, lr, alpha,
-                  replace_frac, train_norms, local_steps, max_seconds, save_every, resume, keep_checkpoints, export_dense, seed, device, overwrite, quiet):
+                  replace_frac, train_norms, block_lr, local_steps, max_seconds, save_every, resume, keep_checkpoints, export_dense, seed, device, overwrite, quiet):
         """Share block weights inside MODEL (DeltaLLM): dependents = anchor + trained low-rank delta.
 
         MODEL: a local HF checkpoint directory, a .gguf file or a hub id. Load the result with
@@ -52,8 +55,9 @@ def register(main: click.Group) -> None:
 
         if min(tokens, batch_size, seq_len) < 1 or seq_len < 2:
             raise InputError("--tokens, --batch-size and --seq-len must be positive (--seq-len at least 2)")
-        cfg = TrainConfig(tokens=tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, alpha=alpha, replace_frac=replace_frac, train_norms=train_norms, local_steps=local_steps,
-                          max_seconds=max_seconds, save_every=save_every, seed=seed)
+        cfg = TrainConfig(tokens=tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, alpha=alpha, replace_frac=replace_frac,
+                          train_norms=train_norms, block_lr=block_lr, local_steps=local_steps, max_seconds=max_seconds,
+                          save_every=save_every, seed=seed)
         res = share(model, out, reduction=reduction, pattern=pattern, modules=modules, rank=rank, group=group,
                     criterion=criterion, data=data, self_chat=self_chat, self_text=self_text, train=cfg, device=device, resume=resume, keep_checkpoints=keep_checkpoints,
                     export_dense=export_dense, overwrite=overwrite, progress=not quiet)

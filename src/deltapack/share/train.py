@@ -23,6 +23,15 @@ the held-out KL after each stage.
 Optimiser: AdamW on the deltas (fp32 masters; the forward rounds W_a + A·B to the model's dtype), linear warmup
 over `warmup_frac` of the steps, cosine decay to `min_lr_frac`·lr, gradient clipping at 1.
 
+Block training (`block_lr` > 0, beyond the paper, off by default): every other weight of the transformer blocks
+(anchors, attention, the intact blocks, norms) trains too, at its own smaller learning rate on the same schedule,
+as in the "uptraining" of Relaxed Recursive Transformers (Bae et al. 2024), where shared layers and their low-rank
+relaxations train together. An anchor then serves its own position and its dependents at once, and the intact
+blocks can compensate for what the deltas miss. The teacher can no longer be the student with its originals
+switched on, so it is a frozen copy of the original model (`teacher=`, else a deep copy taken before training:
+the model's memory doubles). A model stored in 16 bits trains in fp32 under autocast (a 16-bit weight would
+round a 1e-5 step away) and is cast back at the end, deltas included as before.
+
 Checkpoints (`ckpt_dir/ckpt-<step>.pt`, written atomically, the last two kept) hold the trainable tensors,
 optimizer state, step, planned step count, RNG states and the plan; `resume=True` continues from the newest.
 `max_seconds` bounds wall time: the step time is measured early (twice, `_TimeBound`), the step count is set to
@@ -31,6 +40,7 @@ what fits (never above the planned count), and the learning-rate and PMR schedul
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -45,7 +55,7 @@ from tqdm.auto import tqdm
 
 from deltapack.errors import InputError
 from deltapack.share.evaluate import token_kl
-from deltapack.share.model import set_original_blocks, trainable_parameters
+from deltapack.share.model import block_parameters, set_original_blocks, trainable_parameters
 from deltapack.share.plan import SharePlan
 
 log = logging.getLogger(__name__)
@@ -61,6 +71,7 @@ class TrainConfig(BaseModel):
     min_lr_frac: float = 0.1
     replace_frac: float = 0.3  # share of the steps over which PMR ramps to fully compressed
     train_norms: bool = False
+    block_lr: float = 0.0  # learning rate of every other block weight (0: frozen, as in the paper; module docstring)
     grad_clip: float = 1.0
     seed: int = 0
     save_every: int = 200
@@ -241,6 +252,24 @@ class _TimeBound:
         return min(self.wanted, step + max(0, int(left / max(rate, 1e-9))))
 
 
+def _dtypes(model: nn.Module) -> dict[str, torch.dtype]:
+    return {f"{kind}:{n}": t.dtype for kind, items in (("p", model.named_parameters()), ("b", model.named_buffers()))
+            for n, t in items}
+
+
+@torch.no_grad()
+def _restore_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype], keep: set[str]) -> None:
+    """Every parameter and buffer back to the dtype recorded in `dtypes` before model.float(), except the
+    parameters named in `keep` (the fp32 delta masters, which finalize() rounds as it always has)."""
+    for n, p in model.named_parameters():
+        if n not in keep:
+            p.data = p.data.to(dtypes[f"p:{n}"])
+    for n, b in list(model.named_buffers()):
+        mod, _, leaf = n.rpartition(".")
+        owner = model.get_submodule(mod) if mod else model
+        owner._buffers[leaf] = b.to(dtypes[f"b:{n}"])
+
+
 def _fingerprint(windows: torch.Tensor) -> list[int]:
     return [int(windows.shape[0]), int(windows.shape[1]), int(windows[: min(64, len(windows))].sum())]
 
@@ -255,22 +284,46 @@ def train_deltas(
     resume: bool = False,
     progress: bool = True,
     stop_after: int | None = None,
+    teacher: nn.Module | None = None,
 ) -> dict:
     """Train the deltas of `model` (plan applied with keep_original=True) on `windows` [N, T] in place.
 
+    `teacher`: the original model, frozen, used only when `cfg.block_lr` > 0 (default: a deep copy of `model`).
     `stop_after`: leave after that many steps (as if interrupted; for tests). Returns a summary dict."""
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise InputError("training windows must be a [N, T>=2] token tensor")
+    if cfg.lr <= 0 or cfg.block_lr < 0:
+        raise InputError(f"lr must be > 0 and block_lr >= 0, got lr={cfg.lr}, block_lr={cfg.block_lr}")
     device = next(model.parameters()).device
-    params = trainable_parameters(model, plan, cfg.train_norms)
+    deltas = trainable_parameters(model, plan, cfg.train_norms)
+    blocks = block_parameters(model, plan, set(deltas)) if cfg.block_lr > 0 else {}
+    run_dtype = None  # the dtype a 16-bit model is cast back to after fp32 training
+    if blocks:
+        if teacher is None:
+            teacher = copy.deepcopy(model)
+            set_original_blocks(teacher, plan, {b.block for b in plan.blocks})
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        dtypes = {p.dtype for p in blocks.values()}
+        if dtypes != {torch.float32}:
+            run_dtype, dtypes_before = next(iter(dtypes)), _dtypes(model)
+            model.float()  # in place: the Parameter objects (and so `deltas`/`blocks`) stay the same
+    else:
+        teacher = None
+    params = {**deltas, **blocks}
     names = sorted(params)
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:
         params[n].requires_grad_(True)
-    norm_names = [n for n in names if not n.endswith(("delta_a", "delta_b"))]
+    norm_names = [n for n in sorted(deltas) if not n.endswith(("delta_a", "delta_b"))]
     original_norms = {n: params[n].detach().clone() for n in norm_names}
-    opt = torch.optim.AdamW([params[n] for n in names], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    groups = [{"params": [deltas[n] for n in sorted(deltas)], "scale": 1.0}]
+    if blocks:
+        groups.append({"params": [blocks[n] for n in sorted(blocks)], "scale": cfg.block_lr / cfg.lr})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    autocast = torch.autocast(device.type, dtype=run_dtype or torch.float32, enabled=run_dtype is not None)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = _Order(windows, cfg.seed)
     dependents = sorted((b.block for b in plan.blocks), reverse=True)  # deepest first
@@ -283,7 +336,7 @@ def train_deltas(
         if st["plan"] != plan.model_dump():
             raise InputError(f"checkpoint {last} was made for a different sharing plan")
         saved_cfg = TrainConfig.model_validate(st["config"])
-        for field in ("batch_size", "seq_len", "lr", "alpha", "train_norms", "seed", "replace_frac"):
+        for field in ("batch_size", "seq_len", "lr", "alpha", "train_norms", "block_lr", "seed", "replace_frac"):
             if getattr(saved_cfg, field) != getattr(cfg, field):
                 raise InputError(f"checkpoint {last} used {field}={getattr(saved_cfg, field)}, this run {getattr(cfg, field)}")
         if st["data"] != _fingerprint(windows):
@@ -292,6 +345,8 @@ def train_deltas(
             for n in names:
                 params[n].copy_(st["trainable"][n].to(device))
         opt.load_state_dict(st["optimizer"])
+        for g, group in zip(opt.param_groups, groups):  # load_state_dict keeps only the saved keys of each group
+            g["scale"] = group["scale"]
         _set_rng_state(gen, st["rng"])
         step, total, seconds_before, history = st["step"], st["total_steps"], st["seconds"], st["history"]
         log.info("resumed from %s at step %d/%d", last, step, total)
@@ -320,9 +375,15 @@ def train_deltas(
         if norm_names:  # a block in original mode also uses its original norms
             prefix_len = len(plan.layers_path.split("."))
             over = {n: w for n, w in original_norms.items() if int(n.split(".")[prefix_len]) in original_blocks}
-        if over:
-            return torch.func.functional_call(model, over, args=(), kwargs={"input_ids": ids, "use_cache": False}).logits
-        return model(input_ids=ids, use_cache=False).logits
+        with autocast:
+            if over:
+                return torch.func.functional_call(model, over, args=(), kwargs={"input_ids": ids, "use_cache": False}).logits
+            return model(input_ids=ids, use_cache=False).logits
+
+    def teacher_logits(ids: torch.Tensor) -> torch.Tensor:
+        if teacher is not None:
+            return teacher(input_ids=ids, use_cache=False).logits
+        return forward(ids, set(dependents))
 
     model.train()
     t0 = time.perf_counter()
@@ -340,15 +401,15 @@ def train_deltas(
                 break
             ids = order.batch(step, cfg.batch_size).to(device)
             with torch.no_grad():
-                teacher = F.log_softmax(forward(ids, set(dependents)).float(), -1)
+                target = F.log_softmax(teacher_logits(ids).float(), -1)
             probs = [replace_prob(k, len(dependents), step, total, cfg.replace_frac) for k in range(len(dependents))]
             draws = torch.rand(len(dependents), generator=gen)
             original_blocks = {b for b, p, u in zip(dependents, probs, draws.tolist()) if u >= p}
             lr = lr_at(cfg, step, total)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = lr * g["scale"]
             logits = forward(ids, original_blocks)
-            kl = token_kl(logits, teacher)
+            kl = token_kl(logits, target)
             with torch.set_grad_enabled(cfg.alpha < 1):  # α = 1: LM only logged
                 lm = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
             loss = (1 - cfg.alpha) * lm + cfg.alpha * kl
@@ -381,6 +442,8 @@ def train_deltas(
         model.eval()
     if ckpt is not None and step > start_step:
         save_ckpt()
+    if run_dtype is not None:
+        _restore_dtypes(model, dtypes_before, keep=set(deltas))
     seconds = seconds_before + time.perf_counter() - t0
     return {
         "steps": step, "total_steps": total, "tokens": step * cfg.batch_size * cfg.seq_len, "seconds": seconds,
