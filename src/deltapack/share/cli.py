@@ -22,7 +22,7 @@ def register(main: click.Group) -> None:
     @click.option("--self-text", type=click.IntRange(min=0), default=None,
                   help="also train on this many 256-token texts the original writes freely from a random start token "
                        "(data-free distillation; default 8192 on a GPU, ~100 s for SmolLM2-135M on an H100; 0 on a "
-                       "CPU, where 2M generated tokens are slow: pass a number to opt in)")
+                       "CPU, where 8192 would take about 2 hours on 2 cores: pass a number to opt in)")
     @click.option("--batch-size", type=int, default=16, show_default=True)
     @click.option("--seq-len", type=int, default=256, show_default=True)
     @click.option("--lr", type=float, default=5e-4, show_default=True)

@@ -91,7 +91,7 @@ def share(
     chat = self_chat_texts(model, tok, self_chat, seed=cfg.seed, docs=train_texts, progress=progress,
                            cache=ckpt / "self_chat.json")
     if self_text is None:
-        # ~100 s for SmolLM2-135M on an H100; 2M tokens generated on a CPU are slow: opt-in there
+        # ~100 s for SmolLM2-135M on an H100, ~2 h on 2 CPU cores (bench/results/share_self_text_cost_cpu.json)
         self_text = DEFAULT_SELF_TEXT if dev.type == "cuda" else 0
         log.info("self-text samples: %d (default on %s)", self_text, dev.type)
     free = self_text_texts(model, tok, self_text, seed=cfg.seed, progress=progress, cache=ckpt / "self_text.json")
