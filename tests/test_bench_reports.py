@@ -250,11 +250,12 @@ def test_share_sweep_averages_repeated_default_runs_counting_cached_reruns_once(
              run("c.json", 8192, 0.27, 0.40, 0.97), run("c_cached.json", 8192, 0.27, 0.40, 0.97),  # same figures
              run("d.json", 8192, 0.28, 0.38, 0.85, paired=0.7),
              run("e.json", 8192, 0.20, 0.90, 0.99, tokens=16_000_000),  # another budget: not in the summary
-             run("f.json", 8192, 0.21, 0.50, 0.95, block_lr=3e-4)]  # block training: another method, not either
+             run("f.json", 8192, 0.21, 0.50, 0.95, block_lr=3e-4)]  # block training: a group of its own
     text, recs = sweep.sweep(files)
     assert len(recs) == 7
-    assert "| 12% | 0 | 2 | 37.0% (36.0%–38.0%) | 73.0% (72.0%–74.0%) | 0.2150 (0.2100–0.2200) |" in text
-    assert "| 12% | 8,192 | 2 | 39.0% (38.0%–40.0%) | 91.0% (85.0%–97.0%) | 0.2750 (0.2700–0.2800) |" in text
+    assert "| 12% | 0 | 0 | 2 | 37.0% (36.0%–38.0%) | 73.0% (72.0%–74.0%) | 0.2150 (0.2100–0.2200) |" in text
+    assert "| 12% | 8,192 | 0 | 2 | 39.0% (38.0%–40.0%) | 91.0% (85.0%–97.0%) | 0.2750 (0.2700–0.2800) |" in text
+    assert "| 12% | 8,192 | 0.0003 | 1 | 50.0% (50.0%–50.0%) | 95.0% (95.0%–95.0%) | 0.2100 (0.2100–0.2100) |" in text
     lo, hi = next(x for x in recs if x["file"].endswith("/d.json"))["choice_kept_paired_interval"]
     assert lo < 0.7 < hi  # Wilson over the 73 items the original ranks right
     assert "| 2,048 / 8,192 | 0.0005, 0, 1, 0 |" in text and "| 2,048 / 8,192 | 0.0005, 0.0003, 1, 0 |" in text

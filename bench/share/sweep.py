@@ -62,16 +62,16 @@ def _pct(value: float | None, interval) -> str:
 def self_text_summary(recs: list[dict]) -> list[str]:
     """Mean and range over repeated runs of the default plan (mlp, sequential, ~8M tokens, 215 items), with and
     without self-text: single runs differ by more than most knobs, so the comparison is made over runs."""
-    lines = ["Repeated runs of the default plan (mlp, sequential, 215 items, 2048 self-chat samples, 8M tokens, α = 1, "
-             "deltas trained alone; any lr and seed), "
-             "with and without self-text: mean (min–max) over runs (runs with identical figures, a rerun on cached samples, "
+    lines = ["Repeated runs of the default plan (mlp, sequential, 215 items, 2048 self-chat samples, 8M tokens, α = 1; "
+             "any lr and seed), with and without self-text, deltas trained alone (block lr 0) or with every other block "
+             "weight (--block-lr): mean (min–max) over runs (runs with identical figures, a rerun on cached samples, "
              "count once).", "",
-             "| reduction | self-text | runs | answers kept | paper's scoring | KL |", "|---|---|---|---|---|---|"]
+             "| reduction | self-text | block lr | runs | answers kept | paper's scoring | KL |", "|---|---|---|---|---|---|---|"]
     groups: dict[tuple, list[dict]] = {}
     for x in recs:
-        if (x["modules"], x["pattern"], x["task_items"], x["self_chat"], x["alpha"], x["block_lr"]) == ("mlp", "sequential", 215, 2048, 1.0, 0.0) \
+        if (x["modules"], x["pattern"], x["task_items"], x["self_chat"], x["alpha"]) == ("mlp", "sequential", 215, 2048, 1.0) \
                 and 7_900_000 <= x["tokens"] <= 8_000_000:
-            runs = groups.setdefault((x["reduction"], x["self_text"]), [])
+            runs = groups.setdefault((x["reduction"], x["self_text"], x["block_lr"]), [])
             # a rerun on cached samples reproduces its figures exactly: one run, not two
             if not any((y["kl"], y["kept"], y["choice_kept"]) == (x["kl"], x["kept"], x["choice_kept"]) for y in runs):
                 runs.append(x)
@@ -80,8 +80,8 @@ def self_text_summary(recs: list[dict]) -> list[str]:
         v = [x[key] for x in xs if x[key] is not None]
         return f"{format(sum(v) / len(v), fmt)} ({format(min(v), fmt)}–{format(max(v), fmt)})" if v else "n/a"
 
-    for (red, st), xs in sorted(groups.items()):
-        lines.append(f"| {red:.0%} | {st:,} | {len(xs)} | {stat(xs, 'kept', '.1%')} | {stat(xs, 'choice_kept', '.1%')} | "
+    for (red, st, blr), xs in sorted(groups.items()):
+        lines.append(f"| {red:.0%} | {st:,} | {blr:g} | {len(xs)} | {stat(xs, 'kept', '.1%')} | {stat(xs, 'choice_kept', '.1%')} | "
                      f"{stat(xs, 'kl', '.4f')} |")
     return lines
 
