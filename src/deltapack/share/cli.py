@@ -31,7 +31,7 @@ def register(main: click.Group) -> None:
     @click.option("--train-norms", is_flag=True, help="also train the norm weights of dependent blocks")
     @click.option("--block-lr", type=click.FloatRange(min=0), default=0.0, show_default=True,
                   help="also train every other block weight (anchors, attention, intact blocks) at this learning rate; "
-                       "beyond the paper, which trains only the deltas (0). Holds a second copy of the model as teacher")
+                       "beyond the paper, which trains only the deltas (0). Needs about 6-7x a 16-bit model's memory")
     @click.option("--local-steps", type=int, default=200, show_default=True, help="block-wise fit steps per dependent before distillation (0: off)")
     @click.option("--max-seconds", type=float, default=None, help="wall-time bound for training (fewer steps if needed)")
     @click.option("--save-every", type=int, default=200, show_default=True, help="checkpoint every N steps")

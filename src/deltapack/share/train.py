@@ -24,13 +24,14 @@ Optimiser: AdamW on the deltas (fp32 masters; the forward rounds W_a + A·B to t
 over `warmup_frac` of the steps, cosine decay to `min_lr_frac`·lr, gradient clipping at 1.
 
 Block training (`block_lr` > 0, beyond the paper, off by default): every other weight of the transformer blocks
-(anchors, attention, the intact blocks, norms) trains too, at its own smaller learning rate on the same schedule,
+(anchors, attention, the intact blocks, norms) trains too, at its own learning rate on the same schedule,
 as in the "uptraining" of Relaxed Recursive Transformers (Bae et al. 2024), where shared layers and their low-rank
 relaxations train together. An anchor then serves its own position and its dependents at once, and the intact
 blocks can compensate for what the deltas miss. The teacher can no longer be the student with its originals
-switched on, so it is a frozen copy of the original model (`teacher=`, else a deep copy taken before training:
-the model's memory doubles). A model stored in 16 bits trains in fp32 under autocast (a 16-bit weight would
-round a 1e-5 step away) and is cast back at the end, deltas included as before.
+switched on, so it is a frozen copy of the original model (`teacher=`, else a deep copy taken before training).
+A model stored in 16 bits trains in fp32 under autocast (a 16-bit weight would round a 1e-5 step away) and is
+cast back at the end; the deltas stay fp32 masters until finalize() as before. Memory: about 6-7x the 16-bit model
+(fp32 weights, two Adam moments, the teacher).
 
 Checkpoints (`ckpt_dir/ckpt-<step>.pt`, written atomically, the last two kept) hold the trainable tensors,
 optimizer state, step, planned step count, RNG states and the plan; `resume=True` continues from the newest.
