@@ -59,9 +59,10 @@ def _pct(value: float | None, interval) -> str:
     return f"{value:.1%}" + (f" ({interval[0]:.0%}–{interval[1]:.0%})" if interval else "")
 
 
-def self_text_summary(recs: list[dict]) -> list[str]:
-    """Mean and range over repeated runs of the default plan (mlp, sequential, ~8M tokens, 215 items), with and
-    without self-text: single runs differ by more than most knobs, so the comparison is made over runs."""
+def repeated_runs_summary(recs: list[dict]) -> list[str]:
+    """Mean and range over repeated runs of the default plan (mlp, sequential, ~8M tokens, 215 items), grouped by
+    reduction, self-text samples and block learning rate: single runs differ by more than most knobs, so the
+    comparison is made over runs."""
     lines = ["Repeated runs of the default plan (mlp, sequential, 215 items, 2048 self-chat samples, 8M tokens, α = 1; "
              "any lr and seed), with and without self-text, deltas trained alone (block lr 0) or with every other block "
              "weight (--block-lr): mean (min–max) over runs (runs with identical figures, a rerun on cached samples, "
@@ -101,7 +102,7 @@ def sweep(files: list[Path]) -> tuple[str, list[dict]]:
                      f"{_n(x['task_items'])} ({_n(x['kept_items'])}){' ' + x['items_sha256'] if x['items_sha256'] else ''} | {_pct(x['kept'], x['kept_interval'])} | "
                      f"{_pct(x['choice_kept'], x['choice_kept_interval'])} | {_pct(x['choice_kept_paired'], x['choice_kept_paired_interval'])} | "
                      f"{x['date'][:16]} | `{x['command']}` ({x['file']}) |")
-    lines += ["", *self_text_summary(recs)]
+    lines += ["", *repeated_runs_summary(recs)]
     text = ("DeltaLLM on SmolLM2-135M-Instruct, KL criterion: how the delta rank (and hence the number of dependents at "
             "a fixed parameter budget), the shared modules, the pattern and the training data (self-chat samples and "
             "free self-text the original generates, tokens) move quality. Device: "
@@ -113,8 +114,9 @@ def sweep(files: list[Path]) -> tuple[str, list[dict]]:
             "record a hash of their item prompts beside the counts), so compare a row with rows of the same items. 'paired': "
             "of the items the original ranks right by likelihood, the share the model ranks right too (files before "
             "2026-11-24T20:30 did not record it). 'block lr' > 0: every other block weight (anchors, attention, intact "
-            "blocks) trained too, at that learning rate (--block-lr, beyond the paper); the blocklr*.json runs share one "
-            "set of cached self-chat/self-text samples with blocklr0_same_samples.json, their deltas-only twin. Runs of one device call ran as concurrent processes on the "
+            "blocks) trained too, at that learning rate (--block-lr, beyond the paper); runs on the same cached "
+            "self-chat/self-text samples: blocklr0_same_samples.json with blocklr2e-5, 1e-4, 3e-4, 1e-3 and 3e-4_24pct; "
+            "blocklr0_seed1_same_samples.json with blocklr3e-4_seed1; blocklr3e-4_run3 with blocklr3e-4_16m. Runs of one device call ran as concurrent processes on the "
             "one GPU: their quality is unaffected, their seconds are not comparable (not shown).\n\n"
             + "\n".join(lines) + "\n")
     return text, recs
