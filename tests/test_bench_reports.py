@@ -321,10 +321,67 @@ def test_serving_targets_say_what_bounds_decode_and_residency():
     assert low["met"] and "bounded_by" not in low
 
 
-def test_share_bench_refuses_a_bad_reduction_before_generating_data(tmp_path, capsys):
+@pytest.mark.parametrize("args, why", [(["--reductions", "0.12,0.9"], "error: removing 90.0%"),
+                                       (["--heal-lr", "-1"], "--heal-lr must be >= 0")])
+def test_share_bench_refuses_bad_arguments_before_generating_data(tmp_path, capsys, args, why):
     share = _load("bench_share_run", BENCH / "share" / "run.py")
     out = tmp_path / "share.json"
     with pytest.raises(SystemExit) as e:
-        share.main(["--smoke", "--reductions", "0.12,0.9", "--out", str(out), "--quiet"])
-    assert e.value.code == 2 and "error: removing 90.0%" in capsys.readouterr().err
+        share.main(["--smoke", *args, "--out", str(out), "--quiet"])
+    assert e.value.code == 2 and why in capsys.readouterr().err
     assert not out.exists()
+
+
+def _share_part(reduction: float, *, kl: float, cache: str, **settings) -> dict:
+    return {"command": f"python bench/share/run.py --reductions {reduction}", "device": "GPU X", "date": f"2026-01-0{int(reduction * 10) + 1}",
+            "model": "m", "smoke": False, "data": {"train_windows": 10}, "definitions": {"kl": "nats"},
+            "original": {"params": 1000, "ppl": 10.0, "task_items_kept": 10, "task_items": 20},
+            "settings": {"reductions": [reduction], "cache_dir": cache, "lr": 5e-4, **settings},
+            "results": [{"method": m, "reduction": reduction, "params": p, "ppl": 11.0, "kl": k, "kl_self_text": k / 2,
+                         "kept": kept, "choice_kept": ck, "tokens": 5, "seconds": 1.0, **extra}
+                        for m, p, k, kept, ck, extra in (
+                            ("deltallm", 880, kl, 0.5, 0.9, {}),
+                            ("layerdrop", 860, 0.9, 0.1, 0.5, {}),
+                            ("layerdrop-healed", 860, 0.2, 0.6, 0.8, {"heal_lr": 3e-4}))],
+            "details": [{"reduction": reduction}], "seconds": {"load": 1.0, "data": 2.0, "total": 3.0}}
+
+
+def test_share_combine_joins_parts_in_reduction_order_and_refuses_parts_that_differ(tmp_path, capsys):
+    share = _load("bench_share_run", BENCH / "share" / "run.py")
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps(_share_part(0.24, kl=0.4, cache="/x")))
+    b.write_text(json.dumps(_share_part(0.12, kl=0.3, cache="/y")))
+    out = tmp_path / "share.json"
+    share.main(["--combine", str(a), str(b), "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert [r["reduction"] for r in res["results"]] == [0.12] * 3 + [0.24] * 3
+    assert [d["reduction"] for d in res["details"]] == [0.12, 0.24]
+    assert res["settings"]["reductions"] == [0.12, 0.24] and res["seconds"]["total"] == 6.0
+    assert res["command"].startswith("python bench/share/run.py --reductions 0.24 && python bench/share/run.py --reductions 0.12 && ")
+    assert "--combine" in res["command"] and len(res["parts"]) == 2 and (tmp_path / "share.png").exists()
+    text = capsys.readouterr().out
+    assert "| KL, free text |" in text and "| 0.3 | 0.15 |" in text
+    # the healed layer drop is reported beside the comparison, with where DeltaLLM is better
+    assert "healed by the same distillation (14.0% removed, lr 0.0003): 60.0% kept, 80.0% paper-style, KL 0.200; " \
+           "DeltaLLM is better on paper's scoring." in text
+    c.write_text(json.dumps(_share_part(0.24, kl=0.4, cache="/x", lr=1e-3)))
+    for parts, why in (([b, c], "settings ['lr'] differ"), ([a, a], "repeat a reduction"), ([a], "at least two")):
+        with pytest.raises(SystemExit) as e:
+            share.main(["--combine", *map(str, parts), "--out", str(tmp_path / "bad.json")])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "bad.json").exists()
+
+
+def test_share_sweep_leaves_out_a_combined_share_json_whose_parts_it_lists(tmp_path, monkeypatch):
+    sweep = _load("bench_share_sweep", BENCH / "share" / "sweep.py")
+    monkeypatch.setattr(sweep, "RESULTS", tmp_path)
+    (tmp_path / "share_sweep").mkdir()
+    for name in ("p12", "p24"):
+        (tmp_path / "share_sweep" / f"{name}.json").write_text(json.dumps({"command": f"run {name}"}))
+    main = tmp_path / "share.json"
+    main.write_text(json.dumps({"command": "c", "parts": [{"command": "run p12"}, {"command": "run p24"}]}))
+    assert [f.name for f in sweep.default_files()] == ["p12.json", "p24.json"]
+    main.write_text(json.dumps({"command": "c", "parts": [{"command": "run p12"}, {"command": "run elsewhere"}]}))
+    assert [f.name for f in sweep.default_files()] == ["share.json", "p12.json", "p24.json"]
+    main.write_text(json.dumps({"command": "one run"}))
+    assert [f.name for f in sweep.default_files()][0] == "share.json"

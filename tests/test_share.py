@@ -16,6 +16,7 @@ from deltapack.share import (
     svd_init_model, train_deltas, unique_param_count,
 )
 from deltapack.share import tasks
+from deltapack.share.baselines import heal_layer_drop
 from deltapack.share.evaluate import batched_kl, teacher_logprobs
 from deltapack.share.model import SharedLinear
 from deltapack.share.plan import _choose, budget, max_dependents
@@ -267,6 +268,53 @@ def test_layer_drop_baseline(pico):
     assert unique_param_count(svd_init_model(model, plan)) == plan.params.final
 
 
+def test_healed_layer_drop_trains_the_kept_blocks_against_the_original(pico):
+    """The healed baseline: the dropped model's blocks (not embeddings) distil from the frozen original with the
+    DeltaLLM schedule; the held-out KL falls, the size and the dtype stay, and generate still works."""
+    _, model = pico
+    data, held = _tokens(24, 32, seed=1), _tokens(8, 32, seed=2)
+    teacher = teacher_logprobs(model, held, 8)
+    dropped, info = layer_drop_model(model, data[:8], unique_param_count(model) - 1)
+    half = copy.deepcopy(dropped).to(torch.bfloat16)
+    before = batched_kl(dropped, held, teacher, 8)
+    cfg = TrainConfig(tokens=24 * 8 * 32, batch_size=8, seq_len=32, lr=3e-3, local_steps=200)
+    res = heal_layer_drop(dropped, model, data, cfg, lr=3e-4, progress=False)
+    assert res["steps"] == 24 and res["local_fit"] is None  # stage 0 has no dependents to fit
+    assert batched_kl(dropped, held, teacher, 8) < 0.6 * before  # 0.43x measured; lr 1e-3 overshoots on pico weights
+    assert unique_param_count(dropped) == info["params"]
+    assert torch.equal(dropped.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert not torch.equal(dropped.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    assert dropped.generate(_tokens(1, 5), max_new_tokens=4, do_sample=False).shape == (1, 9)
+    heal_layer_drop(half, model, data, cfg.model_copy(update={"tokens": 2 * 8 * 32}), lr=1e-3, progress=False)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}  # trained in fp32, cast back
+    with pytest.raises(DeltapackError, match="learning rate"):
+        heal_layer_drop(dropped, model, data, cfg, lr=0.0, progress=False)
+    with pytest.raises(DeltapackError, match="nothing to train"):
+        train_deltas(dropped, None, data, cfg, progress=False)
+
+
+def test_healed_layer_drop_resumes_only_onto_the_same_dropped_blocks(pico, tmp_path):
+    _, model = pico
+    data = _tokens(16, 32, seed=3)
+    cfg = TrainConfig(tokens=10 * 4 * 32, batch_size=4, seq_len=32, lr=3e-3, save_every=2)
+    dropped, info = layer_drop_model(model, data[:8], unique_param_count(model) - 1)
+    meta = {"dropped": info["dropped"]}
+    straight = copy.deepcopy(dropped)
+    heal_layer_drop(straight, model, data, cfg, lr=3e-4, progress=False)
+    ckpt = tmp_path / "ckpt"
+    part = copy.deepcopy(dropped)
+    train_deltas(part, None, data, cfg.model_copy(update={"block_lr": 3e-4, "local_steps": 0}), teacher=model,
+                 ckpt_dir=ckpt, stop_after=5, progress=False, ckpt_meta=meta)
+    resumed = copy.deepcopy(dropped)
+    second = heal_layer_drop(resumed, model, data, cfg, lr=3e-4, progress=False, ckpt_dir=ckpt, resume=True, ckpt_meta=meta)
+    assert second["steps"] == 10 and second["finished"]
+    for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+    with pytest.raises(DeltapackError, match="was made for"):  # same count of blocks, other blocks dropped
+        heal_layer_drop(copy.deepcopy(dropped), model, data, cfg, lr=3e-4, progress=False, ckpt_dir=ckpt, resume=True,
+                        ckpt_meta={"dropped": [b + 1 for b in info["dropped"]]})
+
+
 def test_cli_end_to_end_generate(tmp_path):
     from deltapack.cli import main
     from deltapack.share.pico import make_pico
@@ -307,6 +355,45 @@ def test_cli_end_to_end_generate(tmp_path):
     # block 0 is never shared: it changed only because --block-lr trained it
     assert not torch.equal(original.model.layers[0].mlp.up_proj.weight, shared.model.layers[0].mlp.up_proj.weight)
     assert torch.equal(original.model.embed_tokens.weight, shared.model.embed_tokens.weight)
+
+
+def test_cli_layerdrop_writes_a_healed_plain_checkpoint(tmp_path):
+    """--method layerdrop: blocks dropped by Block Influence, the rest healed, written as a plain HF checkpoint that
+    transformers loads on its own (config with fewer layers); options of the other method are refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from deltapack.cli import main
+    from deltapack.share.pico import make_pico
+
+    make_pico(tmp_path / "m", hidden=32, layers=6)
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"the quick brown fox {i} jumps over the lazy dog." * 4 for i in range(60)))
+    common = [str(tmp_path / "m"), "--method", "layerdrop", "--reduction", "0.1", "--tokens", "2048",
+              "--batch-size", "4", "--seq-len", "32", "--data", str(text), "--self-chat", "0", "--quiet"]
+    r = CliRunner().invoke(main, ["share", "-o", str(tmp_path / "o"), *common, "--heal-lr", "1e-3"])
+    assert r.exit_code == 0, r.output
+    assert "plain HF checkpoint" in r.output and not (tmp_path / "o.ckpt").exists()
+    info = json.loads((tmp_path / "o" / "deltapack_layerdrop.json").read_text())
+    original = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    healed = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"))
+    kept = info["num_layers"]["kept"]
+    assert len(healed.model.layers) == healed.config.num_hidden_layers == kept == 6 - len(info["dropped_blocks"])
+    assert unique_param_count(healed) == info["params"]["final"] <= 0.9 * unique_param_count(original)
+    assert info["heal_lr"] == 1e-3 and info["training"]["steps"] == 16
+    assert info["eval_heldout"]["kl_healed"] < info["eval_heldout"]["kl_dropped"]
+    first_kept = min(set(range(6)) - set(info["dropped_blocks"]))
+    assert not torch.equal(original.model.layers[first_kept].mlp.up_proj.weight, healed.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(original.model.embed_tokens.weight, healed.model.embed_tokens.weight)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "o"))
+    ids = tok("the quick", return_tensors="pt")["input_ids"]
+    assert healed.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
+    for extra, why in ((["--rank", "8"], "--rank only applies to --method deltallm"),
+                       (["--heal-lr", "0"], "--heal-lr"), (["--reduction", "1.5"], "--reduction must be in (0, 1)")):
+        r = CliRunner().invoke(main, ["share", "-o", str(tmp_path / "bad"), *common, *extra])
+        assert r.exit_code == 2 and why in r.output, r.output
+        assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.ckpt").exists()
+    r = CliRunner().invoke(main, ["share", str(tmp_path / "m"), "-o", str(tmp_path / "bad"), "--heal-lr", "1e-3"])
+    assert r.exit_code == 2 and "--heal-lr only applies to --method layerdrop" in r.output
 
 
 def test_task_items_and_scoring():

@@ -52,3 +52,28 @@ def test_true_ratio_16x_smollm(smol_pair, tmp_path, method):
     # tokenizer files equal the base's: referenced, not stored
     man = json.loads((d / "delta_config.json").read_text())
     assert man["aux"]["tokenizer.json"] == "base" and not (d / "hf" / "tokenizer.json").exists()
+
+
+def test_share_layerdrop_on_smollm_keeps_tied_embeddings_and_loads_in_transformers(tmp_path):
+    """--method layerdrop on the real model: SmolLM2 ties its head to the embeddings; the plain checkpoint must keep
+    that tie (stored once) and load in transformers with its fewer layers. Two healing steps: mechanics, not quality
+    (quality is bench/results/share.json)."""
+    from transformers import AutoModelForCausalLM
+
+    from deltapack.io.embedded import embedded_model_dir
+
+    base = embedded_model_dir()
+    r = CliRunner().invoke(main, ["share", str(base), "-o", str(tmp_path / "o"), "--method", "layerdrop",
+                                  "--reduction", "0.05", "--tokens", "256", "--batch-size", "2", "--seq-len", "64",
+                                  "--self-chat", "0", "--device", "cpu", "--quiet"])
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "o" / "deltapack_layerdrop.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "o"))
+    assert model.config.num_hidden_layers == 30 - len(info["dropped_blocks"]) == info["num_layers"]["kept"]
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    n = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    assert n == info["params"]["final"] and info["params"]["reduction"] >= 0.05
+    on_disk = sum(t.numel() for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        tmp_path / "o" / "model.safetensors").values())
+    assert on_disk == n  # the tied head is not stored twice
+    assert info["training"]["steps"] == 2

@@ -116,14 +116,24 @@ def sweep(files: list[Path]) -> tuple[str, list[dict]]:
             "2026-11-24T20:30 did not record it). 'block lr' > 0: every other block weight (anchors, attention, intact "
             "blocks) trained too, at that learning rate (--block-lr, beyond the paper); runs on the same cached "
             "self-chat/self-text samples: blocklr0_same_samples.json with blocklr2e-5, 1e-4, 3e-4, 1e-3 and 3e-4_24pct; "
-            "blocklr0_seed1_same_samples.json with blocklr3e-4_seed1; blocklr3e-4_run3 with blocklr3e-4_16m. Runs of one device call ran as concurrent processes on the "
+            "blocklr0_seed1_same_samples.json with blocklr3e-4_seed1; blocklr3e-4_run3 with blocklr3e-4_16m; healed_12 with healed_24 (the two parts of share.json; their baselines are in share.md). Runs of one device call ran as concurrent processes on the "
             "one GPU: their quality is unaffected, their seconds are not comparable (not shown).\n\n"
             + "\n".join(lines) + "\n")
     return text, recs
 
 
+def default_files() -> list[Path]:
+    """share.json and every sweep file; share.json is left out when it was combined (run.py --combine) from runs whose
+    files are among the sweep files, so that no run is listed twice."""
+    sweep_files = sorted((RESULTS / "share_sweep").glob("*.json"))
+    main_file = RESULTS / "share.json"
+    parts = {p["command"] for p in json.loads(main_file.read_text()).get("parts", [])} if main_file.exists() else set()
+    listed = {json.loads(f.read_text())["command"] for f in sweep_files}
+    return ([] if parts and parts <= listed else [main_file] if main_file.exists() else []) + sweep_files
+
+
 def main(argv: list[str]) -> None:
-    files = [Path(a) for a in argv] or [RESULTS / "share.json", *sorted((RESULTS / "share_sweep").glob("*.json"))]
+    files = [Path(a) for a in argv] or default_files()
     text, recs = sweep(files)
     write_bytes_atomic(RESULTS / "share_rank_sweep.md", text.encode())
     write_json_atomic(RESULTS / "share_rank_sweep.json", {"command": "python bench/share/sweep.py", "records": recs})

@@ -4,6 +4,11 @@ Block Influence of block i (ShortGPT, Men et al. 2024): BI_i = 1 − mean over t
 cosine between the block's input and output hidden states on calibration text. Blocks are dropped in order of
 increasing BI until the model has at most the target number of parameters (whole blocks cannot hit it exactly:
 the exact count is reported).
+
+Healed layer drop (beyond ShortGPT, which does not train): the dropped model's remaining block weights are trained by
+the same distillation as the DeltaLLM deltas (same text, token budget, schedule and teacher; every block weight at
+one learning rate, as `--block-lr` trains them beside the deltas). Gromov et al. 2024 heal dropped layers with
+QLoRA; full-weight training is the stronger form and the fair rival for DeltaLLM trained with `block_lr`.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deltapack.errors import BudgetError
+from deltapack.errors import BudgetError, InputError
 from deltapack.share.model import apply_plan, finalize
 from deltapack.share.plan import SharePlan, find_layers, unique_param_count
+from deltapack.share.train import TrainConfig, train_deltas
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +101,15 @@ def layer_drop_model(model: nn.Module, windows: torch.Tensor, max_params: int, b
 def svd_init_model(model: nn.Module, plan: SharePlan) -> nn.Module:
     """A copy of `model` with the plan applied and the deltas left at their truncated-SVD initialisation."""
     return finalize(apply_plan(copy.deepcopy(model), plan, keep_original=False))
+
+
+def heal_layer_drop(dropped: nn.Module, original: nn.Module, windows: torch.Tensor, cfg: TrainConfig, *, lr: float,
+                    progress: bool = True, ckpt_dir=None, resume: bool = False, ckpt_meta: dict | None = None) -> dict:
+    """Train every block weight of `dropped` (in place) at `lr` by distillation from the frozen `original`, with
+    `cfg`'s budget and schedule (module docstring); checkpoints and resume as train_deltas (`ckpt_meta`: e.g. the
+    dropped blocks, which a resumed run must share). Returns train_deltas' summary."""
+    if lr <= 0:
+        raise InputError(f"healing needs a learning rate > 0, got {lr}")
+    run = cfg.model_copy(update={"block_lr": lr, "local_steps": 0, "train_norms": False})
+    return train_deltas(dropped, None, windows, run, progress=progress, teacher=original, ckpt_dir=ckpt_dir,
+                        resume=resume, ckpt_meta=ckpt_meta)

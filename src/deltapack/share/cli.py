@@ -9,6 +9,10 @@ def register(main: click.Group) -> None:
     @main.command("share")
     @click.argument("model")
     @click.option("-o", "--out", required=True, type=click.Path(), help="shared-model directory to create")
+    @click.option("--method", type=click.Choice(["deltallm", "layerdrop"]), default="deltallm", show_default=True,
+                  help="deltallm: share block weights (the paper); layerdrop: drop the blocks of lowest Block Influence "
+                       "and heal the rest by the same distillation, written as a plain HF checkpoint. On SmolLM2-135M "
+                       "layerdrop was better at -12% and -24% (README, bench/results/share.json)")
     @click.option("--reduction", type=float, default=0.12, show_default=True, help="fraction of ALL parameters to remove (embeddings included)")
     @click.option("--pattern", type=click.Choice(["sequential", "alternating"]), default="sequential", show_default=True)
     @click.option("--modules", type=click.Choice(["mlp", "attn", "all"]), default="mlp", show_default=True, help="which linears of a block are shared")
@@ -32,6 +36,8 @@ def register(main: click.Group) -> None:
     @click.option("--block-lr", type=click.FloatRange(min=0), default=0.0, show_default=True,
                   help="also train every other block weight (anchors, attention, intact blocks) at this learning rate; "
                        "beyond the paper, which trains only the deltas (0). Needs about 6-7x a 16-bit model's memory")
+    @click.option("--heal-lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                  help="layerdrop: learning rate of the healed block weights [default: 3e-4]")
     @click.option("--local-steps", type=int, default=200, show_default=True, help="block-wise fit steps per dependent before distillation (0: off)")
     @click.option("--max-seconds", type=float, default=None, help="wall-time bound for training (fewer steps if needed)")
     @click.option("--save-every", type=int, default=200, show_default=True, help="checkpoint every N steps")
@@ -42,22 +48,44 @@ def register(main: click.Group) -> None:
     @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
     @click.option("--overwrite", is_flag=True, help="replace OUT (and the dense export) if they exist")
     @click.option("--quiet", is_flag=True, help="no progress bars")
-    def share_cmd(model, out, reduction, pattern, modules, rank, group, criterion, tokens, data, self_chat, self_text, batch_size, seq_len, lr, alpha,
-                  replace_frac, train_norms, block_lr, local_steps, max_seconds, save_every, resume, keep_checkpoints, export_dense, seed, device, overwrite, quiet):
+    @click.pass_context
+    def share_cmd(ctx, model, out, method, reduction, pattern, modules, rank, group, criterion, tokens, data, self_chat, self_text, batch_size, seq_len, lr, alpha,
+                  replace_frac, train_norms, block_lr, heal_lr, local_steps, max_seconds, save_every, resume, keep_checkpoints, export_dense, seed, device, overwrite, quiet):
         """Share block weights inside MODEL (DeltaLLM): dependents = anchor + trained low-rank delta.
 
         MODEL: a local HF checkpoint directory, a .gguf file or a hub id. Load the result with
-        deltapack.share.load_shared(OUT).
+        deltapack.share.load_shared(OUT); with --method layerdrop, OUT is a plain HF checkpoint
+        (transformers' from_pretrained).
         """
         from deltapack.errors import InputError
-        from deltapack.share.pipeline import share
+        from deltapack.share.pipeline import DEFAULT_HEAL_LR, drop_and_heal, share
         from deltapack.share.train import TrainConfig
+
+        only = {"deltallm": ("pattern", "modules", "rank", "group", "criterion", "lr", "replace_frac", "train_norms",
+                             "block_lr", "local_steps", "export_dense"), "layerdrop": ("heal_lr",)}
+        for other, names in only.items():
+            if other != method:
+                given = [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+                if given:
+                    opts = ", ".join("--" + n.replace("_", "-") for n in given)
+                    raise click.UsageError(f"{opts} only applies to --method {other}")
 
         if min(tokens, batch_size, seq_len) < 1 or seq_len < 2:
             raise InputError("--tokens, --batch-size and --seq-len must be positive (--seq-len at least 2)")
         cfg = TrainConfig(tokens=tokens, batch_size=batch_size, seq_len=seq_len, lr=lr, alpha=alpha, replace_frac=replace_frac,
                           train_norms=train_norms, block_lr=block_lr, local_steps=local_steps, max_seconds=max_seconds,
                           save_every=save_every, seed=seed)
+        if method == "layerdrop":
+            res = drop_and_heal(model, out, reduction=reduction, heal_lr=heal_lr or DEFAULT_HEAL_LR, data=data,
+                                self_chat=self_chat, self_text=self_text, train=cfg, device=device, resume=resume,
+                                keep_checkpoints=keep_checkpoints, overwrite=overwrite, progress=not quiet)
+            p, ev = res["params"], res["eval_heldout"]
+            click.echo(f"wrote {res['path']} (plain HF checkpoint): {p['final']:,} parameters (was {p['original']:,}); "
+                       f"dropped blocks {res['dropped_blocks']} = {100 * p['reduction']:.4f}% "
+                       f"(target {100 * p['reduction_target']:g}%)")
+            click.echo(f"held-out KL to the original: {ev['kl_dropped']:.4f} dropped -> {ev['kl_healed']:.4f} healed "
+                       f"({res['training']['tokens']:,} tokens, {res['training']['seconds']:.0f} s)")
+            return
         res = share(model, out, reduction=reduction, pattern=pattern, modules=modules, rank=rank, group=group,
                     criterion=criterion, data=data, self_chat=self_chat, self_text=self_text, train=cfg, device=device, resume=resume, keep_checkpoints=keep_checkpoints,
                     export_dense=export_dense, overwrite=overwrite, progress=not quiet)

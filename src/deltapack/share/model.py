@@ -137,10 +137,10 @@ def trainable_parameters(model: nn.Module, plan: SharePlan, train_norms: bool = 
     return out
 
 
-def block_parameters(model: nn.Module, plan: SharePlan, exclude: set[str]) -> dict[str, nn.Parameter]:
-    """Every other parameter of the transformer blocks (anchors, attention, intact blocks, norms), by name:
-    what `TrainConfig.block_lr` trains beside the deltas. Embeddings, the final norm and the head stay frozen."""
-    prefix = plan.layers_path + "."
+def block_parameters(model: nn.Module, layers_path: str, exclude: set[str]) -> dict[str, nn.Parameter]:
+    """Every other parameter of the transformer blocks under `layers_path` (anchors, attention, intact blocks, norms),
+    by name: what `TrainConfig.block_lr` trains beside the deltas. Embeddings, the final norm and the head stay frozen."""
+    prefix = layers_path + "."
     return {n: p for n, p in model.named_parameters() if n.startswith(prefix) and n not in exclude}
 
 

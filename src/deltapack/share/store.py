@@ -153,3 +153,21 @@ def export_dense(
         if not (tmp / "config.json").exists():
             model.config.to_json_file(str(tmp / "config.json"))
     return Path(out)
+
+
+LAYERDROP_INFO = "deltapack_layerdrop.json"
+
+
+def save_dropped(model: torch.nn.Module, out: str | os.PathLike, *, source_dir: str | os.PathLike | None, info: dict,
+                 overwrite: bool = False, max_shard_bytes: int = 2 << 30) -> Path:
+    """A layer-dropped (and healed) model as a plain HF checkpoint that transformers loads on its own; `info` (the
+    dropped blocks, Block Influence, parameter counts, training) beside it as deltapack_layerdrop.json. The config is
+    the model's, not the source's: it has fewer layers."""
+    sd = dense_state_dict(model)
+    with AtomicDir(out, overwrite=overwrite) as tmp:
+        write_weights(tmp, [(n, sd[n].dtype, tuple(sd[n].shape)) for n in sorted(sd)], sd.__getitem__,
+                      max_shard_bytes=max_shard_bytes)
+        copy_aux_files(Path(source_dir) if source_dir else None, tmp)
+        model.config.to_json_file(str(tmp / "config.json"))
+        write_json_atomic(tmp / LAYERDROP_INFO, info)
+    return Path(out)

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from deltapack.errors import InputError
 from deltapack.share.evaluate import token_kl
 from deltapack.share.model import block_parameters, set_original_blocks, trainable_parameters
-from deltapack.share.plan import SharePlan
+from deltapack.share.plan import SharePlan, find_layers
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def _fingerprint(windows: torch.Tensor) -> list[int]:
 
 def train_deltas(
     model: nn.Module,
-    plan: SharePlan,
+    plan: SharePlan | None,
     windows: torch.Tensor,
     cfg: TrainConfig,
     *,
@@ -286,23 +286,32 @@ def train_deltas(
     progress: bool = True,
     stop_after: int | None = None,
     teacher: nn.Module | None = None,
+    ckpt_meta: dict | None = None,
 ) -> dict:
     """Train the deltas of `model` (plan applied with keep_original=True) on `windows` [N, T] in place.
 
     `teacher`: the original model, frozen, used only when `cfg.block_lr` > 0 (default: a deep copy of `model`).
+    `plan` None (no shared blocks) with `block_lr` > 0 trains the block weights alone against `teacher`: healing a
+    layer-dropped model (deltapack.share.baselines.heal_layer_drop).
+    `ckpt_meta`: JSON-able facts a checkpoint must match on resume beside the plan (e.g. which blocks were dropped).
     `stop_after`: leave after that many steps (as if interrupted; for tests). Returns a summary dict."""
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise InputError("training windows must be a [N, T>=2] token tensor")
     if cfg.lr <= 0 or cfg.block_lr < 0:
         raise InputError(f"lr must be > 0 and block_lr >= 0, got lr={cfg.lr}, block_lr={cfg.block_lr}")
     device = next(model.parameters()).device
-    deltas = trainable_parameters(model, plan, cfg.train_norms)
-    blocks = block_parameters(model, plan, set(deltas)) if cfg.block_lr > 0 else {}
+    deltas = trainable_parameters(model, plan, cfg.train_norms) if plan is not None else {}
+    layers_path = plan.layers_path if plan is not None else find_layers(model)[0]
+    blocks = block_parameters(model, layers_path, set(deltas)) if cfg.block_lr > 0 else {}
+    if not deltas and not blocks:
+        raise InputError("nothing to train: no shared blocks and block_lr is 0")
+    shared = plan.blocks if plan is not None else []
     run_dtype = None  # the dtype a 16-bit model is cast back to after fp32 training
     if blocks:
         if teacher is None:
             teacher = copy.deepcopy(model)
-            set_original_blocks(teacher, plan, {b.block for b in plan.blocks})
+            if plan is not None:
+                set_original_blocks(teacher, plan, {b.block for b in shared})
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -327,15 +336,18 @@ def train_deltas(
     autocast = torch.autocast(device.type, dtype=run_dtype or torch.float32, enabled=run_dtype is not None)
     gen = torch.Generator().manual_seed(cfg.seed)
     order = _Order(windows, cfg.seed)
-    dependents = sorted((b.block for b in plan.blocks), reverse=True)  # deepest first
+    dependents = sorted((b.block for b in shared), reverse=True)  # deepest first
+    plan_dump = plan.model_dump() if plan is not None else None
     step, total, seconds_before, history = 0, cfg.steps, 0.0, []
 
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     if ckpt is not None and resume and _checkpoints(ckpt):
         last = _checkpoints(ckpt)[-1]
         st = torch.load(last, map_location="cpu", weights_only=False)
-        if st["plan"] != plan.model_dump():
+        if st["plan"] != plan_dump:
             raise InputError(f"checkpoint {last} was made for a different sharing plan")
+        if st.get("meta") != ckpt_meta:
+            raise InputError(f"checkpoint {last} was made for {st.get('meta')}, this run is for {ckpt_meta}")
         saved_cfg = TrainConfig.model_validate(st["config"])
         for field in ("batch_size", "seq_len", "lr", "alpha", "train_norms", "block_lr", "seed", "replace_frac"):
             if getattr(saved_cfg, field) != getattr(cfg, field):
@@ -359,7 +371,7 @@ def train_deltas(
             return
         ckpt.mkdir(parents=True, exist_ok=True)
         st = {
-            "plan": plan.model_dump(), "config": cfg.model_dump(), "data": _fingerprint(windows), "step": step,
+            "plan": plan_dump, "meta": ckpt_meta, "config": cfg.model_dump(), "data": _fingerprint(windows), "step": step,
             "total_steps": total, "seconds": seconds_before + time.perf_counter() - t0, "history": history,
             "trainable": {n: params[n].detach().cpu() for n in names}, "optimizer": opt.state_dict(), "rng": _rng_state(gen),
         }
@@ -371,7 +383,8 @@ def train_deltas(
             old.unlink()
 
     def forward(ids: torch.Tensor, original_blocks: set[int]) -> torch.Tensor:
-        set_original_blocks(model, plan, original_blocks)
+        if plan is not None:
+            set_original_blocks(model, plan, original_blocks)
         over = {}
         if norm_names:  # a block in original mode also uses its original norms
             prefix_len = len(plan.layers_path.split("."))
@@ -389,7 +402,7 @@ def train_deltas(
     model.train()
     t0 = time.perf_counter()
     local = None
-    if cfg.local_steps > 0 and step == 0:  # a resumed run already has the fitted deltas in its checkpoint
+    if cfg.local_steps > 0 and step == 0 and shared:  # a resumed run already has the fitted deltas in its checkpoint
         local = local_fit(model, plan, windows, cfg, progress)
     start_step = step
     bound = _TimeBound(cfg.max_seconds, cfg.probe_steps, total) if cfg.max_seconds is not None else None
@@ -439,7 +452,8 @@ def train_deltas(
                 save_ckpt()
     finally:
         bar.close()
-        set_original_blocks(model, plan, set())
+        if plan is not None:
+            set_original_blocks(model, plan, set())
         model.eval()
     if ckpt is not None and step > start_step:
         save_ckpt()
