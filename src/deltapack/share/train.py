@@ -407,7 +407,7 @@ def train_deltas(
     start_step = step
     bound = _TimeBound(cfg.max_seconds, cfg.probe_steps, total) if cfg.max_seconds is not None else None
     log_every = max(1, total // 100)
-    bar = tqdm(total=total, initial=step, desc="distil deltas", disable=not progress)
+    bar = tqdm(total=total, initial=step, desc="distil deltas" if shared else "heal blocks", disable=not progress)
     last = {}
     try:
         while step < total:
