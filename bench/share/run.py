@@ -407,10 +407,6 @@ def plot(res: dict, path: Path) -> None:
     tmp.replace(path)
 
 
-def _pct_interval(value: float | None, interval: tuple[float, float] | None) -> str:
-    if value is None:
-        return "n/a"
-    return f"{100 * value:.1f}%" + (f" ({100 * interval[0]:.0f}–{100 * interval[1]:.0f})" if interval else "")
 
 
 def table(res: dict) -> str:
@@ -430,8 +426,8 @@ def table(res: dict) -> str:
         ci = tasks.result_intervals(res["original"], r)
         kl_free = (f" {r['kl_self_text']:.4g} |" if r.get("kl_self_text") is not None else " n/a |") if free else ""
         lines.append(f"| {r['method']} | {100 * (1 - r['params'] / res['original']['params']):.2f}% (target {100 * r['reduction']:g}%) | "
-                     f"{r['params']:,} | {r['ppl']:.3f} | {r['kl']:.4g} |{kl_free} {_pct_interval(r['kept'], ci['kept'])} | "
-                     f"{_pct_interval(r.get('choice_kept'), ci['choice_kept'])} | {r['tokens']:,} | {r['seconds']:.0f} |")
+                     f"{r['params']:,} | {r['ppl']:.3f} | {r['kl']:.4g} |{kl_free} {tasks.percent(r['kept'], ci['kept'])} | "
+                     f"{tasks.percent(r.get('choice_kept'), ci['choice_kept'])} | {r['tokens']:,} | {r['seconds']:.0f} |")
     lines += targets_lines(res)
     lines.append("")
     lines.append(f"Device: {res['device']}; {res['date']}; command: `{res['command']}`")
@@ -466,7 +462,7 @@ def targets_lines(res: dict) -> list[str]:
             if dl.get("choice_kept_paired") is not None:
                 ci = tasks.result_intervals(res["original"], dl)["choice_kept_paired"]
                 line += (f" Paired (of the {res['original'].get('choice_items_right')} items the original ranks right, "
-                         f"the share this model ranks right too): {_pct_interval(dl['choice_kept_paired'], ci)}.")
+                         f"the share this model ranks right too): {tasks.percent(dl['choice_kept_paired'], ci)}.")
         healed = next((r for r in res["results"] if r["method"] == "layerdrop-healed" and r["reduction"] == red), None)
         if healed is not None and healed.get("kept") is not None:
             better = [name for name, key, lower in (("answers kept", "kept", False), ("paper's scoring", "choice_kept", False),

@@ -20,7 +20,7 @@ RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT / "src"))
 
 from deltapack.io.writer import write_bytes_atomic, write_json_atomic  # noqa: E402
-from deltapack.share.tasks import result_intervals  # noqa: E402
+from deltapack.share.tasks import percent, result_intervals  # noqa: E402
 
 
 def rows(path: Path) -> list[dict]:
@@ -51,12 +51,6 @@ def rows(path: Path) -> list[dict]:
 
 def _n(x) -> str:
     return "n/a" if x is None else f"{x:,}"
-
-
-def _pct(value: float | None, interval) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.1%}" + (f" ({interval[0]:.0%}–{interval[1]:.0%})" if interval else "")
 
 
 def repeated_runs_summary(recs: list[dict]) -> list[str]:
@@ -99,8 +93,8 @@ def sweep(files: list[Path]) -> tuple[str, list[dict]]:
     for x in recs:
         lines.append(f"| {x['reduction']:.0%} | {x['modules']} | {x['pattern']} | {x['dependents']} × {x['rank']} | "
                      f"{_n(x['self_chat'])} / {_n(x['self_text'])} | {'n/a' if x['lr'] is None else format(x['lr'], 'g')}, {x['block_lr']:g}, {x['alpha']:g}, {_n(x['seed'])} | {x['tokens']:,} | {x['ppl']:.2f} | {x['kl']:.4f} | "
-                     f"{_n(x['task_items'])} ({_n(x['kept_items'])}){' ' + x['items_sha256'] if x['items_sha256'] else ''} | {_pct(x['kept'], x['kept_interval'])} | "
-                     f"{_pct(x['choice_kept'], x['choice_kept_interval'])} | {_pct(x['choice_kept_paired'], x['choice_kept_paired_interval'])} | "
+                     f"{_n(x['task_items'])} ({_n(x['kept_items'])}){' ' + x['items_sha256'] if x['items_sha256'] else ''} | {percent(x['kept'], x['kept_interval'], bound_unit='%')} | "
+                     f"{percent(x['choice_kept'], x['choice_kept_interval'], bound_unit='%')} | {percent(x['choice_kept_paired'], x['choice_kept_paired_interval'], bound_unit='%')} | "
                      f"{x['date'][:16]} | `{x['command']}` ({x['file']}) |")
     lines += ["", *repeated_runs_summary(recs)]
     text = ("DeltaLLM on SmolLM2-135M-Instruct, KL criterion: how the delta rank (and hence the number of dependents at "

@@ -181,6 +181,14 @@ def answer_intervals(kept: float | None, n_kept: int, choice_accuracy: float | N
     return out
 
 
+def percent(value: float | None, interval: tuple[float, float] | None = None, *, bound_unit: str = "") -> str:
+    """'41.2% (32–51)' (or with bound_unit="%": '41.2% (32%–51%)'); 'n/a' for a missing value; for the tables."""
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" + (f" ({100 * interval[0]:.0f}{bound_unit}–{100 * interval[1]:.0f}{bound_unit})"
+                                    if interval else "")
+
+
 def result_intervals(original: dict, result: dict) -> dict[str, tuple[float, float] | None]:
     """answer_intervals of one result record of bench/share/run.py, with the counts of its file's `original` block
     (files written before a field existed give None for the figures that need it), plus the Wilson interval of
