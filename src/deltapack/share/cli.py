@@ -12,7 +12,8 @@ def register(main: click.Group) -> None:
     @click.option("--method", type=click.Choice(["deltallm", "layerdrop"]), default="deltallm", show_default=True,
                   help="deltallm: share block weights (the paper); layerdrop: drop the blocks of lowest Block Influence "
                        "and heal the rest by the same distillation, written as a plain HF checkpoint. On SmolLM2-135M "
-                       "layerdrop was better at -12% and -24% (README, bench/results/share.json)")
+                       "layerdrop had the lower KL and kept more exact answers at -12% and -24% (README, "
+                       "bench/results/share.json)")
     @click.option("--reduction", type=float, default=0.12, show_default=True, help="fraction of ALL parameters to remove (embeddings included)")
     @click.option("--pattern", type=click.Choice(["sequential", "alternating"]), default="sequential", show_default=True)
     @click.option("--modules", type=click.Choice(["mlp", "attn", "all"]), default="mlp", show_default=True, help="which linears of a block are shared")
