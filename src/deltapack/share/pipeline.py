@@ -196,20 +196,17 @@ def drop_and_heal(
     dev = pick_device(device)
     t_start = time.perf_counter()
     original, tok, src_dir = load_original(model_ref, dev)
-    for p in original.parameters():
-        p.requires_grad_(False)
     orig_params = unique_param_count(original)
     max_params = orig_params - math.ceil(reduction * orig_params)
     train_w, held_w, chat, free = training_text(original, tok, data, self_chat, self_text, cfg, ckpt, dev, eval_windows,
                                                 progress)
     dropped, drop = layer_drop_model(original, train_w[:calib_windows], max_params)
-    teacher = teacher_logprobs(original, held_w, EVAL_BATCH)
-    before = evaluate(dropped, held_w)
-    kl_before = batched_kl(dropped, held_w, teacher, EVAL_BATCH)
+    # the original stays intact beside the dropped copy: it is the teacher here, as in the benchmark (no stored
+    # log-probabilities, which share() needs because it rebuilds the original in place)
+    before = evaluate(dropped, held_w, teacher=original, batch=EVAL_BATCH)
     summary = heal_layer_drop(dropped, original, train_w, cfg, lr=heal_lr, progress=progress, ckpt_dir=ckpt,
                               resume=resume, ckpt_meta={"dropped": drop["dropped"]})
-    kl_after = batched_kl(dropped, held_w, teacher, EVAL_BATCH)
-    after = evaluate(dropped, held_w)
+    after = evaluate(dropped, held_w, teacher=original, batch=EVAL_BATCH)
     params = unique_param_count(dropped)
     info = {
         "format": "deltapack-layerdrop", "version": 1, "method": "layerdrop-healed",
@@ -222,7 +219,7 @@ def drop_and_heal(
         "self_chat_samples": len(chat), "self_text_samples": len(free),
         "train_config": cfg.model_dump(), "heal_lr": heal_lr,
         "training": {k: v for k, v in summary.items() if k != "local_fit"},
-        "eval_heldout": {"windows": len(held_w), "seq_len": cfg.seq_len, "kl_dropped": kl_before, "kl_healed": kl_after,
+        "eval_heldout": {"windows": len(held_w), "seq_len": cfg.seq_len, "kl_dropped": before["kl"], "kl_healed": after["kl"],
                          "ppl_dropped": before["ppl"], "ppl_healed": after["ppl"]},
         "seconds": time.perf_counter() - t_start,
     }

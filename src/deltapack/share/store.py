@@ -145,13 +145,23 @@ def export_dense(
         model, _ = load_shared(src_dir)
     else:
         model = model_or_path
+    return _write_plain_checkpoint(model, out, src_dir, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+
+def _write_plain_checkpoint(model: torch.nn.Module, out: str | os.PathLike, src_dir: Path | None, *, overwrite: bool,
+                            max_shard_bytes: int, own_config: bool = False, extra_json: dict[str, dict] | None = None) -> Path:
+    """Weights (dense_state_dict: shared linears materialised, tied weights once), the source's config/tokenizer
+    files, and `extra_json` files, written atomically. `own_config`: the model's config replaces the source's (a
+    model whose structure changed); otherwise it is written only where the source gave none."""
     sd = dense_state_dict(model)
     with AtomicDir(out, overwrite=overwrite) as tmp:
         write_weights(tmp, [(n, sd[n].dtype, tuple(sd[n].shape)) for n in sorted(sd)], sd.__getitem__,
                       max_shard_bytes=max_shard_bytes)
         copy_aux_files(src_dir, tmp)
-        if not (tmp / "config.json").exists():
+        if own_config or not (tmp / "config.json").exists():
             model.config.to_json_file(str(tmp / "config.json"))
+        for name, obj in (extra_json or {}).items():
+            write_json_atomic(tmp / name, obj)
     return Path(out)
 
 
@@ -163,11 +173,5 @@ def save_dropped(model: torch.nn.Module, out: str | os.PathLike, *, source_dir: 
     """A layer-dropped (and healed) model as a plain HF checkpoint that transformers loads on its own; `info` (the
     dropped blocks, Block Influence, parameter counts, training) beside it as deltapack_layerdrop.json. The config is
     the model's, not the source's: it has fewer layers."""
-    sd = dense_state_dict(model)
-    with AtomicDir(out, overwrite=overwrite) as tmp:
-        write_weights(tmp, [(n, sd[n].dtype, tuple(sd[n].shape)) for n in sorted(sd)], sd.__getitem__,
-                      max_shard_bytes=max_shard_bytes)
-        copy_aux_files(Path(source_dir) if source_dir else None, tmp)
-        model.config.to_json_file(str(tmp / "config.json"))
-        write_json_atomic(tmp / LAYERDROP_INFO, info)
-    return Path(out)
+    return _write_plain_checkpoint(model, out, Path(source_dir) if source_dir else None, overwrite=overwrite,
+                                   max_shard_bytes=max_shard_bytes, own_config=True, extra_json={LAYERDROP_INFO: info})
