@@ -117,7 +117,7 @@ def task_plan(base, fts: list[tuple[str, Any, str]], device: str, threads: int) 
 
 
 def task_prepare(name: str, base, ft, work: str, settings: dict, device: str, threads: int, log_path: str) -> tuple[str, int]:
-    from deltapack.compress import _append_line, check_settings, pinned_threads, prepare_finetune, resolve_device
+    from deltapack.compress import append_line, check_settings, pinned_threads, prepare_finetune, resolve_device
 
     work_p = Path(work)
     plan = pickle.loads((work_p / "plan.pkl").read_bytes())
@@ -131,7 +131,7 @@ def task_prepare(name: str, base, ft, work: str, settings: dict, device: str, th
         prep = prepare_finetune(m, settings["method"], ratio, settings["calib"], base, ft, plan,
                                 resolve_device(device), False, spill=spill)
     _atomic_pickle(work_p / "prepared.pkl", prep)  # last: marks the fine-tune prepared
-    _append_line(Path(log_path), f"prepare {name} units={len(prep.units)}")
+    append_line(Path(log_path), f"prepare {name} units={len(prep.units)}")
     return name, len(prep.units)
 
 
@@ -153,7 +153,7 @@ def task_encode(base, items: list[tuple[str, Any, str, int]], device: str, threa
 
 def task_assemble(name: str, base, ft, work: str, out: str, device: str, threads: int, max_shard_bytes: int,
                   created: str | None, log_path: str) -> tuple[str, float]:
-    from deltapack.compress import _append_line, assemble, pinned_threads, resolve_device
+    from deltapack.compress import append_line, assemble, pinned_threads, resolve_device
     from deltapack.io.writer import AtomicDir
 
     prep = _load_prepared(Path(work))
@@ -161,7 +161,7 @@ def task_assemble(name: str, base, ft, work: str, out: str, device: str, threads
         ratio = assemble(prep, base, ft, Path(work), tmp, device=resolve_device(device), max_shard_bytes=max_shard_bytes,
                          progress=False, created=created, out_label=out)
     shutil.rmtree(work, ignore_errors=True)
-    _append_line(Path(log_path), f"assemble {name} ratio={ratio:.3f}")
+    append_line(Path(log_path), f"assemble {name} ratio={ratio:.3f}")
     return name, ratio
 
 
