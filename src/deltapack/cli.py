@@ -55,7 +55,7 @@ def main(verbose: int) -> None:
 @click.argument("base")
 @click.argument("finetuned")
 @click.option("-o", "--out", required=True, type=click.Path(), help="delta directory to create")
-@click.option("-m", "--method", default="lowrank", show_default=True, help="see `deltapack methods`")
+@click.option("-m", "--method", default="auto", show_default=True, help="see `deltapack methods`")
 @click.option("-r", "--ratio", type=float, default=None, help="target TRUE ratio (default 16; raw: lossless)")
 @click.option("-p", "--param", "params", multiple=True, help="method knob key=value (repeatable)")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="JSON/YAML config file")
@@ -77,7 +77,7 @@ def compress(base, finetuned, out, method, ratio, params, config_file, calib, de
     mparams = dict(cfg.params) if cfg else {}
     mparams.update(_parse_params(params))
     if cfg:
-        method = cfg.method if method == "lowrank" else method
+        method = cfg.method if method == "auto" else method
         ratio = ratio if ratio is not None else cfg.ratio
         calib = calib or cfg.calib
     path = run(

@@ -107,3 +107,82 @@ def token_batches(tokenizer, texts: list[str], seq_len: int, n_seqs: int, seed: 
     if n == 0:
         raise InputError(f"calibration text has {len(ids)} tokens, fewer than one {seq_len}-token sequence")
     return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+
+
+# ---- self-calibration: the fine-tune's own replies ----------------------------------------------------------------
+# Generic chat prompts of many kinds (explanation, code, maths, writing, facts, advice). The fine-tune answers them in
+# its own way (a fine-tune for a narrow task often answers in that task's format whatever is asked), which makes its
+# replies calibration text in the fine-tune's own distribution without any user data. Fixed, so a self-calibrated
+# delta is reproducible from the seed.
+GENERIC_PROMPTS = (
+    "Explain what a hash table is.", "Write a short poem about the sea.", "What is the capital of Japan?",
+    "Give me three tips for better sleep.", "Summarize the plot of a detective story in two sentences.",
+    "How do I sort a list in Python?", "Translate 'good morning' into French.", "What causes rain?",
+    "Write an email declining a meeting.", "List five fruits that are red.", "What is 17 times 23?",
+    "Describe a cat to someone who has never seen one.", "Why is the sky blue?", "Tell me a joke about computers.",
+    "What is the difference between weather and climate?", "Write a haiku about autumn.",
+    "How many legs does a spider have?", "Convert 5 kilometres to miles.", "Give a recipe for pancakes.",
+    "What does a CPU do?", "Name three planets.", "Write one sentence about friendship.",
+    "Explain recursion simply.", "What is photosynthesis?", "Suggest a name for a bakery.",
+    "What year did the first person walk on the moon?", "How do vaccines work?", "Write a limerick about a dog.",
+    "Explain the rules of chess briefly.", "What is JSON?", "Give an example of a metaphor.",
+    "How can I learn a new language faster?", "Write a Python function that reverses a string.",
+    "If I have 12 apples and give away 5, how many are left?", "What is the boiling point of water in Fahrenheit?",
+    "Classify this review as positive or negative: 'The battery died after a day.'",
+    "Extract the date from: 'The meeting moved to March 3, 2024 at noon.'", "What does HTTP stand for?",
+    "Write a two-line dialogue between a teacher and a student.", "What is the square root of 144?",
+    "Give three synonyms for 'happy'.", "Explain what an API is to a child.", "What is a prime number?",
+    "Describe your ideal weekend in three sentences.", "What are the primary colours?",
+    "Write a SQL query that counts rows in a table called users.", "How does a refrigerator keep food cold?",
+    "Turn this into a list: eggs, milk and bread.", "What is the past tense of 'run'?",
+    "Give a one-sentence definition of machine learning.", "Which is heavier, a kilo of feathers or a kilo of iron?",
+    "Write a tweet announcing a new coffee shop.", "What is the largest ocean on Earth?",
+    "How do I make a cup of tea?", "Sort these numbers: 9, 2, 7, 4.", "What is the plural of 'mouse'?",
+    "Explain inflation in simple terms.", "Write a short story opening about a lighthouse.",
+    "What does the print function do in Python?", "Name two famous painters.", "What is 15% of 80?",
+    "Give me a packing list for a beach trip.", "What language is spoken in Brazil?",
+    "Summarize: 'The committee met on Tuesday and approved the new budget after a long debate.'",
+)
+
+
+def self_calibration_texts(model, tok, *, n_tokens: int, n_prompts: int = 64, max_new_tokens: int = 160,
+                           seed: int = 0, batch: int = 32, max_rounds: int = 8) -> list[str]:
+    """Chat-formatted (prompt, reply) texts whose replies the model sampled itself (temperature 1, top-p 0.95),
+    enough for about `n_tokens` tokens: rounds over the prompts with fresh samples until then (at most
+    `max_rounds`). Needs a chat template."""
+    import torch
+
+    if not getattr(tok, "chat_template", None):
+        raise InputError("self-calibration needs a chat template in the fine-tune's tokenizer")
+    prompts = [GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)] for i in range(n_prompts)]
+    dev = next(model.parameters()).device
+    side, pad_tok = tok.padding_side, tok.pad_token
+    tok.padding_side = "left"
+    if tok.pad_token is None:  # batching needs one; any id works under the attention mask
+        tok.pad_token = tok.eos_token
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    texts: list[str] = []
+    total = 0
+    try:
+        for rnd in range(max_rounds):
+            for s in range(0, len(prompts), batch):
+                chunk = prompts[s : s + batch]
+                enc = tok.apply_chat_template([[{"role": "user", "content": p}] for p in chunk], add_generation_prompt=True,
+                                              return_tensors="pt", padding=True, return_dict=True)
+                enc = {k: v.to(dev) for k, v in enc.items()}
+                # seeded per batch: the same model and seed give the same replies
+                torch.manual_seed(seed * 1000 + rnd * 97 + s)
+                with torch.no_grad():
+                    out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                                         max_new_tokens=max_new_tokens, pad_token_id=pad)
+                for p, row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+                    reply = tok.decode(row, skip_special_tokens=True)
+                    text = tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": reply}],
+                                                   tokenize=False)
+                    texts.append(text)
+                    total += len(tok(text, add_special_tokens=False)["input_ids"])
+            if total >= n_tokens:
+                break
+    finally:
+        tok.padding_side, tok.pad_token = side, pad_tok
+    return texts

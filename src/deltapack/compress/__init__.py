@@ -67,7 +67,7 @@ def compress(
     finetuned: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    method: str = "lowrank",
+    method: str = "auto",
     ratio: float | None = None,
     params: dict | None = None,
     calib: str | None = None,
@@ -76,9 +76,17 @@ def compress(
     max_shard_bytes: int = 1 << 30,
     trust_remote_code: bool = False,
     progress: bool = True,
+    heal: bool | dict | None = None,
 ) -> Path:
-    """Compress `finetuned` against `base` into the delta directory `out`. Returns the directory path."""
+    """Compress `finetuned` against `base` into the delta directory `out`. Returns the directory path.
+    `heal`: True (or a dict of calib.heal.HealConfig settings) trains the delta's float parts against the fine-tune
+    after encoding."""
+    from deltapack.calib.heal import HealConfig
+
     m, ratio = check_settings(method, ratio, params, calib)
+    heal_cfg = HealConfig.from_value(heal)
+    if heal_cfg is not None and m.lossless:
+        raise DeltapackError(f"{method} is lossless: there is nothing to heal")
     out = Path(out)
     if out.exists() and not overwrite:
         raise DeltapackError(f"output {out} already exists (pass --overwrite to replace it)")
@@ -90,7 +98,8 @@ def compress(
         with phase("plan", dev):
             plan = plan_one(bsrc, fsrc, dev, progress)
         with phase("prepare", dev):
-            prep = prepare_finetune(m, method, ratio, calib, bsrc, fsrc, plan, dev, progress, keep_live=True)
+            prep = prepare_finetune(m, method, ratio, calib, bsrc, fsrc, plan, dev, progress, keep_live=True,
+                                    heal=heal_cfg)
         created = created_stamp()
         with AtomicDir(out, overwrite=overwrite) as tmp:
             work = tmp / ".work"

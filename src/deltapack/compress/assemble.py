@@ -24,7 +24,7 @@ from deltapack.format.manifest import MANIFEST_NAME, Manifest, ModelRef, TensorE
 from deltapack.io.safetensors_file import SafetensorsFile
 from deltapack.io.sources import ModelSource
 from deltapack.io.writer import StreamingShardWriter, write_bytes_atomic
-from deltapack.methods.base import DeltaMethod, Encoded, TensorStat
+from deltapack.methods.base import PENDING_CODEC, DeltaMethod, Encoded, TensorStat
 
 log = logging.getLogger("deltapack.compress")
 
@@ -98,6 +98,16 @@ def assemble(
             with phase("assemble.refine", device):
                 refined = m.refine(held, ctx)
             del held
+    heal_record = None
+    if prep.heal is not None:
+        from deltapack.calib.heal import heal
+
+        current = {n: refined[n] if n in refined else res.load(n)[0] for n in prep.todo}
+        with phase("assemble.heal", device):
+            healed, heal_record = heal(current, ctx, prep.heal, fit=ctx.cache.get("auto:fit"))
+        refined = {n: e for n, e in healed.items() if e is not current[n]} | {n: e for n, e in refined.items() if n not in healed}
+        del current, healed
+    ctx.cache.pop("auto:fit", None)  # auto's teacher (model + log-probs): not needed for writing
     writer = StreamingShardWriter(tmp, "delta", max_shard_bytes, metadata={"format": "deltapack"})
     entries: dict[str, TensorEntry] = {}
     try:
@@ -105,6 +115,8 @@ def assemble(
             enc, new_rows = res.load(n)
             if n in refined:
                 enc = refined.pop(n)
+            if enc.codec == PENDING_CODEC:
+                raise DeltapackError(f"{n}: {prep.method_name} left a provisional encoding that its refine pass did not resolve")
             entries[n] = _write_entry(writer, n, enc, new_rows, fsrc, prep.plan.stats[n], prep.plan)
         files = writer.close()
     except BaseException:
@@ -134,7 +146,7 @@ def assemble(
         unchanged=len(plan.unchanged),
         files=files,
         aux=prep.aux_where,
-        calibration=ctx.cache.get("calibration_record") or res.calibration_record,
+        calibration=_calibration_record(ctx.cache.get("calibration_record") or res.calibration_record, heal_record),
     )
     # the card states the true ratio, which depends on the card's own size: two passes settle it
     card_path = tmp / "README.md"
@@ -151,6 +163,13 @@ def assemble(
         )
     log.info("wrote %s: %d tensors, true ratio %.2fx", out_label, len(entries), true_ratio)
     return true_ratio
+
+
+def _calibration_record(record: dict | None, heal_record: dict | None) -> dict | None:
+    if heal_record is None:
+        return record
+    slim = {k: v for k, v in heal_record.items() if k != "losses"}  # the loss curve is for logs, not the manifest
+    return dict(record or {}, heal=slim)
 
 
 def _write_entry(writer, n, enc: Encoded, new_rows, fsrc: ModelSource, stat: TensorStat, plan: Plan) -> TensorEntry:

@@ -341,6 +341,7 @@ class Prepared:
     # per unit, the per-tensor cache entries sliced to its tensors: a pickle, None (spilled), or under keep_live the
     # dict itself (handed to the unit's job once, then dropped)
     unit_caches: list[bytes | dict | None]
+    heal: Any = None  # calib.heal.HealConfig: train the float parts against the fine-tune before writing
 
 
 def prepare_finetune(
@@ -355,6 +356,7 @@ def prepare_finetune(
     progress: bool,
     spill: Callable[[int, bytes], None] | None = None,
     keep_live: bool = False,
+    heal: Any = None,
 ) -> Prepared:
     """Budget per tensor, the method's `prepare` hook, and the split of its state into units. `spill(index, blob)`
     takes the per-unit state of units whose slice is large (calibration statistics) out of memory, e.g. to disk;
@@ -436,7 +438,7 @@ def prepare_finetune(
     add_phase("prepare.unit_state", time.perf_counter() - t_state)
     return Prepared(
         method_name, ratio, calib, plan, todo, units, {k: str(v) for k, v in store_aux.items()}, aux_where, common,
-        unit_caches,
+        unit_caches, heal,
     )
 
 

@@ -127,7 +127,7 @@ def decode_qblocks(blocks: list[dict], cols: int, codes, scale, zero, floats) ->
         c_off += nb
         s_off += r * ng
     if not out:
-        return torch.zeros(0, cols)
+        return torch.zeros(0, cols, device=codes.device)
     return torch.cat(out, 0)
 
 
@@ -232,11 +232,13 @@ class SparseCodec(Codec):
     @classmethod
     def decode(cls, params, parts, shape):
         m, n = shape
-        pos = cls.positions(params, shape)
-        out = torch.zeros(m, n)
+        # decode where the parts are: masks are hashes of (seed, index), the same on every device
+        dev = next(iter(parts.values())).device if parts else torch.device("cpu")
+        pos = cls.positions(params, shape, dev)
+        out = torch.zeros(m, n, device=dev)
         if params["mask"] == "bernoulli":
             nnz = int(pos.sum())
-            vals = cls.values(params, parts, 1, nnz).view(-1) if nnz else torch.zeros(0)
+            vals = cls.values(params, parts, 1, nnz).view(-1) if nnz else torch.zeros(0, device=dev)
             out[pos] = vals
         else:
             k = pos.shape[1]

@@ -9,7 +9,7 @@ from deltapack.methods.base import METHODS, DeltaMethod, Encoded, TensorJob, Ten
 from deltapack.methods import bitdelta, dare, lowrank, raw  # noqa: F401,E402
 
 # paper methods live in their own files; a missing optional file must not break the core
-for _mod in ("delta_come", "deltadq"):
+for _mod in ("delta_come", "deltadq", "auto"):
     try:
         importlib.import_module(f"deltapack.methods.{_mod}")
     except ModuleNotFoundError as e:  # pragma: no cover

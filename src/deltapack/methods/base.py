@@ -20,6 +20,12 @@ if TYPE_CHECKING:
     from deltapack.compress import CompressContext
 
 
+# The codec name of an encoding that is not final: several candidate encodings of one tensor, carried through the
+# unit files to the method's `refine` pass, which replaces every one of them (auto picks among them there). The
+# assembler refuses to write one.
+PENDING_CODEC = "pending"
+
+
 @dataclass
 class Encoded:
     """A compressed tensor as the codec stores it."""

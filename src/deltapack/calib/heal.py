@@ -1,0 +1,155 @@
+"""Healing: after encoding, train the compressed delta's continuous parameters so that the rebuilt model's next-token
+distributions match the fine-tune's on calibration text (KL), for every codec.
+
+What trains: every floating-point part of every stored tensor — quantization scales and zero points (sparse,
+factors, deltadq grids), 16-bit factor groups and values, sign-plane scales, the dense deltas of small tensors
+(norms). What does not: codes, masks, ranks, bit widths — every integer part and every parameter in the manifest. The
+file format, the true ratio and the serving kernels are therefore unchanged; only the numbers in the float parts move.
+This generalises BitDelta's scale distillation (calib/distill.py), which trains only sign-plane scales.
+
+Parametrisation: a part p0 becomes p0 + θ·rms(p0) with θ trained by Adam, so one learning rate suits parts whose
+magnitudes differ by orders (scales ~1e-4, zero points ~1e-3, factor values ~1e-2). Large dense parts (an embedding
+kept dense) are left fixed (`max_dense_numel`): training them would be fine-tuning, not healing.
+
+Teacher: the fine-tune's log-probabilities on the calibration batches, computed once and kept in fp16 (the teacher is
+freed before training). A few calibration sequences are held out: the KL on them before and after is recorded, and if
+healing did not lower it, the un-healed parts are kept (healing never makes the calibration fit worse).
+
+Calibration text: the fine-tune's own replies to generic prompts (data-free, like `auto`'s default), or --calib.
+Time is bounded by `steps` and `max_seconds`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from deltapack.errors import DeltapackError
+from deltapack.format.codecs import get_codec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HealConfig:
+    steps: int = 150
+    lr: float = 0.01  # relative: Adam's step is about lr x rms of the part
+    batch: int = 4
+    n_seqs: int | None = None  # default 64 on GPU, 16 on CPU (a quarter held out... at most 8)
+    seq_len: int | None = None  # default 512 on GPU, 128 on CPU
+    max_seconds: float = 240.0
+    source: Literal["self", "text"] = "self"
+    max_dense_numel: int = 1 << 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch < 1 or not self.lr > 0 or not self.max_seconds > 0:
+            raise DeltapackError("heal: steps, batch, lr and max_seconds must be positive")
+
+    @classmethod
+    def from_value(cls, value) -> "HealConfig | None":
+        """None/False -> no healing; True -> defaults; a dict -> those fields (unknown keys refused)."""
+        if value in (None, False):
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, HealConfig):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise DeltapackError(f"heal: unknown settings {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+            return cls(**value)
+        raise DeltapackError(f"heal must be true/false or a dict of settings, got {value!r}")
+
+
+def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
+    """Healed copies of `encoded` (name -> Encoded) and a record {steps, seconds, kl_before, kl_after, ...}. `fit`: a
+    calib.teacher.TeacherFit to reuse (auto builds one to choose codecs); else one is built from `cfg`."""
+    from deltapack.calib.teacher import TeacherFit
+
+    t_start = time.perf_counter()
+    dev = ctx.device
+    if fit is None:
+        gpu = dev.type == "cuda"
+        fit = TeacherFit(ctx, source=cfg.source, n_seqs=cfg.n_seqs or (64 if gpu else 16),
+                         seq_len=cfg.seq_len or (512 if gpu else 128), batch=cfg.batch, seed=cfg.seed + 1)
+    record = dict(fit.record)
+
+    # per healed tensor: its parts on the device, the trainable float parts as (p0, rms, θ)
+    entries: dict[str, tuple] = {}
+    for name, enc in encoded.items():
+        if name not in fit.params:
+            continue  # a tied lm_head: the embedding's entry carries it
+        parts = {k: v.to(dev) for k, v in enc.parts.items()}
+        train = {}
+        for k, v in parts.items():
+            if not v.is_floating_point() or v.numel() == 0:
+                continue
+            if enc.codec == "dense" and v.numel() > cfg.max_dense_numel:
+                continue
+            p0 = v.float()
+            rms = float(p0.pow(2).mean().sqrt()) or 1e-8
+            train[k] = (p0, rms, torch.zeros_like(p0, requires_grad=True))
+        entries[name] = (enc, fit.shape(name), parts, train)
+    thetas = [t[2] for e in entries.values() for t in e[3].values()]
+    if not thetas:
+        log.info("heal: no continuous parameters to train")
+        return encoded, dict(record, steps_done=0, applied=False)
+    n_trainable = sum(t.numel() for t in thetas)
+
+    def deltas(grad: bool = True) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, (enc, shape, parts, train) in entries.items():
+            eff = dict(parts)
+            for k, (p0, rms, th) in train.items():
+                eff[k] = p0 + (th if grad else th.detach()) * rms
+            out[name] = get_codec(enc.codec).decode(enc.params, eff, shape)
+        return out
+
+    n_held = min(8, max(1, fit.n_seqs // 4))
+    held, train_rows = torch.arange(n_held), torch.arange(n_held, fit.n_seqs)
+    if train_rows.numel() == 0:
+        train_rows = held
+    with torch.no_grad():
+        kl_before = float(fit.kl(deltas(False), held))
+    opt = torch.optim.Adam(thetas, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_done, losses = 0, []
+    for step in tqdm(range(cfg.steps), desc="heal", disable=not ctx.progress, leave=False):
+        if time.perf_counter() - t_start > cfg.max_seconds:
+            log.info("heal: stopped at step %d of %d (max_seconds %.0f)", step, cfg.steps, cfg.max_seconds)
+            break
+        pick = train_rows[torch.randint(0, train_rows.numel(), (cfg.batch,), generator=gen)]
+        loss = fit.kl(deltas, pick)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps_done += 1
+        if step % 10 == 0 or step == cfg.steps - 1:
+            losses.append(round(float(loss.detach()), 6))
+    with torch.no_grad():
+        kl_after = float(fit.kl(deltas(False), held))
+    seconds = time.perf_counter() - t_start
+    applied = kl_after < kl_before
+    rec = dict(record, **{k: v for k, v in asdict(cfg).items() if k not in ("n_seqs", "seq_len", "source")},
+               steps_done=steps_done, seconds=round(seconds, 2), kl_before=kl_before, kl_after=kl_after,
+               applied=applied, trainable=n_trainable, losses=losses)
+    log.info("heal: held-out calibration KL %.4g -> %.4g in %d steps, %.0f s (%d trainable numbers)%s", kl_before,
+             kl_after, steps_done, seconds, n_trainable, "" if applied else ": not better, kept the un-healed delta")
+    if not applied:
+        return encoded, rec
+    out = dict(encoded)
+    for name, (enc, _, _, train) in entries.items():
+        if not train:
+            continue
+        new_parts = dict(enc.parts)
+        for k, (p0, rms, th) in train.items():
+            new_parts[k] = (p0 + th.detach() * rms).to(enc.parts[k].dtype).cpu()
+        out[name] = type(enc)(enc.codec, enc.params, new_parts, enc.method)
+    return out, rec

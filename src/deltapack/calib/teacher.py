@@ -1,0 +1,100 @@
+"""The fine-tune as a teacher: its next-token log-probabilities on calibration text, and a student = base + a
+candidate delta, scored by KL(fine-tune ‖ student) per token. Shared by `auto` (which candidate delta is closest end to
+end) and healing (train the delta's float parts to get closer).
+
+Memory: the teacher runs once over the calibration ids (log-probs kept in fp16), then is freed; the student is the
+base model with the delta applied functionally (torch.func.functional_call), so no weight is written in place and
+gradients reach whatever the delta was computed from.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+def calibration_ids(ctx, *, source: str, n_seqs: int, seq_len: int, model, tok, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """(ids, record): the fine-tune's own replies to generic prompts (source "self", needs a chat template; --calib
+    wins when given), else ctx's calibration text (--calib or the default corpus; random ids without a tokenizer)."""
+    from deltapack.calib.data import self_calibration_texts, token_batches
+
+    max_pos = ctx.finetuned.config().get("max_position_embeddings")
+    if max_pos:
+        seq_len = min(seq_len, int(max_pos))
+    if source == "self" and not ctx.calib_path and tok is not None and getattr(tok, "chat_template", None):
+        texts = self_calibration_texts(model, tok, n_tokens=n_seqs * seq_len, seed=seed)
+        ids = token_batches(tok, texts, seq_len, n_seqs)
+        return ids, {"source": "self:generic-prompts", "n_seqs": int(ids.shape[0]), "seq_len": seq_len, "seed": seed}
+    ids = ctx.calibration_batches(seq_len, n_seqs)
+    return ids, dict(ctx.cache.get("calibration_record") or {"source": ctx.calib_path or "default"},
+                     n_seqs=int(ids.shape[0]), seq_len=seq_len)
+
+
+def load_tokenizer(source):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(source.path))
+    except Exception:  # test models without a tokenizer
+        return None
+
+
+class TeacherFit:
+    """KL(fine-tune ‖ base + delta) on calibration ids, for deltas given as {name: tensor} (2-D codec views)."""
+
+    def __init__(self, ctx, *, source: str, n_seqs: int, seq_len: int, batch: int, seed: int = 0):
+        from deltapack.calib.distill import _grow_vocabulary, _teacher_logprobs
+        from deltapack.calib.fisher import load_source_model
+
+        self.ctx = ctx
+        self.device = dev = ctx.device
+        self.dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+        self.batch = batch
+        teacher = load_source_model(ctx.finetuned, dev, self.dtype)
+        self.ids, self.record = calibration_ids(ctx, source=source, n_seqs=n_seqs, seq_len=seq_len, model=teacher,
+                                                tok=load_tokenizer(ctx.finetuned), seed=seed)
+        self.ids = self.ids.to(dev)
+        self.teacher_logp = _teacher_logprobs(teacher, self.ids, batch)  # frees the teacher
+        del teacher
+        self.student = load_source_model(ctx.base, dev, self.dtype)
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        self.params = _grow_vocabulary(self.student, ctx, dev, self.dtype)
+
+    @property
+    def n_seqs(self) -> int:
+        return int(self.ids.shape[0])
+
+    def shape(self, name: str) -> tuple[int, int]:
+        """The 2-D view a codec covers (a grown tensor's base rows only)."""
+        if name in self.ctx.stats:
+            return tuple(self.ctx.stats[name].shape)
+        w = self.params[name]
+        return (w.shape[0], w[0].numel())
+
+    def weights(self, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, d in deltas.items():
+            w = self.params[name]
+            d = d.to(self.dtype)
+            rows = d.shape[0]
+            d = d.reshape(rows, *w.shape[1:]) if w.dim() > 1 else d.reshape(w.shape)
+            out[name] = w + d if rows == w.shape[0] else torch.cat([w[:rows] + d, w[rows:]])
+        return out
+
+    def kl(self, deltas: Callable[[], dict[str, torch.Tensor]] | dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """Mean KL per token over calibration sequences `rows`. `deltas`: a dict, or a function returning one (called
+        once per mini-batch, so a graph through it is rebuilt for each backward)."""
+        total = 0.0
+        for s in range(0, rows.numel(), self.batch):
+            r = rows[s : s + self.batch].to(self.device)
+            d = deltas() if callable(deltas) else deltas
+            logits = torch.func.functional_call(self.student, self.weights(d), (self.ids[r],)).logits.float()
+            t = self.teacher_logp[r].float()
+            total = total + F.kl_div(F.log_softmax(logits, -1), t, log_target=True, reduction="sum")
+        return total / (rows.numel() * self.ids.shape[1])
