@@ -395,7 +395,17 @@ def test_answer_only_loss_equals_the_full_vocabulary_loss(q, tmp_path):
     finally:
         sys.path.remove(str(QUALITY))
     tr = finetune.Trainer(q.common.smoke_base_dir(tmp_path), device=torch.device("cpu"))
-    ids, mask, labels = tr._batch(tr.encode(q.tasks.make_splits("extract", 6, 0, 0)["train"]))
+    items = tr.encode(q.tasks.make_splits("extract", 6, 0, 0)["train"])
+    ids, mask, labels = tr._batch(items)
     with torch.no_grad():
         full = tr.model(input_ids=ids, attention_mask=mask, labels=labels).loss
         assert float(tr.loss(ids, mask, labels)) == pytest.approx(float(full), rel=1e-5)
+    # micro-batches of at most max_tokens padded tokens accumulate the full batch's gradient
+    grads = []
+    for max_tokens in (10_000, 300):
+        tr.max_tokens = max_tokens
+        tr.model.zero_grad(set_to_none=True)
+        loss = tr.step_gradients(items, contextlib.nullcontext())
+        assert float(loss) == pytest.approx(float(full), rel=1e-5)
+        grads.append(torch.cat([p.grad.flatten() for p in tr.model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)

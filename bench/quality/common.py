@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -223,3 +224,36 @@ def set_worker_threads(n_workers: int) -> int:
     os.environ["DELTAPACK_THREADS"] = str(n)
     torch.set_num_threads(n)
     return n
+
+
+# ---- report helpers (report.py and report_v1.py) --------------------------------------------------------------------
+def fmt_or_dash(x, fmt: str = "{:.3f}") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def notes_block(notes: list[dict], keys: tuple[str, ...]) -> list[str]:
+    """Markdown lines of a collapsed notes list; the same note for several places is listed once with all of them."""
+    from collections import defaultdict
+
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for n in notes:
+        where = " ".join(f"{n[k]:g}x" if k == "target_ratio" else str(n[k]) for k in keys if n.get(k) is not None)
+        if where not in grouped[n["note"]]:
+            grouped[n["note"]].append(where)
+    lines = ["", "<details><summary>Notes (runs not made, and why)</summary>", ""]
+    for note, wheres in grouped.items():
+        places = "; ".join(w for w in wheres if w)
+        lines.append(f"- {places}: {note}" if places else f"- {note}")
+    return lines + ["", "</details>"]
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Write a matplotlib figure to `path` atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part.png")
+    fig.savefig(tmp, dpi=dpi)
+    tmp.replace(path)
+    plt.close(fig)
+    return path

@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     ft_model = load_checkpoint(ft_dir, device=device, dtype=dtype).model if jobs else None
     ctx = {"task": args.task, "workdir": workdir, "device": device, "dtype": dtype, "base_dir": base_dir,
            "ft_dir": ft_dir, "ft_model": ft_model, "calib_file": calib_file, "ref": ref, "test": test,
-           "kl_n": args.kl_n, "kl_batch": 16 if args.task == "classify" else 32, "batch_size": batch,
+           "kl_n": args.kl_n, "kl_batch": 8 if args.task == "classify" else 16, "batch_size": batch,
            "keep_deltas": args.keep_deltas, "heldout": args.task in HELDOUT, "finetune_id": finetune_id}
     skipped = 0
     for spec, ratio, cal in jobs:

@@ -55,7 +55,7 @@ class Trainer:
     """Model + optimizer of one full fine-tune."""
 
     def __init__(self, base_dir: str | Path, *, device: torch.device, lr: float = 2e-4, weight_decay: float = 0.0,
-                 seed: int = 0, max_len: int = 512):
+                 seed: int = 0, max_len: int = 512, max_tokens: int = 8192):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(seed)
@@ -63,6 +63,7 @@ class Trainer:
         self.device = device
         self.lr = lr
         self.max_len = max_len
+        self.max_tokens = max_tokens  # padded tokens per micro-batch (activation memory)
         self.tok = AutoTokenizer.from_pretrained(str(base_dir))
         self.model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device)
         # fused AdamW: one kernel for all parameters (CUDA only)
@@ -91,14 +92,34 @@ class Trainer:
             mask[r, : len(seq)] = 1
         return ids.to(self.device), mask.to(self.device), labels.to(self.device)
 
-    def loss(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over completion tokens; the head runs on the positions that predict them only."""
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over completion tokens (mean, or sum); the head runs on the positions that predict them."""
         body = getattr(self.model, self.model.base_model_prefix)
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
         target = labels[:, 1:]
         sel = target != -100
         logits = self.model.get_output_embeddings()(hidden[:, :-1][sel])
-        return F.cross_entropy(logits.float(), target[sel])
+        return F.cross_entropy(logits.float(), target[sel], reduction=reduction)
+
+    def step_gradients(self, items: list[tuple[list[int], list[int]]], autocast) -> torch.Tensor:
+        """Accumulate the gradient of the batch's mean completion-token loss in micro-batches of at most
+        `max_tokens` padded tokens (exactly the full batch's gradient, up to rounding): six fine-tunes share one
+        GPU, and classify's ~330-token rows at batch 64 would hold ~18 GB of activations in one piece."""
+        items = sorted(items, key=lambda pc: len(pc[0]) + len(pc[1]))  # similar lengths share a micro-batch
+        n_tokens = sum(len(c) for _, c in items)
+        total = torch.zeros((), device=self.device)
+        start = 0
+        while start < len(items):
+            end = start + 1
+            while end < len(items) and (end + 1 - start) * (len(items[end][0]) + len(items[end][1])) <= self.max_tokens:
+                end += 1
+            ids, mask, labels = self._batch(items[start:end])
+            with autocast:
+                part = self.loss(ids, mask, labels, reduction="sum")
+            (part / n_tokens).backward()
+            total += part.detach()
+            start = end
+        return total / n_tokens
 
     def train(self, data: list[tuple[list[int], list[int]]], steps: int, *, batch_size: int = BATCH_SIZE,
               warmup: int = WARMUP, log_every: int = 50, deadline: float | None = None) -> dict:
@@ -121,14 +142,11 @@ class Trainer:
                 self.rng.shuffle(fresh)
                 order.extend(fresh)
             idx, order = order[:batch_size], order[batch_size:]
-            ids, mask, labels = self._batch([data[i] for i in idx])
             scale = ((step + 1) / warmup if step < warmup
                      else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
             for g in self.opt.param_groups:
                 g["lr"] = self.lr * min(1.0, scale)
-            with autocast:
-                loss = self.loss(ids, mask, labels)
-            loss.backward()
+            loss = self.step_gradients([data[i] for i in idx], autocast)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -146,7 +164,7 @@ class Trainer:
         self.model.config.use_cache = True
         self.model.eval()
         return {"steps": done, "steps_planned": steps, "stopped_early": done < steps, "lr": self.lr,
-                "batch_size": batch_size, "warmup": warmup, "train_seconds": round(dt, 2),
+                "batch_size": batch_size, "max_tokens": self.max_tokens, "warmup": warmup, "train_seconds": round(dt, 2),
                 "steps_per_s": round(done / dt, 3) if dt > 0 else None,
                 "final_loss": history[-1][1] if history else None, "loss_history": history}
 
@@ -185,7 +203,8 @@ def wait_for(path: Path, deadline: float) -> None:
 
 
 def finetune_task(task: str, base: Path, out: Path, *, steps: int, lr: float, batch_size: int, data: dict,
-                  device: torch.device, deadline: float | None, eval_batch: int, smoke: bool = False) -> dict:
+                  device: torch.device, deadline: float | None, eval_batch: int, max_tokens: int = 8192,
+                  smoke: bool = False) -> dict:
     """Fine-tune on `task`'s train split, score dev, save the checkpoint with `finetune.json` (what run.py and
     evaluate.py read back). `data`: the split settings (n_train, n_dev, n_test, knobs) every later step reuses."""
     import eval_task
@@ -193,7 +212,7 @@ def finetune_task(task: str, base: Path, out: Path, *, steps: int, lr: float, ba
 
     t_all = time.perf_counter()
     splits = make_splits(task, data["n_train"], data["n_dev"], data["n_test"], data["knobs"])
-    tr = Trainer(base, device=device, lr=lr)
+    tr = Trainer(base, device=device, lr=lr, max_tokens=max_tokens)
     t0 = time.perf_counter()
     train = tr.encode(splits["train"])
     encode_s = time.perf_counter() - t0
@@ -231,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=512)
     ap.add_argument("--knob", action="append", default=[], help="task.key=value (repeatable), see tasks.KNOBS")
     ap.add_argument("--eval-batch", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per micro-batch (GPU memory)")
     ap.add_argument("--deadline", type=float, default=None, help="time.time() at which to stop training")
     ap.add_argument("--workers", type=int, default=1, help="processes sharing this machine (sets threads)")
     ap.add_argument("--device", default=None)
@@ -246,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             "n_test": args.n_test, "knobs": parse_knobs(args.knob)}
     finetune_task(args.task, args.base, args.out, steps=args.steps or d["steps"], lr=args.lr or d["lr"],
                   batch_size=args.batch_size, data=data, device=device, deadline=args.deadline,
-                  eval_batch=args.eval_batch, smoke=args.smoke)
+                  eval_batch=args.eval_batch, max_tokens=args.max_tokens, smoke=args.smoke)
     return 0
 
 

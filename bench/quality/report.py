@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import math
 import re
 import sys
 from collections import defaultdict
@@ -31,8 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (INTERVAL_TEXT, REPO, RESULTS, command_line, hex_to_items, label_key, load_json, now_iso,  # noqa: E402
-                    paired_difference_interval, write_json)
+from common import (INTERVAL_TEXT, REPO, RESULTS, command_line, hex_to_items, label_key, load_json, notes_block,  # noqa: E402
+                    now_iso, paired_difference_interval, save_figure, write_json)
+from common import fmt_or_dash as _f  # noqa: E402
 from tasks import HELDOUT, TASKS, TUNING  # noqa: E402
 
 from deltapack.eval.metrics import wilson  # noqa: E402
@@ -112,10 +112,6 @@ def worst(cell: dict[str, dict], tasks: tuple[str, ...]) -> tuple[dict | None, b
     if not recs:
         return None, False
     return min(recs, key=lambda r: (r["kept"], r["task"])), len(recs) == len(tasks)
-
-
-def _f(x, fmt: str = "{:.3f}") -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
 
 
 def kept_text(r: dict | None, *, ratio: bool = False, task: bool = False, complete: bool = True) -> str:
@@ -369,17 +365,7 @@ def quality_markdown(merged: dict | None, json_name: str) -> str:
                          f"{' → '.join(_f(k, '{:.1f}x') for k in r['true_ratio'])} |")
         lines += ["", "</details>"]
     if merged.get("notes"):
-        grouped: dict[str, list[str]] = defaultdict(list)
-        for n in merged["notes"]:
-            where = " ".join(f"{n[k]:g}x" if k == "target_ratio" else str(n[k])
-                             for k in ("task", "method", "target_ratio", "calibration") if n.get(k) is not None)
-            if where not in grouped[n["note"]]:
-                grouped[n["note"]].append(where)
-        lines += ["", "<details><summary>Notes (runs not made, and why)</summary>", ""]
-        for note, wheres in grouped.items():
-            places = "; ".join(w for w in wheres if w)
-            lines.append(f"- {places}: {note}" if places else f"- {note}")
-        lines += ["", "</details>"]
+        lines += notes_block(merged["notes"], ("task", "method", "target_ratio", "calibration"))
     return "\n".join(lines) + "\n"
 
 
@@ -439,12 +425,7 @@ def plot(merged: dict, path: Path) -> Path:
     fig.suptitle(f"SmolLM2-135M-Instruct full fine-tunes, six task families, on {merged.get('device') or '?'}",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # ---- generated blocks -----------------------------------------------------------------------------------------------

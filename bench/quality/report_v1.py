@@ -14,14 +14,14 @@ measured in more than one part keeps the latest part's record.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, command_line, hex_to_items, load_json, now_iso, paired_interval, write_json  # noqa: E402
+from common import RESULTS, command_line, hex_to_items, load_json, now_iso, notes_block, paired_interval, save_figure, write_json  # noqa: E402
+from common import fmt_or_dash as _f  # noqa: E402
 
 from deltapack.eval.metrics import wilson  # noqa: E402
 
@@ -131,16 +131,7 @@ def plot(merged: dict, path: Path) -> Path:
     tasks = sorted({r["task"] for r in merged["results"]})
     fig.suptitle(f"SmolLM2-135M-Instruct full fine-tunes ({', '.join(tasks)}) on {merged.get('device', '?')}", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-    plt.close(fig)
-    return path
-
-
-def _f(x, fmt="{:.3f}") -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+    return save_figure(fig, path, dpi=120)
 
 
 def kept_interval(r: dict, finetune_items: str | None = None) -> tuple[tuple[float, float], str] | None:
@@ -301,18 +292,7 @@ def markdown(merged: dict, json_name: str) -> str:
                          f"{' → '.join(r['parts'])} |")
         lines += ["", "</details>"]
     if merged.get("notes"):
-        # the same note for several (task, method, ratio) is listed once with all of them
-        grouped: dict[str, list[str]] = defaultdict(list)
-        for n in merged["notes"]:
-            where = " ".join(f"{n[k]:g}x" if k == "target_ratio" else str(n[k])
-                             for k in ("task", "method", "target_ratio") if n.get(k) is not None)
-            if where not in grouped[n["note"]]:
-                grouped[n["note"]].append(where)
-        lines += ["", "<details><summary>Notes (runs not made, and why)</summary>", ""]
-        for note, wheres in grouped.items():
-            places = "; ".join(w for w in wheres if w)
-            lines.append(f"- {places}: {note}" if places else f"- {note}")
-        lines += ["", "</details>"]
+        lines += notes_block(merged["notes"], ("task", "method", "target_ratio"))
     return "\n".join(lines) + "\n"
 
 

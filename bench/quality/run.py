@@ -97,8 +97,9 @@ class Workers:
         self.procs: dict[str, tuple[subprocess.Popen, Path, float]] = {}
 
     def start(self, name: str, argv: list[str], threads: int) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
-               "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        # expandable segments: a dozen processes share the GPU's memory, so little of it should sit fragmented
+        env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ, "PYTHONUNBUFFERED": "1",
+               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         path = self.log_dir / f"{name}.log"
         f = open(path, "w")
         p = subprocess.Popen([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO,
@@ -177,7 +178,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                 "--out", str(workdir / f"ft-{task}"), "--steps", str(s), "--lr", str(lr),
                 "--batch-size", str(args.batch_size), "--n-train", str(want["n_train"]), "--n-dev", str(args.n_dev),
                 "--n-test", str(args.n_test), "--deadline", str(train_deadline),
-                "--workers", str(len(tasks)), "--eval-batch", str(args.eval_batch)]
+                "--workers", str(len(tasks)), "--eval-batch", str(args.eval_batch),
+                "--max-tokens", str(args.max_tokens)]
         argv += [f"--knob={k}" for k in args.knob if k.split(".", 1)[0] == task]
         if args.device:
             argv += ["--device", args.device]
@@ -291,7 +293,8 @@ def cmd_smoke(args: argparse.Namespace) -> int:
                  job_estimate=5.0, device="cpu")
     # fine-tune both tasks in parallel, each evaluated as soon as it is saved (finetune --then-eval) ...
     ft = argparse.Namespace(workdir=workdir, out_dir=out_dir, tasks=SMOKE_TASKS, steps="4", lr="3e-3", batch_size=4,
-                            n_train=64, n_dev=4, n_test=8, knob=[], eval_batch=8, time_budget=args.time_budget,
+                            n_train=64, n_dev=4, n_test=8, knob=[], eval_batch=8, max_tokens=256,
+                            time_budget=args.time_budget,
                             train_budget=None, then_eval=True, reuse_finetunes=False, base=pico, smoke=True,
                             redo=True, **evals)
     if cmd_finetune(ft) != 0:
@@ -340,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--n-test", type=int, default=512)
     f.add_argument("--knob", action="append", default=[], help="task.key=value (repeatable), see tasks.KNOBS")
     f.add_argument("--eval-batch", type=int, default=128, help="dev scoring batch")
+    f.add_argument("--max-tokens", type=int, default=8192,
+                   help="padded tokens per micro-batch: six fine-tunes share the GPU's memory (~5 GB of activations "
+                        "each at 8192; the gradient is the full batch's)")
     f.add_argument("--time-budget", type=float, default=300.0, help="seconds for the whole call")
     f.add_argument("--train-budget", type=float, default=None,
                    help="seconds (from the call's start) by which every fine-tune is saved; default --time-budget")
