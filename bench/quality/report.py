@@ -214,7 +214,7 @@ def targets_lines(results: list[dict]) -> list[str]:
         if not cands:
             out.append(f"| {ratio:g}x | {goal:.2f} | not measured on every family | – | – | – |")
             continue
-        kept, label, rec = max(cands, key=lambda c: (c[0], c[1]))
+        kept, label, rec = max(cands, key=lambda c: (c[0], -label_key(c[1])[0]))  # a tie goes to the earlier label
         lo, hi = rec.get("kept_interval") or [None, None]
         met = "yes" if kept >= goal else ("no (interval below the target)" if hi is not None and hi < goal else "no")
         out.append(f"| {ratio:g}x | {goal:.2f} | {label}: {kept:.3f} ({rec['task']}, true {rec['true_ratio']:.1f}x) | "
@@ -254,7 +254,7 @@ def difference_lines(results: list[dict], finetunes: dict) -> list[str]:
                               and o.get("finetune_id") == a.get("finetune_id")]
                     if not others:
                         continue
-                    b = max(others, key=lambda o: (o["kept"], o["label"]))
+                    b = max(others, key=lambda o: (o["kept"], -label_key(o["label"])[0]))
                 else:
                     b = cells.get(("auto", ratio, "default"), {}).get(task)
                     if b is None or b.get("finetune_id") != a.get("finetune_id"):
