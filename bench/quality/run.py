@@ -149,7 +149,7 @@ class Workers:
 
 # ---- finetune -------------------------------------------------------------------------------------------------------
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from finetune import TRAIN_DEFAULTS
+    from finetune import BATCH_SIZE, TRAIN_DEFAULTS
     from tasks import N_TRAIN, parse_knobs
 
     t_start = time.time()
@@ -159,6 +159,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     tasks = select_tasks(args.tasks)
     steps, lrs = per_task(args.steps, int, "steps"), per_task(args.lr, float, "lr")
+    batches = per_task(args.batch_size, int, "batch-size")
     knobs = parse_knobs(args.knob)  # validated here, before any process starts
     workers = Workers(workdir / "logs" / f"finetune-{int(t_start)}")
     reused, started = [], []
@@ -166,17 +167,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         want = {"n_train": args.n_train if args.n_train is not None else N_TRAIN[task], "n_dev": args.n_dev,
                 "n_test": args.n_test, "knobs": {k: v for k, v in knobs.items() if k == task}}
         s, lr = steps.get(task, TRAIN_DEFAULTS[task]["steps"]), lrs.get(task, TRAIN_DEFAULTS[task]["lr"])
+        batch = batches.get(task, BATCH_SIZE)
         marker = workdir / f"ft-{task}" / "finetune.json"
         if args.reuse_finetunes and marker.is_file():
             prev = json.loads(marker.read_text())
             if (prev["data"] == want and prev["steps_planned"] == s and prev["lr"] == lr
-                    and prev["batch_size"] == args.batch_size and not prev["stopped_early"]):
+                    and prev["batch_size"] == batch and not prev["stopped_early"]):
                 reused.append(task)
                 continue
             log.info("%s: the fine-tune in %s was made with other settings: made again", task, marker.parent)
         argv = [str(HERE / "finetune.py"), "--task", task, "--base", str(workdir / "base"),
                 "--out", str(workdir / f"ft-{task}"), "--steps", str(s), "--lr", str(lr),
-                "--batch-size", str(args.batch_size), "--n-train", str(want["n_train"]), "--n-dev", str(args.n_dev),
+                "--batch-size", str(batch), "--n-train", str(want["n_train"]), "--n-dev", str(args.n_dev),
                 "--n-test", str(args.n_test), "--deadline", str(train_deadline),
                 "--workers", str(len(tasks)), "--eval-batch", str(args.eval_batch),
                 "--max-tokens", str(args.max_tokens)]
@@ -292,7 +294,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     evals = dict(methods=args.methods, ratios="16", calib="default,task", kl_n=4, eval_n=8, job_margin=0.0,
                  job_estimate=5.0, device="cpu")
     # fine-tune both tasks in parallel, each evaluated as soon as it is saved (finetune --then-eval) ...
-    ft = argparse.Namespace(workdir=workdir, out_dir=out_dir, tasks=SMOKE_TASKS, steps="4", lr="3e-3", batch_size=4,
+    ft = argparse.Namespace(workdir=workdir, out_dir=out_dir, tasks=SMOKE_TASKS, steps="4", lr="3e-3", batch_size="4",
                             n_train=64, n_dev=4, n_test=8, knob=[], eval_batch=8, max_tokens=256,
                             time_budget=args.time_budget,
                             train_budget=None, then_eval=True, reuse_finetunes=False, base=pico, smoke=True,
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--tasks", default="all")
     f.add_argument("--steps", default=None, help="N for every task or task=N,...; default finetune.TRAIN_DEFAULTS")
     f.add_argument("--lr", default=None, help="x for every task or task=x,...; default finetune.TRAIN_DEFAULTS")
-    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--batch-size", default=None, help="N for every task or task=N,...; default 64")
     f.add_argument("--n-train", type=int, default=None, help="default: tasks.N_TRAIN per task")
     f.add_argument("--n-dev", type=int, default=128)
     f.add_argument("--n-test", type=int, default=512)
@@ -371,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--methods", default="auto,dare,lowrank,deltadq",
                    help="labels (auto is skipped with a note where it is not registered)")
     s.add_argument("--time-budget", type=float, default=900.0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--smoke"]:  # the spelling of the earlier run.py: `run.py --smoke [--out-dir DIR]`
+        argv = ["smoke", *argv[1:]] + ([] if "--out-dir" in argv else ["--out-dir", "/tmp/quality-smoke"])
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return {"finetune": cmd_finetune, "eval": cmd_eval, "smoke": cmd_smoke}[args.cmd](args)
