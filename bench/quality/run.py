@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -81,6 +80,8 @@ def prepare_base(workdir: Path, source: Path | None) -> tuple[Path, float]:
         from common import embedded_base_dir
 
         source = embedded_base_dir()
+    if not (Path(source) / "config.json").is_file():
+        raise SystemExit(f"--base {source}: not a checkpoint directory (no config.json)")
     with AtomicDir(dest, overwrite=True) as tmp:
         for f in Path(source).iterdir():
             if f.is_file():
@@ -89,7 +90,8 @@ def prepare_base(workdir: Path, source: Path | None) -> tuple[Path, float]:
 
 
 class Workers:
-    """Child processes, one per task, each with its own log file; killed (their process group) at the hard limit."""
+    """Child processes, one per task, each with its own log file; killed at the hard limit, and when the parent
+    leaves the `with` block early (an error): no worker outlives the call that started it."""
 
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
@@ -102,8 +104,7 @@ class Workers:
                "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
         path = self.log_dir / f"{name}.log"
         f = open(path, "w")
-        p = subprocess.Popen([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                             start_new_session=True)
+        p = subprocess.Popen([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
         f.close()
         self.procs[name] = (p, path, time.time())
 
@@ -132,14 +133,21 @@ class Workers:
 
     @staticmethod
     def _kill(p: subprocess.Popen) -> None:
+        p.terminate()
         try:
-            os.killpg(p.pid, signal.SIGTERM)
             p.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for name, (p, _, _) in self.procs.items():
+            if p.poll() is None:
+                log.error("%s: still running as the parent stops: killed", name)
+                self._kill(p)
+        return False
 
     def collect_logs(self, path: Path) -> None:
         text = "".join(f"===== {name} ({lp})\n{lp.read_text()}\n" for name, (_, lp, _) in self.procs.items())
@@ -161,48 +169,47 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     steps, lrs = per_task(args.steps, int, "steps"), per_task(args.lr, float, "lr")
     batches = per_task(args.batch_size, int, "batch-size")
     knobs = parse_knobs(args.knob)  # validated here, before any process starts
-    workers = Workers(workdir / "logs" / f"finetune-{int(t_start)}")
-    reused, started = [], []
-    for task in tasks:
-        want = {"n_train": args.n_train if args.n_train is not None else N_TRAIN[task], "n_dev": args.n_dev,
-                "n_test": args.n_test, "knobs": {k: v for k, v in knobs.items() if k == task}}
-        s, lr = steps.get(task, TRAIN_DEFAULTS[task]["steps"]), lrs.get(task, TRAIN_DEFAULTS[task]["lr"])
-        batch = batches.get(task, BATCH_SIZE)
-        marker = workdir / f"ft-{task}" / "finetune.json"
-        if args.reuse_finetunes and marker.is_file():
-            prev = json.loads(marker.read_text())
-            if (prev["data"] == want and prev["steps_planned"] == s and prev["lr"] == lr
-                    and prev["batch_size"] == batch and not prev["stopped_early"]):
-                reused.append(task)
-                continue
-            log.info("%s: the fine-tune in %s was made with other settings: made again", task, marker.parent)
-        argv = [str(HERE / "finetune.py"), "--task", task, "--base", str(workdir / "base"),
-                "--out", str(workdir / f"ft-{task}"), "--steps", str(s), "--lr", str(lr),
-                "--batch-size", str(batch), "--n-train", str(want["n_train"]), "--n-dev", str(args.n_dev),
-                "--n-test", str(args.n_test), "--deadline", str(train_deadline),
-                "--workers", str(len(tasks)), "--eval-batch", str(args.eval_batch),
-                "--max-tokens", str(args.max_tokens)]
-        argv += [f"--knob={k}" for k in args.knob if k.split(".", 1)[0] == task]
-        if args.device:
-            argv += ["--device", args.device]
-        if args.smoke:
-            argv.append("--smoke")
-        workers.start(task, argv, threads=max(1, (os.cpu_count() or 1) // len(tasks)))
-        started.append(task)
-    base_dir, base_s = prepare_base(workdir, args.base)
-    log.info("base ready in %s (%.1f s); training %s; reusing %s", base_dir, base_s, started, reused)
-    evaluating: list[str] = []
+    reused, started, evaluating = [], [], []
+    with Workers(workdir / "logs" / f"finetune-{int(t_start)}") as workers:
+        for task in tasks:
+            want = {"n_train": args.n_train if args.n_train is not None else N_TRAIN[task], "n_dev": args.n_dev,
+                    "n_test": args.n_test, "knobs": {k: v for k, v in knobs.items() if k == task}}
+            s, lr = steps.get(task, TRAIN_DEFAULTS[task]["steps"]), lrs.get(task, TRAIN_DEFAULTS[task]["lr"])
+            batch = batches.get(task, BATCH_SIZE)
+            marker = workdir / f"ft-{task}" / "finetune.json"
+            if args.reuse_finetunes and marker.is_file():
+                prev = json.loads(marker.read_text())
+                if (prev["data"] == want and prev["steps_planned"] == s and prev["lr"] == lr
+                        and prev["batch_size"] == batch and not prev["stopped_early"]):
+                    reused.append(task)
+                    continue
+                log.info("%s: the fine-tune in %s was made with other settings: made again", task, marker.parent)
+            argv = [str(HERE / "finetune.py"), "--task", task, "--base", str(workdir / "base"),
+                    "--out", str(workdir / f"ft-{task}"), "--steps", str(s), "--lr", str(lr),
+                    "--batch-size", str(batch), "--n-train", str(want["n_train"]), "--n-dev", str(args.n_dev),
+                    "--n-test", str(args.n_test), "--deadline", str(train_deadline),
+                    "--workers", str(len(tasks)), "--eval-batch", str(args.eval_batch),
+                    "--max-tokens", str(args.max_tokens)]
+            argv += [f"--knob={k}" for k in args.knob if k.split(".", 1)[0] == task]
+            if args.device:
+                argv += ["--device", args.device]
+            if args.smoke:
+                argv.append("--smoke")
+            workers.start(task, argv, threads=max(1, (os.cpu_count() or 1) // len(tasks)))
+            started.append(task)
+        base_dir, base_s = prepare_base(workdir, args.base)
+        log.info("base ready in %s (%.1f s); training %s; reusing %s", base_dir, base_s, started, reused)
 
-    def then_eval(name: str, rc: int) -> None:
-        # a task's evaluation starts as soon as its fine-tune is saved, and uses the rest of this call
-        if args.then_eval and rc == 0 and name in tasks and (workdir / f"ft-{name}" / "finetune.json").is_file():
-            workers.start(f"eval-{name}", eval_argv(args, name, "ft", deadline, len(tasks)),
-                          threads=max(1, (os.cpu_count() or 1) // len(tasks)))
-            evaluating.append(name)
+        def then_eval(name: str, rc: int) -> None:
+            # a task's evaluation starts as soon as its fine-tune is saved, and uses the rest of this call
+            if args.then_eval and rc == 0 and name in tasks and (workdir / f"ft-{name}" / "finetune.json").is_file():
+                workers.start(f"eval-{name}", eval_argv(args, name, "ft", deadline, len(tasks)),
+                              threads=max(1, (os.cpu_count() or 1) // len(tasks)))
+                evaluating.append(name)
 
-    for task in reused:
-        then_eval(task, 0)
-    status = workers.wait(deadline + GRACE_S, on_exit=then_eval)
+        for task in reused:
+            then_eval(task, 0)
+        status = workers.wait(deadline + GRACE_S, on_exit=then_eval)
     summary = {"command": command_line(), "date": now_iso(), "stage": "finetune", "workdir": str(workdir),
                "base_prepare_seconds": round(base_s, 1), "time_budget": args.time_budget,
                "workers": status, "reused": reused, "evaluated_in_this_call": evaluating, "finetunes": {}}
@@ -257,11 +264,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"no fine-tune of {', '.join(missing)} in {args.workdir}: run `run.py finetune` first "
                          "(fine-tunes live only while the GPU machine stays warm)")
     tag = args.tag or time.strftime("%Y%m%dT%H%M%S", time.gmtime(t_start))
-    workers = Workers(args.workdir / "logs" / f"eval-{tag}")
-    for task in tasks:
-        workers.start(task, eval_argv(args, task, tag, deadline, len(tasks)),
-                      threads=max(1, (os.cpu_count() or 1) // len(tasks)))
-    status = workers.wait(deadline + GRACE_S)
+    with Workers(args.workdir / "logs" / f"eval-{tag}") as workers:
+        for task in tasks:
+            workers.start(task, eval_argv(args, task, tag, deadline, len(tasks)),
+                          threads=max(1, (os.cpu_count() or 1) // len(tasks)))
+        status = workers.wait(deadline + GRACE_S)
     workers.collect_logs(args.out_dir / f"eval-{tag}-log.txt")
     print(eval_table(args.out_dir, tag, tasks, status))
     return 0 if all(s["rc"] == 0 for s in status.values()) else 1
