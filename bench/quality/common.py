@@ -1,15 +1,19 @@
-"""Shared helpers of the quality benchmark scripts: the base model, the smoke (pico) base, devices, JSON parts."""
+"""Shared helpers of the quality benchmark scripts: the base model, the smoke (pico) base, devices, JSON parts, the
+method labels, the time budget, per-item results and their paired intervals."""
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import platform
 import shutil
 import sys
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -89,3 +93,167 @@ def items_to_hex(per_item: list[bool]) -> str:
 
 def hex_to_items(text: str, n: int) -> list[bool]:
     return [bool(int(text[i // 4], 16) >> (i % 4) & 1) for i in range(n)]
+
+
+# ---- paired intervals -----------------------------------------------------------------------------------------------
+INTERVAL_REPS = 4000
+INTERVAL_SEED = 0
+INTERVAL_TEXT = f"95% paired bootstrap over test items ({INTERVAL_REPS} resamples, seed {INTERVAL_SEED})"
+
+
+def paired_interval(rebuilt: list[bool], finetune: list[bool], reps: int = INTERVAL_REPS,
+                    seed: int = INTERVAL_SEED) -> tuple[float, float]:
+    """95% bootstrap interval of accuracy kept = sum(rebuilt) / sum(fine-tune), resampling test items (both models
+    answer the same items, so they are resampled together). Fixed seed: the same vectors give the same interval."""
+    import numpy as np
+
+    if len(rebuilt) != len(finetune) or not rebuilt:
+        raise ValueError(f"paired vectors must be non-empty and of one length ({len(rebuilt)} vs {len(finetune)})")
+    a, b = np.asarray(rebuilt, dtype=np.int32), np.asarray(finetune, dtype=np.int32)
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(reps, len(a)))
+    num, den = a[idx].sum(1), b[idx].sum(1)
+    ratios = num[den > 0] / den[den > 0]
+    if not len(ratios):
+        return (float("nan"), float("nan"))
+    return (float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975)))
+
+
+def paired_difference_interval(a: list[bool], b: list[bool], ref: list[bool], reps: int = INTERVAL_REPS,
+                               seed: int = INTERVAL_SEED) -> tuple[float, float, float]:
+    """(point, lo, hi) of kept(a) - kept(b), both against the same fine-tune's per-item results `ref`: 95% paired
+    bootstrap over items (all three vectors resampled together)."""
+    import numpy as np
+
+    va, vb, vr = (np.asarray(x, dtype=np.int32) for x in (a, b, ref))
+    if not (len(va) == len(vb) == len(vr)) or not len(va) or vr.sum() == 0:
+        raise ValueError("paired vectors must be non-empty, of one length, with a fine-tune that gets something right")
+    idx = np.random.default_rng(seed).integers(0, len(va), size=(reps, len(va)))
+    den = vr[idx].sum(1)
+    ok = den > 0
+    diff = (va[idx].sum(1)[ok] - vb[idx].sum(1)[ok]) / den[ok]
+    return (float((va.sum() - vb.sum()) / vr.sum()), float(np.quantile(diff, 0.025)), float(np.quantile(diff, 0.975)))
+
+
+def normalise_ws(text: str) -> str:
+    """Whitespace-normalised text (runs of whitespace -> one space, stripped): the chat family's equality."""
+    return " ".join(text.split())
+
+
+# ---- method labels --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MethodSpec:
+    label: str
+    method: str
+    params: dict = field(default_factory=dict)
+    heal: bool = False  # api.compress(..., heal=True)
+    allocator: str | None = None
+
+
+METHOD_SPECS = [
+    MethodSpec("auto", "auto"),
+    MethodSpec("auto+heal", "auto", heal=True),
+    MethodSpec("dare", "dare"),
+    MethodSpec("delta-come", "delta-come"),  # its default settings, nothing else
+    MethodSpec("deltadq", "deltadq"),
+    MethodSpec("lowrank", "lowrank"),
+    MethodSpec("bitdelta", "bitdelta"),
+]
+LABEL_ORDER = [s.label for s in METHOD_SPECS]
+# labels timing_7b.py also accepts (variants the quality benchmark does not run: issue 24 fixes its seven labels)
+EXTRA_SPECS = [
+    MethodSpec("raw", "raw"),
+    MethodSpec("bitdelta-distill", "bitdelta", {"distill": True}),
+    MethodSpec("delta-come-paper", "delta-come", {"allocator": "paper"}, allocator="paper"),
+    MethodSpec("delta-come-optimal", "delta-come", {"allocator": "optimal"}, allocator="optimal"),
+]
+ALIASES = {"all": LABEL_ORDER}
+DEFAULT_RATIOS = (16.0, 32.0, 64.0, 128.0)
+CALIBRATIONS = ("default", "task")  # default: what `deltapack compress` does without --calib; task: the train split
+
+
+def select_methods(text: str, *, extra: bool = False) -> list[MethodSpec]:
+    """Comma-separated labels ("all" = the benchmark's seven) -> specs; `extra` also accepts EXTRA_SPECS' labels."""
+    by_label = {s.label: s for s in METHOD_SPECS + (EXTRA_SPECS if extra else [])}
+    out: list[MethodSpec] = []
+    for tok in (t.strip() for t in text.split(",") if t.strip()):
+        for lab in ALIASES.get(tok, [tok]):
+            if lab not in by_label:
+                raise SystemExit(f"unknown method label {lab!r}; choose from {', '.join(by_label)} or all")
+            if by_label[lab] not in out:
+                out.append(by_label[lab])
+    return out
+
+
+def label_key(label: str) -> tuple:
+    return (LABEL_ORDER.index(label) if label in LABEL_ORDER else len(LABEL_ORDER), label)
+
+
+# ---- time budget ----------------------------------------------------------------------------------------------------
+class Budget:
+    """Wall-clock budget up to an absolute deadline (time.time()): predicts whether the next piece of work fits from
+    what similar pieces took so far (the longest of the same kind, else the longest of any kind, else a default)."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.start = time.time()
+        self.took: dict[str, list[float]] = {}
+
+    def elapsed(self) -> float:
+        return time.time() - self.start
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def record(self, key: str, seconds: float) -> None:
+        self.took.setdefault(key, []).append(seconds)
+
+    def estimate(self, key: str, default: float) -> float:
+        if key in self.took:
+            return max(self.took[key])
+        every = [x for v in self.took.values() for x in v]
+        return max([default, *every]) if every else default
+
+    def fits(self, key: str, default: float) -> bool:
+        return self.left() > self.estimate(key, default)
+
+
+def set_worker_threads(n_workers: int) -> int:
+    """Threads for one of `n_workers` processes sharing this machine's cores (torch and the compress pipeline,
+    whose CPU reductions depend on the thread count: DELTAPACK_THREADS makes them repeatable)."""
+    n = max(1, (os.cpu_count() or 1) // max(1, n_workers))
+    os.environ["DELTAPACK_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    return n
+
+
+# ---- report helpers (report.py and report_v1.py) --------------------------------------------------------------------
+def fmt_or_dash(x, fmt: str = "{:.3f}") -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+
+
+def notes_block(notes: list[dict], keys: tuple[str, ...]) -> list[str]:
+    """Markdown lines of a collapsed notes list; the same note for several places is listed once with all of them."""
+    from collections import defaultdict
+
+    grouped: dict[str, list[str]] = defaultdict(list)
+    for n in notes:
+        where = " ".join(f"{n[k]:g}x" if k == "target_ratio" else str(n[k]) for k in keys if n.get(k) is not None)
+        if where not in grouped[n["note"]]:
+            grouped[n["note"]].append(where)
+    lines = ["", "<details><summary>Notes (runs not made, and why)</summary>", ""]
+    for note, wheres in grouped.items():
+        places = "; ".join(w for w in wheres if w)
+        lines.append(f"- {places}: {note}" if places else f"- {note}")
+    return lines + ["", "</details>"]
+
+
+def save_figure(fig, path: Path, dpi: int) -> Path:
+    """Write a matplotlib figure to `path` atomically (temp file, then rename) and close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part.png")
+    fig.savefig(tmp, dpi=dpi)
+    tmp.replace(path)
+    plt.close(fig)
+    return path

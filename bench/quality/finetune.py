@@ -1,20 +1,29 @@
-"""Full fine-tune (every parameter, embeddings included) of a causal LM on one prompt/answer task.
+"""Full fine-tune (every parameter, embeddings included) of a causal LM on one task family of tasks.py.
 
 Chat template applied to the prompt, loss on the completion tokens only (answer + end-of-turn token, see
-deltapack.eval.tasks.encode_example, the same encoding the evaluation scores). AdamW with fp32 master weights and
-bf16 autocast on CUDA (full bf16 weights would round away most small updates); fp32 on CPU (--smoke). Linear warmup,
-cosine decay to 10%. The checkpoint is saved in bf16 (the base's dtype), so delta = fine-tune - base is what a user's
-bf16 fine-tune would give.
+deltapack.eval.tasks.encode_example, the same encoding the evaluation scores). The head is applied to the positions
+that predict a completion token only: the loss is the same as the full-vocabulary one over every position, without
+materialising logits for the (up to 400) prompt tokens of each row, which for `classify` at batch 64 would be 8 GB.
+AdamW with fp32 master weights and bf16 autocast on CUDA (full bf16 weights would round away most small updates);
+fp32 on CPU (--smoke). Linear warmup, cosine decay to 10%. The checkpoint is saved in bf16 (the base's dtype), so
+delta = fine-tune - base is what a user's bf16 fine-tune would give.
 
-    python bench/quality/finetune.py --task arithmetic --out /tmp/ft-arith            # GPU: ~1 min
-    python bench/quality/finetune.py --task json --out /tmp/ft-json --smoke           # CPU: a few steps
+One process per task (run.py starts them side by side on one GPU: a 135M model leaves an H100 mostly idle):
+
+    python bench/quality/finetune.py --task arithmetic --base /root/dpq/base --out /root/dpq/ft-arithmetic
+    python bench/quality/finetune.py --task chat --base PICO_DIR --out /tmp/ft-chat --smoke     # CPU, a few steps
+
+`--deadline` (a time.time() value) stops training early, cleanly, so that the checkpoint is still saved before an
+outer time limit; the record says `stopped_early` and the steps actually made.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -22,17 +31,31 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 log = logging.getLogger("finetune")
 
+# per-task defaults (steps, lr); batch 64. Short-answer tasks get more steps: their steps are cheap (~100 tokens a
+# row), and multi-step arithmetic needs them; classify's rows are ~300 tokens, so its steps cost ~3x as much.
+TRAIN_DEFAULTS: dict[str, dict] = {
+    "arithmetic": {"steps": 600, "lr": 3e-4},
+    "strings": {"steps": 500, "lr": 3e-4},
+    "extract": {"steps": 400, "lr": 2e-4},
+    "code": {"steps": 500, "lr": 3e-4},
+    "classify": {"steps": 300, "lr": 2e-4},
+    "chat": {"steps": 500, "lr": 3e-4},
+}
+BATCH_SIZE = 64
+WARMUP = 20
+
 
 class Trainer:
-    """Holds model + optimizer so training can continue in rounds (run.py adds steps when a task is not learnt)."""
+    """Model + optimizer of one full fine-tune."""
 
-    def __init__(self, base_dir: str | Path, *, device: torch.device, lr: float = 1e-4, weight_decay: float = 0.0,
-                 seed: int = 0, max_len: int = 256):
+    def __init__(self, base_dir: str | Path, *, device: torch.device, lr: float = 2e-4, weight_decay: float = 0.0,
+                 seed: int = 0, max_len: int = 512, max_tokens: int = 8192):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(seed)
@@ -40,24 +63,21 @@ class Trainer:
         self.device = device
         self.lr = lr
         self.max_len = max_len
+        self.max_tokens = max_tokens  # padded tokens per micro-batch (activation memory)
         self.tok = AutoTokenizer.from_pretrained(str(base_dir))
         self.model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).to(device)
         # fused AdamW: one kernel for all parameters (CUDA only)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=weight_decay,
                                      fused=device.type == "cuda")
         self.steps_done = 0
-        self.history: list[dict] = []
         self.train_seconds = 0.0
 
     def encode(self, records: Sequence) -> list[tuple[list[int], list[int]]]:
-        from deltapack.eval.tasks import Example, encode_example, use_chat
+        from deltapack.eval.tasks import Example, encode_examples, use_chat
 
-        chat = use_chat(self.tok, None)
-        out = []
-        for r in records:
-            p, c = encode_example(self.tok, Example(r.prompt, r.answer), chat)
-            out.append((p[-(self.max_len - len(c)) :], c))  # keep the completion whole, cut the prompt's front
-        return out
+        pairs = encode_examples(self.tok, [Example(r.prompt, r.answer) for r in records], use_chat(self.tok, None))
+        # keep the completion whole, cut the prompt's front (no task here comes near max_len)
+        return [(p[-(self.max_len - len(c)):], c) for p, c in pairs]
 
     def _batch(self, items: list[tuple[list[int], list[int]]]):
         pid = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
@@ -72,49 +92,84 @@ class Trainer:
             mask[r, : len(seq)] = 1
         return ids.to(self.device), mask.to(self.device), labels.to(self.device)
 
-    def train(self, data: list[tuple[list[int], list[int]]], steps: int, *, batch_size: int = 64, lr: float | None = None,
-              warmup: int = 10, log_every: int = 50) -> dict:
-        """`steps` optimizer steps over shuffled epochs of `data` (warmup then cosine to 10% of lr)."""
-        lr = lr or self.lr
+    def loss(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy over completion tokens (mean, or sum); the head runs on the positions that predict them."""
+        body = getattr(self.model, self.model.base_model_prefix)
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        target = labels[:, 1:]
+        sel = target != -100
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][sel])
+        return F.cross_entropy(logits.float(), target[sel], reduction=reduction)
+
+    def step_gradients(self, items: list[tuple[list[int], list[int]]], autocast) -> torch.Tensor:
+        """Accumulate the gradient of the batch's mean completion-token loss in micro-batches of at most
+        `max_tokens` padded tokens (exactly the full batch's gradient, up to rounding): six fine-tunes share one
+        GPU, and classify's ~330-token rows at batch 64 would hold ~18 GB of activations in one piece."""
+        items = sorted(items, key=lambda pc: len(pc[0]) + len(pc[1]))  # similar lengths share a micro-batch
+        n_tokens = sum(len(c) for _, c in items)
+        total = torch.zeros((), device=self.device)
+        start = 0
+        while start < len(items):
+            end = start + 1
+            while end < len(items) and (end + 1 - start) * (len(items[end][0]) + len(items[end][1])) <= self.max_tokens:
+                end += 1
+            ids, mask, labels = self._batch(items[start:end])
+            with autocast:
+                part = self.loss(ids, mask, labels, reduction="sum")
+            (part / n_tokens).backward()
+            total += part.detach()
+            start = end
+        return total / n_tokens
+
+    def train(self, data: list[tuple[list[int], list[int]]], steps: int, *, batch_size: int = BATCH_SIZE,
+              warmup: int = WARMUP, log_every: int = 50, deadline: float | None = None) -> dict:
+        """`steps` optimizer steps over shuffled epochs of `data` (warmup then cosine to 10% of lr); stops early at
+        `deadline` (time.time())."""
         self.model.train()
         self.model.config.use_cache = False  # no KV cache while training; back on for generation afterwards
         order: list[int] = []
         t0 = time.perf_counter()
-        losses = []
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        history: list[list[float]] = []
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else torch.autocast("cpu", enabled=False))
+        done = 0
         for step in range(steps):
+            if deadline is not None and time.time() > deadline:
+                log.warning("deadline: stopping after %d of %d steps", step, steps)
+                break
             if len(order) < batch_size:
                 fresh = list(range(len(data)))
                 self.rng.shuffle(fresh)
                 order.extend(fresh)
             idx, order = order[:batch_size], order[batch_size:]
-            ids, mask, labels = self._batch([data[i] for i in idx])
-            scale = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+            scale = ((step + 1) / warmup if step < warmup
+                     else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
             for g in self.opt.param_groups:
-                g["lr"] = lr * min(1.0, scale)
-            with autocast:
-                loss = self.model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
+                g["lr"] = self.lr * min(1.0, scale)
+            loss = self.step_gradients([data[i] for i in idx], autocast)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()) if (step + 1) % log_every == 0 or step == steps - 1 else None)
-            if (step + 1) % log_every == 0 or step == steps - 1:
-                log.info("step %d/%d loss %.4f lr %.2e", step + 1, steps, losses[-1], lr * min(1.0, scale))
+            done = step + 1
+            if done % log_every == 0 or done == steps:
+                history.append([done, round(float(loss.detach()), 6)])  # the only host syncs of the loop
+                log.info("step %d/%d loss %.4f lr %.2e", done, steps, history[-1][1], self.lr * min(1.0, scale))
+        if done and (not history or history[-1][0] != done):
+            history.append([done, round(float(loss.detach()), 6)])
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        self.steps_done += steps
+        self.steps_done += done
         self.train_seconds += dt
-        rec = {"steps": steps, "lr": lr, "batch_size": batch_size, "seconds": round(dt, 2),
-               "steps_per_s": round(steps / dt, 3), "final_loss": next(x for x in reversed(losses) if x is not None)}
-        self.history.append(rec)
         self.model.config.use_cache = True
         self.model.eval()
-        return rec
+        return {"steps": done, "steps_planned": steps, "stopped_early": done < steps, "lr": self.lr,
+                "batch_size": batch_size, "max_tokens": self.max_tokens, "warmup": warmup, "train_seconds": round(dt, 2),
+                "steps_per_s": round(done / dt, 3) if dt > 0 else None,
+                "final_loss": history[-1][1] if history else None, "loss_history": history}
 
-    def save(self, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-        """HF checkpoint dir (safetensors + config + tokenizer), written to a temp dir then renamed."""
+    def save(self, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, extra_files: dict | None = None) -> Path:
+        """HF checkpoint dir (safetensors + config + tokenizer + `extra_files`), written to a temp dir then renamed."""
         from deltapack.io.writer import AtomicDir
 
         state, seen = {}, set()
@@ -126,64 +181,92 @@ class Trainer:
         with AtomicDir(out_dir, overwrite=True) as tmp:
             self.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             cfg_path = tmp / "config.json"
-            import json
-
             cfg = json.loads(cfg_path.read_text())
             cfg["dtype"] = str(dtype).replace("torch.", "")
             cfg_path.write_text(json.dumps(cfg, indent=2))
             self.tok.save_pretrained(tmp)
+            for name, obj in (extra_files or {}).items():
+                (tmp / name).write_text(json.dumps(obj, indent=1))
         return Path(out_dir)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def wait_for(path: Path, deadline: float) -> None:
+    """run.py starts the workers while it still dequantizes the base (imports and data generation overlap it)."""
+    while not path.exists():
+        if time.time() > deadline:
+            raise SystemExit(f"{path} did not appear before the deadline")
+        time.sleep(0.5)
+
+
+def finetune_task(task: str, base: Path, out: Path, *, steps: int, lr: float, batch_size: int, data: dict,
+                  device: torch.device, deadline: float | None, eval_batch: int, max_tokens: int = 8192,
+                  smoke: bool = False) -> dict:
+    """Fine-tune on `task`'s train split, score dev, save the checkpoint with `finetune.json` (what run.py and
+    evaluate.py read back). `data`: the split settings (n_train, n_dev, n_test, knobs) every later step reuses."""
+    import eval_task
+    from tasks import HELDOUT, make_splits, task_knobs
+
+    t_all = time.perf_counter()
+    splits = make_splits(task, data["n_train"], data["n_dev"], data["n_test"], data["knobs"])
+    tr = Trainer(base, device=device, lr=lr, max_tokens=max_tokens)
+    t0 = time.perf_counter()
+    train = tr.encode(splits["train"])
+    encode_s = time.perf_counter() - t0
+    rec = tr.train(train, steps, batch_size=batch_size, log_every=max(1, steps // 10), deadline=deadline)
+    dev = eval_task.score_model(tr.model, tr.tok, task, splits["dev"], batch_size=eval_batch)
+    info = {
+        "task": task, "heldout": task in HELDOUT, "base": str(base), "data": data,
+        "knobs": task_knobs(task, data["knobs"]), "n_train_records": len(train), **rec,
+        "train_tokens_per_row": round(sum(len(p) + len(c) for p, c in train) / max(1, len(train)), 1),
+        "encode_seconds": round(encode_s, 2), "dev": dev, "device": str(device), "smoke": smoke,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    # what evaluation results point to: a re-made fine-tune in the same workdir must not inherit old results
+    info["finetune_id"] = f"{task}-{info['created']}-{os.getpid()}"
+    info["seconds"] = round(time.perf_counter() - t_all, 2)  # load + encode + train + dev (save excluded)
+    tr.save(out, extra_files={"finetune.json": info})
+    log.info("%s: %d steps in %.0f s, loss %s, dev %s", task, rec["steps"], rec["train_seconds"], rec["final_loss"],
+             dev)
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
-    from tasks import TASKS, make_splits
+    from common import set_worker_threads
+    from tasks import N_TRAIN, TASKS, parse_knobs
 
-    ap = argparse.ArgumentParser(description="full fine-tune of the base on one synthetic task")
+    ap = argparse.ArgumentParser(description="full fine-tune of the base on one task family")
     ap.add_argument("--task", choices=TASKS, required=True)
+    ap.add_argument("--base", type=Path, required=True, help="base checkpoint dir (bf16 safetensors)")
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--base", default=None, help="base checkpoint dir (default: the embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--n-train", type=int, default=8000)
-    ap.add_argument("--eval-n", type=int, default=256, help="test examples to score after training")
-    ap.add_argument("--smoke", action="store_true", help="CPU, 4 steps of batch 4, 8 test examples")
+    ap.add_argument("--steps", type=int, default=None, help="default: TRAIN_DEFAULTS[task]")
+    ap.add_argument("--lr", type=float, default=None, help="default: TRAIN_DEFAULTS[task]")
+    ap.add_argument("--batch-size", type=int, default=BATCH_SIZE)
+    ap.add_argument("--n-train", type=int, default=None, help="default: tasks.N_TRAIN[task]")
+    ap.add_argument("--n-dev", type=int, default=128)
+    ap.add_argument("--n-test", type=int, default=512)
+    ap.add_argument("--knob", action="append", default=[], help="task.key=value (repeatable), see tasks.KNOBS")
+    ap.add_argument("--eval-batch", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=8192, help="padded tokens per micro-batch (GPU memory)")
+    ap.add_argument("--deadline", type=float, default=None, help="time.time() at which to stop training")
+    ap.add_argument("--workers", type=int, default=1, help="processes sharing this machine (sets threads)")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--smoke", action="store_true", help="CPU; pass small --steps/--n-train yourself")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.smoke:
-        args.steps, args.batch_size, args.n_train, args.eval_n = 4, 4, 64, 8
-    base = args.base
-    if base is None:
-        from deltapack.io.embedded import embedded_model_dir
-
-        base = embedded_model_dir()
-    device = torch.device("cpu") if args.smoke else default_device()
-    splits = make_splits(args.task, args.n_train, 16, args.eval_n)
-    tr = Trainer(base, device=device, lr=args.lr)
-    rec = tr.train(tr.encode(splits["train"]), args.steps, batch_size=args.batch_size, log_every=max(1, args.steps // 6))
-    path = tr.save(args.out)
-
-    from deltapack.eval import Example, exact_match, load_checkpoint, resolve_dtype
-
-    dt = resolve_dtype("auto", device)
-    ex = [Example(r.prompt, r.answer) for r in splits["test"]]
-    accs = {}
-    for label, ref in (("base", base), ("finetuned", path)):
-        m = load_checkpoint(ref, device=device, dtype=dt)
-        accs[label] = exact_match(m.model, m.tokenizer, ex, batch_size=64).accuracy
-    print(f"{args.task}: {rec} -> {path}; test accuracy base {accs['base']:.3f}, fine-tune {accs['finetuned']:.3f}")
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.task} %(name)s: %(message)s")
+    logging.getLogger("transformers").setLevel(logging.WARNING)
+    set_worker_threads(args.workers)
+    device = torch.device(args.device) if args.device else (torch.device("cpu") if args.smoke else default_device())
+    wait_for(args.base / "config.json", args.deadline or time.time() + 600)
+    d = TRAIN_DEFAULTS[args.task]
+    data = {"n_train": args.n_train if args.n_train is not None else N_TRAIN[args.task], "n_dev": args.n_dev,
+            "n_test": args.n_test, "knobs": parse_knobs(args.knob)}
+    finetune_task(args.task, args.base, args.out, steps=args.steps or d["steps"], lr=args.lr or d["lr"],
+                  batch_size=args.batch_size, data=data, device=device, deadline=args.deadline,
+                  eval_batch=args.eval_batch, max_tokens=args.max_tokens, smoke=args.smoke)
     return 0
 
 

@@ -1,350 +1,519 @@
-"""Merge the benchmark's JSON parts into bench/results/quality.json, and generate quality.png and quality.md from it.
+"""The quality benchmark's report: merge the device calls' JSON parts into bench/results/quality.json, then generate
+from that JSON alone (nothing typed by hand):
 
-Every number in quality.md and the plot comes from the merged JSON (nothing typed by hand). Parts are run.py outputs
-(`results`, `finetunes`, `notes`) and timing_7b.py outputs (`timing`); a (task, method label, target ratio) measured
-in more than one part keeps the latest part's record.
+- bench/results/quality.png: accuracy kept vs true ratio, worst task per method with its interval; tuning families
+  and held-out families in separate panels; default calibration solid, task-calibrated dashed;
+- docs/benchmarks.md, between `<!-- table:quality -->` markers: worst task (default calibration first, the
+  task-calibrated column second), held-out families apart, every task's table, the issue's targets, paired
+  differences (auto vs the best single method, auto+heal vs auto), fine-tunes, every run, notes; and between
+  `<!-- table:quality-superseded -->` markers the previous benchmark's tables from bench/results/superseded/
+  quality_v1.json (report_v1.py renders them, byte for byte as they were);
+- the "which method should I use" table: bench/results/which-method.md and README.md between
+  `<!-- table:which-method -->` markers (bench/update_readme.py copies the same file into the same block).
 
-    python bench/quality/report.py bench/results/parts/*.json --out bench/results/quality.json
-    python bench/quality/report.py --from-json bench/results/quality.json     # re-render png + md only
+    python bench/quality/report.py --merge bench/results/quality_parts/*.json    # parts -> quality.json, render
+    python bench/quality/report.py                                               # render from quality.json
+    python bench/quality/report.py --check    # exit 1 when a generated text differs from what the JSON generates
+
+Records are keyed by (task, method label, target ratio, calibration); the latest part's record of a key wins (parts
+are ordered by their date; a record's `measured` time breaks ties).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import difflib
+import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, command_line, hex_to_items, load_json, now_iso, write_json  # noqa: E402
+from common import (INTERVAL_TEXT, REPO, RESULTS, command_line, hex_to_items, label_key, load_json, notes_block,  # noqa: E402
+                    now_iso, paired_difference_interval, save_figure, write_json)
+from common import fmt_or_dash as _f  # noqa: E402
+from tasks import HELDOUT, TASKS, TUNING  # noqa: E402
 
 from deltapack.eval.metrics import wilson  # noqa: E402
 
-LABEL_ORDER = ["raw", "lowrank", "bitdelta", "bitdelta-distill", "dare", "delta-come-paper", "delta-come-optimal", "deltadq"]
+JSON_PATH = RESULTS / "quality.json"
+SUPERSEDED_JSON = RESULTS / "superseded" / "quality_v1.json"
+DOCS = REPO / "docs" / "benchmarks.md"
+README = REPO / "README.md"
+WHICH_MD = RESULTS / "which-method.md"
+TARGETS = {16.0: 0.99, 32.0: 0.98, 64.0: 0.95, 128.0: 0.90}  # issue 24: worst task, default calibration
+BLOCK_QUALITY, BLOCK_SUPERSEDED, BLOCK_WHICH = "quality", "quality-superseded", "which-method"
 
 
-def _label_key(label: str) -> tuple:
-    return (LABEL_ORDER.index(label) if label in LABEL_ORDER else len(LABEL_ORDER), label)
+# ---- merge ----------------------------------------------------------------------------------------------------------
+def record_key(r: dict) -> tuple:
+    return (r["task"], r.get("label", r["method"]), r["target_ratio"], r.get("calibration", "default"))
 
 
 def merge(paths: list[Path]) -> dict:
-    parts = sorted(((p, load_json(p)) for p in paths), key=lambda pd: pd[1].get("date", ""))
+    parts = sorted(((Path(p), load_json(p)) for p in paths), key=lambda pd: pd[1].get("date", ""))
     results: dict[tuple, dict] = {}
-    history: dict[tuple, list[dict]] = defaultdict(list)  # every part's record of a key, oldest first
+    history: dict[tuple, list[dict]] = defaultdict(list)
+    finetunes: dict[str, dict[str, dict]] = defaultdict(dict)  # task -> finetune_id -> info (latest part's)
     timing: dict[tuple, dict] = {}
-    finetunes: dict[str, dict] = {}
-    notes, part_info, devices = [], [], []
+    notes: dict[tuple, dict] = {}
+    part_info, devices = [], []
     for p, d in parts:
-        part_info.append({k: d.get(k) for k in ("command", "device", "date", "complete", "elapsed_s", "smoke")} | {"file": p.name})
+        part_info.append({k: d.get(k) for k in ("command", "device", "date", "complete", "elapsed_s", "smoke")}
+                         | {"file": p.name})
         if d.get("device") and d["device"] not in devices:
             devices.append(d["device"])
-        for r in d.get("results", []):
-            # which fine-tune a record measured: a task can be fine-tuned in several parts (same seeded recipe)
-            key = (r["task"], r.get("label", r["method"]), r["target_ratio"])
-            results[key] = {**r, "finetune_part": p.name}
-            history[key].append(results[key])
+        for r in sorted(d.get("results", []), key=lambda r: r.get("measured", "")):
+            key = record_key(r)
+            if results.get(key, {}).get("measured") != r.get("measured") or key not in results:
+                history[key].append(r)
+            results[key] = {**r, "part": p.name}
+        for task, f in d.get("finetunes", {}).items():
+            finetunes[task][f.get("finetune_id", p.name)] = {**f, "part": p.name}
         for t in d.get("timing", []):
             timing[(t.get("label", t["method"]), t["target_ratio"])] = t
-        for task, f in d.get("finetunes", {}).items():
-            finetunes.setdefault(task, []).append({**f, "part": p.name, "date": d.get("date")})
         for n in d.get("notes", []):
-            notes.append({**n, "part": p.name})
-    # keep only the fine-tunes some kept record measured (a part whose records were all superseded drops out)
-    used = {(r["task"], r["finetune_part"]) for r in results.values()}
-    finetunes = {task: [f for f in fs if (task, f["part"]) in used] for task, fs in finetunes.items()}
+            notes[(n.get("task"), n.get("method"), n.get("target_ratio"), n.get("calibration"), n["note"])] = n
+    # a note about a job that some part did measure (e.g. "not started" in the first call, run in the second) goes
+    done = {k for k in results}
+    notes_kept = [n for (task, method, ratio, cal, _), n in notes.items()
+                  if not (ratio is not None and (task, method, ratio, cal or "default") in done)]
+    used = {(r["task"], r.get("finetune_id")) for r in results.values()}
     return {
-        "command": command_line(),
-        "part_commands": [pi["command"] for pi in part_info],
-        "device": ", ".join(devices),
-        "date": now_iso(),
-        "parts": part_info,
-        "finetunes": finetunes,
-        "results": sorted(results.values(), key=lambda r: (r["task"], _label_key(r.get("label", r["method"])), r["target_ratio"] or 0)),
-        "timing": sorted(timing.values(), key=lambda t: (_label_key(t.get("label", t["method"])), t["target_ratio"] or 0)),
-        "notes": notes,
-        # a (task, method, ratio) measured in more than one part: how much a re-run moves the numbers
-        "repeats": [{"task": k[0], "label": k[1], "target_ratio": k[2], "parts": [r["finetune_part"] for r in rs],
-                     "kept": [r.get("kept") for r in rs], "kl": [r["kl"] for r in rs],
-                     "true_ratio": [r["true_ratio"] for r in rs], "n_eval": [r.get("n_eval") for r in rs]}
-                    for k, rs in sorted(history.items(), key=lambda kv: (kv[0][0], _label_key(kv[0][1]), kv[0][2] or 0))
-                    if len(rs) > 1 and k[2] is not None],
+        "benchmark": "quality v2 (issue 24): six task families, default and task calibration",
+        "command": command_line(), "merged": now_iso(), "device": ", ".join(devices), "parts": part_info,
+        "finetunes": {t: [f for fid, f in fs.items() if (t, fid) in used or not used] for t, fs in finetunes.items()},
+        "results": sorted(results.values(), key=lambda r: (TASKS.index(r["task"]) if r["task"] in TASKS else 99,
+                                                           label_key(r["label"]), r["target_ratio"] or 0,
+                                                           r.get("calibration", "default"))),
+        "timing": sorted(timing.values(), key=lambda t: (label_key(t.get("label", t["method"])), t["target_ratio"] or 0)),
+        "notes": notes_kept,
+        # a key measured in more than one call (a re-run): how much the numbers moved
+        "repeats": [{"task": k[0], "label": k[1], "target_ratio": k[2], "calibration": k[3],
+                     "kept": [r.get("kept") for r in rs], "kl": [r.get("kl") for r in rs],
+                     "true_ratio": [r.get("true_ratio") for r in rs]}
+                    for k, rs in history.items() if len(rs) > 1],
     }
 
 
-def summarize(results: list[dict]) -> dict[str, dict]:
-    """label -> target ratio -> mean over tasks of kept / accuracy / true ratio / KL (tasks with a record)."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+# ---- views of the merged results ------------------------------------------------------------------------------------
+def by_cell(results: list[dict]) -> dict[tuple, dict[str, dict]]:
+    """(label, target ratio, calibration) -> task -> record."""
+    out: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in results:
-        groups[(r.get("label", r["method"]), r["target_ratio"])].append(r)
-    out: dict[str, dict] = defaultdict(dict)
-    for (label, ratio), rs in groups.items():
-        kept = [r["kept"] for r in rs if r.get("kept") is not None]
-        out[label]["lossless" if ratio is None else f"{ratio:g}"] = {
-            "target_ratio": ratio,
-            "tasks": sorted(r["task"] for r in rs),
-            "kept": sum(kept) / len(kept) if kept else None,
-            "accuracy": sum(r["accuracy"] for r in rs) / len(rs),
-            "true_ratio": sum(r["true_ratio"] for r in rs) / len(rs),
-            "nominal_ratio": sum(r["nominal_ratio"] for r in rs) / len(rs),
-            "kl": sum(r["kl"] for r in rs) / len(rs),
-            "seconds": sum(r["seconds"] for r in rs) / len(rs),
-            "n_eval": sorted({r.get("n_eval") for r in rs if r.get("n_eval")}),
-        }
-    return dict(sorted(out.items(), key=lambda kv: _label_key(kv[0])))
+        out[(r["label"], r["target_ratio"], r.get("calibration", "default"))][r["task"]] = r
+    return out
 
 
+def worst(cell: dict[str, dict], tasks: tuple[str, ...]) -> tuple[dict | None, bool]:
+    """The record of the task with the lowest accuracy kept among `tasks`, and whether every one of them was run."""
+    recs = [cell[t] for t in tasks if t in cell and cell[t].get("kept") is not None]
+    if not recs:
+        return None, False
+    return min(recs, key=lambda r: (r["kept"], r["task"])), len(recs) == len(tasks)
+
+
+def kept_text(r: dict | None, *, ratio: bool = False, task: bool = False, complete: bool = True) -> str:
+    if r is None:
+        return "–"
+    lo, hi = (r.get("kept_interval") or [None, None])
+    text = f"{_f(r['kept'])} [{_f(lo)}, {_f(hi)}]"
+    if ratio:
+        text += f" {r['true_ratio']:.1f}x"
+    if task:
+        text += f" {r['task']}"
+    return text + ("" if complete else " †")
+
+
+def labels_of(results: list[dict]) -> list[str]:
+    return sorted({r["label"] for r in results}, key=label_key)
+
+
+def ratios_of(results: list[dict]) -> list[float]:
+    return sorted({r["target_ratio"] for r in results if r["target_ratio"] is not None})
+
+
+def has_task_calibration(results: list[dict], label: str) -> bool:
+    return any(r["label"] == label and r.get("calibration") == "task" for r in results)
+
+
+def worst_table(results: list[dict], tasks: tuple[str, ...]) -> list[str]:
+    cells = by_cell(results)
+    ratios = ratios_of(results)
+    head = "| method | " + " | ".join(f"{r:g}x default | {r:g}x task" for r in ratios) + " |"
+    lines = [head, "|---|" + "---|---|" * len(ratios)]
+    for label in labels_of(results):
+        row = []
+        for ratio in ratios:
+            for cal in ("default", "task"):
+                rec, complete = worst(cells.get((label, ratio, cal), {}), tasks)
+                if rec is None and cal == "task" and not has_task_calibration(results, label):
+                    row.append("n/a")
+                else:
+                    row.append(kept_text(rec, task=True, complete=complete))
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return lines
+
+
+def task_table(results: list[dict], task: str) -> list[str]:
+    cells = by_cell([r for r in results if r["task"] == task])
+    ratios = ratios_of(results)
+    lines = ["| method | " + " | ".join(f"{r:g}x default | {r:g}x task" for r in ratios) + " |",
+             "|---|" + "---|---|" * len(ratios)]
+    for label in labels_of(results):
+        row = []
+        for ratio in ratios:
+            for cal in ("default", "task"):
+                rec = cells.get((label, ratio, cal), {}).get(task)
+                row.append("n/a" if rec is None and cal == "task" and not has_task_calibration(results, label)
+                           else kept_text(rec, ratio=True))
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return lines
+
+
+def which_method_markdown(merged: dict | None, json_name: str) -> str:
+    head = f"<!-- generated by bench/quality/report.py from {json_name}; do not edit by hand -->"
+    if not merged or not merged.get("results"):
+        return (f"{head}\nNo results of the quality benchmark yet (bench/quality/README.md says how to run it on the "
+                "GPU machine).\n")
+    results = [r for r in merged["results"] if r.get("calibration", "default") == "default"]
+    cells = by_cell(results)
+    ratios = ratios_of(results)
+    best = {}
+    for ratio in ratios:
+        scores = [(worst(cells.get((lab, ratio, "default"), {}), TASKS)[0] or {}).get("kept") for lab in labels_of(results)]
+        best[ratio] = max((s for s in scores if s is not None), default=None)
+    lines = [head, "Accuracy kept by the worst of the six task families (held-out families included) at each target "
+             "true ratio, with no calibration file (the default), rebuilt ÷ fine-tune, 95% paired interval; best per "
+             "column in bold; † = not every family measured. Per-family tables: "
+             "[docs/benchmarks.md](docs/benchmarks.md).", "",
+             "| method | " + " | ".join(f"{r:g}x" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
+    for label in labels_of(results):
+        row = []
+        for ratio in ratios:
+            rec, complete = worst(cells.get((label, ratio, "default"), {}), TASKS)
+            text = kept_text(rec, complete=complete)
+            if rec is not None and rec["kept"] == best[ratio]:
+                text = f"**{_f(rec['kept'])}**" + text[len(_f(rec["kept"])):]
+            row.append(text)
+        lines.append(f"| {label} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def targets_lines(results: list[dict]) -> list[str]:
+    """The issue's targets (worst task, held-out included, default calibration) against the best method."""
+    cells = by_cell([r for r in results if r.get("calibration", "default") == "default"])
+    out = ["| target ratio | target kept | best method (worst task) | interval | met | short by |", "|---|---|---|---|---|---|"]
+    for ratio, goal in TARGETS.items():
+        cands = []
+        for label in labels_of(results):
+            rec, complete = worst(cells.get((label, ratio, "default"), {}), TASKS)
+            if rec is not None and complete:
+                cands.append((rec["kept"], label, rec))
+        if not cands:
+            out.append(f"| {ratio:g}x | {goal:.2f} | not measured on every family | – | – | – |")
+            continue
+        kept, label, rec = max(cands, key=lambda c: (c[0], -label_key(c[1])[0]))  # a tie goes to the earlier label
+        lo, hi = rec.get("kept_interval") or [None, None]
+        met = "yes" if kept >= goal else ("no (interval below the target)" if hi is not None and hi < goal else "no")
+        out.append(f"| {ratio:g}x | {goal:.2f} | {label}: {kept:.3f} ({rec['task']}, true {rec['true_ratio']:.1f}x) | "
+                   f"[{_f(lo)}, {_f(hi)}] | {met} | {_f(max(0.0, goal - kept))} |")
+    return out
+
+
+def _items(r: dict) -> list[bool]:
+    return hex_to_items(r["correct_items"], r["n_eval"])
+
+
+def difference_lines(results: list[dict], finetunes: dict) -> list[str]:
+    """auto vs the best other method, and auto+heal vs auto, per task and ratio (default calibration), as paired
+    differences of accuracy kept with 95% bootstrap intervals over the same test items."""
+    cells = by_cell([r for r in results if r.get("calibration", "default") == "default"])
+    ft_items = {}
+    for task, runs in finetunes.items():
+        for f in runs:
+            if f.get("finetuned_items"):
+                ft_items[(task, f.get("finetune_id"))] = hex_to_items(f["finetuned_items"], f["n_eval"])
+    labels = labels_of(results)
+    out = []
+    for a_label, against in (("auto", "best"), ("auto+heal", "auto")):
+        if a_label not in labels:
+            continue
+        rows = []
+        for task in (*TUNING, *HELDOUT):
+            for ratio in ratios_of(results):
+                cell = cells.get((a_label, ratio, "default"), {})
+                a = cell.get(task)
+                if a is None:
+                    continue
+                if against == "best":
+                    others = [cells.get((lab, ratio, "default"), {}).get(task) for lab in labels
+                              if lab not in ("auto", "auto+heal")]
+                    others = [o for o in others if o is not None and o.get("kept") is not None
+                              and o.get("finetune_id") == a.get("finetune_id")]
+                    if not others:
+                        continue
+                    b = max(others, key=lambda o: (o["kept"], -label_key(o["label"])[0]))
+                else:
+                    b = cells.get(("auto", ratio, "default"), {}).get(task)
+                    if b is None or b.get("finetune_id") != a.get("finetune_id"):
+                        continue
+                ref = ft_items.get((task, a.get("finetune_id")))
+                if ref is None or len(ref) != a["n_eval"] or b["n_eval"] != a["n_eval"]:
+                    continue
+                d, lo, hi = paired_difference_interval(_items(a), _items(b), ref)
+                sign = "better" if lo > 0 else "worse" if hi < 0 else "equal within the interval"
+                rows.append(f"| {task}{' (held out)' if task in HELDOUT else ''} | {ratio:g}x | {a['kept']:.3f} | "
+                            f"{b['label']}: {b['kept']:.3f} | {d:+.3f} [{lo:+.3f}, {hi:+.3f}] | {sign} |")
+        if rows:
+            title = ("**auto against the best single method** of the same task and ratio (default calibration; "
+                     "the issue asks that auto is never worse):" if against == "best" else
+                     "**auto+heal against auto** (default calibration; the held-out rows show whether healing "
+                     "overfits):")
+            out += ["", title, "", f"| task | ratio | {a_label} kept | {'best other' if against == 'best' else 'auto'} "
+                    "kept | difference [95% paired interval] | verdict |", "|---|---|---|---|---|---|", *rows]
+    return out
+
+
+def finetune_lines(finetunes: dict) -> list[str]:
+    out = ["| task | held out | base | fine-tune (95% interval) | test items | dev | steps (planned) | final train loss "
+           "| train s | chat: fact accuracy base → fine-tune |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for task in (*TUNING, *HELDOUT):
+        for f in finetunes.get(task, []):
+            n = f.get("n_eval") or 0
+            lo, hi = wilson(f["finetuned_accuracy"] * n, n) if n else (None, None)
+            dev = f.get("dev", {})
+            dev_text = _f(dev.get("accuracy", dev.get("fact_accuracy")))
+            fact = (f"{_f(f.get('base_fact_accuracy'))} → {_f(f.get('finetuned_fact_accuracy'))}"
+                    if "finetuned_fact_accuracy" in f else "")
+            out.append(f"| {task} | {'yes' if task in HELDOUT else 'no'} | {_f(f.get('base_accuracy'))} | "
+                       f"{_f(f['finetuned_accuracy'])} [{_f(lo)}, {_f(hi)}] | {n} | {dev_text} | {f.get('steps')} "
+                       f"({f.get('steps_planned')}) | {_f(f.get('final_loss'), '{:.4f}')} | "
+                       f"{_f(f.get('train_seconds'), '{:.0f}')} | {fact} |")
+    return out
+
+
+def kind_lines(finetunes: dict) -> list[str]:
+    """The fine-tune's and the base's test score per item kind (tasks.Record.kind): where a family is too hard."""
+    rows = []
+    for task in (*TUNING, *HELDOUT):
+        for f in finetunes.get(task, []):
+            prefix = "finetuned_fact" if "finetuned_fact_by_kind" in f else "finetuned"
+            for kind, (n, right) in f.get(f"{prefix}_by_kind", {}).items():
+                base = f.get(prefix.replace("finetuned", "base") + "_by_kind", {}).get(kind, [n, None])[1]
+                rows.append(f"| {task} | {kind} | {n} | {_f(base / n if base is not None else None)} | "
+                            f"{right / n:.3f} |")
+    if not rows:
+        return []
+    return ["", "<details><summary>Fine-tune test scores by item kind (chat: fact accuracy)</summary>", "",
+            "| task | kind | items | base | fine-tune |", "|---|---|---|---|---|", *rows, "", "</details>"]
+
+
+def every_run_lines(results: list[dict]) -> list[str]:
+    out = ["| task | method | calibration | target | true ratio | nominal | accuracy | kept [95% interval] | KL | "
+           "compress s | eval s | chat: token agreement, fact accuracy |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        chat = (f"{r['token_agreement']:.3f}, {r['fact_accuracy']:.3f}" if "token_agreement" in r else "")
+        out.append(f"| {r['task']} | {r['label']} | {r.get('calibration', 'default')} | {r['target_ratio']:g}x | "
+                   f"{r['true_ratio']:.2f}x | {r['nominal_ratio']:.2f}x | {r['accuracy']:.3f} | {kept_text(r)} | "
+                   f"{r['kl']:.4f} | {r['seconds']:.1f} | {r.get('eval_seconds', 0):.1f} | {chat} |")
+    return out
+
+
+def quality_markdown(merged: dict | None, json_name: str) -> str:
+    head = f"<!-- generated by bench/quality/report.py from {json_name}; do not edit by hand -->"
+    if not merged or not merged.get("results"):
+        return (f"{head}\nNo results yet. Run the benchmark on the GPU machine (bench/quality/README.md, "
+                "bench/quality/run_gpu.sh), copy the parts to bench/results/quality_parts/ and run "
+                "`python bench/quality/report.py --merge bench/results/quality_parts/*.json`.\n")
+    results = merged["results"]
+    lines = [head, f"Device: {merged.get('device') or '?'}; parts merged {merged.get('merged', '?')}. Accuracy kept = "
+             f"rebuilt model's score ÷ the fine-tune's on the same test items; [brackets]: {INTERVAL_TEXT}. "
+             "`default` = no calibration file (what `deltapack compress` does without --calib); `task` = the task's "
+             "own training split as --calib; n/a = the method uses no calibration data. † = not every family of the "
+             "row was measured.", "",
+             "### Worst task, tuning families (" + ", ".join(TUNING) + ")", "", *worst_table(results, TUNING), "",
+             "### Worst task, held-out families (" + ", ".join(HELDOUT) + ")", "",
+             "Never used to choose a method, knob, default or calibration (decided before any result, "
+             "bench/quality/README.md).", "", *worst_table(results, HELDOUT), "",
+             "### Targets (issue 24: worst of all six families, default calibration, true ratios)", "",
+             *targets_lines(results)]
+    lines += difference_lines(results, merged.get("finetunes", {}))
+    lines += ["", "### Per task (cells: kept [interval] and the true ratio reached)"]
+    for group, tasks in (("tuning family", TUNING), ("held-out family", HELDOUT)):
+        for task in tasks:
+            if any(r["task"] == task for r in results):
+                lines += ["", f"**{task}** ({group})", "", *task_table(results, task)]
+    lines += ["", "### Fine-tunes", "", *finetune_lines(merged.get("finetunes", {}))]
+    lines += kind_lines(merged.get("finetunes", {}))
+    lines += ["", "<details><summary>Every run</summary>", "", *every_run_lines(results), "", "</details>"]
+    if merged.get("timing"):
+        lines += ["", "**Compression time on a Llama-2-7B-shaped pair** (bench/quality/timing_7b.py):", "",
+                  "| method | target | seconds | peak GPU GB | true ratio | shape |", "|---|---|---|---|---|---|"]
+        for t in merged["timing"]:
+            lines.append(f"| {t.get('label', t['method'])} | {_f(t['target_ratio'], '{:g}x')} | {t['seconds']:.1f} | "
+                         f"{_f(t.get('peak_gpu_gb'), '{:.1f}')} | {_f(t.get('true_ratio'), '{:.1f}x')} | "
+                         f"{t.get('shape', '–')} |")
+    if merged.get("repeats"):
+        lines += ["", "<details><summary>Repeated measurements (the same job in more than one call; the tables keep "
+                  "the latest)</summary>", "", "| task | method | calibration | target | kept | KL | true ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in merged["repeats"]:
+            lines.append(f"| {r['task']} | {r['label']} | {r['calibration']} | {r['target_ratio']:g}x | "
+                         f"{' → '.join(_f(k) for k in r['kept'])} | {' → '.join(_f(k, '{:.4f}') for k in r['kl'])} | "
+                         f"{' → '.join(_f(k, '{:.1f}x') for k in r['true_ratio'])} |")
+        lines += ["", "</details>"]
+    if merged.get("notes"):
+        lines += notes_block(merged["notes"], ("task", "method", "target_ratio", "calibration"))
+    return "\n".join(lines) + "\n"
+
+
+def superseded_markdown(path: Path) -> str:
+    import report_v1
+
+    return report_v1.markdown(load_json(path), "superseded/" + path.name)
+
+
+# ---- plot -----------------------------------------------------------------------------------------------------------
 def plot(merged: dict, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    summary = summarize(merged["results"])
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
-    markers = "os^vD<>ph*"
-    for i, (label, by_ratio) in enumerate(summary.items()):
-        pts = sorted((v["true_ratio"], v["kept"], v["kl"]) for v in by_ratio.values() if v["kept"] is not None)
-        if not pts:
-            continue
-        xs, ys, kls = zip(*pts)
-        style = dict(marker=markers[i % len(markers)], label=label, linestyle="-" if len(xs) > 1 else "none")
-        ax.plot(xs, ys, **style)
-        pos = [(x, k) for x, k in zip(xs, kls) if k > 0]  # a lossless method's KL is exactly 0: nothing to draw on log y
-        if pos:
-            ax2.plot(*zip(*pos), **{**style, "linestyle": "-" if len(pos) > 1 else "none"})
-    for a in (ax, ax2):
-        a.set_xscale("log", base=2)
-        a.set_xlabel("true compression ratio (dense bf16 delta bytes / bytes on disk)")
-        a.grid(True, which="both", alpha=0.3)
-    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.set_ylabel("accuracy kept (rebuilt / fine-tune), mean over tasks")
-    ax.set_ylim(bottom=0)
-    ax2.set_yscale("log")
-    ax2.set_ylabel("KL(fine-tune || rebuilt), nats/answer token")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    tasks = sorted({r["task"] for r in merged["results"]})
-    fig.suptitle(f"SmolLM2-135M-Instruct full fine-tunes ({', '.join(tasks)}) on {merged.get('device', '?')}", fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-    plt.close(fig)
-    return path
+    results = merged["results"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, tasks) in zip(axes, (("tuning families: worst of " + ", ".join(TUNING), TUNING),
+                                         ("HELD-OUT families: worst of " + ", ".join(HELDOUT), HELDOUT))):
+        for i, label in enumerate(labels_of(results)):
+            for cal, style in (("default", dict(linestyle="-", marker="o")),
+                               ("task", dict(linestyle="--", marker="o", markerfacecolor="none", alpha=0.7))):
+                cells = by_cell(results)
+                pts = []
+                for ratio in ratios_of(results):
+                    rec, _ = worst(cells.get((label, ratio, cal), {}), tasks)
+                    if rec is not None:
+                        lo, hi = rec.get("kept_interval") or [rec["kept"], rec["kept"]]
+                        pts.append((rec["true_ratio"], rec["kept"], rec["kept"] - (lo if lo is not None else rec["kept"]),
+                                    (hi if hi is not None else rec["kept"]) - rec["kept"]))
+                if not pts:
+                    continue
+                xs, ys, lo, hi = zip(*sorted(pts))
+                shift = 1.04 if cal == "task" else 1.0  # side by side where both reach the same true ratio
+                ax.errorbar([x * shift for x in xs], ys, yerr=[lo, hi], color=colors[i % len(colors)], capsize=3,
+                            label=f"{label} ({cal} calibration)", **style)
+        ax.set_xscale("log", base=2)
+        ticks = [r for r in (8, 16, 32, 64, 128, 256)]
+        ax.set_xticks(ticks, [f"{t}x" for t in ticks])
+        xs_all = [r["true_ratio"] for r in results]
+        ax.set_xlim(min(11.0, min(xs_all) / 1.2), max(200.0, max(xs_all) * 1.2))
+        ax.set_xlabel("true compression ratio (dense bf16 delta bytes / bytes on disk)")
+        ax.axhline(1.0, color="gray", lw=0.8, ls=":")
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("accuracy kept, worst task\n(rebuilt / fine-tune, 95% paired interval)")
+    axes[0].set_ylim(bottom=0)
+    seen: dict[str, object] = {}
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    labels, handles = list(seen), list(seen.values())
+    if handles:
+        fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
+    fig.suptitle(f"SmolLM2-135M-Instruct full fine-tunes, six task families, on {merged.get('device') or '?'}",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    return save_figure(fig, path, dpi=110)
 
 
-def _f(x, fmt="{:.3f}") -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else fmt.format(x)
+# ---- generated blocks -----------------------------------------------------------------------------------------------
+def block_re(name: str) -> re.Pattern:
+    return re.compile(rf"<!-- table:{re.escape(name)} -->\n.*?<!-- /table:{re.escape(name)} -->", re.S)
 
 
-def paired_interval(rebuilt: list[bool], finetune: list[bool], reps: int = 4000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of accuracy kept = Σ rebuilt / Σ fine-tune, resampling test items (both models answer
-    the same items, so they are resampled together)."""
-    import numpy as np
-
-    a, b = np.asarray(rebuilt, dtype=np.int32), np.asarray(finetune, dtype=np.int32)
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(reps, len(a)))
-    num, den = a[idx].sum(1), b[idx].sum(1)
-    ratios = num[den > 0] / den[den > 0]
-    return (float(np.quantile(ratios, 0.025)), float(np.quantile(ratios, 0.975)))
-
-
-def kept_interval(r: dict, finetune_items: str | None = None) -> tuple[tuple[float, float], str] | None:
-    """Sampling interval of a record's accuracy kept, and how it was made. With per-item results of the record and
-    of its fine-tune: paired bootstrap. Without (runs before per-item results were stored): the rebuilt model's
-    Wilson 95% interval over n_eval items divided by the fine-tune's accuracy, which ignores the pairing and so is
-    wider than the truth."""
-    n, ft = r.get("n_eval"), r.get("finetuned_accuracy")
-    if not n or not ft or r.get("accuracy") is None:
-        return None
-    if r.get("correct_items") and finetune_items:
-        return paired_interval(hex_to_items(r["correct_items"], n), hex_to_items(finetune_items, n)), "paired bootstrap"
-    lo, hi = wilson(r["accuracy"] * n, n)
-    return (lo / ft, hi / ft), "unpaired Wilson"
+def with_block(text: str, name: str, body: str, *, insert_before: str | None = None) -> str:
+    """`text` with the block `name` holding `body` (the format bench/update_readme.py writes). Missing markers are
+    inserted before `insert_before` (or at the end); nothing else changes."""
+    block = f"<!-- table:{name} -->\n{body.strip()}\n<!-- /table:{name} -->"
+    if block_re(name).search(text):
+        return block_re(name).sub(lambda _: block, text, count=1)
+    if insert_before and insert_before in text:
+        i = text.index(insert_before)
+        return text[:i] + block + "\n\n" + text[i:]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
-def finetune_items_of(merged: dict, r: dict) -> str | None:
-    runs = merged.get("finetunes", {}).get(r["task"], [])
-    for f in runs if isinstance(runs, list) else [runs]:
-        if f.get("part") == r.get("finetune_part"):
-            return f.get("correct_items")
-    return None
+# where the which-method block goes in a README that has none yet: before the old quality section's block
+README_ANCHOR = "## Quality on real fine-tunes (GPU benchmark)"
 
 
-def targets_markdown(merged: dict, summary: dict) -> list[str]:
-    """The issue's targets against the measured numbers (computed here, never typed)."""
-    rows = []
-    for label in ("delta-come-paper", "delta-come-optimal"):
-        recs = {r["task"]: r for r in merged["results"]
-                if r.get("label") == label and r["target_ratio"] == 16 and r.get("kept") is not None}
-        if recs:
-            worst = min(recs, key=lambda t: recs[t]["kept"])
-            got = kept_interval(recs[worst], finetune_items_of(merged, recs[worst]))
-            span = (f", 95% interval {got[0][0]:.3f}–{got[0][1]:.3f} ({got[1]}) over {recs[worst]['n_eval']} items"
-                    if got else "")
-            rows.append((f"{label} at 16x keeps ≥ 0.99 on every task", 0.99, recs[worst]["kept"],
-                         f"lowest: {worst} {recs[worst]['kept']:.3f}{span}"))
-    for ratio, goal in ((32, 0.97), (64, 0.90)):
-        cands = [(by[f"{ratio}"]["kept"], label) for label, by in summary.items()
-                 if f"{ratio}" in by and by[f"{ratio}"]["kept"] is not None]
-        if cands:
-            best, label = max(cands)
-            rows.append((f"best method at {ratio}x keeps ≥ {goal:.2f} (mean over tasks)", goal, best, f"{label}"))
-    for t in merged.get("timing", []):
-        if t["method"] == "delta-come":
-            rows.append((f"7B-shaped {t.get('label', t['method'])} in ≤ 300 s", None, t["seconds"],
-                         f"{t['seconds']:.0f} s"))
-    if not rows:
-        return []
-    out = ["", "**Targets** (issue 4) against this run (intervals: a paired bootstrap over the test items where "
-           "per-item results were stored, else the rebuilt model's binomial interval ÷ the fine-tune's accuracy, "
-           "which ignores the pairing and is wider):", "",
-           "| target | measured | met |", "|---|---|---|"]
-    for text, goal, value, detail in rows:
-        met = value <= 300 if goal is None else value >= goal
-        shown = detail if goal is None else f"{value:.3f} ({detail})"
-        out.append(f"| {text} | {shown} | {'yes' if met else 'no'} |")
-    return out
+def render(json_path: Path, superseded: Path, docs: Path, readme: Path, which_md: Path) -> dict[Path, str]:
+    """Every generated text file, as the JSON generates it: {path: full new content}."""
+    merged = load_json(json_path) if json_path.is_file() else None
+    try:
+        name = str(json_path.relative_to(REPO))
+    except ValueError:
+        name = json_path.name
+    which = which_method_markdown(merged, name)
+    docs_text = with_block(docs.read_text(), BLOCK_QUALITY, quality_markdown(merged, name))
+    if superseded.is_file():
+        docs_text = with_block(docs_text, BLOCK_SUPERSEDED, superseded_markdown(superseded))
+    return {docs: docs_text, readme: with_block(readme.read_text(), BLOCK_WHICH, which, insert_before=README_ANCHOR),
+            which_md: which}
 
 
-def markdown(merged: dict, json_name: str) -> str:
-    summary = summarize(merged["results"])
-    ratios = sorted({r["target_ratio"] for r in merged["results"] if r["target_ratio"] is not None})
-    lines = [
-        "<!-- generated by bench/quality/report.py from " + json_name + "; do not edit by hand -->",
-        f"Device: {merged.get('device') or '?'}. Generated {merged['date']}.",
-        "",
-        "**Accuracy kept** (exact-match accuracy of the rebuilt model / the fine-tune's, mean over tasks), with the mean "
-        "true ratio reached in parentheses:",
-        "",
-        "| method | " + " | ".join(f"{r:g}x" for r in ratios) + (" | lossless |" if any(r["target_ratio"] is None for r in merged["results"]) else " |"),
-        "|---|" + "---|" * (len(ratios) + (1 if any(r["target_ratio"] is None for r in merged["results"]) else 0)),
-    ]
-    has_lossless = any(r["target_ratio"] is None for r in merged["results"])
-    all_tasks = sorted({r["task"] for r in merged["results"]})
-    subset_marks: dict[tuple, str] = {}  # task subsets other than all tasks get a footnote mark each
-    for label, by in summary.items():
-        cells = []
-        for r in ratios:
-            v = by.get(f"{r:g}")
-            if not v:
-                cells.append("–")
-                continue
-            mark = ""
-            if v["tasks"] != all_tasks:
-                mark = subset_marks.setdefault(tuple(v["tasks"]), "†" * (len(subset_marks) + 1))
-            if abs(v["true_ratio"] / r - 1) > 0.10:
-                mark += "‡"
-            if v.get("n_eval") and max(v["n_eval"]) > 128:
-                mark += "§"
-            cells.append(f"{_f(v['kept'])} ({v['true_ratio']:.1f}x){mark}")
-        if has_lossless:
-            v = by.get("lossless")
-            cells.append(f"{_f(v['kept'])} ({v['true_ratio']:.2f}x)" if v else "–")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for tasks, mark in subset_marks.items():
-        lines.append(f"\n{mark} {', '.join(tasks)} only (not every task was run at this ratio).")
-    if any("§" in ln for ln in lines):
-        lines.append("\n§ re-measured on more test items (1024 per task, fine-tune re-made by the same recipe) where the "
-                     "128-item runs could not resolve the target; the n per record is in the full table below, the "
-                     "earlier values under 'Repeated measurements'.")
-    if any("‡" in ln for ln in lines):
-        lines.append("\n‡ true ratio more than 10% away from the target (the method cannot reach it, or did not fill it).")
-    keys = [f"{r:g}" for r in ratios] + (["lossless"] if has_lossless else [])
-    lines += ["", "**KL(fine-tune ‖ rebuilt)**, nats per answer token, mean over tasks:", "",
-              "| method | " + " | ".join(k if k == "lossless" else f"{k}x" for k in keys) + " |", "|---|" + "---|" * len(keys)]
-    for label, by in summary.items():
-        lines.append(f"| {label} | " + " | ".join(_f(by[k]['kl'], '{:.4f}') if k in by else "–" for k in keys) + " |")
-
-    if merged.get("finetunes"):
-        lines += ["", "**Fine-tunes** (test split exact match; a task fine-tuned in two device runs by the same seeded "
-                  "recipe has a row per run, and each record's accuracy kept is against its own run's fine-tune):", "",
-                  "| task | run (part) | ratios measured on it | base | fine-tune | gain | steps | final train loss | train s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for task, runs in sorted(merged["finetunes"].items()):
-            for f in runs if isinstance(runs, list) else [runs]:
-                ratios = sorted({r["target_ratio"] for r in merged["results"]
-                                 if r["task"] == task and r.get("finetune_part") == f.get("part")}, key=lambda x: x or 0)
-                shown = ", ".join("lossless" if x is None else f"{x:g}x" for x in ratios) or "–"
-                lines.append(f"| {task} | {f.get('part', '–')} | {shown} | {_f(f.get('base_accuracy'))} | "
-                             f"{_f(f.get('finetuned_accuracy'))} | {_f(f.get('gain'))} | {f.get('steps', '–')} | "
-                             f"{_f((f.get('rounds') or [{}])[-1].get('final_loss'), '{:.10g}')} | "
-                             f"{_f(f.get('train_seconds'), '{:.0f}')} |")
-
-    lines += ["", "<details><summary>Every run</summary>", "",
-              "| task | method | target | true ratio | nominal | test items | accuracy | kept | KL | compress s |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in merged["results"]:
-        tgt = "lossless" if r["target_ratio"] is None else f"{r['target_ratio']:g}x"
-        lines.append(f"| {r['task']} | {r.get('label', r['method'])} | {tgt} | {r['true_ratio']:.2f}x | {r['nominal_ratio']:.2f}x | "
-                     f"{r.get('n_eval', '–')} | {r['accuracy']:.3f} | {_f(r.get('kept'))} | {r['kl']:.4f} | {r['seconds']:.1f} |")
-    lines += ["", "</details>"]
-
-    if merged.get("timing"):
-        lines += ["", "**Compression time on a Llama-2-7B-shaped pair** (`deltapack.api.compress`, sharded safetensors "
-                  "checkpoint, synthetic long-tailed delta):", "",
-                  "| method | target | seconds | peak GPU GB | peak host RSS GB | true ratio | shape |",
-                  "|---|---|---|---|---|---|---|"]
-        for t in merged["timing"]:
-            tgt = "lossless" if t["target_ratio"] is None else f"{t['target_ratio']:g}x"
-            lines.append(f"| {t.get('label', t['method'])} | {tgt} | {t['seconds']:.1f} | {_f(t.get('peak_gpu_gb'), '{:.1f}')} | "
-                         f"{_f(t.get('peak_rss_gb'), '{:.1f}')} | "
-                         f"{_f(t.get('true_ratio'), '{:.1f}x')} | {t.get('shape', '–')} |")
-    lines += targets_markdown(merged, summary)
-    if merged.get("repeats"):
-        lines += ["", "<details><summary>Repeated measurements</summary>", "", "**Repeated measurements** (the same task, method and ratio in more than one device run, oldest "
-                  "first; every fine-tune is the same seeded recipe, see the final losses above, but a larger test split "
-                  "changes the test items and can change the training split; with the same items and the same true "
-                  "ratio, only delta-come moves, since its GPU compression is not bit-reproducible; a different true "
-                  "ratio means the method's code changed between the runs; the tables above keep the latest):", "",
-                  "| task | method | target | true ratio | test items | accuracy kept | KL | parts |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in merged["repeats"]:
-            lines.append(f"| {r['task']} | {r['label']} | {r['target_ratio']:g}x | "
-                         f"{' → '.join(f'{x:.1f}x' for x in r['true_ratio'])} | "
-                         f"{' → '.join(str(n or '–') for n in r['n_eval'])} | "
-                         f"{' → '.join(_f(k) for k in r['kept'])} | {' → '.join(_f(k, '{:.4f}') for k in r['kl'])} | "
-                         f"{' → '.join(r['parts'])} |")
-        lines += ["", "</details>"]
-    if merged.get("notes"):
-        # the same note for several (task, method, ratio) is listed once with all of them
-        grouped: dict[str, list[str]] = defaultdict(list)
-        for n in merged["notes"]:
-            where = " ".join(f"{n[k]:g}x" if k == "target_ratio" else str(n[k])
-                             for k in ("task", "method", "target_ratio") if n.get(k) is not None)
-            if where not in grouped[n["note"]]:
-                grouped[n["note"]].append(where)
-        lines += ["", "<details><summary>Notes (runs not made, and why)</summary>", ""]
-        for note, wheres in grouped.items():
-            places = "; ".join(w for w in wheres if w)
-            lines.append(f"- {places}: {note}" if places else f"- {note}")
-        lines += ["", "</details>"]
-    return "\n".join(lines) + "\n"
+def check(outputs: dict[Path, str]) -> list[str]:
+    """Paths whose content differs from what the JSON generates (a unified diff of each is printed)."""
+    bad = []
+    for path, want in outputs.items():
+        have = path.read_text() if path.is_file() else ""
+        if have != want:
+            bad.append(str(path))
+            sys.stdout.writelines(list(difflib.unified_diff(have.splitlines(True), want.splitlines(True),
+                                                            str(path), "generated", n=1))[:60])
+    return bad
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="merge benchmark parts; write quality.json, .png, .md")
-    ap.add_argument("parts", nargs="*", type=Path)
-    ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
-    ap.add_argument("--from-json", type=Path, default=None, help="re-render from an existing merged JSON")
+    ap = argparse.ArgumentParser(description="merge quality parts; generate quality.png, docs/benchmarks.md and the "
+                                             "README's which-method table from bench/results/quality.json")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None, metavar="PART",
+                    help="merge these parts into --out first")
+    ap.add_argument("--out", type=Path, default=JSON_PATH, help="the merged JSON (read when not merging)")
+    ap.add_argument("--superseded", type=Path, default=SUPERSEDED_JSON)
+    ap.add_argument("--docs", type=Path, default=DOCS)
+    ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument("--which-md", type=Path, default=None, help="default: which-method.md beside --out")
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 when a generated file differs")
+    ap.add_argument("--no-png", action="store_true")
     args = ap.parse_args(argv)
-    if args.from_json:
-        merged, out = load_json(args.from_json), args.from_json
-    else:
-        if not args.parts:
-            ap.error("give part files, or --from-json")
-        merged, out = merge(args.parts), args.out
-        merged["summary"] = summarize(merged["results"])
-        write_json(out, merged)
-    png = plot(merged, out.with_suffix(".png"))
-    md = out.with_suffix(".md")
-    tmp = md.with_name(md.name + ".part")
-    tmp.write_text(markdown(merged, out.name))
-    tmp.replace(md)
-    print(f"wrote {out}, {png}, {md} ({len(merged['results'])} results, {len(merged.get('timing', []))} timings)")
+    which_md = args.which_md or args.out.with_name("which-method.md")
+    if args.merge:
+        if args.check:
+            ap.error("--check compares with the committed JSON; it does not merge")
+        merged = merge(args.merge)
+        write_json(args.out, merged)
+        print(f"merged {len(args.merge)} parts: {len(merged['results'])} results, {len(merged['notes'])} notes "
+              f"-> {args.out}")
+    outputs = render(args.out, args.superseded, args.docs, args.readme, which_md)
+    if args.check:
+        bad = check(outputs)
+        if bad:
+            print(f"\nout of date (regenerate with `python bench/quality/report.py`): {', '.join(bad)}")
+            return 1
+        print("generated quality tables are up to date")
+        return 0
+    for path, text in outputs.items():
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(text)
+        tmp.replace(path)
+    if args.out.is_file() and not args.no_png:
+        merged = load_json(args.out)
+        if merged.get("results"):
+            print(f"wrote {plot(merged, args.out.with_suffix('.png'))}")
+    print("wrote " + ", ".join(str(p) for p in outputs))
     return 0
 
 

@@ -1,383 +1,391 @@
-"""The real-model quality benchmark, end to end in one process (the GPU machine forgets everything between calls).
+"""The quality benchmark on one GPU: fine-tune every task family in parallel, then evaluate every method x ratio x
+calibration in parallel, one process per task (a 135M model leaves an H100 mostly idle: eager Python and kernel
+launches dominate, so six processes share it well). Device time is the scarce resource; every stage keeps inside a
+time budget and writes its results as it goes.
 
-For each selected task: full fine-tune of SmolLM2-135M-Instruct (bench/quality/finetune.py), then for every method x
-target ratio: `deltapack.api.compress` (timed), rebuild in memory (`deltapack.api.load_merged`), exact-match accuracy
-on the task's test split and KL(fine-tune || rebuilt) per answer token on held-out prompts. Records go to a JSON part
-file after every single run, so a run killed at the 10-minute limit still leaves everything it finished; --time-budget
-stops earlier, cleanly, and notes what it skipped. `report.py` merges parts into bench/results/quality.{json,png,md}.
+    # GPU (see run_gpu.sh for the device calls): fine-tunes live in --workdir while the machine stays warm
+    python bench/quality/run.py finetune --workdir /root/dpq --out-dir $OUT --time-budget 300
+    python bench/quality/run.py eval --workdir /root/dpq --out-dir $OUT --time-budget 540 --tag e1
+    python bench/quality/run.py eval --workdir /root/dpq --out-dir $OUT --time-budget 540 --tag e2   # resumes
+    # CPU: the whole pipeline (2 tasks, pico random Llama with SmolLM2's tokenizer, report into the smoke dir)
+    python bench/quality/run.py smoke --out-dir /tmp/quality-smoke
 
-    # GPU, one task per invocation (see run_gpu.sh):
-    python bench/quality/run.py --tasks arithmetic --out bench/results/parts/quality-arithmetic.json --time-budget 540
-    # CPU smoke: pico model with SmolLM2's tokenizer, 1 task, 2 methods, 1 ratio, a few steps
-    python bench/quality/run.py --smoke --out /tmp/quality-smoke.json
+`finetune`: dequantizes the embedded GGUF once (the package's loader, cached), copies it as bf16 safetensors to
+WORKDIR/base, and starts one finetune.py process per task at once (they import and generate their data while the
+base is prepared); each saves WORKDIR/ft-TASK with its finetune.json (train loss history, dev score, seconds).
+Writes OUT/finetune.json (every task's record) and OUT/finetune-log.txt.
 
-Methods (labels for --methods): raw, lowrank, bitdelta, bitdelta-distill, dare, delta-come-paper, delta-come-optimal,
-deltadq ("delta-come" = both allocators, "all" = every one). A method whose module is not installed is skipped with a
-note; a ratio a method cannot reach (BudgetError) is recorded as a note, not a failure; any other error is noted with
-its message and the run goes on.
+`eval`: one eval_task.py process per task; each writes OUT/quality-TASK-TAG.json after every job and keeps a ledger
+in the workdir, so a second `eval` call on the warm machine continues where the first stopped. OUT/eval-TAG-log.txt
+holds the workers' logs. The files under OUT (at most 8 per device call) go to bench/results/quality_parts/, then
+`python bench/quality/report.py --merge bench/results/quality_parts/*.json`.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
 import time
-import traceback
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (RESULTS, command_line, device_name, embedded_base_dir, items_to_hex, now_iso, smoke_base_dir,  # noqa: E402
-                    write_json)
+from common import REPO, command_line, now_iso, write_json  # noqa: E402
+from tasks import TASKS  # noqa: E402
 
 log = logging.getLogger("bench.quality")
+SAVE_MARGIN_S = 35.0  # a fine-tune's dev scoring + bf16 save after its training deadline
+GRACE_S = 15.0  # after the budget, before stragglers are killed
 
 
-@dataclass(frozen=True)
-class MethodSpec:
-    label: str
-    method: str
-    params: dict = field(default_factory=dict)
-    allocator: str | None = None
+def per_task(text: str | None, cast, name: str) -> dict:
+    """'400' (every task) or 'arithmetic=600,classify=300' (the others keep their default) -> {task: value}."""
+    if not text:
+        return {}
+    if "=" not in text:
+        return {t: cast(text) for t in TASKS}
+    out = {}
+    for item in text.split(","):
+        task, _, value = item.partition("=")
+        if task.strip() not in TASKS:
+            raise SystemExit(f"--{name}: unknown task {task!r}")
+        out[task.strip()] = cast(value)
+    return out
 
 
-METHOD_SPECS = [
-    MethodSpec("raw", "raw"),
-    MethodSpec("lowrank", "lowrank"),
-    MethodSpec("bitdelta", "bitdelta", {"distill": False}),
-    MethodSpec("bitdelta-distill", "bitdelta", {"distill": True}),
-    MethodSpec("dare", "dare"),
-    MethodSpec("delta-come-paper", "delta-come", {"allocator": "paper"}, "paper"),
-    MethodSpec("delta-come-optimal", "delta-come", {"allocator": "optimal"}, "optimal"),
-    MethodSpec("deltadq", "deltadq"),
-]
-ALIASES = {"delta-come": ["delta-come-paper", "delta-come-optimal"], "all": [s.label for s in METHOD_SPECS]}
-DEFAULT_RATIOS = (16, 64, 8, 32, 128)  # run in this order: a cut-short run keeps the most telling ratios
-
-
-def select_methods(text: str) -> list[MethodSpec]:
-    by_label = {s.label: s for s in METHOD_SPECS}
-    labels: list[str] = []
-    for tok in (t.strip() for t in text.split(",") if t.strip()):
-        for lab in ALIASES.get(tok, [tok]):
-            if lab not in by_label:
-                raise SystemExit(f"unknown method label {lab!r}; choose from {', '.join(by_label)} or {', '.join(ALIASES)}")
-            if lab not in labels:
-                labels.append(lab)
-    return [by_label[lab] for lab in labels]
-
-
-class Budget:
-    """Wall-clock budget: predicts whether the next piece of work fits from what similar pieces took so far."""
-
-    def __init__(self, seconds: float):
-        self.start = time.perf_counter()
-        self.seconds = seconds
-        self.took: dict[str, list[float]] = {}
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-    def left(self) -> float:
-        return self.seconds - self.elapsed()
-
-    def record(self, key: str, seconds: float) -> None:
-        self.took.setdefault(key, []).append(seconds)
-
-    def estimate(self, key: str, default: float) -> float:
-        if key in self.took:
-            return max(self.took[key])
-        every = [x for v in self.took.values() for x in v]
-        return max([default, *every]) if every else default
-
-    def fits(self, key: str, default: float) -> bool:
-        return self.left() > self.estimate(key, default)
-
-
-class Part:
-    """The JSON part file, rewritten atomically after every change."""
-
-    def __init__(self, path: Path, header: dict):
-        self.path = path
-        self.data = {**header, "finetunes": {}, "results": [], "notes": [], "complete": False}
-        self.save()
-
-    def save(self) -> None:
-        write_json(self.path, self.data)
-
-    def note(self, **kw) -> None:
-        log.warning("note: %s", kw)
-        self.data["notes"].append(kw)
-        self.save()
-
-    def add(self, rec: dict) -> None:
-        self.data["results"].append(rec)
-        self.save()
-
-
-def release() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description="deltapack real-model quality benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--tasks", default="arithmetic,python,json", help="comma-separated: arithmetic, python, json")
-    ap.add_argument("--methods", default="all", help="comma-separated method labels (see module docstring)")
-    ap.add_argument("--ratios", default=",".join(map(str, DEFAULT_RATIOS)), help="target true ratios, in run order")
-    ap.add_argument("--out", type=Path, default=RESULTS / "parts" / "quality-part.json")
-    ap.add_argument("--workdir", type=Path, default=None, help="fine-tunes and deltas (default: a temp dir)")
-    ap.add_argument("--base", default=None, help="base checkpoint dir (default: embedded SmolLM2-135M-Instruct)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--time-budget", type=float, default=540.0, help="seconds; stop cleanly before this")
-    ap.add_argument("--eval-n", type=int, default=256, help="test examples per task for accuracy")
-    ap.add_argument("--kl-n", type=int, default=64, help="test examples per task for KL")
-    ap.add_argument("--batch-size", type=int, default=128, help="generation batch")
-    ap.add_argument("--steps", type=int, default=300, help="fine-tuning steps")
-    ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--train-batch", type=int, default=64)
-    ap.add_argument("--n-train", type=int, default=8000)
-    ap.add_argument("--target-gain", type=float, default=0.5, help="fine-tune must beat base by this on dev")
-    ap.add_argument("--extra-rounds", type=int, default=2, help="extra training rounds (steps/2 each) if not reached")
-    ap.add_argument("--calib", choices=("task", "default"), default="task",
-                    help="calibration text: the task's train split, or deltapack's default corpus")
-    ap.add_argument("--n-calib", type=int, default=None,
-                    help="train records written as calibration data (default: the whole train split; the committed "
-                         "runs used 1024, which packs into only ~20 of the 128 sequences of 2048 tokens Delta-CoMe's "
-                         "GPTQ asks for)")
-    ap.add_argument("--reuse-finetunes", action="store_true", help="reuse a finished fine-tune in --workdir")
-    ap.add_argument("--report", type=Path, default=None,
-                    help="also merge this part alone into a final JSON (+ .png, .md), e.g. bench/results/quality.json")
-    ap.add_argument("--keep-deltas", action="store_true", help="keep delta dirs (default: deleted after scoring)")
-    ap.add_argument("--smoke", action="store_true",
-                    help="CPU, pico model with SmolLM2's tokenizer, 1 task, lowrank+dare at 16x, a few steps")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--"))
-        defaults = {"--tasks": ("tasks", "arithmetic"), "--methods": ("methods", "lowrank,dare"),
-                    "--ratios": ("ratios", "16"), "--device": ("device", "cpu"), "--eval-n": ("eval_n", 8),
-                    "--kl-n": ("kl_n", 4), "--steps": ("steps", 6), "--lr": ("lr", 3e-3), "--train-batch": ("train_batch", 4),
-                    "--n-train": ("n_train", 64), "--extra-rounds": ("extra_rounds", 1), "--n-calib": ("n_calib", 32),
-                    "--batch-size": ("batch_size", 8), "--target-gain": ("target_gain", 0.5)}
-        for flag, (dest, val) in defaults.items():
-            if flag not in given:
-                setattr(args, dest, val)
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "transformers", "deltapack.compress"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    budget = Budget(args.time_budget)
-
-    from deltapack.compress import resolve_device
-    from deltapack.eval import Example, exact_match, load_checkpoint, resolve_dtype
-    from deltapack.methods import METHODS
-    from finetune import Trainer
-    from tasks import TASKS, make_splits, write_jsonl
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype("auto", device)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+def select_tasks(text: str) -> list[str]:
+    tasks = list(TASKS) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
     for t in tasks:
         if t not in TASKS:
             raise SystemExit(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
-    specs = select_methods(args.methods)
-    ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    workdir = args.workdir or Path(__import__("tempfile").mkdtemp(prefix="dp-quality-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    base_dir = Path(args.base) if args.base else (smoke_base_dir(workdir) if args.smoke else embedded_base_dir())
-    part = Part(args.out, {
-        "command": command_line(),
-        "device": device_name(device),
-        "date": now_iso(),
-        "base": "pico Llama (SmolLM2 tokenizer, random weights)" if args.smoke and not args.base else
-                (str(args.base) if args.base else "SmolLM2-135M-Instruct (embedded GGUF Q4_1, dequantized to bf16)"),
-        "smoke": bool(args.smoke),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "torch": torch.__version__,
-    })
-    log.info("base %s, device %s, workdir %s", base_dir, part.data["device"], workdir)
-
-    splits = {t: make_splits(t, args.n_train, 128 if not args.smoke else 8, args.eval_n) for t in tasks}
-    test = {t: [Example(r.prompt, r.answer) for r in splits[t]["test"][: args.eval_n]] for t in tasks}
-    dev = {t: [Example(r.prompt, r.answer) for r in splits[t]["dev"]] for t in tasks}
-
-    # ---- base accuracy (test and dev), once ---------------------------------------------------------------------
-    base = load_checkpoint(base_dir, device=device, dtype=dtype)
-    base_acc, base_dev = {}, {}
-    for t in tasks:
-        base_acc[t] = exact_match(base.model, base.tokenizer, test[t], batch_size=args.batch_size).accuracy
-        base_dev[t] = exact_match(base.model, base.tokenizer, dev[t], batch_size=args.batch_size).accuracy
-        log.info("base %s: test %.3f dev %.3f", t, base_acc[t], base_dev[t])
-    del base
-    release()
-
-    stopped = False
-    for task in tasks:
-        ft_dir = workdir / f"ft-{task}"
-        ft_info: dict = {"base_accuracy": base_acc[task], "base_dev_accuracy": base_dev[task]}
-        marker = ft_dir / "finetune.json"
-        if args.reuse_finetunes and marker.is_file():
-            import json
-
-            ft_info.update(json.loads(marker.read_text()))
-            ft_info["reused"] = True
-            log.info("reusing fine-tune %s", ft_dir)
-        else:
-            est = args.steps / (5.0 if device.type == "cuda" else 0.5) + 30
-            if not budget.fits("finetune", est):
-                part.note(task=task, note=f"time budget: no time left to fine-tune ({budget.left():.0f} s left)")
-                stopped = True
-                break
-            t0 = time.perf_counter()
-            tr = Trainer(base_dir, device=device, lr=args.lr)
-            data = tr.encode(splits[task]["train"])
-            rounds = [tr.train(data, args.steps, batch_size=args.train_batch, log_every=max(1, args.steps // 6))]
-            dev_acc = exact_match(tr.model, tr.tok, dev[task], batch_size=args.batch_size).accuracy
-            rounds[-1]["dev_accuracy"] = dev_acc
-            log.info("%s fine-tune: dev accuracy %.3f (base %.3f)", task, dev_acc, base_dev[task])
-            extra = max(1, args.steps // 2)
-            while (dev_acc - base_dev[task] < args.target_gain and len(rounds) <= args.extra_rounds
-                   and budget.left() > extra / max(rounds[-1]["steps_per_s"], 1e-3) + 300):
-                rounds.append(tr.train(data, extra, batch_size=args.train_batch, lr=args.lr * 0.5, warmup=1,
-                                       log_every=max(1, extra // 3)))
-                dev_acc = exact_match(tr.model, tr.tok, dev[task], batch_size=args.batch_size).accuracy
-                rounds[-1]["dev_accuracy"] = dev_acc
-                log.info("%s fine-tune, extra round: dev accuracy %.3f", task, dev_acc)
-            tr.save(ft_dir)
-            ft_info.update({"steps": tr.steps_done, "rounds": rounds, "train_seconds": round(tr.train_seconds, 2),
-                            "dev_accuracy": dev_acc, "n_train": len(data), "lr": args.lr,
-                            "train_batch": args.train_batch})
-            del tr
-            release()
-            budget.record("finetune", time.perf_counter() - t0)
-            write_json(marker, ft_info)
-
-        ref = load_checkpoint(ft_dir, device=device, dtype=dtype)
-        ft_em = exact_match(ref.model, ref.tokenizer, test[task], batch_size=args.batch_size)
-        ft_acc = ft_em.accuracy
-        ft_info["finetuned_accuracy"] = ft_acc
-        ft_info["correct_items"] = items_to_hex(ft_em.per_item)  # for paired intervals of accuracy kept
-        ft_info["gain"] = ft_acc - base_acc[task]
-        ft_info["meets_target_gain"] = ft_acc - base_acc[task] >= args.target_gain
-        part.data["finetunes"][task] = ft_info
-        part.save()
-        log.info("%s: base %.3f fine-tune %.3f", task, base_acc[task], ft_acc)
-        if not ft_info["meets_target_gain"]:
-            part.note(task=task, note=f"fine-tune beats base by {ft_acc - base_acc[task]:.3f} < {args.target_gain} on test")
-
-        calib = None
-        if args.calib == "task":
-            calib = write_jsonl(workdir / f"calib-{task}.jsonl", splits[task]["train"][: args.n_calib or None])
-        kl_examples = test[task][: args.kl_n]
-
-        # jobs ratio-major in the order --ratios gives them (its first ratio = the headline comparison), so a run cut
-        # short by the time budget still has every method at the ratios it reached; a lossless method runs once
-        from deltapack.methods import get_method
-
-        usable = []
-        for spec in specs:
-            if spec.method not in METHODS:
-                part.note(task=task, method=spec.label, note=f"method {spec.method!r} not available in this build")
-                continue
-            try:
-                usable.append((spec, get_method(spec.method, spec.params)))
-            except Exception as e:  # MethodError: e.g. a knob this version does not have
-                part.note(task=task, method=spec.label, note=f"cannot configure: {e}")
-        jobs = [(spec, None) for spec, m in usable if m.lossless]
-        jobs += [(spec, r) for r in ratios for spec, m in usable if not m.lossless]
-        for spec, ratio in jobs:
-            if not budget.fits(spec.label, 30.0):
-                part.note(task=task, method=spec.label, target_ratio=ratio,
-                          note=f"time budget: skipped (est. {budget.estimate(spec.label, 30.0):.0f} s, {budget.left():.0f} s left)")
-                stopped = True
-                continue
-            run_one(part, budget, spec, ratio, task, base_dir, ft_dir, ref, calib, device, dtype, test[task],
-                    kl_examples, base_acc[task], ft_acc, workdir, args)
-        del ref
-        release()
-    part.data["complete"] = not stopped
-    part.data["elapsed_s"] = round(budget.elapsed(), 1)
-    part.save()
-    log.info("wrote %s (%d results, %d notes) in %.0f s", args.out, len(part.data["results"]), len(part.data["notes"]),
-             budget.elapsed())
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if args.report:
-        import report
-
-        report.main([str(args.out), "--out", str(args.report)])
-    return 0
+    return tasks
 
 
-def run_one(part: Part, budget: Budget, spec: MethodSpec, ratio, task, base_dir, ft_dir, ref, calib, device, dtype,
-            examples, kl_examples, base_acc, ft_acc, workdir: Path, args) -> None:
-    from deltapack import api
-    from deltapack.errors import BudgetError
-    from deltapack.eval import exact_match, kl_to_reference
+def prepare_base(workdir: Path, source: Path | None) -> tuple[Path, float]:
+    """WORKDIR/base: the base as bf16 safetensors, made once (the GGUF is dequantized by the package's loader, ~30 s
+    on the GPU machine); every worker loads it from there."""
+    from deltapack.io.writer import AtomicDir
 
-    slug = f"{task}-{spec.label}-{'lossless' if ratio is None else f'{ratio:g}x'}"
-    out = workdir / "deltas" / slug
-    t_all = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    dest = workdir / "base"
+    if (dest / "config.json").is_file():
+        return dest, 0.0
     t0 = time.perf_counter()
-    try:
-        api.compress(base_dir, ft_dir, out, method=spec.method, ratio=ratio, params=spec.params,
-                     calib=str(calib) if calib else None, device=str(device), overwrite=True, progress=False)
-    except BudgetError as e:
-        part.note(task=task, method=spec.label, target_ratio=ratio, note=f"cannot reach: {e}")
-        budget.record(spec.label, time.perf_counter() - t_all)
-        return
-    except Exception as e:  # a broken method must not sink the other 30 runs of this invocation
-        log.error("%s failed:\n%s", slug, traceback.format_exc())
-        part.note(task=task, method=spec.label, target_ratio=ratio, note=f"error: {e.__class__.__name__}: {e}"[:500])
-        budget.record(spec.label, time.perf_counter() - t_all)
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
-    try:
-        info = api.inspect(out)
-        t1 = time.perf_counter()
-        model, tok = api.load_merged(base_dir, out, device=device, dtype=dtype)
-        em = exact_match(model, tok, examples, batch_size=args.batch_size)
-        kl = kl_to_reference(model, ref.model, tok, kl_examples, batch_size=32)
-        eval_seconds = time.perf_counter() - t1
-        del model
-    except Exception as e:
-        log.error("%s evaluation failed:\n%s", slug, traceback.format_exc())
-        part.note(task=task, method=spec.label, target_ratio=ratio, note=f"evaluation error: {e.__class__.__name__}: {e}"[:500])
-        budget.record(spec.label, time.perf_counter() - t_all)
-        return
-    finally:
-        release()
-        if not args.keep_deltas:
-            shutil.rmtree(out, ignore_errors=True)
-    rec = {
-        "method": spec.method, "label": spec.label, "allocator": spec.allocator, "params": spec.params,
-        "target_ratio": ratio, "true_ratio": info["true_ratio"], "nominal_ratio": info["nominal_ratio"],
-        "bytes": info["total_bytes"], "task": task, "accuracy": em.accuracy, "finetuned_accuracy": ft_acc,
-        "base_accuracy": base_acc, "kept": em.accuracy / ft_acc if ft_acc > 0 else None, "kl": kl.kl,
-        "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3), "n_eval": len(examples),
-        "n_kl_tokens": kl.tokens, "correct_items": items_to_hex(em.per_item),
-    }
-    part.add(rec)
-    budget.record(spec.label, time.perf_counter() - t_all)
-    log.info("%s: true %.1fx acc %.3f (ft %.3f) kept %s KL %.4g  [%.1f s + %.1f s eval]", slug, rec["true_ratio"],
-             em.accuracy, ft_acc, f"{rec['kept']:.3f}" if rec["kept"] is not None else "n/a", kl.kl, seconds, eval_seconds)
+    if source is None:
+        from common import embedded_base_dir
+
+        source = embedded_base_dir()
+    if not (Path(source) / "config.json").is_file():
+        raise SystemExit(f"--base {source}: not a checkpoint directory (no config.json)")
+    with AtomicDir(dest, overwrite=True) as tmp:
+        for f in Path(source).iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    return dest, time.perf_counter() - t0
+
+
+class Workers:
+    """Child processes, one per task, each with its own log file; killed at the hard limit, and when the parent
+    leaves the `with` block early (an error): no worker outlives the call that started it."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, tuple[subprocess.Popen, Path, float]] = {}
+
+    def start(self, name: str, argv: list[str], threads: int) -> None:
+        # expandable segments: a dozen processes share the GPU's memory, so little of it should sit fragmented
+        env = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **os.environ, "PYTHONUNBUFFERED": "1",
+               "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        path = self.log_dir / f"{name}.log"
+        f = open(path, "w")
+        p = subprocess.Popen([sys.executable, *argv], stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        f.close()
+        self.procs[name] = (p, path, time.time())
+
+    def wait(self, hard_deadline: float, on_exit=None) -> dict[str, dict]:
+        """Wait for every worker (also those `on_exit(name, rc)` starts meanwhile); kill what runs past the limit."""
+        status: dict[str, dict] = {}
+        while len(status) < len(self.procs):
+            for name, (p, path, t0) in list(self.procs.items()):
+                if name in status:
+                    continue
+                rc = p.poll()
+                if rc is None and time.time() > hard_deadline:
+                    log.error("%s: still running at the hard limit: killed", name)
+                    self._kill(p)
+                    rc = p.wait()
+                    status[name] = {"rc": rc, "killed": True, "seconds": round(time.time() - t0, 1)}
+                elif rc is not None:
+                    status[name] = {"rc": rc, "killed": False, "seconds": round(time.time() - t0, 1)}
+                    (log.info if rc == 0 else log.error)("%s: exit %d after %.0f s", name, rc, time.time() - t0)
+                    if rc != 0:
+                        sys.stderr.write(f"--- end of {path}\n{path.read_text()[-3000:]}\n")
+                    if on_exit is not None:
+                        on_exit(name, rc)
+            time.sleep(0.5)
+        return status
+
+    @staticmethod
+    def _kill(p: subprocess.Popen) -> None:
+        p.terminate()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+    def __enter__(self) -> "Workers":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for name, (p, _, _) in self.procs.items():
+            if p.poll() is None:
+                log.error("%s: still running as the parent stops: killed", name)
+                self._kill(p)
+        return False
+
+    def collect_logs(self, path: Path) -> None:
+        text = "".join(f"===== {name} ({lp})\n{lp.read_text()}\n" for name, (_, lp, _) in self.procs.items())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+# ---- finetune -------------------------------------------------------------------------------------------------------
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from finetune import BATCH_SIZE, TRAIN_DEFAULTS
+    from tasks import N_TRAIN, parse_knobs
+
+    t_start = time.time()
+    deadline = t_start + args.time_budget
+    train_deadline = t_start + min(args.train_budget or args.time_budget, args.time_budget) - SAVE_MARGIN_S
+    workdir, out_dir = args.workdir, args.out_dir
+    workdir.mkdir(parents=True, exist_ok=True)
+    tasks = select_tasks(args.tasks)
+    steps, lrs = per_task(args.steps, int, "steps"), per_task(args.lr, float, "lr")
+    batches = per_task(args.batch_size, int, "batch-size")
+    knobs = parse_knobs(args.knob)  # validated here, before any process starts
+    reused, started, evaluating = [], [], []
+    with Workers(workdir / "logs" / f"finetune-{int(t_start)}") as workers:
+        for task in tasks:
+            want = {"n_train": args.n_train if args.n_train is not None else N_TRAIN[task], "n_dev": args.n_dev,
+                    "n_test": args.n_test, "knobs": {k: v for k, v in knobs.items() if k == task}}
+            s, lr = steps.get(task, TRAIN_DEFAULTS[task]["steps"]), lrs.get(task, TRAIN_DEFAULTS[task]["lr"])
+            batch = batches.get(task, BATCH_SIZE)
+            marker = workdir / f"ft-{task}" / "finetune.json"
+            if args.reuse_finetunes and marker.is_file():
+                prev = json.loads(marker.read_text())
+                if (prev["data"] == want and prev["steps_planned"] == s and prev["lr"] == lr
+                        and prev["batch_size"] == batch and not prev["stopped_early"]):
+                    reused.append(task)
+                    continue
+                log.info("%s: the fine-tune in %s was made with other settings: made again", task, marker.parent)
+            argv = [str(HERE / "finetune.py"), "--task", task, "--base", str(workdir / "base"),
+                    "--out", str(workdir / f"ft-{task}"), "--steps", str(s), "--lr", str(lr),
+                    "--batch-size", str(batch), "--n-train", str(want["n_train"]), "--n-dev", str(args.n_dev),
+                    "--n-test", str(args.n_test), "--deadline", str(train_deadline),
+                    "--workers", str(len(tasks)), "--eval-batch", str(args.eval_batch),
+                    "--max-tokens", str(args.max_tokens)]
+            argv += [f"--knob={k}" for k in args.knob if k.split(".", 1)[0] == task]
+            if args.device:
+                argv += ["--device", args.device]
+            if args.smoke:
+                argv.append("--smoke")
+            workers.start(task, argv, threads=max(1, (os.cpu_count() or 1) // len(tasks)))
+            started.append(task)
+        base_dir, base_s = prepare_base(workdir, args.base)
+        log.info("base ready in %s (%.1f s); training %s; reusing %s", base_dir, base_s, started, reused)
+
+        def then_eval(name: str, rc: int) -> None:
+            # a task's evaluation starts as soon as its fine-tune is saved, and uses the rest of this call
+            if args.then_eval and rc == 0 and name in tasks and (workdir / f"ft-{name}" / "finetune.json").is_file():
+                workers.start(f"eval-{name}", eval_argv(args, name, "ft", deadline, len(tasks)),
+                              threads=max(1, (os.cpu_count() or 1) // len(tasks)))
+                evaluating.append(name)
+
+        for task in reused:
+            then_eval(task, 0)
+        status = workers.wait(deadline + GRACE_S, on_exit=then_eval)
+    summary = {"command": command_line(), "date": now_iso(), "stage": "finetune", "workdir": str(workdir),
+               "base_prepare_seconds": round(base_s, 1), "time_budget": args.time_budget,
+               "workers": status, "reused": reused, "evaluated_in_this_call": evaluating, "finetunes": {}}
+    for task in tasks:
+        marker = workdir / f"ft-{task}" / "finetune.json"
+        if marker.is_file():
+            summary["finetunes"][task] = json.loads(marker.read_text())
+    summary["elapsed_s"] = round(time.time() - t_start, 1)
+    write_json(out_dir / "finetune.json", summary)
+    workers.collect_logs(out_dir / "finetune-log.txt")
+    print(finetune_table(summary))
+    if evaluating:
+        print(eval_table(out_dir, "ft", evaluating, {t: status.get(f"eval-{t}", {}) for t in evaluating}))
+    missing = [t for t in tasks if t not in summary["finetunes"]]
+    if missing:
+        log.error("no fine-tune for %s", ", ".join(missing))
+    return 1 if missing else 0
+
+
+def finetune_table(summary: dict) -> str:
+    lines = ["| task | steps (planned) | train s | steps/s | final loss | dev score | dev score by kind |",
+             "|---|---|---|---|---|---|---|"]
+    for task, f in summary["finetunes"].items():
+        dev = f["dev"]
+        kinds = ", ".join(f"{k} {right / n:.2f}" for k, (n, right) in dev.get("by_kind", {}).items())
+        lines.append(f"| {task} | {f['steps']} ({f['steps_planned']}) | {f['train_seconds']:.0f} | {f['steps_per_s']} "
+                     f"| {f['final_loss']} | {dev.get('accuracy', dev.get('fact_accuracy')):.3f} | {kinds} |")
+    return "\n".join(lines)
+
+
+# ---- eval -----------------------------------------------------------------------------------------------------------
+def eval_argv(args: argparse.Namespace, task: str, tag: str, deadline: float, n_workers: int) -> list[str]:
+    argv = [str(HERE / "eval_task.py"), "--task", task, "--workdir", str(args.workdir),
+            "--part", str(args.out_dir / f"quality-{task}-{tag}.json"), "--methods", args.methods,
+            "--ratios", args.ratios, "--calib", args.calib, "--kl-n", str(args.kl_n),
+            "--deadline", str(deadline - args.job_margin), "--workers", str(n_workers),
+            "--job-estimate", str(args.job_estimate)]
+    for flag, value in (("--eval-n", args.eval_n), ("--device", args.device)):
+        if value:
+            argv += [flag, str(value)]
+    if args.redo:
+        argv.append("--redo")
+    return argv
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    t_start = time.time()
+    deadline = t_start + args.time_budget
+    tasks = select_tasks(args.tasks)
+    missing = [t for t in tasks if not (args.workdir / f"ft-{t}" / "finetune.json").is_file()]
+    if missing:
+        raise SystemExit(f"no fine-tune of {', '.join(missing)} in {args.workdir}: run `run.py finetune` first "
+                         "(fine-tunes live only while the GPU machine stays warm)")
+    tag = args.tag or time.strftime("%Y%m%dT%H%M%S", time.gmtime(t_start))
+    with Workers(args.workdir / "logs" / f"eval-{tag}") as workers:
+        for task in tasks:
+            workers.start(task, eval_argv(args, task, tag, deadline, len(tasks)),
+                          threads=max(1, (os.cpu_count() or 1) // len(tasks)))
+        status = workers.wait(deadline + GRACE_S)
+    workers.collect_logs(args.out_dir / f"eval-{tag}-log.txt")
+    print(eval_table(args.out_dir, tag, tasks, status))
+    return 0 if all(s["rc"] == 0 for s in status.values()) else 1
+
+
+def eval_table(out_dir: Path, tag: str, tasks: list[str], status: dict) -> str:
+    lines = ["| task | exit | s | records | notes | complete |", "|---|---|---|---|---|---|"]
+    for task in tasks:
+        p = out_dir / f"quality-{task}-{tag}.json"
+        d = json.loads(p.read_text()) if p.is_file() else {}
+        s = status.get(task, {})
+        lines.append(f"| {task} | {s.get('rc')}{' (killed)' if s.get('killed') else ''} | {s.get('seconds')} | "
+                     f"{len(d.get('results', []))} | {len(d.get('notes', []))} | {d.get('complete')} |")
+    return "\n".join(lines)
+
+
+# ---- smoke ----------------------------------------------------------------------------------------------------------
+SMOKE_TASKS = "arithmetic,chat"  # one exact-match family and the self-graded one: both scoring paths
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    """The whole pipeline on CPU: pico base, 2 tasks fine-tuned in parallel, evaluated in parallel, reported into
+    copies of docs/benchmarks.md and README.md under --out-dir (the committed files are not touched)."""
+    from common import smoke_base_dir
+
+    out_dir = args.out_dir
+    workdir = out_dir / "work"
+    workdir.mkdir(parents=True, exist_ok=True)
+    pico = smoke_base_dir(workdir)
+    evals = dict(methods=args.methods, ratios="16", calib="default,task", kl_n=4, eval_n=8, job_margin=0.0,
+                 job_estimate=5.0, device="cpu")
+    # fine-tune both tasks in parallel, each evaluated as soon as it is saved (finetune --then-eval) ...
+    ft = argparse.Namespace(workdir=workdir, out_dir=out_dir, tasks=SMOKE_TASKS, steps="4", lr="3e-3", batch_size="4",
+                            n_train=64, n_dev=4, n_test=8, knob=[], eval_batch=8, max_tokens=256,
+                            time_budget=args.time_budget,
+                            train_budget=None, then_eval=True, reuse_finetunes=False, base=pico, smoke=True,
+                            redo=True, **evals)
+    if cmd_finetune(ft) != 0:
+        return 1
+    # ... then a separate eval call, as a second device call would: it resumes from the ledger (nothing left to do
+    # unless the first was cut short) and writes parts holding every record
+    ev = argparse.Namespace(workdir=workdir, out_dir=out_dir, tasks=SMOKE_TASKS, time_budget=args.time_budget,
+                            tag="smoke", redo=False, **evals)
+    if cmd_eval(ev) != 0:
+        return 1
+    import report
+
+    for src, name in ((REPO / "docs" / "benchmarks.md", "benchmarks.md"), (REPO / "README.md", "README.md")):
+        shutil.copy2(src, out_dir / name)
+    parts = sorted(str(p) for p in out_dir.glob("quality-*.json"))
+    return report.main(["--merge", *parts, "--out", str(out_dir / "quality.json"), "--docs",
+                        str(out_dir / "benchmarks.md"), "--readme", str(out_dir / "README.md")])
+
+
+def add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", default="all", help="labels: auto, auto+heal, dare, delta-come, deltadq, lowrank, "
+                                                    "bitdelta")
+    p.add_argument("--ratios", default="16,32,64,128", help="target true ratios, in run order")
+    p.add_argument("--calib", default="default,task", help="calibrations in run order (headline: default)")
+    p.add_argument("--kl-n", type=int, default=128)
+    p.add_argument("--eval-n", type=int, default=None, help="first N test items only (default: all, 512)")
+    p.add_argument("--job-margin", type=float, default=20.0,
+                   help="no job starts later than this before the budget ends (jobs are estimated too)")
+    p.add_argument("--job-estimate", type=float, default=30.0, help="seconds assumed for a job not yet timed")
+    p.add_argument("--redo", action="store_true", help="ignore earlier calls' ledgers")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("finetune", help="fine-tune every task in parallel", formatter_class=ap.formatter_class)
+    f.add_argument("--workdir", type=Path, required=True)
+    f.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "quality_parts")
+    f.add_argument("--tasks", default="all")
+    f.add_argument("--steps", default=None, help="N for every task or task=N,...; default finetune.TRAIN_DEFAULTS")
+    f.add_argument("--lr", default=None, help="x for every task or task=x,...; default finetune.TRAIN_DEFAULTS")
+    f.add_argument("--batch-size", default=None, help="N for every task or task=N,...; default 64")
+    f.add_argument("--n-train", type=int, default=None, help="default: tasks.N_TRAIN per task")
+    f.add_argument("--n-dev", type=int, default=128)
+    f.add_argument("--n-test", type=int, default=512)
+    f.add_argument("--knob", action="append", default=[], help="task.key=value (repeatable), see tasks.KNOBS")
+    f.add_argument("--eval-batch", type=int, default=128, help="dev scoring batch")
+    f.add_argument("--max-tokens", type=int, default=8192,
+                   help="padded tokens per micro-batch: six fine-tunes share the GPU's memory (~5 GB of activations "
+                        "each at 8192; the gradient is the full batch's)")
+    f.add_argument("--time-budget", type=float, default=300.0, help="seconds for the whole call")
+    f.add_argument("--train-budget", type=float, default=None,
+                   help="seconds (from the call's start) by which every fine-tune is saved; default --time-budget")
+    f.add_argument("--then-eval", action="store_true",
+                   help="evaluate each task as soon as its fine-tune is saved, until --time-budget (parts tagged "
+                        "'ft'; the eval options below apply)")
+    f.add_argument("--reuse-finetunes", action="store_true",
+                   help="keep a task's finished fine-tune in --workdir made with the same settings")
+    f.add_argument("--base", type=Path, default=None, help="base checkpoint dir (default: the embedded SmolLM2)")
+    f.add_argument("--device", default=None)
+    f.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    e = sub.add_parser("eval", help="evaluate every task's fine-tune in parallel", formatter_class=ap.formatter_class)
+    e.add_argument("--workdir", type=Path, required=True)
+    e.add_argument("--out-dir", type=Path, default=REPO / "bench" / "results" / "quality_parts")
+    e.add_argument("--tasks", default="all")
+    e.add_argument("--time-budget", type=float, default=540.0, help="seconds for the whole call")
+    e.add_argument("--tag", default=None, help="part file suffix (default: a UTC time stamp)")
+    e.add_argument("--device", default=None)
+    for p in (f, e):
+        add_eval_options(p)
+    s = sub.add_parser("smoke", help="everything on CPU with a pico model", formatter_class=ap.formatter_class)
+    s.add_argument("--out-dir", type=Path, required=True)
+    s.add_argument("--methods", default="auto,dare,lowrank,deltadq",
+                   help="labels (auto is skipped with a note where it is not registered)")
+    s.add_argument("--time-budget", type=float, default=900.0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--smoke"]:  # the spelling of the earlier run.py: `run.py --smoke [--out-dir DIR]`
+        argv = ["smoke", *argv[1:]] + ([] if "--out-dir" in argv else ["--out-dir", "/tmp/quality-smoke"])
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return {"finetune": cmd_finetune, "eval": cmd_eval, "smoke": cmd_smoke}[args.cmd](args)
 
 
 if __name__ == "__main__":

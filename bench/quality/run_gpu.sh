@@ -1,39 +1,43 @@
 #!/usr/bin/env bash
-# The quality benchmark on the GPU machine: one step per `device` call, chained back to back (the machine keeps
-# /root only while warm). Every step writes its JSON part under $OUT (bench/results/parts when $OUT is unset); copy
-# the parts into bench/results/parts/ here, then run (here, on CPU):
-#     python bench/quality/report.py bench/results/parts/*.json --out bench/results/quality.json
+# The quality benchmark (issue 24) on the GPU machine: one step per `device` call, chained back to back (the machine
+# keeps /root only while warm, ~30 s after a call). Each step writes under $OUT (bench/results/quality_parts when
+# $OUT is unset; at most 8 files per call come back). Here, afterwards:
+#     mkdir -p bench/results/quality_parts && cp <files_at>/quality-*.json <files_at>/finetune.json bench/results/quality_parts/
+#     python bench/quality/report.py --merge bench/results/quality_parts/quality-*.json
 #
-# One-time preparation on this machine (from ../shared/GPU.md): .gpu/smol.part.aa, .gpu/smol.part.ab (the split GGUF)
-# and .gpu/whl/gguf-*.whl.
+# One-time preparation on this machine (../shared/GPU.md): .gpu/smol.part.aa, .gpu/smol.part.ab (the split GGUF of
+# SmolLM2-135M-Instruct) and .gpu/whl/ (gguf, pydantic, pydantic-core, annotated-types, typing-inspection,
+# typing-extensions>=4.16).
 #
-# Steps (device calls), in order; each fits the 10-minute limit (--time-budget 540 leaves a minute of margin):
-#   1. carry [".gpu/smol.part.aa", ".gpu/whl"]   bash bench/quality/run_gpu.sh setup
-#   2. carry [".gpu/smol.part.ab"]                bash bench/quality/run_gpu.sh quality arithmetic
-#   3.                                            bash bench/quality/run_gpu.sh quality python
-#   4.                                            bash bench/quality/run_gpu.sh quality json
-#   5.                                            bash bench/quality/run_gpu.sh timing lowrank,bitdelta,dare
-#   6.                                            bash bench/quality/run_gpu.sh timing delta-come-paper,deltadq
-#   7.                                            bash bench/quality/run_gpu.sh timing delta-come-optimal,bitdelta-distill
-# Steps 3-7 need no carry when the machine is still warm (the GGUF, its dequantized copy and the 7B pair persist
-# under /root); if a step finds /root/m empty it says so: redo steps 1-2 (step 2 with the task you need).
-# Timing steps reuse the 27 GB synthetic pair written by the first one (~1 min to write).
+# Calls, in order (expected seconds of the command itself; a fresh machine adds 1-2 min of start):
+#   1. carry [".gpu/smol.part.aa", ".gpu/whl"]  bash bench/quality/run_gpu.sh setup                        ~15 s
+#   2. carry [".gpu/smol.part.ab"]               bash bench/quality/run_gpu.sh finetune                     <= 555 s
+#        six full fine-tunes side by side (saved by 300 s), each task evaluated from the moment its fine-tune is
+#        saved until 540 s (parts tagged "ft"); `finetune --time-budget 300 --no-eval` for the fine-tunes alone
+#   3.                                           bash bench/quality/run_gpu.sh eval e1                      <= 555 s
+#   4. (if device time is left)                  bash bench/quality/run_gpu.sh eval e2 --time-budget 300    <= 315 s
+# Every eval call continues where the previous one stopped (a ledger per task in /root/dpq): default calibration
+# first at 16, 32, 64, 128x for every method, then the task-calibrated runs. Extra arguments go to run.py.
+# If a step says the machine was given back (no /root/m or no /root/dpq/ft-*), start again at step 1.
+#
+#   5. 7B-shaped timing (no model needed):      bash bench/quality/run_gpu.sh timing auto,auto+heal        <= 555 s
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 GGUF=/root/m/SmolLM2-135M-Instruct.Q4_1.gguf
-OUTDIR="${OUT:-bench/results/parts}"
+WORKDIR=/root/dpq
+OUTDIR="${OUT:-bench/results/quality_parts}"
 mkdir -p "$OUTDIR"
 export PYTHONPATH="/root/site:src${PYTHONPATH:+:$PYTHONPATH}"
 export DELTAPACK_SMOLLM2_GGUF="$GGUF"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 need_gguf() {
     if [[ ! -f "$GGUF" ]]; then
         if [[ -f /root/m/smol.part.aa && -f .gpu/smol.part.ab ]]; then
             cat /root/m/smol.part.aa .gpu/smol.part.ab > "$GGUF.part" && mv "$GGUF.part" "$GGUF"
         else
-            echo "no $GGUF and no parts to build it: the machine was given back; redo steps 1-2" >&2
+            echo "no $GGUF and no parts to build it: the machine was given back; redo step 1 (setup)" >&2
             exit 3
         fi
     fi
@@ -46,21 +50,33 @@ setup)
     python3 -m pip install -q --no-index --no-deps --target /root/site .gpu/whl/*.whl
     nvidia-smi --query-gpu=name,memory.total --format=csv
     ;;
-quality)
-    task="${2:?usage: run_gpu.sh quality TASK [extra run.py args]}"
+finetune)
+    shift
+    need_gguf
+    eval_flag=(--then-eval)
+    args=()
+    for a in "$@"; do
+        if [[ "$a" == "--no-eval" ]]; then eval_flag=(); else args+=("$a"); fi
+    done
+    budget=(--train-budget 300 --time-budget 540)
+    [[ ${#eval_flag[@]} -eq 0 ]] && budget=(--time-budget 300)
+    python3 bench/quality/run.py finetune --workdir "$WORKDIR" --out-dir "$OUTDIR" "${budget[@]}" \
+        "${eval_flag[@]}" "${args[@]}"
+    ;;
+eval)
+    tag="${2:?usage: run_gpu.sh eval TAG [extra run.py eval args]}"
     shift 2
     need_gguf
-    python3 bench/quality/run.py --tasks "$task" --out "$OUTDIR/quality-$task.json" --workdir /root/dpq \
-        --time-budget 540 "$@"
+    python3 bench/quality/run.py eval --workdir "$WORKDIR" --out-dir "$OUTDIR" --tag "$tag" --time-budget 540 "$@"
     ;;
 timing)
     methods="${2:?usage: run_gpu.sh timing METHODS [extra timing_7b.py args]}"
     shift 2
-    python3 bench/quality/timing_7b.py --methods "$methods" --out "$OUTDIR/timing-7b-${methods//,/_}.json" \
+    python3 bench/quality/timing_7b.py --methods "$methods" --out "$OUTDIR/timing-7b-${methods//[,+]/_}.json" \
         --workdir /root/dp7b --time-budget 540 "$@"
     ;;
 *)
-    echo "usage: run_gpu.sh setup | quality TASK | timing METHODS" >&2
+    echo "usage: run_gpu.sh setup | finetune [--no-eval] [args] | eval TAG [args] | timing METHODS [args]" >&2
     exit 2
     ;;
 esac

@@ -24,7 +24,7 @@ after it before and after malloc_trim (what the allocator keeps). `--gptq-check`
 factors through the torch column loop and the Triton kernel and records whether they agree bit for bit, and both
 times.
 
-    python bench/quality/timing_7b.py --methods lowrank,bitdelta,dare --out bench/results/parts/timing-7b-1.json
+    python bench/quality/timing_7b.py --methods lowrank,bitdelta,dare --out bench/results/quality_parts/timing-7b-1.json
     python bench/quality/timing_7b.py --smoke --out /tmp/timing-smoke.json     # CPU, 2 layers of hidden 256
     python bench/quality/timing_7b.py --shape mid --device cpu --methods delta-come-optimal   # CPU profiling size
 
@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import inspect
 import json
 import logging
 import math
@@ -57,14 +58,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, command_line, device_name, now_iso, write_json  # noqa: E402
-from run import ALIASES, Budget, select_methods  # noqa: E402
+from common import ALIASES, RESULTS, Budget, command_line, device_name, now_iso, select_methods, write_json  # noqa: E402
 
 from deltapack.scale.synthetic import LLAMA2_7B, LlamaShape, write_checkpoints  # noqa: E402
 
 log = logging.getLogger("bench.timing7b")
 
-DEFAULT_METHODS = "lowrank,bitdelta,dare,delta-come-paper,delta-come-optimal,deltadq,bitdelta-distill"
+DEFAULT_METHODS = "auto,auto+heal,lowrank,bitdelta,dare,delta-come,deltadq,bitdelta-distill"
 
 
 MID = LlamaShape(hidden=1024, inter=2816, layers=4, vocab=8192, heads=16, kv_heads=16)  # CPU profiling (~1/100 of 7B)
@@ -351,10 +351,10 @@ def count_ops(device: torch.device, small: bool) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"labels as in run.py (aliases: {', '.join(ALIASES)})")
+    ap.add_argument("--methods", default=DEFAULT_METHODS, help=f"labels of common.METHOD_SPECS and EXTRA_SPECS (aliases: {', '.join(ALIASES)})")
     ap.add_argument("--ratio", type=float, default=None, help="target true ratio (default 16; --smoke: 8, since the "
                     "tiny shapes' norm vectors and metadata keep 1-bit methods just under 16x)")
-    ap.add_argument("--out", type=Path, default=RESULTS / "parts" / "timing-7b.json")
+    ap.add_argument("--out", type=Path, default=RESULTS / "quality_parts" / "timing-7b.json")
     ap.add_argument("--workdir", type=Path, default=Path("/root/dp7b") if Path("/root").is_dir() else Path("dp7b"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--time-budget", type=float, default=540.0, help="seconds; no method starts after budget - --reserve")
@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("deltapack.compress").setLevel(logging.WARNING)
-    budget = Budget(args.time_budget)
+    budget = Budget(time.time() + args.time_budget)
 
     from deltapack import api
     from deltapack.compress import resolve_device
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = dataclasses.replace(shape, layers=args.layers)
     workdir = args.workdir / {"smoke": "smoke", "mid": "mid", "7b": "llama2-7b"}[shape_key]
     workdir.mkdir(parents=True, exist_ok=True)
-    specs = select_methods(args.methods)
+    specs = select_methods(args.methods, extra=True)
 
     doc = {"command": command_line(), "device": device_name(device), "date": now_iso(), "smoke": bool(args.smoke),
            "shape": shape.label(), "params": shape.params(), "timing": [], "notes": [], "complete": False,
@@ -424,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:
             doc["notes"].append({"method": spec.label, "note": f"cannot configure: {e}"})
             continue
+        heal = {"heal": True} if spec.heal else {}
+        if heal and "heal" not in inspect.signature(api.compress).parameters:
+            doc["notes"].append({"method": spec.label, "note": "deltapack.api.compress has no `heal` parameter"})
+            continue
         out = workdir / "delta"
         shutil.rmtree(out, ignore_errors=True)
         if device.type == "cuda":
@@ -435,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with record_phases() as phases:
                 api.compress(base_dir, ft_dir, out, method=spec.method, ratio=ratio, params=spec.params,
-                             device=str(device), overwrite=True, progress=False)
+                             device=str(device), overwrite=True, progress=False, **heal)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
@@ -456,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         malloc_trim()
         rec = {
             "method": spec.method, "label": spec.label, "allocator": spec.allocator, "params": spec.params,
+            "heal": spec.heal,
             "target_ratio": ratio, "seconds": round(seconds, 2),
             "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None,
             # this method's own peak when the high-water mark could be reset, else the process peak so far

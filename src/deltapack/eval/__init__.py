@@ -18,7 +18,7 @@ _EXPORTS = {
     "release_memory": "models", "resolve_dtype": "models",
     "evaluate": "runner",
     "Example": "tasks", "Task": "tasks", "answer_matches": "tasks", "encode_example": "tasks", "load_task": "tasks",
-    "load_tasks": "tasks", "write_jsonl": "tasks",
+    "encode_examples": "tasks", "load_tasks": "tasks", "write_jsonl": "tasks",
     "run_lm_eval": "harness", "hflm": "harness",
     "plot_report": "plots",
 }

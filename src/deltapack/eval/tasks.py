@@ -141,3 +141,15 @@ def completion_ids(tok, answer: str) -> list[int]:
 def encode_example(tok, example: Example, chat: bool) -> tuple[list[int], list[int]]:
     """(prompt tokens, completion tokens) of one example."""
     return prompt_ids(tok, example.prompt, chat), completion_ids(tok, example.answer)
+
+
+def encode_examples(tok, examples: Sequence[Example], chat: bool) -> list[tuple[list[int], list[int]]]:
+    """`encode_example` of many examples with one batched tokenizer call per side (the same ids; a fast tokenizer
+    does the batch in Rust, several times quicker than one call per example on thousands of training records)."""
+    if not examples:
+        return []
+    texts = [prompt_text(tok, e.prompt, chat) for e in examples]
+    prompts = tok(texts, add_special_tokens=not chat)["input_ids"]
+    answers = tok([e.answer for e in examples], add_special_tokens=False)["input_ids"]
+    eos = [int(tok.eos_token_id)] if tok.eos_token_id is not None else []
+    return [(list(p), list(a) + eos) for p, a in zip(prompts, answers)]
