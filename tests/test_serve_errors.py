@@ -85,11 +85,11 @@ def test_unknown_model_is_404(env):
         json.dumps({"model": "t", "prompt": [[]]}).encode(),
         json.dumps({"model": "t", "prompt": [1, 999999]}).encode(),  # outside the vocabulary
         json.dumps({"model": "t", "prompt": [-3]}).encode(),
-        json.dumps({"model": "t", "prompt": "hi", "n": 2}).encode(),
+        json.dumps({"model": "t", "prompt": "hi", "n": 99}).encode(),
         json.dumps({"model": "t", "prompt": "hi", "logprobs": 50}).encode(),
         json.dumps({"model": "t", "prompt": "hi", "stop": 7}).encode(),
         json.dumps({"model": 7, "prompt": "hi"}).encode(),
-        json.dumps({"model": "t", "prompt": "hi", "presence_penalty": 1.0}).encode(),
+        json.dumps({"model": "t", "prompt": "hi", "presence_penalty": 5.0}).encode(),
         json.dumps({"model": "t", "prompt": "hi", "stream_options": {"include_usage": "y"}}).encode(),
     ],
 )

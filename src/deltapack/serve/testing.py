@@ -37,6 +37,40 @@ def make_word_tokenizer(path: str | Path, vocab_size: int) -> list[str]:
     return words
 
 
+def _byte_chars() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for the bytes 0..255 (GPT-2's table), in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def make_byte_tokenizer(path: str | Path) -> int:
+    """Save a byte-level tokenizer (specials, then one token per byte: any text, JSON included, can be spelled)
+    with the chat template into `path`. Returns its vocabulary size (260); give the model a larger one to have
+    padding columns, as real models do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS)}
+    for ch in _byte_chars():
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return len(vocab)
+
+
 def to_float32(path: str | Path) -> Path:
     """Re-save a checkpoint in float32 (tests' fine-tunes come out bf16; merging a delta into a bf16 fine-tune rounds
     the merged weights to bf16, which the server, adding the delta in fp32, does not do)."""
@@ -75,14 +109,15 @@ def merged_model(base: str | Path, delta: str | Path, dtype=torch.float32, merge
 
 
 @contextlib.contextmanager
-def running_server(base, deltas=(), **kw):
-    """`with running_server(base, [(name, path)], ...) as (state, url):` an in-process server on 127.0.0.1."""
+def running_server(base, deltas=(), http=None, **kw):
+    """`with running_server(base, [(name, path)], ...) as (state, url):` an in-process server on 127.0.0.1;
+    `http`: its HTTPOptions (API key, limits)."""
     from deltapack.serve.app import ServerThread, build_server, create_app
 
     kw.setdefault("served_model_name", "base")
     state = build_server(str(base), [(n, str(p)) for n, p in deltas], **kw)
     try:
-        with ServerThread(create_app(state)) as srv:
+        with ServerThread(create_app(state, http)) as srv:
             yield state, srv.url
     finally:
         state.close()
