@@ -15,9 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import make_finetune, make_llama
 from deltapack import api
-from deltapack.serve.testing import make_word_tokenizer, running_server, sse_events, to_float32
+from deltapack.serve.testing import ERROR_KEYS, api_error, make_word_tokenizer, running_server, sse_events, to_float32
 
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +34,7 @@ def env(tmp_path_factory):
             yield {"state": state, "url": url, "c": c, "d": d}
 
 
-def _err(r, status):
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]
+_err = api_error
 
 
 def _metric(env, name, labels) -> float:

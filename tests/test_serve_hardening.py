@@ -18,10 +18,9 @@ import torch
 from conftest import make_finetune, make_llama
 from deltapack import api
 from deltapack.serve.guard import HTTPOptions
-from deltapack.serve.testing import make_word_tokenizer, running_server, to_float32
+from deltapack.serve.testing import admitted_together, api_error, make_word_tokenizer, running_server, to_float32
 
 KEY = "sekrit-key"
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +40,7 @@ def env(tmp_path_factory):
             yield {"state": state, "url": url, "c": c, "d": d, "root": root}
 
 
-def _err(r, status):
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS
-    return body["error"]
+_err = api_error
 
 
 def _wait_idle(state, timeout=30.0):
@@ -190,19 +185,12 @@ def test_seed_range_is_int64(env):
         assert _err(c.post("/v1/completions", json={**GOOD, "temperature": 1.0, "seed": seed}), 400)["param"] == "seed"
 
 
-def _concurrent(url, bodies, path="/v1/completions"):
-    out = [None] * len(bodies)
+def _together(env, bodies):
+    """POST the bodies so that they are admitted into one batch; their responses."""
+    def call(body):
+        return lambda: httpx.post(env["url"] + "/v1/completions", json=body, timeout=60, headers={"authorization": f"Bearer {KEY}"})
 
-    def run(i):
-        with httpx.Client(base_url=url, timeout=60, headers={"authorization": f"Bearer {KEY}"}) as c:
-            out[i] = c.post(path, json=bodies[i])
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return out
+    return admitted_together(env["state"], [call(b) for b in bodies])
 
 
 def test_a_failing_request_setup_fails_alone(env, monkeypatch):
@@ -221,20 +209,9 @@ def test_a_failing_request_setup_fails_alone(env, monkeypatch):
         return real(self, device)
 
     monkeypatch.setattr(SamplingParams, "make_generator", broken)
-    state.tiers.lock.acquire()  # hold the engine so that all are admitted in one step
-    try:
-        res = [None]
-        th = threading.Thread(target=lambda: res.__setitem__(0, _concurrent(env["url"], [
-            {**GOOD, "temperature": 1.0, "seed": 666}, GOOD, {**GOOD, "model": "base"}, GOOD, {**GOOD, "seed": 666, "temperature": 1.0, "stream": True}])))
-        th.start()
-        t0 = time.monotonic()
-        while state.engine.snapshot()["waiting"] < 5:
-            assert time.monotonic() - t0 < 30
-            time.sleep(0.01)
-    finally:
-        state.tiers.lock.release()
-    th.join(120)
-    bad, good1, base, good2, stream = res[0]
+    res = _together(env, [{**GOOD, "temperature": 1.0, "seed": 666}, GOOD, {**GOOD, "model": "base"}, GOOD,
+                          {**GOOD, "seed": 666, "temperature": 1.0, "stream": True}])
+    bad, good1, base, good2, stream = res
     assert "injected" in _err(bad, 500)["message"]
     assert good1.json()["choices"][0]["text"] == want and good2.json()["choices"][0]["text"] == want
     assert base.status_code == 200
@@ -280,19 +257,8 @@ def test_nan_logits_fail_their_own_rows_only(env):
                     t.fill_(float("nan"))
     try:
         bodies = [GOOD, {**GOOD, "model": "u"}, {**GOOD, "model": "base"}, {**GOOD, "model": "u", "temperature": 1.0, "seed": 1}, GOOD]
-        state.tiers.lock.acquire()
-        try:
-            res = [None]
-            th = threading.Thread(target=lambda: res.__setitem__(0, _concurrent(env["url"], bodies)))
-            th.start()
-            t0 = time.monotonic()
-            while state.engine.snapshot()["waiting"] < len(bodies):
-                assert time.monotonic() - t0 < 30
-                time.sleep(0.01)
-        finally:
-            state.tiers.lock.release()
-        th.join(120)
-        good1, bad1, base, bad2, good2 = res[0]
+        res = _together(env, bodies)
+        good1, bad1, base, bad2, good2 = res
         for bad in (bad1, bad2):
             assert "non-finite" in _err(bad, 500)["message"]
         assert good1.json()["choices"][0]["text"] == want_t == good2.json()["choices"][0]["text"]

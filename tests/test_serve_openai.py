@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 
 import httpx
@@ -18,7 +17,7 @@ import torch
 
 from conftest import make_finetune, make_llama
 from deltapack import api
-from deltapack.serve.testing import make_byte_tokenizer, running_server, to_float32
+from deltapack.serve.testing import admitted_together, make_byte_tokenizer, running_server, to_float32
 
 VOCAB = 288  # 260 tokenizer tokens + padding columns, as real models have
 EOS = 2
@@ -62,35 +61,6 @@ def _chat(env, content="hello", **kw):
     return env["client"].chat.completions.create(model=kw.pop("model", "tuned"), messages=[{"role": "user", "content": content}], **kw)
 
 
-def _all_at_once(env, calls):
-    """Run calls (functions of no argument) so that they are admitted into one batch: the engine is held while they
-    queue, then released. Returns their results in order."""
-    state = env["state"]
-    out = [None] * len(calls)
-
-    def run(i):
-        try:
-            out[i] = calls[i]()
-        except Exception as e:  # surfaced by the caller's asserts
-            out[i] = e
-
-    state.tiers.lock.acquire()
-    try:
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-        for t in threads:
-            t.start()
-        t0 = time.monotonic()
-        while state.engine.snapshot()["waiting"] < len(calls):
-            failed = [r for r in out if isinstance(r, Exception)]
-            assert not failed and time.monotonic() - t0 < 60, f"requests did not queue: {failed}"
-            time.sleep(0.01)
-    finally:
-        state.tiers.lock.release()
-    for t in threads:
-        t.join(120)
-    return out
-
-
 def _pins_zero(env):
     state = env["state"]
     t0 = time.monotonic()
@@ -116,7 +86,7 @@ def test_structured_output_in_a_mixed_batch(env):
         lambda: _chat(env, "yes or no", extra_body={"guided_choice": ["yes", "no", "maybe \"so\""]}),
         lambda: _chat(env, "an object", response_format={"type": "json_object"}, max_tokens=80, frequency_penalty=1.0),
     ]
-    res = _all_at_once(env, calls)
+    res = admitted_together(env["state"], calls)
     for r in res:
         assert not isinstance(r, Exception), r
     assert env["state"].engine.max_tenants_in_step >= 2

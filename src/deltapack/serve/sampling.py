@@ -162,9 +162,8 @@ def select_tokens(logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], dic
                 errors[b] = RowError(500, f"internal error while sampling: {e_row.__class__.__name__}: {e_row}")
         if not errors:
             raise e
-    bad_nan = torch.isnan(x).any(-1).tolist()
-    none_left = torch.isneginf(x).all(-1).tolist()
-    out = x.argmax(-1).tolist()
+    # one device->host copy for the argmax and both row checks (on a GPU each .tolist() is a sync)
+    out, bad_nan, none_left = torch.stack([x.argmax(-1), torch.isnan(x).any(-1), torch.isneginf(x).all(-1)]).tolist()
     for b, r in enumerate(rows):
         if b in errors:
             out[b] = -1

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -131,4 +133,45 @@ def sse_events(lines) -> list:
             continue
         payload = line[len("data: ") :]
         out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def api_error(response, status: int) -> dict:
+    """Assert an HTTP response is `status` with OpenAI's error shape; return its error object."""
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+def admitted_together(state, calls: list, timeout: float = 60.0) -> list:
+    """Run `calls` (functions of no argument that each send one request) on threads while the engine is held, so
+    that their requests are admitted into one batch when it is released. Returns each call's result, or the
+    exception it raised."""
+    out: list = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = calls[i]()
+        except Exception as e:  # handed to the caller, whose asserts report it
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    state.tiers.lock.acquire()
+    try:
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        while state.engine.snapshot()["waiting"] < len(calls):
+            failed = [r for r in out if isinstance(r, Exception)]
+            assert not failed and time.monotonic() - t0 < timeout, f"requests did not queue: {failed}"
+            time.sleep(0.01)
+    finally:
+        state.tiers.lock.release()
+    for t in threads:
+        t.join(timeout * 2)
     return out
