@@ -1,7 +1,8 @@
 """The HTTP server: OpenAI-compatible completions / chat, model list, runtime delta loading, health, metrics.
 
-Request bodies are parsed by hand (malformed JSON and wrong types are 400s in OpenAI's error shape, not FastAPI's
-422s). Generation runs on the engine thread; each HTTP request waits on an asyncio queue the engine feeds. A client
+Request bodies are read and checked by deltapack.serve.guard and validated against deltapack.serve.protocol (malformed
+JSON, wrong types, unsupported fields are 400s in OpenAI's error shape, not FastAPI's 422s), all before a request is
+queued. Generation runs on the engine thread; each HTTP request waits on an asyncio queue the engine feeds. A client
 that goes away (a closed stream, or a dropped connection while waiting) aborts its requests, which frees their slots.
 
 (No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at runtime, and `Request` is
@@ -468,7 +469,10 @@ def tool_calls_of(mode: str, req, text: str) -> list[dict] | None:
     if mode == "named":
         calls = [(req.tool_choice.function.name, value)]
     else:
-        calls = [(c["name"], c["parameters"]) for c in value]
+        try:
+            calls = [(c["name"], c["parameters"]) for c in value]
+        except (KeyError, TypeError):  # the grammar rules this out; a shape it let through is returned as text
+            return None
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
              "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}} for name, args in calls]
 
