@@ -14,11 +14,17 @@ import httpx
 import openai
 import pytest
 import torch
-
 from conftest import make_finetune, make_llama
+
 from deltapack import api
 from deltapack.serve.guard import HTTPOptions
-from deltapack.serve.testing import admitted_together, api_error, make_word_tokenizer, running_server, to_float32
+from deltapack.serve.testing import (
+    admitted_together,
+    api_error,
+    make_word_tokenizer,
+    running_server,
+    to_float32,
+)
 
 KEY = "sekrit-key"
 

@@ -14,10 +14,15 @@ import jsonschema
 import openai
 import pytest
 import torch
-
 from conftest import make_finetune, make_llama
+
 from deltapack import api
-from deltapack.serve.testing import admitted_together, make_byte_tokenizer, running_server, to_float32
+from deltapack.serve.testing import (
+    admitted_together,
+    make_byte_tokenizer,
+    running_server,
+    to_float32,
+)
 
 VOCAB = 288  # 260 tokenizer tokens + padding columns, as real models have
 EOS = 2
@@ -73,7 +78,7 @@ def _pins_zero(env):
 def test_structured_output_in_a_mixed_batch(env):
     """Rows with different schemas, regex, choice, json_object and unconstrained rows, admitted together: every
     constrained output is valid and ends with finish_reason "stop"; the unconstrained row is what it is alone."""
-    schema_fmt = lambda name, s: {"type": "json_schema", "json_schema": {"name": name, "schema": s}}  # noqa: E731
+    schema_fmt = lambda name, s: {"type": "json_schema", "json_schema": {"name": name, "schema": s}}
     free = dict(content="tell me", max_tokens=12, model="tuned")
     alone = _chat(env, **free).choices[0].message.content
     calls = [

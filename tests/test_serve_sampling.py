@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from deltapack.serve.sampling import SamplingParams, filter_logits, process_logits, select_tokens
+from deltapack.serve.sampling import (
+    SamplingParams,
+    filter_logits,
+    process_logits,
+    select_tokens,
+)
 
 
 @dataclass
@@ -39,7 +44,11 @@ def test_repetition_penalty_matches_transformers():
 
 
 def test_min_p_and_top_k_match_transformers():
-    from transformers.generation.logits_process import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+    )
 
     x = _logits(1)[0]
     ids = torch.zeros(1, 1, dtype=torch.long)
@@ -118,10 +127,10 @@ def test_a_broken_row_fails_alone():
 
 def test_grammar_mask_applies_to_constrained_rows_only():
     pytest.importorskip("xgrammar")
+    import tempfile
+
     from deltapack.serve.grammar import GrammarSpec, compile_spec, new_matcher
     from deltapack.serve.testing import make_byte_tokenizer
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         make_byte_tokenizer(d)
