@@ -15,9 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import make_finetune, make_llama
 from deltapack import api
-from deltapack.serve.testing import make_word_tokenizer, running_server, sse_events, to_float32
+from deltapack.serve.testing import ERROR_KEYS, api_error, make_word_tokenizer, running_server, sse_events, to_float32
 
-ERROR_KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
@@ -35,12 +34,7 @@ def env(tmp_path_factory):
             yield {"state": state, "url": url, "c": c, "d": d}
 
 
-def _err(r, status):
-    assert r.status_code == status, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]
+_err = api_error
 
 
 def _metric(env, name, labels) -> float:
@@ -85,11 +79,11 @@ def test_unknown_model_is_404(env):
         json.dumps({"model": "t", "prompt": [[]]}).encode(),
         json.dumps({"model": "t", "prompt": [1, 999999]}).encode(),  # outside the vocabulary
         json.dumps({"model": "t", "prompt": [-3]}).encode(),
-        json.dumps({"model": "t", "prompt": "hi", "n": 2}).encode(),
+        json.dumps({"model": "t", "prompt": "hi", "n": 99}).encode(),
         json.dumps({"model": "t", "prompt": "hi", "logprobs": 50}).encode(),
         json.dumps({"model": "t", "prompt": "hi", "stop": 7}).encode(),
         json.dumps({"model": 7, "prompt": "hi"}).encode(),
-        json.dumps({"model": "t", "prompt": "hi", "presence_penalty": 1.0}).encode(),
+        json.dumps({"model": "t", "prompt": "hi", "presence_penalty": 5.0}).encode(),
         json.dumps({"model": "t", "prompt": "hi", "stream_options": {"include_usage": "y"}}).encode(),
     ],
 )

@@ -1,7 +1,8 @@
 """The HTTP server: OpenAI-compatible completions / chat, model list, runtime delta loading, health, metrics.
 
-Request bodies are parsed by hand (malformed JSON and wrong types are 400s in OpenAI's error shape, not FastAPI's
-422s). Generation runs on the engine thread; each HTTP request waits on an asyncio queue the engine feeds. A client
+Request bodies are read and checked by deltapack.serve.guard and validated against deltapack.serve.protocol (malformed
+JSON, wrong types, unsupported fields are 400s in OpenAI's error shape, not FastAPI's 422s), all before a request is
+queued. Generation runs on the engine thread; each HTTP request waits on an asyncio queue the engine feeds. A client
 that goes away (a closed stream, or a dropped connection while waiting) aborts its requests, which frees their slots.
 
 (No `from __future__ import annotations` here: FastAPI reads the handlers' annotations at runtime, and `Request` is
@@ -11,19 +12,45 @@ imported inside `create_app` so that importing this module does not need fastapi
 import asyncio
 import json
 import logging
+import re
 import socket
 import threading
 import time
 import uuid
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import torch
+
+from deltapack import __version__
 from deltapack.errors import DeltapackError
-from deltapack.serve.engine import Engine, ErrorEvent, FinishEvent, GenRequest, PromptEvent, TokenEvent
+from deltapack.serve.engine import (
+    Engine,
+    ErrorEvent,
+    FinishEvent,
+    GenRequest,
+    PromptEvent,
+    TokenEvent,
+)
+from deltapack.serve.grammar import GrammarSpec
+from deltapack.serve.guard import Guard, HTTPOptions, read_json
 from deltapack.serve.metrics import CONTENT_TYPE, ServeMetrics
-from deltapack.serve.protocol import APIError, ChatRequest, CompletionRequest, DeltaLoadRequest, error_body, validate
+from deltapack.serve.protocol import (
+    CHAT_REJECTED,
+    COMPLETION_REJECTED,
+    MAX_STOP,
+    MAX_STOP_CHARS,
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    DeltaLoadRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+    validate,
+)
 from deltapack.serve.sampling import SamplingParams
 from deltapack.serve.text import token_text
 from deltapack.serve.tiers import ConflictError, DeltaTiers, Tenant, TooLargeError
@@ -175,54 +202,140 @@ def _check_context(state: ServerState, n_prompt: int, max_tokens: int) -> None:
         )
 
 
-def _unsupported(req) -> None:
-    if req.n != 1:
-        raise APIError(400, "only n=1 is supported", param="n")
-    if getattr(req, "best_of", None) not in (None, 1):
-        raise APIError(400, "best_of is not supported", param="best_of")
-    if req.presence_penalty != 0 or req.frequency_penalty != 0:
-        raise APIError(400, "presence/frequency penalties are not supported", param="presence_penalty")
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported", param="logit_bias")
-    if getattr(req, "suffix", None):
-        raise APIError(400, "suffix is not supported", param="suffix")
+def _check_token_list(ids: list[int] | None, vocab: int, param: str) -> list[int]:
+    bad = [i for i in ids or [] if not 0 <= i < vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} in {param} is outside the model's vocabulary (0..{vocab - 1})", param=param)
+    return list(ids or [])
 
 
-def _sampling(req, max_tokens: int, tok, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+def _logit_bias(bias: dict[str, float] | None, vocab: int) -> dict[int, float]:
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        if not re.fullmatch(r"[0-9]{1,12}", key) or int(key) >= vocab:
+            raise APIError(400, f"logit_bias keys must be token ids within the vocabulary (0..{vocab - 1}), given as "
+                                f"strings of digits; got {key[:40]!r}", param="logit_bias")
+        if not -100.0 <= value <= 100.0:
+            raise APIError(400, f"logit_bias values must lie in [-100, 100]; token {key} has {value}", param="logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
+def _stop_strings(req, tok) -> list[str]:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if stop and tok is None:
         raise APIError(400, "stop strings need a tokenizer; this model serves token ids only (use stop_token_ids)", param="stop")
-    if len(stop) > 16 or any(len(s) > 256 for s in stop):
-        raise APIError(400, "at most 16 stop strings of at most 256 characters", param="stop")
+    if len(stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(400, f"at most {MAX_STOP} stop strings of at most {MAX_STOP_CHARS} characters", param="stop")
+    return [s for s in stop if s]
+
+
+def _sampling(req, target: Target, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None,
+              grammar=None) -> SamplingParams:
+    """The engine's parameters of one request, every value checked against the model (a 400 before it is queued)."""
+    vocab = target.vocab
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if float(torch.tensor(top_p, dtype=torch.float32)) <= 0.0:  # sampling runs in float32: 1e-300 would be 0
+        raise APIError(400, f"top_p {top_p} rounds to 0 in float32; use at least 1e-38", param="top_p")
+    min_tokens = req.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens")
+    if req.best_of is not None and req.best_of != (req.n or 1):
+        raise APIError(400, "best_of other than n (ranking extra candidates) is not supported", param="best_of",
+                       code="unsupported_parameter")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k if req.top_k > 0 else 0,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=top_p,
+        top_k=req.top_k if req.top_k and req.top_k > 0 else 0,
+        min_p=req.min_p or 0.0,
         seed=req.seed,
-        stop=stop,
-        stop_token_ids=list(req.stop_token_ids or []),
-        ignore_eos=req.ignore_eos,
+        stop=_stop_strings(req, target.tokenizer),
+        stop_token_ids=_check_token_list(req.stop_token_ids, vocab, "stop_token_ids"),
+        ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=_logit_bias(req.logit_bias, vocab),
+        allowed_token_ids=(sorted(set(_check_token_list(req.allowed_token_ids, vocab, "allowed_token_ids")))
+                           if req.allowed_token_ids is not None else None),
+        min_tokens=min_tokens,
+        include_stop_str_in_output=bool(req.include_stop_str_in_output),
+        skip_special_tokens=req.skip_special_tokens is not False,
+        grammar=grammar,
     )
+
+
+def _choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n choices of one prompt: with a seed, choice j samples with seed + j (so choices differ, and each is
+    reproducible); without, each draws its own random seed."""
+    if n == 1 or params.seed is None:
+        return [params] * n
+    return [replace(params, seed=params.seed + j) for j in range(n)]
+
+
+def grammar_spec(req, tool_schema: dict | None = None) -> GrammarSpec | None:
+    """The request's one structured-output constraint (response_format, guided_*, structured_outputs or a forced
+    tool call), or None. Two at once are refused."""
+    specs: list[GrammarSpec] = []
+    rf = req.response_format
+    if rf is not None and rf.type == "json_object":
+        specs.append(GrammarSpec("json_object", None, "response_format"))
+    elif rf is not None and rf.type == "json_schema":
+        if rf.json_schema is None or rf.json_schema.schema_ is None:
+            raise APIError(400, "response_format of type json_schema needs json_schema.schema", param="response_format.json_schema")
+        specs.append(GrammarSpec("json_schema", rf.json_schema.schema_, "response_format.json_schema.schema"))
+    for field_name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        value = getattr(req, field_name)
+        if value is not None:
+            specs.append(GrammarSpec(kind, value, field_name))
+    so = req.structured_outputs
+    if so is not None:
+        for field_name, kind in (("json_", "json_schema"), ("regex", "regex"), ("choice", "choice"), ("grammar", "grammar")):
+            value = getattr(so, field_name)
+            if value is not None:
+                specs.append(GrammarSpec(kind, value, "structured_outputs." + field_name.rstrip("_")))
+        if so.json_object:
+            specs.append(GrammarSpec("json_object", None, "structured_outputs.json_object"))
+    if tool_schema is not None:
+        specs.append(GrammarSpec("json_schema", tool_schema, "tool_choice"))
+    if len(specs) > 1:
+        raise APIError(400, f"give one structured-output constraint, not {len(specs)} ({', '.join(s.param for s in specs)})",
+                       param=specs[1].param)
+    return specs[0] if specs else None
+
+
+async def _compile(spec: GrammarSpec | None, target: Target):
+    if spec is None:
+        return None
+    from starlette.concurrency import run_in_threadpool
+
+    from deltapack.serve.grammar import GrammarError, compile_spec
+
+    try:
+        return await run_in_threadpool(compile_spec, spec, target.tokenizer, target.vocab, target.eos_ids)
+    except GrammarError as e:
+        raise APIError(400, str(e), param=e.param) from None
 
 
 class Submission:
     """Engine requests of one HTTP request, and the queue their events arrive on."""
 
-    def __init__(self, state: ServerState, target: Target, prompts: list[list[int]], params: SamplingParams, prefix: str):
+    def __init__(self, state: ServerState, target: Target, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], prefix: str):
         self.state = state
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         base = uuid.uuid4().hex
         self.request_ids = [f"{prefix}-{base}-{i}" for i in range(len(prompts))]
         self.pending = set(range(len(prompts)))
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         self.reqs = []
         for i, ids in enumerate(prompts):
             self.reqs.append(
                 GenRequest(
-                    self.request_ids[i], target.name, target.tenant, ids, params, partial(self._emit, i),
+                    self.request_ids[i], target.name, target.tenant, ids, per_prompt[i], partial(self._emit, i),
                     target.tokenizer, target.vocab, target.eos_ids,
                 )
             )
@@ -274,39 +387,143 @@ def _usage(p: int, c: int) -> dict:
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
+def _token_str(tok, token_id: int, as_ids: bool) -> str:
+    return f"token_id:{token_id}" if as_ids else token_text(tok, token_id)
+
+
 class _LogprobAcc:
     """OpenAI completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
 
-    def __init__(self, tok, start_offset: int = 0):
+    def __init__(self, tok, start_offset: int = 0, as_ids: bool = False):
         self.tok = tok
         self.offset = start_offset
+        self.as_ids = as_ids
         self.clear()
 
     def clear(self):
         self.tokens, self.lps, self.tops, self.offsets = [], [], [], []
 
     def add(self, token_id: int, lp, top):
-        s = token_text(self.tok, token_id)
+        s = _token_str(self.tok, token_id, self.as_ids)
         self.tokens.append(s)
         self.lps.append(lp)
-        self.tops.append(None if top is None else {token_text(self.tok, i): v for i, v in top})
+        self.tops.append(None if top is None else {_token_str(self.tok, i, self.as_ids): v for i, v in top})
         self.offsets.append(self.offset)
-        self.offset += len(s)
+        self.offset += len(token_text(self.tok, token_id)) if self.as_ids else len(s)
 
     def body(self) -> dict:
         return {"tokens": self.tokens, "token_logprobs": self.lps, "top_logprobs": self.tops, "text_offset": self.offsets}
 
 
+# ---- tool calls -----------------------------------------------------------------------------------------------------
+def tool_mode(req) -> tuple[str | None, dict | None]:
+    """(mode, JSON schema the output must follow) for a chat request's tools: mode None (no tools, or tool_choice
+    "none": plain text), "named" (the output is the named function's arguments) or "required" (a list of
+    {name, parameters} calls). "auto" would need a model-specific parser of free text: refused."""
+    tools = req.tools or []
+    choice = req.tool_choice
+    if not tools:
+        if choice not in (None, "none"):
+            raise APIError(400, "tool_choice needs tools", param="tool_choice")
+        return None, None
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise APIError(400, "tool function names must be unique", param="tools")
+    if choice is None or choice == "auto":
+        raise APIError(400, 'tool_choice "auto" (the default when tools are given) is not supported: it needs a parser of '
+                            "the model's own tool-call format. Pass tool_choice \"required\", a named function "
+                            '({"type": "function", "function": {"name": ...}}) or "none"', param="tool_choice",
+                       code="unsupported_parameter")
+    if choice == "none":
+        return None, None
+    funcs = {t.function.name: t.function for t in tools}
+    if choice != "required":
+        fn = funcs.get(choice.function.name)
+        if fn is None:
+            raise APIError(400, f"tool_choice names function {choice.function.name!r}, which is not in tools", param="tool_choice")
+        return "named", fn.parameters or {"type": "object", "properties": {}}
+    defs: dict = {}
+    variants = []
+    for fn in tools:
+        params = dict(fn.function.parameters or {"type": "object", "properties": {}})
+        for k, v in (params.pop("$defs", None) or {}).items():  # "#/$defs/X" references resolve from the root
+            if k in defs and defs[k] != v:
+                raise APIError(400, f"tools define $defs/{k} differently", param="tools")
+            defs[k] = v
+        variants.append({"type": "object", "properties": {"name": {"enum": [fn.function.name]}, "parameters": params},
+                         "required": ["name", "parameters"], "additionalProperties": False})
+    schema = {"type": "array", "minItems": 1, "items": {"anyOf": variants}}
+    if req.parallel_tool_calls is False:
+        schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
+    return "required", schema
+
+
+def tool_calls_of(mode: str, req, text: str) -> list[dict] | None:
+    """The tool calls a constrained output encodes (None if it does not parse: a cut-off output)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if mode == "named":
+        calls = [(req.tool_choice.function.name, value)]
+    else:
+        try:
+            calls = [(c["name"], c["parameters"]) for c in value]
+        except (KeyError, TypeError):  # the grammar rules this out; a shape it let through is returned as text
+            return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}} for name, args in calls]
+
+
+def _chat_messages(req) -> list[dict]:
+    out = []
+    for m in req.messages:
+        content = m.content if isinstance(m.content, str) or m.content is None else "".join(part.text for part in m.content)
+        if content is None and m.refusal is not None:
+            content = m.refusal
+        msg: dict = {"role": m.role, "content": content or ""}
+        if m.name:
+            msg["name"] = m.name
+        if m.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        out.append(msg)
+    return out
+
+
+def render_chat(req, tok) -> str:
+    """The chat request's prompt text through the model's template (template errors are the client's: 400)."""
+    if req.continue_final_message and req.add_generation_prompt:
+        raise APIError(400, "continue_final_message needs add_generation_prompt: false", param="continue_final_message")
+    kw = {}
+    if req.tools:
+        kw["tools"] = [t.model_dump(exclude_none=True) for t in req.tools]
+    if req.continue_final_message:
+        kw["continue_final_message"] = True
+    try:
+        return tok.apply_chat_template(_chat_messages(req), add_generation_prompt=req.add_generation_prompt is not False,
+                                       tokenize=False, **kw)
+    except Exception as e:  # template errors (e.g. roles it refuses) are the client's
+        raise APIError(400, f"cannot apply the chat template: {str(e)[:500]}", param="messages") from None
+
+
 # ---- app --------------------------------------------------------------------------------------------------------------
-def create_app(state: ServerState):
+def create_app(state: ServerState, options: HTTPOptions | None = None):
+    """The FastAPI app of a built server. `options`: API key, Host check, body limit, access log (HTTPOptions()
+    by default: no key, a loopback bind)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response, StreamingResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    opts = options or HTTPOptions()
     app = FastAPI(title="deltapack serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.deltapack = state
+    app.add_middleware(Guard, options=opts, on_error=lambda status: state.metrics.http_errors.labels(str(status)).inc())
 
     def err(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None) -> JSONResponse:
         state.metrics.http_errors.labels(str(status)).inc()
@@ -318,8 +535,11 @@ def create_app(state: ServerState):
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
-        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return err(exc.status_code, str(exc.detail), type_)
+        if exc.status_code == 404:
+            return err(404, f"no route {request.method} {request.url.path}: this server answers /v1/completions, "
+                            "/v1/chat/completions, /v1/models, /v1/deltas, /tokenize, /detokenize, /version, /health, "
+                            "/metrics", "not_found_error")
+        return err(exc.status_code, str(exc.detail), "invalid_request_error")
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):
@@ -331,13 +551,7 @@ def create_app(state: ServerState):
         return err(500, f"internal error: {exc.__class__.__name__}", "server_error")
 
     async def body_of(request: Request):
-        raw = await request.body()
-        if len(raw) > 32 << 20:
-            raise APIError(413, "request body too large")
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"malformed JSON body: {e}") from None
+        return await read_json(request, opts.max_body_bytes)
 
     # ---- info ---------------------------------------------------------------------------------------------------
     @app.get("/health")
@@ -363,6 +577,55 @@ def create_app(state: ServerState):
         for t in list(state.tiers.tenants.values()):
             data.append(model_card(t.name, str(t.path), state.base_name, t.created))
         return {"object": "list", "data": data}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name == state.base_name:
+            return model_card(state.base_name, str(state.runner.path), None, state.created)
+        t = resolve_model(state, name).tenant
+        return model_card(t.name, str(t.path), state.base_name, t.created)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.api_route("/v1/embeddings", methods=["GET", "POST", "PUT", "DELETE", "PATCH"])
+    async def embeddings():
+        raise APIError(404, "embeddings are not served: deltapack serves text generation (/v1/completions, "
+                            "/v1/chat/completions) of a base model and its deltas", "not_found_error", None,
+                       "unsupported_endpoint")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req: TokenizeRequest = validate(TokenizeRequest, await body_of(request))
+        target = resolve_model(state, req.model)
+        tok = target.tokenizer
+        if tok is None:
+            raise APIError(400, "this model has no tokenizer (it serves token ids)", param="model")
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+
+        def run():
+            if req.prompt is not None:
+                return _encode(tok, req.prompt, req.add_special_tokens is not False)
+            if not getattr(tok, "chat_template", None):
+                raise APIError(400, "this model's tokenizer has no chat template", param="messages")
+            return _encode(tok, render_chat(req, tok), bool(req.add_special_tokens))
+
+        ids = await run_in_threadpool(run)
+        out = {"count": len(ids), "max_model_len": state.runner.max_model_len, "tokens": ids, "token_strs": None}
+        if req.return_token_strs:
+            out["token_strs"] = tok.convert_ids_to_tokens(ids)
+        return out
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req: DetokenizeRequest = validate(DetokenizeRequest, await body_of(request))
+        target = resolve_model(state, req.model)
+        if target.tokenizer is None:
+            raise APIError(400, "this model has no tokenizer (it serves token ids)", param="model")
+        _check_token_list(req.tokens, target.vocab, "tokens")
+        return {"prompt": await run_in_threadpool(target.tokenizer.decode, req.tokens)}
 
     # ---- runtime delta management -------------------------------------------------------------------------------------
     def inside_root(path: str) -> Path:
@@ -430,8 +693,7 @@ def create_app(state: ServerState):
     # ---- completions ----------------------------------------------------------------------------------------------------
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req: CompletionRequest = validate(CompletionRequest, await body_of(request))
-        _unsupported(req)
+        req: CompletionRequest = validate(CompletionRequest, await body_of(request), COMPLETION_REJECTED)
         target = resolve_model(state, req.model)
         tok = target.tokenizer
         p = req.prompt
@@ -439,15 +701,18 @@ def create_app(state: ServerState):
             p = [p]
         if not p:
             raise APIError(400, "the prompt is empty", param="prompt")
-        if len(p) > MAX_PROMPTS:
-            raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+        n = req.n or 1
+        if len(p) * n > MAX_PROMPTS:
+            raise APIError(400, f"at most {MAX_PROMPTS} prompts x n per request", param="prompt")
         if tok is None and any(isinstance(x, str) for x in p):
             raise APIError(400, "this model has no tokenizer: send the prompt as token ids", param="prompt")
 
         def tokenize():
             out = []
             for x in p:
-                ids = _encode(tok, x) if isinstance(x, str) else list(x)
+                ids = _encode(tok, x, req.add_special_tokens is not False) if isinstance(x, str) else list(x)
+                if req.truncate_prompt_tokens is not None:
+                    ids = ids[-req.truncate_prompt_tokens :]
                 _check_ids(ids, target.vocab, "prompt")
                 out.append(ids)
             return out
@@ -456,32 +721,37 @@ def create_app(state: ServerState):
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
         for ids in prompts:
             _check_context(state, len(ids), max_tokens)
-        params = _sampling(req, max_tokens, tok, req.logprobs, req.logprobs if req.echo and req.logprobs is not None else None)
+        grammar = await _compile(grammar_spec(req), target)
+        params = _sampling(req, target, max_tokens, req.logprobs, req.logprobs if req.echo and req.logprobs is not None else None, grammar)
         texts = [x if isinstance(x, str) else (tok.decode(x) if tok is not None else "") for x in p]
-        cid = f"cmpl-{uuid.uuid4().hex}"
+        # choice i*n + j is prompt i's j-th sample (OpenAI's order)
+        runs = [ids for ids in prompts for _ in range(n)]
+        run_texts = [t for t in texts for _ in range(n)]
+        cid = req.request_id or f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         with_ids = req.return_token_ids or tok is None
-        sub = Submission(state, target, prompts, params, "cmpl")
+        sub = Submission(state, target, runs, _choice_params(params, n) * len(prompts), "cmpl")
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        as_ids = bool(req.return_tokens_as_token_ids)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(
-                _stream_completion(request, sub, req, target, prompts, texts, cid, created, include_usage, with_ids),
+                _stream_completion(request, sub, req, target, runs, run_texts, cid, created, with_ids, prompt_tokens, as_ids),
                 media_type="text/event-stream",
             )
-        n = len(prompts)
-        pieces = [[] for _ in range(n)]
-        out_ids = [[] for _ in range(n)]
-        accs = [_LogprobAcc(tok) for _ in range(n)]
-        finish = [None] * n
-        usage = [(len(x), 0) for x in prompts]
+        k = len(runs)
+        pieces = [[] for _ in range(k)]
+        out_ids = [[] for _ in range(k)]
+        accs = [_LogprobAcc(tok, as_ids=as_ids) for _ in range(k)]
+        finish = [None] * k
+        completion = [0] * k
         if req.echo:
-            for i in range(n):
-                pieces[i].append(texts[i])
+            for i in range(k):
+                pieces[i].append(run_texts[i])
         try:
             async with aclosing(sub.events(request)) as events:
                 async for i, ev in events:
                     if isinstance(ev, PromptEvent):
-                        for tid, lp, top in zip(prompts[i], ev.token_logprobs, ev.top_logprobs):
+                        for tid, lp, top in zip(runs[i], ev.token_logprobs, ev.top_logprobs):
                             accs[i].add(tid, lp, top)
                     elif isinstance(ev, TokenEvent):
                         pieces[i].append(ev.text)
@@ -490,31 +760,37 @@ def create_app(state: ServerState):
                             accs[i].add(ev.token_id, ev.logprob, ev.top_logprobs)
                     elif isinstance(ev, FinishEvent):
                         finish[i] = ev.reason
-                        usage[i] = (ev.prompt_tokens, ev.completion_tokens)
+                        completion[i] = ev.completion_tokens
         except ClientGone:
             return Response(status_code=499)
         choices = []
-        for i in range(n):
+        for i in range(k):
             c = {"index": i, "text": "".join(pieces[i]), "logprobs": accs[i].body() if req.logprobs is not None else None, "finish_reason": finish[i]}
             if with_ids:
                 c["token_ids"] = out_ids[i]
-                c["prompt_token_ids"] = prompts[i]
+                c["prompt_token_ids"] = runs[i]
             choices.append(c)
         return {
             "id": cid, "object": "text_completion", "created": created, "model": req.model, "choices": choices,
-            "usage": _usage(sum(u[0] for u in usage), sum(u[1] for u in usage)),
+            "usage": _usage(prompt_tokens, sum(completion)),
         }
 
-    async def _stream_completion(request, sub: Submission, req, target, prompts, texts, cid, created, include_usage, with_ids):
+    async def _stream_completion(request, sub: Submission, req, target, prompts, texts, cid, created, with_ids, prompt_tokens, as_ids):
         tok = target.tokenizer
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = bool(opts and opts.continuous_usage_stats)
+        completion = [0] * len(prompts)
 
         def chunk(i, text, finish=None, lp=None, ids=None):
             c = {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
             if with_ids and ids is not None:
                 c["token_ids"] = ids
-            return _sse({"id": cid, "object": "text_completion", "created": created, "model": req.model, "choices": [c]})
+            body = {"id": cid, "object": "text_completion", "created": created, "model": req.model, "choices": [c]}
+            if continuous:
+                body["usage"] = _usage(prompt_tokens, sum(completion))
+            return _sse(body)
 
-        usage = [(len(x), 0) for x in prompts]
         try:
             if req.echo and req.logprobs is None:
                 for i, t in enumerate(texts):
@@ -522,24 +798,25 @@ def create_app(state: ServerState):
             async with aclosing(sub.events(request)) as events:
                 async for i, ev in events:
                     if isinstance(ev, PromptEvent):
-                        acc = _LogprobAcc(tok)
+                        acc = _LogprobAcc(tok, as_ids=as_ids)
                         for tid, lp, top in zip(prompts[i], ev.token_logprobs, ev.top_logprobs):
                             acc.add(tid, lp, top)
                         yield chunk(i, texts[i], lp=acc.body(), ids=[])
                     elif isinstance(ev, TokenEvent):
+                        completion[i] += 1
                         lp = None
                         if req.logprobs is not None:
-                            acc = _LogprobAcc(tok)
+                            acc = _LogprobAcc(tok, as_ids=as_ids)
                             acc.add(ev.token_id, ev.logprob, ev.top_logprobs)
                             lp = acc.body()
                         if ev.text or lp is not None or with_ids:
                             yield chunk(i, ev.text, lp=lp, ids=[ev.token_id])
                     elif isinstance(ev, FinishEvent):
-                        usage[i] = (ev.prompt_tokens, ev.completion_tokens)
+                        completion[i] = ev.completion_tokens
                         yield chunk(i, "", finish=ev.reason)
             if include_usage:
                 yield _sse({"id": cid, "object": "text_completion", "created": created, "model": req.model, "choices": [],
-                            "usage": _usage(sum(u[0] for u in usage), sum(u[1] for u in usage))})
+                            "usage": _usage(prompt_tokens, sum(completion))})
             yield "data: [DONE]\n\n"
         except APIError as e:  # the engine failed mid-stream: the status line is sent, so the error goes in the stream
             yield _sse(e.body())
@@ -550,28 +827,20 @@ def create_app(state: ServerState):
     # ---- chat ---------------------------------------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req: ChatRequest = validate(ChatRequest, await body_of(request))
-        _unsupported(req)
+        req: ChatRequest = validate(ChatRequest, await body_of(request), CHAT_REJECTED)
         target = resolve_model(state, req.model)
         tok = target.tokenizer
         if tok is None:
             raise APIError(400, "this model has no tokenizer, so no chat template: use /v1/completions with token ids", param="messages")
         if not getattr(tok, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template", param="messages")
-        messages = []
-        for m in req.messages:
-            content = m.content if isinstance(m.content, str) or m.content is None else "".join(part.text for part in m.content)
-            msg = {"role": m.role, "content": content or ""}
-            if m.name:
-                msg["name"] = m.name
-            messages.append(msg)
+        mode, tool_schema = tool_mode(req)
+        spec = grammar_spec(req, tool_schema)
 
         def render():
-            try:
-                text = tok.apply_chat_template(messages, add_generation_prompt=req.add_generation_prompt, tokenize=False)
-            except Exception as e:  # template errors (e.g. roles it refuses) are the client's
-                raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from None
-            ids = _encode(tok, text, add_special_tokens=False)
+            ids = _encode(tok, render_chat(req, tok), add_special_tokens=bool(req.add_special_tokens))
+            if req.truncate_prompt_tokens is not None:
+                ids = ids[-req.truncate_prompt_tokens :]
             _check_ids(ids, target.vocab, "messages")
             return ids
 
@@ -584,55 +853,85 @@ def create_app(state: ServerState):
         top = req.top_logprobs or 0
         if req.top_logprobs and not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        params = _sampling(req, max_tokens, tok, top if req.logprobs else None, None)
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        grammar = await _compile(spec, target)
+        params = _sampling(req, target, max_tokens, top if req.logprobs else None, None, grammar)
+        n = req.n or 1
+        cid = req.request_id or f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        sub = Submission(state, target, [ids], params, "chat")
+        sub = Submission(state, target, [ids] * n, _choice_params(params, n), "chat")
+        as_ids = bool(req.return_tokens_as_token_ids)
         if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_stream_chat(request, sub, req, tok, cid, created, include_usage), media_type="text/event-stream")
-        pieces, content_lp, out_ids = [], [], []
-        finish, usage = None, (len(ids), 0)
+            return StreamingResponse(_stream_chat(request, sub, req, tok, cid, created, mode, len(ids), as_ids), media_type="text/event-stream")
+        pieces = [[] for _ in range(n)]
+        content_lp = [[] for _ in range(n)]
+        out_ids = [[] for _ in range(n)]
+        finish = [None] * n
+        completion = [0] * n
         try:
             async with aclosing(sub.events(request)) as events:
-                async for _, ev in events:
+                async for i, ev in events:
                     if isinstance(ev, TokenEvent):
-                        pieces.append(ev.text)
-                        out_ids.append(ev.token_id)
+                        pieces[i].append(ev.text)
+                        out_ids[i].append(ev.token_id)
                         if req.logprobs:
-                            content_lp.append(_chat_lp(tok, ev))
+                            content_lp[i].append(_chat_lp(tok, ev, as_ids))
                     elif isinstance(ev, FinishEvent):
-                        finish, usage = ev.reason, (ev.prompt_tokens, ev.completion_tokens)
+                        finish[i], completion[i] = ev.reason, ev.completion_tokens
         except ClientGone:
             return Response(status_code=499)
-        choice = {
-            "index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-            "logprobs": {"content": content_lp} if req.logprobs else None, "finish_reason": finish,
-        }
-        if req.return_token_ids:
-            choice["token_ids"] = out_ids
-            choice["prompt_token_ids"] = ids
-        return {"id": cid, "object": "chat.completion", "created": created, "model": req.model, "choices": [choice], "usage": _usage(*usage)}
+        choices = []
+        for i in range(n):
+            message, reason = _chat_message(mode, req, "".join(pieces[i]), finish[i])
+            choice = {"index": i, "message": message, "logprobs": {"content": content_lp[i]} if req.logprobs else None, "finish_reason": reason}
+            if req.return_token_ids:
+                choice["token_ids"] = out_ids[i]
+                choice["prompt_token_ids"] = ids
+            choices.append(choice)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": req.model, "choices": choices,
+                "usage": _usage(len(ids), sum(completion))}
 
-    async def _stream_chat(request, sub: Submission, req, tok, cid, created, include_usage):
-        def chunk(delta, finish=None, lp=None):
-            c = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
-            return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model, "choices": [c]})
+    async def _stream_chat(request, sub: Submission, req, tok, cid, created, mode, prompt_tokens, as_ids):
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = bool(opts and opts.continuous_usage_stats)
+        n = len(sub.reqs)
+        completion = [0] * n
+        texts = [[] for _ in range(n)]
 
-        usage = (len(sub.reqs[0].prompt_ids), 0)
+        def chunk(i, delta, finish=None, lp=None):
+            c = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model, "choices": [c]}
+            if continuous:
+                body["usage"] = _usage(prompt_tokens, sum(completion))
+            return _sse(body)
+
         try:
-            yield chunk({"role": "assistant", "content": ""})
+            for i in range(n):
+                yield chunk(i, {"role": "assistant", "content": ""})
             async with aclosing(sub.events(request)) as events:
-                async for _, ev in events:
+                async for i, ev in events:
                     if isinstance(ev, TokenEvent):
-                        lp = {"content": [_chat_lp(tok, ev)]} if req.logprobs else None
+                        completion[i] += 1
+                        if mode is not None:  # tool calls are sent whole, once their JSON is complete
+                            texts[i].append(ev.text)
+                            continue
+                        lp = {"content": [_chat_lp(tok, ev, as_ids)]} if req.logprobs else None
                         if ev.text or lp is not None:
-                            yield chunk({"content": ev.text}, lp=lp)
+                            yield chunk(i, {"content": ev.text}, lp=lp)
                     elif isinstance(ev, FinishEvent):
-                        usage = (ev.prompt_tokens, ev.completion_tokens)
-                        yield chunk({}, finish=ev.reason)
+                        completion[i] = ev.completion_tokens
+                        reason = ev.reason
+                        if mode is not None:
+                            message, reason = _chat_message(mode, req, "".join(texts[i]), ev.reason)
+                            if message.get("tool_calls"):
+                                calls = [{"index": j, **c} for j, c in enumerate(message["tool_calls"])]
+                                yield chunk(i, {"tool_calls": calls})
+                            elif message.get("content"):
+                                yield chunk(i, {"content": message["content"]})
+                        yield chunk(i, {}, finish=reason)
             if include_usage:
-                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model, "choices": [], "usage": _usage(*usage)})
+                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model, "choices": [],
+                            "usage": _usage(prompt_tokens, sum(completion))})
             yield "data: [DONE]\n\n"
         except APIError as e:  # the engine failed mid-stream: the status line is sent, so the error goes in the stream
             yield _sse(e.body())
@@ -643,10 +942,22 @@ def create_app(state: ServerState):
     return app
 
 
-def _chat_lp(tok, ev: TokenEvent) -> dict:
-    s = token_text(tok, ev.token_id)
-    tops = [{"token": token_text(tok, i), "logprob": v, "bytes": list(token_text(tok, i).encode())} for i, v in (ev.top_logprobs or [])]
-    return {"token": s, "logprob": ev.logprob, "bytes": list(s.encode()), "top_logprobs": tops}
+def _chat_message(mode: str | None, req, text: str, finish: str | None) -> tuple[dict, str | None]:
+    """The assistant message of one choice and its finish reason: plain content, or the tool calls a constrained
+    output encodes (an output cut off before its JSON closed stays content, with finish_reason "length")."""
+    if mode is None or finish != "stop":
+        return {"role": "assistant", "content": text}, finish
+    calls = tool_calls_of(mode, req, text)
+    if not calls:
+        return {"role": "assistant", "content": text}, finish
+    # OpenAI answers a forced (named) function call with finish_reason "stop", a chosen one with "tool_calls"
+    return {"role": "assistant", "content": None, "tool_calls": calls}, "stop" if mode == "named" else "tool_calls"
+
+
+def _chat_lp(tok, ev: TokenEvent, as_ids: bool = False) -> dict:
+    s = _token_str(tok, ev.token_id, as_ids)
+    tops = [{"token": _token_str(tok, i, as_ids), "logprob": v, "bytes": list(token_text(tok, i).encode())} for i, v in (ev.top_logprobs or [])]
+    return {"token": s, "logprob": ev.logprob, "bytes": list(token_text(tok, ev.token_id).encode()), "top_logprobs": tops}
 
 
 # ---- running ----------------------------------------------------------------------------------------------------------
@@ -692,11 +1003,14 @@ class ServerThread:
         self.stop()
 
 
-def serve_forever(state: ServerState, host: str, port: int) -> None:
+def serve_forever(state: ServerState, host: str, port: int, options: HTTPOptions | None = None, log_level: str = "info") -> None:
     import uvicorn
 
-    app = create_app(state)
+    opts = options or HTTPOptions()
+    opts.bind_host = host
+    app = create_app(state, opts)
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+        # our Guard writes the access log (uvicorn's would miss the requests it refuses)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
     finally:
         state.close()

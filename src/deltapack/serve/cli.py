@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from deltapack.errors import DeltapackError
+
+log = logging.getLogger("deltapack.serve")
+
+
+def configure_logging(level: str) -> None:
+    """deltapack's loggers (the access log included) to stderr at `level`; uvicorn's follow its own log_level."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("deltapack")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
 
 
 def _delta_pairs(items: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -46,17 +60,37 @@ def register(main: click.Group) -> None:
     @click.option("--prefill-delay-ms", type=float, default=None,
                   help="while rows decode, new requests wait up to this long (or until 8 can join) to share one prefill "
                        "[default: 250 with --decode graph, else 0]")
-    def serve(base, deltas, delta_root, host, port, max_batch, gpu_delta_bytes, cpu_delta_bytes, device, dtype, kernels, max_model_len, max_prefill_tokens, served_model_name, no_verify_base, warmup, decode, prefill_delay_ms):
+    @click.option("--api-key", envvar="DELTAPACK_API_KEY", default=None, show_envvar=True,
+                  help="require `Authorization: Bearer KEY` on every route but /health, /metrics and /version")
+    @click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+                  help="on a loopback bind, accept this Host header name besides localhost / 127.0.0.1 / [::1] "
+                       "(e.g. behind a local reverse proxy; repeatable)")
+    @click.option("--max-body-bytes", default="32MiB", show_default=True, help="largest request body accepted (413 past it)")
+    @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
+                  help="server log level (info: one access-log line per request)")
+    @click.option("--quiet", is_flag=True, help="log warnings and errors only (no access log); same as --log-level warning")
+    def serve(base, deltas, delta_root, host, port, max_batch, gpu_delta_bytes, cpu_delta_bytes, device, dtype, kernels, max_model_len, max_prefill_tokens, served_model_name, no_verify_base, warmup, decode, prefill_delay_ms, api_key, allowed_hosts, max_body_bytes, log_level, quiet):
         """Serve BASE and compressed fine-tunes of it over an OpenAI-compatible HTTP API.
 
         Every request names a model: the base (BASE, or --served-model-name) or a delta NAME. Requests for different
         deltas share one batch; each delta is applied from its compressed form, never merged.
         """
+        import logging
         import time
 
         from deltapack.cli import _size
         from deltapack.serve.app import build_server, serve_forever
         from deltapack.serve.app import warmup as run_warmup
+        from deltapack.serve.guard import HTTPOptions, is_loopback
+
+        level = "warning" if quiet else log_level
+        configure_logging(level)
+        if api_key is not None and not api_key.strip():
+            raise DeltapackError("--api-key (or DELTAPACK_API_KEY) is empty")
+        if not is_loopback(host) and api_key is None:
+            log.warning("serving on %s without --api-key: anyone who can reach it can load and unload deltas", host)
+        options = HTTPOptions(api_key=api_key, bind_host=host, allowed_hosts=list(allowed_hosts),
+                              max_body_bytes=_size(max_body_bytes))
 
         state = build_server(
             base,
@@ -86,4 +120,4 @@ def register(main: click.Group) -> None:
             f"decode={state.engine.decode_mode})",
             err=True,
         )
-        serve_forever(state, host, port)
+        serve_forever(state, host, port, options, level)

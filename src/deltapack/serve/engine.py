@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from deltapack.errors import DeltapackError
-from deltapack.serve.sampling import SamplingParams, prompt_logprobs, select_tokens, token_logprobs
+from deltapack.serve.sampling import RowError, SamplingParams, prompt_logprobs, select_tokens, token_logprobs
 from deltapack.serve.text import TextStream
 from deltapack.serve.tiers import DeltaTiers, Tenant, TooLargeError
 
@@ -96,6 +96,7 @@ class GenRequest:
     output_ids: list[int] = field(default_factory=list)
     text: TextStream | None = None
     generator: torch.Generator | None = None
+    matcher: object | None = None  # structured output: this request's grammar state (xgrammar GrammarMatcher)
     first_token_at: float | None = None
     last_token_at: float | None = None
     acquired: bool = False
@@ -422,13 +423,26 @@ class Engine:
                     keep.append(r)
                     continue
                 r.acquired = True
-            r.generator = r.params.make_generator(self.runner.device)
-            if r.tokenizer is not None:
-                r.text = TextStream(r.tokenizer, r.prompt_ids, r.params.stop)
+            try:
+                self._start(r)
+            except Exception as e:  # this request's own setup failed: it alone fails, and gives its pin back
+                log.exception("request %s could not start", r.request_id)
+                self._fail(r, 500, f"internal error starting the request: {e.__class__.__name__}: {e}")
+                continue
             admitted.append(r)
         with self._cv:
             self.waiting = keep
         return admitted
+
+    def _start(self, r: GenRequest) -> None:
+        p = r.params
+        r.generator = p.make_generator(self.runner.device)
+        if r.tokenizer is not None:
+            r.text = TextStream(r.tokenizer, r.prompt_ids, p.stop, p.skip_special_tokens, p.include_stop_str_in_output)
+        if p.grammar is not None:
+            from deltapack.serve.grammar import new_matcher
+
+            r.matcher = new_matcher(p.grammar)
 
     def _chunks(self, reqs: list[GenRequest]) -> list[list[GenRequest]]:
         """Prefill groups: bounded padded size; prompts needing every position's logits grouped apart (their
@@ -459,9 +473,19 @@ class Engine:
                 self._prefill_chunk(chunk)
             except Exception as e:
                 log.exception("prefill failed")
+                # the forward is shared: run the prompts that have seen nothing yet one by one, so that a prompt
+                # that breaks it fails alone
+                retry = [r for r in chunk if not r.done and not r.output_ids] if len(chunk) > 1 else []
                 for r in chunk:
-                    if not r.done:
+                    if not r.done and r not in retry:
                         self._fail(r, 500, f"internal error in prefill: {e.__class__.__name__}: {e}")
+                for r in retry:
+                    try:
+                        self._prefill_chunk([r])
+                    except Exception as e1:
+                        log.exception("prefill of %s failed", r.request_id)
+                        if not r.done:
+                            self._fail(r, 500, f"internal error in prefill: {e1.__class__.__name__}: {e1}")
         self.busy["prefill_s"] += time.perf_counter() - t0
 
     def _prefill_chunk(self, rows: list[GenRequest]) -> None:
@@ -495,8 +519,8 @@ class Engine:
                 self._finish(r, "length")
         if not live:
             return
-        toks = select_tokens(last[live], [rows[b].params for b in live], [rows[b].generator for b in live], [rows[b].vocab for b in live])
-        cont = [b for b, tok in zip(live, toks) if not self._append_token(rows[b], tok, last[b])]
+        toks, errors = select_tokens(last[live], [rows[b] for b in live])
+        cont = [b for i, (b, tok) in enumerate(zip(live, toks)) if not self._accept(rows[b], tok, last[b], errors.get(i))]
         if not cont:
             return
         keys, values = BatchKV.tensors_of(cache)
@@ -552,11 +576,24 @@ class Engine:
         if self.metrics:
             self.metrics.batch_tenants.observe(tenants)
             self.metrics.batch_size.observe(len(rows))
-        toks = select_tokens(last, [r.params for r in rows], [r.generator for r in rows], [r.vocab for r in rows])
-        keep = [b for b, (r, tok) in enumerate(zip(rows, toks)) if not self._append_token(r, tok, last[b])]
+        toks, errors = select_tokens(last, rows)
+        keep = [b for b, (r, tok) in enumerate(zip(rows, toks)) if not self._accept(r, tok, last[b], errors.get(b))]
         if len(keep) < len(rows):
             self._set_rows(keep)
         self.busy["decode_s"] += time.perf_counter() - t0
+
+    def _accept(self, r: GenRequest, tok: int, logits_row: torch.Tensor, error: RowError | None) -> bool:
+        """A row's sampled token (or its sampling error): True when the request is finished. Whatever goes wrong
+        with one row fails that request only (and releases its pin); the others go on."""
+        if error is not None:
+            self._fail(r, error.status, error.message, error.type)
+            return True
+        try:
+            return self._append_token(r, tok, logits_row)
+        except Exception as e:
+            log.exception("request %s failed after sampling", r.request_id)
+            self._fail(r, 500, f"internal error: {e.__class__.__name__}: {e}")
+            return True
 
     def _append_token(self, r: GenRequest, tok: int, logits_row: torch.Tensor) -> bool:
         """Record a sampled token, stream it; True when the request is finished."""
@@ -577,10 +614,16 @@ class Engine:
         p = r.params
         reason = None
         text = ""
-        if (tok in r.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+        if r.matcher is not None:
+            if not r.matcher.accept_token(tok):
+                raise RuntimeError(f"the grammar refused token {tok}, which its own mask allowed")
+            if r.matcher.is_terminated():
+                reason = "stop"  # the structured output is complete (the grammar accepted a stop token)
+        may_stop = len(r.output_ids) >= p.min_tokens
+        if reason is None and ((tok in r.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids):
             reason = "stop"
-        elif r.text is not None:
-            text, stopped = r.text.push(tok)
+        elif reason is None and r.text is not None:
+            text, stopped = r.text.push(tok, may_stop)
             if stopped:
                 reason = "stop"
         if reason is None and (len(r.output_ids) >= p.max_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.runner.max_model_len):

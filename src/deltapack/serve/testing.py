@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +37,40 @@ def make_word_tokenizer(path: str | Path, vocab_size: int) -> list[str]:
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(path))
     return words
+
+
+def _byte_chars() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for the bytes 0..255 (GPT-2's table), in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def make_byte_tokenizer(path: str | Path) -> int:
+    """Save a byte-level tokenizer (specials, then one token per byte: any text, JSON included, can be spelled)
+    with the chat template into `path`. Returns its vocabulary size (260); give the model a larger one to have
+    padding columns, as real models do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS)}
+    for ch in _byte_chars():
+        vocab[ch] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(path))
+    return len(vocab)
 
 
 def to_float32(path: str | Path) -> Path:
@@ -75,14 +111,15 @@ def merged_model(base: str | Path, delta: str | Path, dtype=torch.float32, merge
 
 
 @contextlib.contextmanager
-def running_server(base, deltas=(), **kw):
-    """`with running_server(base, [(name, path)], ...) as (state, url):` an in-process server on 127.0.0.1."""
+def running_server(base, deltas=(), http=None, **kw):
+    """`with running_server(base, [(name, path)], ...) as (state, url):` an in-process server on 127.0.0.1;
+    `http`: its HTTPOptions (API key, limits)."""
     from deltapack.serve.app import ServerThread, build_server, create_app
 
     kw.setdefault("served_model_name", "base")
     state = build_server(str(base), [(n, str(p)) for n, p in deltas], **kw)
     try:
-        with ServerThread(create_app(state)) as srv:
+        with ServerThread(create_app(state, http)) as srv:
             yield state, srv.url
     finally:
         state.close()
@@ -96,4 +133,45 @@ def sse_events(lines) -> list:
             continue
         payload = line[len("data: ") :]
         out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def api_error(response, status: int) -> dict:
+    """Assert an HTTP response is `status` with OpenAI's error shape; return its error object."""
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+def admitted_together(state, calls: list, timeout: float = 60.0) -> list:
+    """Run `calls` (functions of no argument that each send one request) on threads while the engine is held, so
+    that their requests are admitted into one batch when it is released. Returns each call's result, or the
+    exception it raised."""
+    out: list = [None] * len(calls)
+
+    def run(i: int) -> None:
+        try:
+            out[i] = calls[i]()
+        except Exception as e:  # handed to the caller, whose asserts report it
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    state.tiers.lock.acquire()
+    try:
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        while state.engine.snapshot()["waiting"] < len(calls):
+            failed = [r for r in out if isinstance(r, Exception)]
+            assert not failed and time.monotonic() - t0 < timeout, f"requests did not queue: {failed}"
+            time.sleep(0.01)
+    finally:
+        state.tiers.lock.release()
+    for t in threads:
+        t.join(timeout * 2)
     return out

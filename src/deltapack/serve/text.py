@@ -10,10 +10,13 @@ CONTEXT_TOKENS = 4  # prompt tokens decoded in front of the output, so tokenizer
 
 
 class TextStream:
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None, skip_special_tokens: bool = True,
+                 include_stop: bool = False):
         self.tok = tokenizer
         self.stop = [s for s in (stop or []) if s]
         self.skip = skip_special_tokens
+        self.include_stop = include_stop  # the stop string itself ends the returned text (vLLM's include_stop_str_in_output)
+        self.stop_from = 0  # stop strings count only when they end past this character (min_tokens)
         self.context = list(prompt_ids[-CONTEXT_TOKENS:])
         self.prefix_text = self._decode(self.context)
         self.ids: list[int] = []
@@ -30,20 +33,23 @@ class TextStream:
             return full[len(self.prefix_text) :]
         return self._decode(self.ids)
 
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Add a token; returns (newly final text, whether a stop string ended the output)."""
+    def push(self, token_id: int, may_stop: bool = True) -> tuple[str, bool]:
+        """Add a token; returns (newly final text, whether a stop string ended the output). With may_stop False
+        (before min_tokens) stop strings are not looked for, and none ending in the text so far will count."""
         if self.stopped:
             return "", True
         self.ids.append(token_id)
         text = self._output_text()
         self.text = text
-        if self.stop:
+        if self.stop and not may_stop:
+            self.stop_from = len(text)
+        elif self.stop:
             # search only where a new match can start: a stop string fully inside old text would have fired before
+            # (and, after min_tokens, only a match ending past stop_from)
             start = max(0, self.emitted - max(len(s) for s in self.stop) + 1)
-            hits = [(text.find(s, start), s) for s in self.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
+            hits = [(i, s) for s in self.stop for i in [text.find(s, max(start, self.stop_from - len(s) + 1))] if i >= 0]
             if hits:
-                cut = min(i for i, _ in hits)
+                cut = min(i + (len(s) if self.include_stop else 0) for i, s in hits)
                 delta = text[self.emitted : cut] if cut > self.emitted else ""
                 self.emitted = max(self.emitted, cut)
                 self.text = text[:cut]

@@ -26,6 +26,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from deltapack.errors import DeltapackError, FormatError, InputError, MismatchError
 from deltapack.format.directory import DeltaDir
 from deltapack.io.sources import TOKENIZER_FILES
@@ -72,6 +74,13 @@ class Tenant:
     slot: int | None = None
     pins: int = 0
     removed: bool = False
+
+
+def _check_finite(name: str, tname: str, p: PackedDelta) -> None:
+    """Refuse a delta holding NaN or inf: served, it turns its tenant's logits into NaN (and each row that uses it)."""
+    for t in list(p.tensors.values()) + ([p.extra_rows] if p.extra_rows is not None else []):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise FormatError(f"delta {name}: tensor {tname} holds non-finite values (NaN or inf) once decoded; refusing to serve it")
 
 
 def _config_diff(base: dict, tenant: dict) -> list[str]:
@@ -191,6 +200,7 @@ class DeltaTiers:
             if new_rows is not None:
                 p.extra_rows = new_rows.to(r.dtype).reshape(-1, shape[1]).to(device)
             p.replace = any(rep for _, rep in t.placements[tname])
+            _check_finite(t.name, tname, p)
             packed[tname] = p
         return packed
 
