@@ -148,8 +148,9 @@ GENERIC_PROMPTS = (
 def self_calibration_texts(model, tok, *, n_tokens: int, n_prompts: int = 64, max_new_tokens: int = 160,
                            seed: int = 0, batch: int = 32, max_rounds: int = 8) -> list[str]:
     """Chat-formatted (prompt, reply) texts whose replies the model sampled itself (temperature 1, top-p 0.95),
-    enough for about `n_tokens` tokens: rounds over the prompts with fresh samples until then (at most
-    `max_rounds`). Needs a chat template."""
+    until they hold about `n_tokens` tokens: batches walk through the first `n_prompts` prompts, then round again
+    with fresh samples (at most `max_rounds` rounds). A batch is no larger than the tokens still needed call for.
+    Needs a chat template."""
     import torch
 
     if not getattr(tok, "chat_template", None):
@@ -163,26 +164,27 @@ def self_calibration_texts(model, tok, *, n_tokens: int, n_prompts: int = 64, ma
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     texts: list[str] = []
     total = 0
+    per_reply = max_new_tokens + 24  # a reply at most, plus its prompt and template
     try:
-        for rnd in range(max_rounds):
-            for s in range(0, len(prompts), batch):
-                chunk = prompts[s : s + batch]
-                enc = tok.apply_chat_template([[{"role": "user", "content": p}] for p in chunk], add_generation_prompt=True,
-                                              return_tensors="pt", padding=True, return_dict=True)
-                enc = {k: v.to(dev) for k, v in enc.items()}
-                # seeded per batch: the same model and seed give the same replies
-                torch.manual_seed(seed * 1000 + rnd * 97 + s)
-                with torch.no_grad():
-                    out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
-                                         max_new_tokens=max_new_tokens, pad_token_id=pad)
-                for p, row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-                    reply = tok.decode(row, skip_special_tokens=True)
-                    text = tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": reply}],
-                                                   tokenize=False)
-                    texts.append(text)
-                    total += len(tok(text, add_special_tokens=False)["input_ids"])
+        for i in range(0, n_prompts * max_rounds, batch):
             if total >= n_tokens:
                 break
+            need = max(1, -(-(n_tokens - total) // per_reply))
+            idx = list(range(i, min(i + batch, i + need, n_prompts * max_rounds)))
+            chunk = [prompts[j % n_prompts] for j in idx]
+            enc = tok.apply_chat_template([[{"role": "user", "content": p}] for p in chunk], add_generation_prompt=True,
+                                          return_tensors="pt", padding=True, return_dict=True)
+            enc = {k: v.to(dev) for k, v in enc.items()}
+            torch.manual_seed(seed * 1_000_003 + i)  # seeded per batch: the same model and seed give the same replies
+            with torch.no_grad():
+                out = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad)
+            for p, row in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+                reply = tok.decode(row, skip_special_tokens=True)
+                text = tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": reply}],
+                                               tokenize=False)
+                texts.append(text)
+                total += len(tok(text, add_special_tokens=False)["input_ids"])
     finally:
         tok.padding_side, tok.pad_token = side, pad_tok
     return texts
