@@ -165,7 +165,8 @@ def method_table() -> list[dict]:
 
     rows = []
     for name, cls in sorted(METHODS.items()):
-        knobs = {k: (f.default if f.default is not None else None) for k, f in cls.model_fields.items()}
+        # a knob with a default_factory has no plain default: build it, so the listing shows the real value
+        knobs = {k: f.get_default(call_default_factory=True) for k, f in cls.model_fields.items()}
         rows.append(
             {
                 "name": name,
