@@ -29,6 +29,7 @@ from torch import nn
 
 from deltapack.errors import InputError
 from deltapack.kernels import DeltaKernels, LayerDeltas, TokenSlots, get_kernels
+from deltapack.kernels.schedule import CostModel, Scratch, scheduled_linear
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class DeltaState:
     kernels: DeltaKernels
     layers: dict[str, LayerDeltas] = field(default_factory=dict)
     ctx: BatchContext | None = None
+    # measured kernel-vs-dense costs (deltapack.kernels.schedule, calibrated at warm-up): None = the kernels always
+    costs: CostModel | None = None
+    scratch: Scratch = field(default_factory=Scratch)
 
     def layer(self, key: str) -> LayerDeltas | None:
         lay = self.layers.get(key)
@@ -122,7 +126,7 @@ class DeltaLinear(_Wrapped):
                 for s, idx in tokens.groups():
                     if s in wl.replace_slots:
                         y2[idx] -= nn.functional.linear(x2[idx], self.base.weight)
-            d = st.kernels.linear(x2, tokens, wl)
+            d = scheduled_linear(st.kernels, st.costs, st.scratch, x2, tokens, wl)
             if d is not None:
                 y2 = y2 + d.to(y2.dtype)
         if bl is not None:
