@@ -155,3 +155,64 @@ def test_cache_dir(tmp_path, monkeypatch):
     assert setup_cache_dir("cuda") == str(tmp_path / "mine")  # the user's choice wins
     monkeypatch.delenv("TRITON_CACHE_DIR")
     assert setup_cache_dir("cpu") is None and "TRITON_CACHE_DIR" not in os.environ
+
+
+@pytest.fixture(scope="module")
+def pico(tmp_path_factory):
+    from conftest import make_finetune, make_llama
+    from deltapack import api
+    from deltapack.serve.testing import greedy_reference, merged_model, to_float32
+
+    d = tmp_path_factory.mktemp("coldstart")
+    make_llama(d / "base", hidden=64, layers=1, vocab=96, dtype=torch.float32)
+    deltas, refs = [], {}
+    for i, (name, method) in enumerate((("lr", "lowrank"), ("dare", "dare"))):
+        make_finetune(d / "base", d / f"ft_{name}", scale=0.6, seed=30 + i)
+        to_float32(d / f"ft_{name}")
+        path = api.compress(d / "base", d / f"ft_{name}", d / f"d_{name}", method=method, ratio=4.0, progress=False)
+        deltas.append((name, path))
+        refs[name] = greedy_reference(merged_model(d / "base", path), [5, 17, 9], 3)
+    return d, deltas, refs
+
+
+def test_health_is_ready_before_the_warmup_ends(pico):
+    """A server with a background compiler answers /health and serves requests (torch path, merged-model tokens)
+    while every kernel variant is still compiling; when they are ready the warm-up finishes and launches switch."""
+    import time
+
+    import httpx
+
+    from deltapack.serve.app import start_warmup
+    from deltapack.serve.testing import running_server
+
+    d, deltas, refs = pico
+    hold = threading.Event()
+    comp = KernelCompiler(2, compile_fn=_gated(hold))
+    with running_server(d / "base", deltas, kernels="triton", device="cpu", dtype="float32", max_batch=4,
+                        compiler=comp) as (state, url):
+        k = state.runner.state.kernels
+        assert k.compiler is comp
+        state.engine.prefill_batch = 1  # fewer stand-in prefills: the interpreter is slow
+        thread = start_warmup(state, prompt_tokens=5, max_tokens=2)
+        end = time.monotonic() + 60
+        while comp.pending == 0 and time.monotonic() < end:
+            time.sleep(0.05)
+        h = httpx.get(f"{url}/health").json()
+        assert h["status"] == "ok" and h["warmup"]["state"] == "running"
+        assert h["kernels"]["compiling"] > 0 and h["kernels"]["ready"] == 0
+        for name, _ in deltas:  # served on the torch path meanwhile, exactly
+            r = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": [5, 17, 9], "max_tokens": 3,
+                                                          "temperature": 0, "ignore_eos": True}, timeout=60)
+            assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == refs[name]
+        assert k.launches["triton"] == 0 and k.launches["torch"] > 0
+        assert thread.is_alive()
+        hold.set()
+        thread.join(300)
+        h = httpx.get(f"{url}/health").json()
+        assert h["warmup"]["state"] == "done" and h["kernels"]["compiling"] == 0 and h["kernels"]["ready"] > 0
+        before = k.launches["triton"]
+        for name, _ in deltas:  # the compiled (here: interpreted) kernels now, same tokens
+            r = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": [5, 17, 9], "max_tokens": 3,
+                                                          "temperature": 0, "ignore_eos": True}, timeout=60)
+            assert r.json()["choices"][0]["token_ids"] == refs[name]
+        assert k.launches["triton"] > before

@@ -304,6 +304,10 @@ class ModelRunner:
         self.head_key = next(n for n, m in self.model.named_modules() if m is head) + ".weight"
         self.vocab_size = emb.weight.shape[0]
         self.state = DeltaState(get_kernels(kernels, self.device))
+        if self.state.kernels.name == "triton" and self.device.type == "cuda":
+            from deltapack.kernels.compile import setup_cache_dir
+
+            setup_cache_dir(self.device)  # before the first compilation: restarts find their kernels
         self.sites = wrap_model(self.model, self.state)
         limit = getattr(cfg, "max_position_embeddings", None) or 2048
         self.max_model_len = min(limit, max_model_len) if max_model_len else limit
