@@ -201,8 +201,8 @@ def _size(s: str) -> int:
         raise DeltapackError(f"cannot parse size {s!r} (e.g. 500MB, 2GB)") from None
 
 
-# Later parts of the pipeline register their own commands (eval, serve, share, export-lora, compress-many).
-for _mod in ("deltapack.eval.cli", "deltapack.serve.cli", "deltapack.share.cli", "deltapack.export_lora", "deltapack.scale.cli"):
+# Later parts of the pipeline register their own commands (eval, serve, share, export-lora, import-lora, compress-many).
+for _mod in ("deltapack.eval.cli", "deltapack.serve.cli", "deltapack.share.cli", "deltapack.export_lora", "deltapack.import_lora", "deltapack.scale.cli"):
     try:
         importlib.import_module(_mod).register(main)
     except ModuleNotFoundError as e:
