@@ -319,24 +319,35 @@ class _Plan:
         return self.src.get(name)
 
     def _untie(self, emb: str) -> None:
-        """peft's merged model of a tied base: the side the adapter changes alone, unless ensure_weight_tying."""
+        """A tied base, as peft's merged model has it: LoRA merges change the one shared parameter in place (the
+        embedding and the head both see a LoRA on either); a whole saved copy (modules_to_save) unties the two,
+        the other side keeping the shared parameter, unless ensure_weight_tying ties the copy to both."""
         head = self.head_name
-        changes = lambda n: n in self.dense or n in self.loras  # noqa: E731
-        if self.ad.config.get("ensure_weight_tying") and not changes(head):
-            return  # the head follows the changed embedding: the server's tied placement
-        if not (changes(emb) or changes(head)):
+        if emb in self.loras and head in self.loras:
+            raise InputError(f"{self.ad.path}: LoRA on both the tied embedding and the output head is not supported")
+        if self.ad.config.get("ensure_weight_tying") and (emb in self.dense or head in self.dense):
+            if emb in self.loras or head in self.loras:
+                raise InputError(f"{self.ad.path}: ensure_weight_tying with LoRA on a tied embedding is not supported")
+            if head in self.dense:  # the saved copy is both sides: store it once, under the embedding's name
+                d, _, t = self.dense.pop(head)
+                self.dense.setdefault(emb, (d, self.src.get(emb), t))
+            return
+        if emb not in self.dense and head not in self.dense:
+            if head in self.loras:  # one shared parameter: the head's LoRA changes the embedding too
+                self.loras[emb] = self.loras.pop(head)
             return
         self.untie = True
-        # the untied head is stored whole (the base has no tensor of its own for it): base embedding + its change
-        base = self.src.get(emb).float()
-        if head in self.loras:
-            m = self.loras.pop(head)
-            full = base + m.scale * (m.Bt.float().T @ m.A.float())
-        elif head in self.dense:
-            full = base + self.dense[head][0]
-        else:
-            full = base
-        self.dense[head] = (full, None, full.to(self.src.meta(emb).dtype))
+        base = self.src.get(emb)
+        shared = base.float()  # the original parameter, changed in place by a LoRA merge of either side
+        lora_side = emb if emb in self.loras else head if head in self.loras else None
+        if lora_side is not None:
+            m = self.loras.pop(lora_side)
+            shared = shared + m.scale * (m.Bt.float().T @ m.A.float())
+            if emb not in self.dense:
+                self.dense[emb] = (shared - base.float(), base, None)
+        # the untied head is stored whole (the base has no tensor of its own for it)
+        full = base.float() + self.dense.pop(head)[0] if head in self.dense else shared
+        self.dense[head] = (full, None, full.to(base.dtype) if lora_side is None else None)
 
     def items(self, bits: int | None, store: str) -> dict[str, _Item]:
         out: dict[str, _Item] = {}

@@ -74,6 +74,7 @@ class ServerState:
 
     def close(self) -> None:
         self.engine.stop()
+        self.tiers.close()
 
 
 def build_server(
@@ -103,8 +104,12 @@ def build_server(
     runner = ModelRunner(base, device=device, dtype=dtype, kernels=kernels, max_model_len=max_model_len)
     name = served_model_name or str(base)
     tiers = DeltaTiers(runner, device_bytes=gpu_delta_bytes, host_bytes=cpu_delta_bytes, base_name=name)
-    for dname, dpath in deltas:
-        tiers.register(dname, dpath, verify_base=verify_base)
+    try:
+        for dname, dpath in deltas:
+            tiers.register(dname, dpath, verify_base=verify_base)
+    except BaseException:
+        tiers.close()
+        raise
     metrics = ServeMetrics()
     engine = Engine(runner, tiers, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, metrics=metrics,
                     decode=decode, prefill_delay_s=prefill_delay_s)
@@ -673,7 +678,7 @@ def create_app(state: ServerState, options: HTTPOptions | None = None):
     async def delete_delta(name: str):
         return await run_in_threadpool(unload_delta, name)
 
-    # vLLM's adapter endpoints, for clients written against them
+    # vLLM's adapter endpoints, for clients written against them: lora_path is a peft adapter or a delta directory
     @app.post("/v1/load_lora_adapter")
     async def load_lora(request: Request):
         body = await body_of(request)
