@@ -16,8 +16,7 @@ module's rank from the tensors and scales every module by lora_alpha / r = 1, an
 What a LoRA adapter cannot carry is reported, never dropped silently: embedding / lm_head deltas (vLLM rejects
 them), 1-D deltas (norms, biases), tensors added by the fine-tune, and any tensor whose codec is not low-rank (dense,
 sparse, sign, deltadq). The report is returned, printed by the CLI and written to `export_report.json`; dropping the
-embedding and norm deltas changes the model (on delta-come deltas it is most of what the adapter loses), so the CLI
-says so whenever it happens. vLLM needs `--max-lora-rank` at least the adapter's r (and one of its allowed values:
+embedding and norm deltas changes the model, so the CLI says so whenever it happens. vLLM needs `--max-lora-rank` at least the adapter's r (and one of its allowed values:
 8, 16, 32, 64, 128, 256, 320, 512): the CLI prints the value to pass; `max_rank` (`--max-rank N`) truncates every
 module to its best rank-N approximation (SVD of Btᵀ A, exact when the module's rank is at most N) to fit a server's
 limit.
