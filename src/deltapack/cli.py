@@ -64,26 +64,28 @@ def main(verbose: int) -> None:
 @click.option("--max-shard-size", default="1GB", show_default=True, help="largest delta shard")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--trust-remote-code", is_flag=True, help="allow a model's custom code (never needed to read tensors)")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU runs: units encoded at once, in worker processes of one torch thread each (the output bytes "
+                   "are the same for any value; more than the free cores only slows it down)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
-def compress(base, finetuned, out, method, ratio, params, config_file, calib, device, max_shard_size, overwrite, trust_remote_code, quiet):
+def compress(base, finetuned, out, method, ratio, params, config_file, calib, device, max_shard_size, overwrite, trust_remote_code, threads, quiet):
     """Compress FINETUNED against BASE into a delta directory at a target true ratio.
 
     BASE and FINETUNED: a local HF checkpoint directory, a .gguf file, or a hub id org/name[@revision].
     """
     from deltapack.compress import compress as run
-    from deltapack.config import load_compress_config
+    from deltapack.config import load_compress_config, resolve
 
     cfg = load_compress_config(config_file) if config_file else None
     mparams = dict(cfg.params) if cfg else {}
-    mparams.update(_parse_params(params))
-    if cfg:
-        method = cfg.method if method == "auto" else method
-        ratio = ratio if ratio is not None else cfg.ratio
-        calib = calib or cfg.calib
+    mparams.update(_parse_params(params))  # -p key=value over the file's params, key by key
+    # flag > config file > default, whichever way the flag was given (even equal to its default)
+    v = resolve(click.get_current_context(), cfg, {"method": method, "ratio": ratio, "calib": calib})
+    method, ratio, calib = v["method"], v["ratio"], v["calib"]
     path = run(
         base, finetuned, out, method=method, ratio=ratio, params=mparams, calib=calib, device=device,
         overwrite=overwrite, max_shard_bytes=_size(max_shard_size), trust_remote_code=trust_remote_code,
-        progress=not quiet,
+        progress=not quiet, threads=threads,
     )
     from deltapack.api import inspect as insp
 
