@@ -64,33 +64,36 @@ def main(verbose: int) -> None:
 @click.option("--max-shard-size", default="1GB", show_default=True, help="largest delta shard")
 @click.option("--overwrite", is_flag=True, help="replace OUT if it exists")
 @click.option("--trust-remote-code", is_flag=True, help="allow a model's custom code (never needed to read tensors)")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="CPU runs: units encoded at once, in worker processes of one torch thread each (the output bytes "
+                   "are the same for any value; more than the free cores only slows it down)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @click.option("--heal", is_flag=True, help="after encoding, train the delta's scales and float parts against the "
               "fine-tune's logits on calibration text (codes unchanged; minutes)")
 @click.option("--heal-seconds", type=float, default=None, help="time limit of --heal (default 240)")
 def compress(base, finetuned, out, method, ratio, params, config_file, calib, device, max_shard_size, overwrite,
-             trust_remote_code, quiet, heal, heal_seconds):
+             trust_remote_code, threads, quiet, heal, heal_seconds):
     """Compress FINETUNED against BASE into a delta directory at a target true ratio.
 
     BASE and FINETUNED: a local HF checkpoint directory, a .gguf file, or a hub id org/name[@revision].
     """
     from deltapack.compress import compress as run
-    from deltapack.config import load_compress_config
+    from deltapack.config import load_compress_config, resolve
 
     if heal_seconds is not None and not heal:
         raise click.UsageError("--heal-seconds needs --heal")
 
     cfg = load_compress_config(config_file) if config_file else None
     mparams = dict(cfg.params) if cfg else {}
-    mparams.update(_parse_params(params))
-    if cfg:
-        method = cfg.method if method == "auto" else method
-        ratio = ratio if ratio is not None else cfg.ratio
-        calib = calib or cfg.calib
+    mparams.update(_parse_params(params))  # -p key=value over the file's params, key by key
+    # flag > config file > default, whichever way the flag was given (even equal to its default)
+    v = resolve(click.get_current_context(), cfg, {"method": method, "ratio": ratio, "calib": calib})
+    method, ratio, calib = v["method"], v["ratio"], v["calib"]
     path = run(
         base, finetuned, out, method=method, ratio=ratio, params=mparams, calib=calib, device=device,
         overwrite=overwrite, max_shard_bytes=_size(max_shard_size), trust_remote_code=trust_remote_code,
-        progress=not quiet, heal=({"max_seconds": heal_seconds} if heal_seconds else True) if heal else None,
+        progress=not quiet, threads=threads,
+        heal=({"max_seconds": heal_seconds} if heal_seconds else True) if heal else None,
     )
     from deltapack.api import inspect as insp
 
@@ -222,8 +225,8 @@ def _size(s: str) -> int:
         raise DeltapackError(f"cannot parse size {s!r} (e.g. 500MB, 2GB)") from None
 
 
-# Later parts of the pipeline register their own commands (eval, serve, share, export-lora, compress-many).
-for _mod in ("deltapack.eval.cli", "deltapack.serve.cli", "deltapack.share.cli", "deltapack.export_lora", "deltapack.scale.cli"):
+# Later parts of the pipeline register their own commands (eval, serve, share, export-lora, import-lora, compress-many).
+for _mod in ("deltapack.eval.cli", "deltapack.serve.cli", "deltapack.share.cli", "deltapack.export_lora", "deltapack.import_lora", "deltapack.scale.cli"):
     try:
         importlib.import_module(_mod).register(main)
     except ModuleNotFoundError as e:

@@ -79,6 +79,7 @@ class ServerState:
         comp = getattr(self.runner.state.kernels, "compiler", None)
         if comp is not None:
             comp.close()
+        self.tiers.close()
 
 
 def build_server(
@@ -113,8 +114,12 @@ def build_server(
         runner.state.kernels.compiler = compiler
     name = served_model_name or str(base)
     tiers = DeltaTiers(runner, device_bytes=gpu_delta_bytes, host_bytes=cpu_delta_bytes, base_name=name)
-    for dname, dpath in deltas:
-        tiers.register(dname, dpath, verify_base=verify_base)
+    try:
+        for dname, dpath in deltas:
+            tiers.register(dname, dpath, verify_base=verify_base)
+    except BaseException:
+        tiers.close()
+        raise
     metrics = ServeMetrics()
     engine = Engine(runner, tiers, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, metrics=metrics,
                     decode=decode, prefill_delay_s=prefill_delay_s)
@@ -749,7 +754,7 @@ def create_app(state: ServerState, options: HTTPOptions | None = None):
     async def delete_delta(name: str):
         return await run_in_threadpool(unload_delta, name)
 
-    # vLLM's adapter endpoints, for clients written against them
+    # vLLM's adapter endpoints, for clients written against them: lora_path is a peft adapter or a delta directory
     @app.post("/v1/load_lora_adapter")
     async def load_lora(request: Request):
         body = await body_of(request)

@@ -34,7 +34,7 @@ def _delta_pairs(items: tuple[str, ...]) -> list[tuple[str, str]]:
 def register(main: click.Group) -> None:
     @main.command("serve")
     @click.argument("base")
-    @click.option("--delta", "deltas", multiple=True, metavar="NAME=PATH", help="a delta to serve as model NAME (repeatable)")
+    @click.option("--delta", "deltas", multiple=True, metavar="NAME=PATH", help="a delta directory, or a peft LoRA adapter directory, to serve as model NAME (repeatable)")
     @click.option("--delta-root", type=click.Path(file_okay=False), default=None, help="directory runtime loads (POST /v1/deltas) must stay inside; without it runtime loading is off")
     @click.option("--host", default="127.0.0.1", show_default=True)
     @click.option("--port", default=8000, show_default=True, type=int)
@@ -81,7 +81,8 @@ def register(main: click.Group) -> None:
         """Serve BASE and compressed fine-tunes of it over an OpenAI-compatible HTTP API.
 
         Every request names a model: the base (BASE, or --served-model-name) or a delta NAME. Requests for different
-        deltas share one batch; each delta is applied from its compressed form, never merged.
+        deltas share one batch; each delta is applied from its compressed form, never merged. A peft LoRA adapter
+        directory is served as a delta too (stored exactly: its factors and scaling), in the same batches.
         """
         import logging
         import os

@@ -27,7 +27,7 @@ import torch
 
 from deltapack.errors import InputError
 from deltapack.kernels import TokenSlots
-from deltapack.serve.model import BatchContext, DeltaState
+from deltapack.serve.model import BatchContext, DeltaState, cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class StaticDecoder:
         from transformers import StaticCache
 
         self.model = model
+        self.cache_kw = cache_kwarg(model)
         self.state = state
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -156,7 +157,7 @@ class StaticDecoder:
         mask = (keys <= q[None, :, None]) & (keys >= pad[:, None, None])  # (B, P, max_len): causal, past the padding
         pos = (q[None, :] - pad[:, None]).clamp(min=0)
         with self._batch(self._context(static=False)):
-            out = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, past_key_values=self.cache,
+            out = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, **{self.cache_kw: self.cache},
                              use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1, :].argmax(-1)
         self.ids.copy_(nxt[:, None])
@@ -171,7 +172,7 @@ class StaticDecoder:
         self.pos.copy_((L - self.pad)[:, None])
         with self._batch(self._context()):
             out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                             **{self.cache_kw: self.cache}, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1, :].argmax(-1)
         self.ids.copy_(nxt[:, None])
         col = torch.clamp(L + 1, max=self.max_len - 1).view(1)
@@ -428,7 +429,7 @@ class GraphBatch:
         self.runner.state.ctx = ctx
         try:
             out = self.runner.model(inputs_embeds=self.embeds, attention_mask=self.valid[:, None, None, :view],
-                                    position_ids=self.pos, past_key_values=self.cache, use_cache=True,
+                                    position_ids=self.pos, **{self.runner.cache_kw: self.cache}, use_cache=True,
                                     logits_to_keep=1)
         finally:
             self.runner.state.ctx = None

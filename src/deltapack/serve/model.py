@@ -309,6 +309,7 @@ class ModelRunner:
 
             setup_cache_dir(self.device)  # before the first compilation: restarts find their kernels
         self.sites = wrap_model(self.model, self.state)
+        self.cache_kw = cache_kwarg(self.model)
         limit = getattr(cfg, "max_position_embeddings", None) or 2048
         self.max_model_len = min(limit, max_model_len) if max_model_len else limit
         self.tokenizer = load_tokenizer(self.path)
@@ -335,13 +336,22 @@ class ModelRunner:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
+                **{self.cache_kw: cache},
             )
         finally:
             self.state.ctx = None
-        return out.logits, out.past_key_values
+        return out.logits, getattr(out, self.cache_kw)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """Name of the KV-cache argument of the model's forward (and of its output field): transformers 5 renamed
+    `past_key_values` to `cache` (the old name is accepted until 5.40, then removed); earlier versions know only
+    `past_key_values`. Asking the signature keeps the serving path working on both sides of the rename."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def load_tokenizer(path: Path):

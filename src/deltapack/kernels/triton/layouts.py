@@ -41,7 +41,7 @@ import logging
 import torch
 
 from deltapack.errors import FormatError
-from deltapack.format.codecs import decode_entry, get_codec
+from deltapack.format.codecs import decode_entry, get_codec, lora_as_factors
 from deltapack.format.packing import packed_row_bytes, unpack_bits
 from deltapack.kernels import PackedDelta, rows_with_growth, sign_parts
 
@@ -222,6 +222,8 @@ def pack_entry(codec: str, params: dict, parts: dict[str, torch.Tensor], shape: 
     try:
         if codec == "factors":
             return pack_qfactors(params, parts, shape, dtype)
+        if codec == "lora":  # factors with a scale: folded into the B side, the layout is qfactors'
+            return pack_qfactors(*lora_as_factors(params, parts), shape, dtype)
         if codec == "sign":
             return pack_sign32(params, parts, shape, dtype)
         if codec == "dense":
