@@ -117,7 +117,7 @@ def assemble(
                 enc = refined.pop(n)
             if enc.codec == PENDING_CODEC:
                 raise DeltapackError(f"{n}: {prep.method_name} left a provisional encoding that its refine pass did not resolve")
-            entries[n] = _write_entry(writer, n, enc, new_rows, fsrc, prep.plan.stats[n], prep.plan)
+            entries[n] = _write_entry(writer, n, enc, new_rows, fsrc, prep.plan.stats[n], prep.plan, m.entropy_stage)
         files = writer.close()
     except BaseException:
         writer.abort()
@@ -172,13 +172,14 @@ def _calibration_record(record: dict | None, heal_record: dict | None) -> dict |
     return dict(record or {}, heal=slim)
 
 
-def _write_entry(writer, n, enc: Encoded, new_rows, fsrc: ModelSource, stat: TensorStat, plan: Plan) -> TensorEntry:
+def _write_entry(writer, n, enc: Encoded, new_rows, fsrc: ModelSource, stat: TensorStat, plan: Plan,
+                 entropy: bool = True) -> TensorEntry:
     parts = dict(enc.parts)
     if new_rows is not None:
         parts["new_rows"] = new_rows
     codec = get_codec(enc.codec)
     coded: dict[str, dict] = {}
-    if not codec.entropy_coded:
+    if entropy and not codec.entropy_coded:
         parts, coded = entropy_stage(parts)
     payload = sum(t.numel() * t.element_size() for k, t in parts.items() if k in codec.payload_parts or k == "new_rows")
     total = sum(t.numel() * t.element_size() for t in parts.values())

@@ -165,7 +165,8 @@ def _encode_one(n: str, m: DeltaMethod, ctx: CompressContext, plan: Plan, budget
         # a lossy method's non-float tensors are stored this way too
         with phase("encode.method", dev):
             if m.lossless:
-                job = TensorJob(n, shape2, torch.empty(0), 0, ctx.stats[n].kind, b, f)
+                job = TensorJob(n, shape2, torch.empty(0), 0, ctx.stats[n].kind,
+                                b.reshape(shape2) if b is not None else None, f.reshape(shape2))
                 return m.encode(job, ctx), new_rows
             params, parts = encode_bits(f, b)
         return Encoded("lossless", params, parts, "lossless"), new_rows
