@@ -14,12 +14,12 @@ For each (base, fine-tune) pair:
 CPU (results committed):
     PYTHONPATH=src python bench/lossless/run.py --cpu
   the demo's pair (deltapack demo's cached 16-step fine-tune, made if missing), a 40-step arithmetic fine-tune and a
-  40-step fine-tune of decoder layers 0-5 only (bench/lossless/finetune_cpu.py), all of SmolLM2-135M-Instruct.
+  40-step fine-tune of decoder layers 24-29 only (bench/lossless/finetune_cpu.py), all of SmolLM2-135M-Instruct.
 
 GPU machine, on the quality benchmark's fine-tunes (bench/quality/run.py makes WORKDIR/base and WORKDIR/ft-TASK):
     PYTHONPATH=/root/site:src python bench/lossless/run.py --base /root/dpq/base \\
         --finetune-dirs /root/dpq/ft-* --out $OUT/lossless-gpu.json
-  (needs the zstandard wheel carried: zstandard-0.25.0-cp312-cp312-manylinux_2_17_x86_64.manylinux2014_x86_64.whl).
+  (needs the zstandard wheel carried: zstandard-0.25.0-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl, 5.5 MB).
   `--methods` picks what runs (default: lossless, dense-exact and the five lossy codecs); lossy methods encode on
   `--device` (default cuda when there is one). A record is written to --out after every measurement.
 """
@@ -54,7 +54,7 @@ log = logging.getLogger("bench.lossless")
 LOSSY = ["dare", "deltadq", "delta-come", "lowrank", "bitdelta"]
 EXACT = ["lossless", "dense-exact"]
 CPU_FT_STEPS = 40
-PARTIAL_LAYERS = [0, 1, 2, 3, 4, 5]
+PARTIAL_LAYERS = [24, 25, 26, 27, 28, 29]  # the last 6 of 30: backward stops there, a third of a full step
 
 
 def now_iso() -> str:
@@ -229,11 +229,11 @@ def cpu_pairs(work: Path) -> list[tuple[Path, Path, str]]:
     full = root / f"ft-arithmetic-{CPU_FT_STEPS}"
     if not (full / "finetune.json").exists():
         make_finetune(base, full, steps=CPU_FT_STEPS)
-    part = root / f"ft-arithmetic-{CPU_FT_STEPS}-layers0-5"
+    part = root / f"ft-arithmetic-{CPU_FT_STEPS}-layers24-29"
     if not (part / "finetune.json").exists():
         make_finetune(base, part, steps=CPU_FT_STEPS, layers=PARTIAL_LAYERS)
     return [(base, demo, "demo-16steps"), (base, full, f"arithmetic-{CPU_FT_STEPS}steps-cpu"),
-            (base, part, f"arithmetic-{CPU_FT_STEPS}steps-cpu-layers0-5")]
+            (base, part, f"arithmetic-{CPU_FT_STEPS}steps-cpu-layers24-29")]
 
 
 def main(argv: list[str] | None = None) -> int:

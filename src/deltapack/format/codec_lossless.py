@@ -98,22 +98,6 @@ def rebuild_bits(params: dict, parts: dict[str, torch.Tensor], shape, base: torc
     width = out.element_size()
     ow = out.view(torch.uint8).numpy().view(_UINT[width]) if n else np.zeros(0, _UINT[width])
     blob = parts["planes"].contiguous().numpy()
-    if params.get("bitmap"):
-        if "mask" not in parts:
-            raise FormatError("codec parts missing: ['mask']")
-        nbytes = (n + 7) // 8
-        mask_bits = entropy.decode_planes(memoryview(parts["mask"].contiguous().numpy()), list(params["mask_frames"]),
-                                          nbytes, 1, False)
-        changed = np.unpackbits(mask_bits, count=n, bitorder="little").view(bool)
-        k = int(params.get("changed", -1))
-        if k != int(changed.sum()):
-            raise FormatError("lossless bitmap disagrees with its changed count (corrupt delta)")
-        vals = entropy.decode_planes(memoryview(blob), frames, k, width, True)
-        ow[:] = 0
-        ow[changed] = vals
-    else:
-        entropy.decode_planes(memoryview(blob), frames, n, width, True, out=ow)
-    # in place, frame-sized pieces: the temporaries stay small whatever the tensor
     bw = None
     if base is not None:
         base = base.detach().cpu()
@@ -122,17 +106,36 @@ def rebuild_bits(params: dict, parts: dict[str, torch.Tensor], shape, base: torc
         if base.numel() != n:
             raise FormatError(f"lossless: the base has {base.numel()} elements, the delta {n}")
         bw = _words(base)
-    one, zero = ow.dtype.type(1), ow.dtype.type(0)
-    step = entropy.FRAME_ELEMENTS
-    for s in range(0, n, step):
-        piece = ow[s : s + step]
-        sign = piece & one
-        piece >>= one
-        np.subtract(zero, sign, out=sign)
-        piece ^= sign  # unzigzag in place
-        if bw is not None:
-            piece += bw[s : s + step]  # mod 2^(8W): the difference was taken the same way
+    if params.get("bitmap"):
+        if "mask" not in parts:
+            raise FormatError("codec parts missing: ['mask']")
+        mask_bits = entropy.decode_planes(parts["mask"].contiguous().numpy(), list(params["mask_frames"]),
+                                          (n + 7) // 8, 1, False)
+        changed = np.unpackbits(mask_bits, count=n, bitorder="little").view(bool)
+        k = int(params.get("changed", -1))
+        if k != int(changed.sum()):
+            raise FormatError("lossless bitmap disagrees with its changed count (corrupt delta)")
+        z = np.zeros(n, dtype=_UINT[width])
+        z[changed] = entropy.decode_planes(blob, frames, k, width, True)
+        _unzigzag_add(z, bw)
+        ow[:] = z
+    else:
+        # frame by frame: the planes are joined, unzigzagged and added to the base while in cache
+        for s, m, z in entropy.iter_frames(blob, frames, n, width, True):
+            _unzigzag_add(z, bw[s : s + m] if bw is not None else None)
+            ow[s : s + m] = z
     return out.reshape(tuple(int(s) for s in shape))
+
+
+def _unzigzag_add(z: np.ndarray, base_words: np.ndarray | None) -> None:
+    """In place: z <- unzigzag(z) + base (mod 2^(8W), the difference was taken the same way)."""
+    one = z.dtype.type(1)
+    sign = z & one
+    z >>= one
+    np.negative(sign, out=sign)  # 0 or all ones
+    z ^= sign
+    if base_words is not None:
+        z += base_words
 
 
 @register_codec

@@ -26,7 +26,7 @@ import numpy as np
 
 from deltapack.errors import DeltapackError, FormatError
 
-FRAME_ELEMENTS = 1 << 24  # 16M elements per zstd frame: bounds temporaries for any tensor size
+FRAME_ELEMENTS = 1 << 20  # elements per zstd frame: bounds temporaries whatever the tensor, keeps decode passes in cache
 LEVEL = 1
 MIN_SAVING = 0.05  # the entropy stage keeps a part zstd-coded only when that saves at least 5% of its bytes
 MIN_PART_BYTES = 256  # below this a zstd frame's header eats any saving
@@ -87,39 +87,52 @@ def encode_planes(words: np.ndarray, planes: bool, level: int = LEVEL) -> tuple[
     return b"".join(out), sizes
 
 
-def decode_planes(blob: memoryview | bytes, sizes: list[int], n: int, width: int, planes: bool,
-                  out: np.ndarray | None = None) -> np.ndarray:
-    """Inverse of `encode_planes`: `n` unsigned words of `width` bytes (written into `out` when given)."""
+def iter_frames(blob, sizes: list[int], n: int, width: int, planes: bool):
+    """Decode `encode_planes` output frame by frame: yields (start, count, words) with `words` the frame's `count`
+    unsigned words of `width` bytes (a fresh array, ours to modify). Frames are small (FRAME_ELEMENTS), so a caller's
+    elementwise passes over one stay in cache."""
     d = decompressor()
-    words = out if out is not None else np.empty(n, dtype=_UINT[width])
-    if words.size != n or words.dtype.itemsize != width:
-        raise FormatError("entropy-coded part: output buffer does not fit")
     per = width if (planes and width > 1) else 1
     n_frames = max(1, -(-n // FRAME_ELEMENTS))
     if len(sizes) != n_frames * per or sum(sizes) != len(blob):
-        raise FormatError(f"entropy-coded part: {len(sizes)} frames of {sum(sizes)} bytes recorded, "
+        raise FormatError(f"entropy-coded data: {len(sizes)} frames of {sum(sizes)} bytes recorded, "
                           f"{n_frames * per} frames of {len(blob)} bytes expected (truncated or corrupt)")
     mv = memoryview(blob)
     pos = k = 0
     zerr = _zstd().ZstdError
+    utype = _UINT[width]
     for s in range(0, max(1, n), FRAME_ELEMENTS):
         m = min(FRAME_ELEMENTS, n - s)
-        dst = words[s : s + m].view(np.uint8)
+        words = None
         for p in range(per):
             try:
                 raw = d.decompress(mv[pos : pos + sizes[k]])
             except zerr as e:
-                raise FormatError(f"entropy-coded part: corrupt zstd frame: {e}") from e
+                raise FormatError(f"entropy-coded data: corrupt zstd frame: {e}") from e
             expect = m if per > 1 else m * width
             if len(raw) != expect:
-                raise FormatError(f"entropy-coded part: a frame holds {len(raw)} bytes, expected {expect}")
+                raise FormatError(f"entropy-coded data: a frame holds {len(raw)} bytes, expected {expect}")
             src = np.frombuffer(raw, dtype=np.uint8)
-            if per > 1:
-                dst.reshape(m, width)[:, p] = src
-            else:
-                dst[:] = src
+            if per == 1:
+                words = src.view(utype).copy() if width > 1 else src.copy()
+            elif p == 0:
+                words = src.astype(utype)
+            else:  # byte p of every word: shifts of whole vectors beat strided byte copies
+                hi = src.astype(utype)
+                hi <<= utype(8 * p)
+                words |= hi
             pos += sizes[k]
             k += 1
+        yield s, m, words
+
+
+def decode_planes(blob, sizes: list[int], n: int, width: int, planes: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """Inverse of `encode_planes`: `n` unsigned words of `width` bytes (written into `out` when given)."""
+    words = out if out is not None else np.empty(n, dtype=_UINT[width])
+    if words.size != n or words.dtype.itemsize != width:
+        raise FormatError("entropy-coded data: output buffer does not fit")
+    for s, m, w in iter_frames(blob, sizes, n, width, planes):
+        words[s : s + m] = w
     return words
 
 
