@@ -37,6 +37,8 @@ from deltapack.quant.rtn import dequantize_rows
 class Codec:
     name: str = ""
     payload_parts: tuple[str, ...] = ()
+    needs_base: bool = False  # stores bits against the base: `rebuild(params, parts, shape, base)`, no `decode`
+    entropy_coded: bool = False  # parts already entropy-coded: the entropy stage skips them
 
     @classmethod
     def decode(cls, params: dict, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:

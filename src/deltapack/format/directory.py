@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from deltapack.errors import FormatError, InputError
-from deltapack.format.codecs import decode_entry
+from deltapack.format.codecs import decode_entry, get_codec
+from deltapack.format.entropy import decode_part
 from deltapack.format.manifest import MANIFEST_NAME, Manifest, TensorEntry, part_key
 from deltapack.io.safetensors_file import SafetensorsFile
 
@@ -100,15 +101,27 @@ class DeltaDir:
                 key = part_key(name, part)
                 if key not in h.entries:
                     raise FormatError(f"{te.file} has no tensor {key}")
-                out[part] = h.get(key).to(device)
+                t = h.get(key)
+                if part in te.entropy:  # stored zstd-coded (entropy stage): readers see the original tensor
+                    t = decode_part(t, te.entropy[part])
+                out[part] = t.to(device)
         except InputError as e:
             raise FormatError(f"cannot read parts of {name} from {te.file} (truncated or corrupt): {e}") from e
         return out
 
-    def decode(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+    def decode(self, name: str, device: str | torch.device = "cpu", base: torch.Tensor | None = None) -> torch.Tensor:
         """Dense fp32 delta of tensor `name` (shape of the fine-tune; added vocabulary rows included as-is:
-        for those rows the base contributes nothing, see `merge_tensor`)."""
+        for those rows the base contributes nothing, see `merge_tensor`). Codecs that store bits against the base
+        (lossless) need `base` (the base's rows only); their delta is fine-tune − base in fp32 (fp64 for fp32/fp64
+        tensors, where fp32 could round)."""
         te = self.manifest.tensors[name]
+        if get_codec(te.codec).needs_base:
+            ft = self.rebuild(name, base if te.in_base else None).to(device)
+            wide = ft.dtype in (torch.float32, torch.float64)
+            d = ft.double() if wide else ft.float()
+            if base is not None and te.in_base:
+                d[: base.shape[0]] -= base.to(device, d.dtype).reshape(base.shape[0], *d.shape[1:])
+            return d
         parts = self.parts(name, device)
         new_rows = parts.pop("new_rows", None)
         shape = list(te.shape)
@@ -118,6 +131,28 @@ class DeltaDir:
         if new_rows is not None:
             d = torch.cat([d.to(torch.float32), new_rows.to(torch.float32).reshape(-1, *shape[1:])], 0)
         return d
+
+    def rebuild(self, name: str, base: torch.Tensor | None) -> torch.Tensor:
+        """The fine-tune tensor bit for bit, for codecs that store bits against the base (lossless). `base`: the
+        base tensor (its rows only under vocabulary growth), None for a tensor the base does not have."""
+        te = self.manifest.tensors[name]
+        codec = get_codec(te.codec)
+        if not codec.needs_base:
+            raise FormatError(f"{name}: codec {te.codec} stores a float delta, not bits against the base")
+        if base is None and te.in_base:
+            raise FormatError(f"{name}: a {te.codec} delta needs the base tensor to rebuild")
+        parts = self.parts(name)
+        new_rows = parts.pop("new_rows", None)
+        shape = list(te.shape)
+        if te.base_rows is not None:
+            shape[0] = te.base_rows
+        try:
+            ft = codec.rebuild(te.params, parts, tuple(shape), base)
+        except FormatError as e:
+            raise FormatError(f"{name}: {e}") from e
+        if new_rows is not None:
+            ft = torch.cat([ft, new_rows.to(ft.dtype).reshape(-1, *shape[1:])], 0)
+        return ft
 
     def merge_tensor(self, name: str, base: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Fine-tune tensor = base + delta, in the fine-tune's dtype (or `dtype`: e.g. float32 keeps the sum unrounded)."""
@@ -130,6 +165,9 @@ class DeltaDir:
                                   "the delta expects")
         elif te.base_rows is not None:
             raise FormatError(f"{name}: the delta expects {te.base_rows} base rows, the base has none")
+        if get_codec(te.codec).needs_base:  # exact bits: the fine-tune itself, in its dtype
+            ft = self.rebuild(name, base)
+            return ft if ft.dtype == dtype else ft.to(dtype)
         # parts are read fresh on every call, so the decoded delta is ours to add into: no fp32 copy of the base
         # or of the sum (for a 7B embedding each would be 0.5 GB)
         d = self.decode(name)

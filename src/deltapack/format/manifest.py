@@ -43,6 +43,7 @@ class TensorEntry(BaseModel):
     base_rows: int | None = None  # vocabulary growth: the codec covers rows [0, base_rows); "new_rows" holds the rest
     in_base: bool = True  # False: tensor absent from the base (treated as zeros)
     method: str | None = None  # set when it differs from the manifest's method (e.g. a tensor kept dense)
+    entropy: dict[str, dict] = Field(default_factory=dict)  # part -> zstd record (format/entropy.py); omitted if empty
 
 
 class Manifest(BaseModel):
@@ -67,9 +68,19 @@ class Manifest(BaseModel):
     def dense_delta_bytes(self) -> int:
         return sum(t.dense_bytes for t in self.tensors.values())
 
+    def uses_v2(self) -> bool:
+        """Whether a version-1 reader would misread this manifest: entropy-coded parts or the lossless codec."""
+        return any(t.entropy or t.codec == "lossless" for t in self.tensors.values())
+
     def dumps(self) -> str:
+        d = self.model_dump(exclude_defaults=False)
+        for t in d["tensors"].values():
+            if not t["entropy"]:  # a version-1 reader forbids unknown keys: write the key only where it is used
+                del t["entropy"]
+        # the oldest version whose readers can read this directory
+        d["format_version"] = min(self.format_version, FORMAT_VERSION if self.uses_v2() else 1)
         # compact: at 128x on small models every byte of metadata counts against the ratio
-        return json.dumps(self.model_dump(exclude_defaults=False), separators=(",", ":"))
+        return json.dumps(d, separators=(",", ":"))
 
     @classmethod
     def load(cls, path: Path) -> "Manifest":

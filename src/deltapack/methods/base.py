@@ -75,7 +75,8 @@ class DeltaMethod(BaseModel):
     summary: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False  # cannot run without calibration data
     uses_calibration: ClassVar[bool] = False  # improves with calibration data (collected only when true)
-    lossless: ClassVar[bool] = False  # ignores --ratio (raw)
+    lossless: ClassVar[bool] = False  # ignores --ratio (lossless, raw)
+    entropy_stage: ClassVar[bool] = True  # stored parts zstd-coded where that saves >= 5% (compress/assemble.py)
     parts_per_tensor: ClassVar[int] = 3  # for the metadata estimate
 
     # ---- planning ------------------------------------------------------------------------------------------------
