@@ -44,6 +44,7 @@ need_gguf() {
 }
 
 step="${1:-}"
+[[ "$step" == extras ]] && shift
 case "$step" in
 setup)
     mkdir -p /root/m && cp .gpu/smol.part.aa /root/m/
@@ -69,6 +70,26 @@ eval)
     need_gguf
     python3 bench/quality/run.py eval --workdir "$WORKDIR" --out-dir "$OUTDIR" --tag "$tag" --time-budget 540 "$@"
     ;;
+extras)
+    # after `finetune`, on the same warm machine: the constrained-decoding figure (issue 27), lossless on the six
+    # fine-tunes (issue 28; CPU, beside the rest), auto+heal at 16x, then more of the default evaluation. carry
+    # [".gpu/whl2", ".gpu/whl3"] (zstandard; xgrammar + apache-tvm-ffi). Everything lands in $OUT/extras.tar (a call
+    # returns at most 8 files); budgets keep the whole step under ~520 s.
+    need_gguf
+    python3 -m pip install -q --no-index --no-deps --target /root/site .gpu/whl2/*.whl .gpu/whl3/*.whl
+    X=/root/extras; mkdir -p "$X"
+    tar_out() { tar -C "$X" -cf "$OUTDIR/extras.tar" . ; }
+    trap tar_out EXIT
+    python3 bench/lossless/run.py --base "$WORKDIR/base" --finetune-dirs "$WORKDIR"/ft-* --methods lossless,dense-exact \
+        --out "$X/lossless-gpu.json" > "$X/lossless.log" 2>&1 &
+    timeout 110 python3 bench/serving/constrained.py --device cuda --out "$X/serving_constrained.json" \
+        > "$X/constrained.log" 2>&1 || echo "constrained: exit $?" >> "$X/constrained.log"
+    python3 bench/quality/run.py eval --workdir "$WORKDIR" --out-dir "$X" --tag heal --time-budget 150 \
+        --methods auto+heal --ratios 16 --calib default > "$X/heal.log" 2>&1 || true
+    python3 bench/quality/run.py eval --workdir "$WORKDIR" --out-dir "$X" --tag e1 --time-budget "${EXTRA_EVAL_S:-200}" \
+        "$@" > "$X/e1.log" 2>&1 || true
+    wait
+    ;;
 timing)
     methods="${2:?usage: run_gpu.sh timing METHODS [extra timing_7b.py args]}"
     shift 2
@@ -76,7 +97,7 @@ timing)
         --workdir /root/dp7b --time-budget 540 "$@"
     ;;
 *)
-    echo "usage: run_gpu.sh setup | finetune [--no-eval] [args] | eval TAG [args] | timing METHODS [args]" >&2
+    echo "usage: run_gpu.sh setup | finetune [--no-eval] [args] | eval TAG [args] | extras [eval args] | timing METHODS [args]" >&2
     exit 2
     ;;
 esac
