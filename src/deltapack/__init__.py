@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 FORMAT_NAME = "deltapack"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 from deltapack.errors import DeltapackError  # noqa: E402
 
