@@ -29,7 +29,7 @@ import torch
 from deltapack.errors import DeltapackError
 from deltapack.format.codecs import FactorsCodec, as_2d
 from deltapack.format.directory import DeltaDir
-from deltapack.io.writer import AtomicDir, write_bytes_atomic, write_json_atomic
+from deltapack.io.writer import AtomicDir, guard_output, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ def export_lora(delta_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     Raises DeltapackError when no tensor of the delta can be a LoRA module."""
     if dtype not in DTYPES:
         raise DeltapackError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    guard_output(out_dir, delta_dir)
     d = DeltaDir.open(delta_dir)
     d.check()
     man = d.manifest
@@ -119,7 +120,7 @@ def export_lora(delta_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     }
     from safetensors.torch import save as st_save
 
-    with AtomicDir(out_dir, overwrite=overwrite) as tmp:
+    with AtomicDir(out_dir, overwrite=overwrite, inputs=(delta_dir,)) as tmp:
         write_bytes_atomic(tmp / "adapter_model.safetensors", st_save(tensors, metadata={"format": "pt"}))
         write_json_atomic(tmp / "adapter_config.json", config)
         write_json_atomic(tmp / REPORT_NAME, report)

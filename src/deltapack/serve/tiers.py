@@ -112,7 +112,7 @@ class DeltaTiers:
         if name == self.base_name:
             raise ConflictError(f"{name!r} is the base model's name")
         d = DeltaDir.open(path)
-        d.check()
+        d.check()  # shards and hf/ files; the shards are checked again as they are read for packing (below)
         man = d.manifest
         r = self.runner
         if man.base.structure and r.source.structure_hash() != man.base.structure:
@@ -185,6 +185,15 @@ class DeltaTiers:
         return out, vocab
 
     def _pack(self, t: Tenant, device) -> dict[str, PackedDelta]:
+        """Pack every tensor from shard bytes read once and checked against their sha256 (`load_verified`): a delta
+        evicted to the disk tier and rewritten there since is refused on its next promotion, never served."""
+        t.delta.load_verified()
+        try:
+            return self._pack_verified(t, device)
+        finally:
+            t.delta.drop_verified()
+
+    def _pack_verified(self, t: Tenant, device) -> dict[str, PackedDelta]:
         r = self.runner
         packed: dict[str, PackedDelta] = {}
         for tname in t.placements:
