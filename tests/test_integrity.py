@@ -393,6 +393,21 @@ def test_disk_tier_reload_rechecks_checksums(pico_pair, deltas, tmp_path):
     assert t.pins == 0
 
 
+def test_server_refuses_a_new_tensor_the_base_has(pico_pair, deltas, tmp_path):
+    """Resealed `in_base: false` on a tensor of the base: served, it would replace the base weight by the delta."""
+    from deltapack.serve.model import ModelRunner
+    from deltapack.serve.tiers import DeltaTiers
+
+    base, _ = pico_pair
+    d = copy(deltas["lowrank"], tmp_path / "d")
+    man = raw(d)
+    man["tensors"][first(man, "factors")]["in_base"] = False
+    write(d, man)
+    tiers = DeltaTiers(ModelRunner(base, device="cpu", dtype="float32"), device_bytes=1 << 30, host_bytes=1 << 30)
+    refused(tiers.register, "t", d, match="new beside the base")
+    refused(api.merge, base, d, tmp_path / "o", progress=False, match="new beside the base")
+
+
 # ---- 6. output paths -------------------------------------------------------------------------------------------------------
 def test_merge_output_into_inputs_refused(pico_pair, deltas, tmp_path):
     base, _ = pico_pair

@@ -126,6 +126,10 @@ class DeltaTiers:
                 raise MismatchError(f"delta {name}: the served base's weights differ from the base it was made against ({man.base.id})")
         if man.removed:
             raise MismatchError(f"delta {name} drops tensors of the base ({', '.join(man.removed[:3])}): cannot be served on it")
+        for tname, te in man.tensors.items():  # a "new" tensor the base has would replace the base's weight outright
+            if te.in_base != (tname in r.source):
+                raise FormatError(f"delta {name}: {tname[:200]} is stored as {'a change to' if te.in_base else 'new beside'} "
+                                  f"the base, which {'lacks' if te.in_base else 'has'} it")
         tcfg = {}
         hf = d.path / "hf"
         if man.aux.get("config.json") == "delta" and (hf / "config.json").is_file():
