@@ -385,3 +385,27 @@ def test_share_sweep_leaves_out_a_combined_share_json_whose_parts_it_lists(tmp_p
     assert [f.name for f in sweep.default_files()] == ["share.json", "p12.json", "p24.json"]
     main.write_text(json.dumps({"command": "one run"}))
     assert [f.name for f in sweep.default_files()][0] == "share.json"
+
+
+def test_generated_blocks_in_readme_and_docs_match_their_results_files(tmp_path, monkeypatch):
+    """README.md, docs/benchmarks.md and docs/methods/*.md hold generated tables between markers: --check fails
+    when one drifts from bench/results/, and passes on the committed files."""
+    upd = _load("bench_update_readme", BENCH / "update_readme.py")
+    study = _load("bench_auto_report", BENCH / "auto" / "report.py")
+    assert study.main(["--check"]) == 0, "bench/results/auto-study.md differs from the study's JSON"
+    assert upd.main(["--check"]) == 0
+    readme = tmp_path / "README.md"
+    readme.write_text("x\n<!-- table:auto-study -->\nhand-edited\n<!-- /table:auto-study -->\n")
+    monkeypatch.setattr(upd, "ROOT", BENCH.parent)
+    monkeypatch.setattr(upd, "TARGETS", (readme,))
+    monkeypatch.setattr(Path, "relative_to", lambda self, other: self)
+    assert upd.main(["--check"]) == 1
+    assert upd.main([]) == 0 and "hand-edited" not in readme.read_text()
+    assert upd.main(["--check"]) == 0
+
+
+def test_readme_is_a_product_page():
+    text = (BENCH.parent / "README.md").read_text()
+    assert len(text.encode()) <= 12 * 1024
+    assert text.index("bash scripts/setup.sh && .venv/bin/deltapack demo") < text.index("## Quickstart")
+    assert "bash scripts/setup.sh && .venv/bin/python -m pytest -q" in text

@@ -207,7 +207,8 @@ def test_cli_eval_delta_merged_plot_json(pico, tmp_path):
     runner = CliRunner()
     common = ["--tasks", str(tasks), "--reference", str(pico / "ft"), "--device", "cpu", "--max-new-tokens", "5", "--quiet"]
 
-    r = runner.invoke(main, ["eval", str(pico / "base"), str(raw), *common, "--base-accuracy", "--ppl-text", str(text),
+    # --numerics merged: the rebuilt checkpoint itself (served numerics add the lossless delta in fp32: rounding-close)
+    r = runner.invoke(main, ["eval", str(pico / "base"), str(raw), *common, "--numerics", "merged", "--base-accuracy", "--ppl-text", str(text),
                              "--json", str(tmp_path / "raw.json"), "--plot", str(tmp_path / "raw.png")])
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "raw.json").read_text())

@@ -115,6 +115,7 @@ def test_embedding_and_norm_changes_are_reported(tmp_path):
     assert on_disk["not_exported"] == rep["not_exported"]
     res = CliRunner().invoke(main, ["export-lora", str(delta), "-o", str(tmp_path / "a2")])
     assert res.exit_code == 0 and "NOT exported" in res.output and "model.embed_tokens.weight" in res.output
+    assert "embedding/lm_head and norm/bias deltas" in res.output and rep["dropped_kinds"] == ["embedding/lm_head", "norm/bias"]
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -168,3 +169,30 @@ def test_quantized_factor_groups_are_dequantized(linear_only, tmp_path, monkeypa
     ref = AutoModelForCausalLM.from_pretrained(d / "base", dtype=torch.float32)
     ref.load_state_dict({k: v + dd.decode(k) if k in dd.manifest.tensors else v for k, v in sd.items()})
     assert torch.allclose(got, _logits(ref), atol=1e-4, rtol=1e-4)
+
+
+def test_max_rank_and_vllm_rank(linear_only, tmp_path):
+    """The output names vLLM's --max-lora-rank for the adapter; --max-rank caps every module at the best rank-N
+    approximation of its delta (the SVD truncation of Btᵀ A)."""
+    from deltapack.cli import main
+    from deltapack.format.directory import DeltaDir
+
+    d, delta = linear_only
+    full = export_lora(delta, tmp_path / "full")
+    assert full["vllm_max_lora_rank"] >= full["r"] and full["vllm_max_lora_rank"] in (8, 16, 32, 64, 128, 256, 320, 512)
+    cap = max(1, full["r"] // 2)
+    res = CliRunner().invoke(main, ["export-lora", str(delta), "-o", str(tmp_path / "cut"), "--max-rank", str(cap), "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.output)
+    assert rep["r"] == cap and max(rep["ranks"].values()) == cap and rep["truncated"]
+    res = CliRunner().invoke(main, ["export-lora", str(delta), "-o", str(tmp_path / "cut2"), "--max-rank", str(cap)])
+    assert f"--max-lora-rank {rep['vllm_max_lora_rank']}" in res.output and "truncated" in res.output
+    from safetensors.torch import load_file
+
+    w = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    dd = DeltaDir.open(delta)
+    mod = rep["truncated"][0]
+    got = w[f"base_model.model.{mod}.lora_B.weight"] @ w[f"base_model.model.{mod}.lora_A.weight"]
+    U, S, Vh = torch.linalg.svd(dd.decode(mod + ".weight").double())
+    best = (U[:, :cap] * S[:cap]) @ Vh[:cap]
+    torch.testing.assert_close(got.double(), best, rtol=1e-4, atol=1e-5)

@@ -32,6 +32,7 @@ CODECS = {  # name -> (method, ratio, params): every codec, quantized and float 
     "deltadq": ("deltadq", 1.4, {"calibrate": False}),
     "deltadq_s1": ("deltadq", 1.4, {"calibrate": False, "split_bits": 1}),
     "deltacome": ("delta-come", 1.4, {"quantizer": "rtn"}),
+    "lossless": ("lossless", None, {}),
 }
 
 
@@ -53,7 +54,7 @@ def raw(d: Path) -> dict:
 
 def write(d: Path, man: dict, *, seal: bool = True) -> None:
     """Write a manifest; `seal` recomputes its digest (an edit made on purpose, as an attacker would)."""
-    if seal and man.get("format_version", 0) >= 2:
+    if seal and man.get("format_version", 0) >= 3:
         man["digest"] = manifest_digest(man)
     (d / MANIFEST_NAME).write_text(json.dumps(man))
 
@@ -215,7 +216,7 @@ def _edits(man: dict) -> dict:
         "codec_unknown": lambda m: m["tensors"][fa].update(codec="zip"),
         "tensor_renamed": lambda m: m["tensors"].update({fa + "x": m["tensors"].pop(fa)}),
         "hf_checksum": lambda m: m["hf_files"]["config.json"].update(sha256="0" * 64),
-        "format_version_3": lambda m: m.update(format_version=3),
+        "format_version_4": lambda m: m.update(format_version=4),
         "aux_dropped": lambda m: m["aux"].pop("config.json"),
     }
 
@@ -312,20 +313,21 @@ def test_keep_prob_string_does_not_allocate(mixed, tmp_path):
     refused(DeltaDir.open, d, match="keep_prob")
 
 
-def test_v1_delta_loads_with_warning(pico_pair, deltas, tmp_path, caplog):
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_delta_loads_with_warning(pico_pair, deltas, tmp_path, caplog, version):
     base, _ = pico_pair
-    d = copy(deltas["lowrank"], tmp_path / "d")
+    d = copy(deltas["lowrank" if version == 1 else "dare4"], tmp_path / "d")
     man = raw(d)
     for k in ("digest", "hf_files"):
         man.pop(k)
-    man["format_version"] = 1
+    man["format_version"] = version
     man["base"]["fingerprint"] = None
     write(d, man)
     with caplog.at_level(logging.WARNING):
         dd = DeltaDir.open(d)
-    assert dd.manifest.format_version == 1
+    assert dd.manifest.format_version == version
     text = caplog.text
-    assert "format version 1" in text and "not covered by checksums" in text and "wrong base is not detected" in text
+    assert f"format version {version}" in text and "not covered by checksums" in text and "wrong base is not detected" in text
     assert api.verify(base, d)["ok"] is False  # no fingerprint to compare with: not a pass
     api.merge(base, d, tmp_path / "o", progress=False)  # still usable
 
@@ -481,7 +483,7 @@ def test_compress_writes_the_manifest_last(pico_pair, tmp_path, monkeypatch):
     monkeypatch.setattr(asm, "write_bytes_atomic", spy)
     api.compress(base, ft, tmp_path / "o", method="lowrank", ratio=1.4, progress=False)
     assert seen[-1] == MANIFEST_NAME and seen.count(MANIFEST_NAME) == 1
-    assert Manifest.load(tmp_path / "o" / MANIFEST_NAME).format_version == 2
+    assert Manifest.load(tmp_path / "o" / MANIFEST_NAME).format_version == 3
     # the card's ratio counts the manifest: inspect recomputes the same number
     card = (tmp_path / "o" / "README.md").read_text()
     assert f"true ratio {api.inspect(tmp_path / 'o')['true_ratio']:.1f}x" in card

@@ -358,7 +358,7 @@ def test_report_merge_worst_task_and_blocks(q, tmp_path):
     assert "| dare | **0.983**" in which  # worst of six at 16x: 59/60, the best of the column
 
     # blocks: replaced in place, or inserted once before the anchor; nothing else changes
-    text = "# T\n\nintro\n\n## Quality on real fine-tunes (GPU benchmark)\n\nrest\n"
+    text = f"# T\n\nintro\n\n{rep.README_ANCHOR} of a small model.\n\nrest\n"
     once = rep.with_block(text, "which-method", which, insert_before=rep.README_ANCHOR)
     assert once.replace(f"<!-- table:which-method -->\n{which.strip()}\n<!-- /table:which-method -->\n\n", "") == text
     assert rep.with_block(once, "which-method", which, insert_before=rep.README_ANCHOR) == once

@@ -4,7 +4,6 @@ and `--help` without the serving dependencies being imported at CLI start."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import torch
 from conftest import make_finetune, make_llama
 from deltapack import api
 from deltapack.serve.app import free_port
-from deltapack.serve.testing import greedy_reference, merged_model, to_float32
+from deltapack.serve.testing import greedy_reference, merged_model, stop_process, to_float32
 
 PROMPT = [9, 8, 7, 6, 5]
 
@@ -64,10 +63,6 @@ def test_cli_serve_subprocess(tmp_path):
         r = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == ref
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
     assert proc.returncode == 0
     assert "warm-up done" in proc.stdout.read().decode()  # --warmup on ran before the server listened

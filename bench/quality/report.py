@@ -42,6 +42,8 @@ SUPERSEDED_JSON = RESULTS / "superseded" / "quality_v1.json"
 DOCS = REPO / "docs" / "benchmarks.md"
 README = REPO / "README.md"
 WHICH_MD = RESULTS / "which-method.md"
+# the same table shipped inside the package, for `deltapack methods` (bench/ is not installed)
+PACKAGE_WHICH_MD = REPO / "src" / "deltapack" / "methods" / "which_method.md"
 TARGETS = {16.0: 0.99, 32.0: 0.98, 64.0: 0.95, 128.0: 0.90}  # issue 24: worst task, default calibration
 BLOCK_QUALITY, BLOCK_SUPERSEDED, BLOCK_WHICH = "quality", "quality-superseded", "which-method"
 
@@ -445,8 +447,8 @@ def with_block(text: str, name: str, body: str, *, insert_before: str | None = N
     return text.rstrip("\n") + "\n\n" + block + "\n"
 
 
-# where the which-method block goes in a README that has none yet: before the old quality section's block
-README_ANCHOR = "## Quality on real fine-tunes (GPU benchmark)"
+# where the which-method block goes in a README that has none yet: before the caveats under it
+README_ANCHOR = "Caveats: these are full fine-tunes"
 
 
 def render(json_path: Path, superseded: Path, docs: Path, readme: Path, which_md: Path) -> dict[Path, str]:
@@ -461,7 +463,7 @@ def render(json_path: Path, superseded: Path, docs: Path, readme: Path, which_md
     if superseded.is_file():
         docs_text = with_block(docs_text, BLOCK_SUPERSEDED, superseded_markdown(superseded))
     return {docs: docs_text, readme: with_block(readme.read_text(), BLOCK_WHICH, which, insert_before=README_ANCHOR),
-            which_md: which}
+            which_md: which, PACKAGE_WHICH_MD: which}
 
 
 def check(outputs: dict[Path, str]) -> list[str]:

@@ -72,6 +72,7 @@ CODECS = {  # name -> (method, ratio, params): every codec; quantized and float 
     "deltadq": ("deltadq", 8.0, {"calibrate": False}),
     "deltadq_split": ("deltadq", 8.0, {"calibrate": False, "split_bits": 1}),
     "delta_come": ("delta-come", 8.0, {"quantizer": "rtn"}),
+    "lossless": ("lossless", None, {}),
 }
 PROMPT = "The capital of France is"
 
@@ -380,7 +381,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["smollm", "pico"], default="smollm")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers the synthetic fine-tune changes")
-    ap.add_argument("--per-delta", type=int, default=34, help="mutations per delta (8 deltas)")
+    ap.add_argument("--per-delta", type=int, default=34, help="mutations per delta (9 deltas)")
     ap.add_argument("--tier-reloads", type=int, default=8, help="served deltas rewritten on disk while in the disk tier")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="pico model, 6 mutations per delta, a temp file")

@@ -82,8 +82,11 @@ class TeacherFit:
         for name, d in deltas.items():
             w = self.params[name]
             d = d.to(self.dtype)
-            rows = d.shape[0]
-            d = d.reshape(rows, *w.shape[1:]) if w.dim() > 1 else d.reshape(w.shape)
+            if w.dim() == 1:  # a norm's delta arrives as its (1, n) codec view
+                out[name] = w + d.reshape(w.shape)
+                continue
+            rows = d.shape[0]  # fewer rows than w: a grown vocabulary's new rows are not in the delta
+            d = d.reshape(rows, *w.shape[1:])
             out[name] = w + d if rows == w.shape[0] else torch.cat([w[:rows] + d, w[rows:]])
         return out
 

@@ -24,8 +24,9 @@ Memory: a few tensors (plus the method's own state: calibration statistics, whic
 and, for methods with `refine`, the encoded tensors it needs at once — BitDelta's scale distillation holds every
 sign plane, 1/16 of the model in bf16). Tensors are read by byte range (`io.safetensors_file`), never whole shards.
 
-Determinism: CPU reductions depend on the thread count, so the plan and every unit run with the same number of
-torch threads: `DELTAPACK_THREADS` if set, else torch's default in the process that starts the run.
+Determinism: CPU reductions depend on the torch thread count, so the plan and every unit run with the same fixed
+number of torch threads: 1, or `DELTAPACK_THREADS` if set. `threads` (`compress --threads N`) encodes N units at once
+in worker processes (on a CPU run), each with that same torch thread count: the bytes written do not depend on N.
 """
 
 from __future__ import annotations
@@ -77,11 +78,16 @@ def compress(
     trust_remote_code: bool = False,
     progress: bool = True,
     heal: bool | dict | None = None,
+    threads: int | None = None,
 ) -> Path:
     """Compress `finetuned` against `base` into the delta directory `out`. Returns the directory path.
     `heal`: True (or a dict of calib.heal.HealConfig settings) trains the delta's float parts against the fine-tune
-    after encoding."""
+    after encoding. `threads`: units encoded at once, in worker processes on a CPU run (default 1: in this process);
+    the output bytes are the same for any value."""
     from deltapack.calib.heal import HealConfig
+
+    if threads is not None and threads < 1:
+        raise DeltapackError(f"--threads must be at least 1 (got {threads})")
 
     m, ratio = check_settings(method, ratio, params, calib)
     heal_cfg = HealConfig.from_value(heal)
@@ -107,8 +113,12 @@ def compress(
             pbar = tqdm(total=len(prep.todo), desc=f"compress [{method}]", disable=not progress)
             t0 = time.perf_counter()
             with phase("encode", dev):
-                for u in prep.units:
-                    encode_units([unit_job(prep, u.index, fsrc, work)], bsrc, dev, on_tensor=lambda: pbar.update(1))
+                workers = min(threads or 1, len(prep.units)) if dev.type == "cpu" else 1
+                if workers > 1:
+                    _encode_in_processes(prep, fsrc, bsrc, work, workers, lambda n: pbar.update(n))
+                else:
+                    for u in prep.units:
+                        encode_units([unit_job(prep, u.index, fsrc, work)], bsrc, dev, on_tensor=lambda: pbar.update(1))
             pbar.close()
             log.debug("encoded %d units in %.1f s", len(prep.units), time.perf_counter() - t0)
             with phase("assemble", dev):
@@ -116,3 +126,41 @@ def compress(
                          progress=progress, created=created, out_label=out)
     return Path(out)
 
+
+
+# ---- units in worker processes (compress --threads N on a CPU) -------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _worker_init(prep: Prepared, fsrc, bsrc, work: Path, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER.update(prep=prep, fsrc=fsrc, bsrc=bsrc, work=work)
+
+
+def _worker_encode(index: int) -> int:
+    import torch
+
+    w = _WORKER
+    encode_units([unit_job(w["prep"], index, w["fsrc"], w["work"])], w["bsrc"], torch.device("cpu"))
+    return len(w["prep"].units[index].names)
+
+
+def _encode_in_processes(prep: Prepared, fsrc, bsrc, work: Path, workers: int, on_done) -> None:
+    """Encode every unit of `prep` in `workers` spawned processes; each unit is a pure function of the plan and its
+    tensors, written to its own files, so the order and placement change nothing in the output."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no forked torch thread pools
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init,
+                                initargs=(prep, fsrc, bsrc, work, encode_threads())) as ex:
+        futs = [ex.submit(_worker_encode, u.index) for u in prep.units]
+        try:
+            for f in cf.as_completed(futs):
+                on_done(f.result())
+        except BaseException:
+            for f in futs:
+                f.cancel()
+            raise

@@ -118,7 +118,7 @@ def assemble(
                 enc = refined.pop(n)
             if enc.codec == PENDING_CODEC:
                 raise DeltapackError(f"{n}: {prep.method_name} left a provisional encoding that its refine pass did not resolve")
-            entries[n] = _write_entry(writer, n, enc, new_rows, fsrc, prep.plan.stats[n], prep.plan)
+            entries[n] = _write_entry(writer, n, enc, new_rows, fsrc, prep.plan.stats[n], prep.plan, m.entropy_stage)
         files = writer.close()
     except BaseException:
         writer.abort()
@@ -179,11 +179,15 @@ def _calibration_record(record: dict | None, heal_record: dict | None) -> dict |
     return dict(record or {}, heal=slim)
 
 
-def _write_entry(writer, n, enc: Encoded, new_rows, fsrc: ModelSource, stat: TensorStat, plan: Plan) -> TensorEntry:
+def _write_entry(writer, n, enc: Encoded, new_rows, fsrc: ModelSource, stat: TensorStat, plan: Plan,
+                 entropy: bool = True) -> TensorEntry:
     parts = dict(enc.parts)
     if new_rows is not None:
         parts["new_rows"] = new_rows
     codec = get_codec(enc.codec)
+    coded: dict[str, dict] = {}
+    if entropy and not codec.entropy_coded:
+        parts, coded = entropy_stage(parts)
     payload = sum(t.numel() * t.element_size() for k, t in parts.items() if k in codec.payload_parts or k == "new_rows")
     total = sum(t.numel() * t.element_size() for t in parts.values())
     writer.add_group({part_key(n, k): v for k, v in parts.items()})
@@ -201,6 +205,21 @@ def _write_entry(writer, n, enc: Encoded, new_rows, fsrc: ModelSource, stat: Ten
         base_rows=plan.base_rows.get(n),
         in_base=n not in plan.new_in_ft,
         method=enc.method,
+        entropy=coded,
     )
 
 
+def entropy_stage(parts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Each part zstd-coded (whole or by byte planes) where that saves >= 5% of its bytes; readers decode it back
+    (DeltaDir.parts), so the codecs and the serving layouts see the same tensors. Returns (parts as stored,
+    {part: record} for the coded ones)."""
+    from deltapack.format.entropy import encode_part
+
+    out, coded = {}, {}
+    for k, t in parts.items():
+        r = encode_part(t.cpu())
+        if r is None:
+            out[k] = t
+        else:
+            out[k], coded[k] = torch.from_numpy(r[0].copy()), r[1]
+    return out, coded

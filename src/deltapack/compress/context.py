@@ -30,7 +30,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def encode_threads() -> int:
-    """Torch threads for planning and encoding (see the module docstring: results depend on it)."""
+    """Torch threads of the numerics (plan, encode, assemble): results depend on it, so it is fixed, 1 unless
+    DELTAPACK_THREADS says otherwise (one thread is also the fast choice on a shared machine: no oversubscription).
+    Parallelism comes from encoding several units at once (`compress --threads`, `compress-many --workers`)."""
     v = os.environ.get("DELTAPACK_THREADS", "").strip()
     if v:
         try:
@@ -40,7 +42,7 @@ def encode_threads() -> int:
         if n < 1:
             raise DeltapackError(f"DELTAPACK_THREADS must be a positive integer, got {v!r}")
         return n
-    return torch.get_num_threads()
+    return 1
 
 
 @contextlib.contextmanager

@@ -146,7 +146,7 @@ def append_line(path: Path, line: str) -> None:
 
 def _encode_one(n: str, m: DeltaMethod, ctx: CompressContext, plan: Plan, budgets, fixed, base_tensor=None,
                 ft_tensor=None) -> tuple[Encoded, Any]:
-    from deltapack.methods.raw import exact_dense
+    from deltapack.format.codec_lossless import encode_bits
 
     dev = ctx.device
     f = ft_tensor if ft_tensor is not None else ctx.finetuned.get(n)
@@ -156,21 +156,27 @@ def _encode_one(n: str, m: DeltaMethod, ctx: CompressContext, plan: Plan, budget
     rows = plan.base_rows.get(n)
     new_rows = None
     if rows is not None:
-        new_rows = f[rows:].to(torch.bfloat16) if f.is_floating_point() else f[rows:]
+        # added vocabulary rows have no base: bf16 for lossy methods, the fine-tune's own dtype for lossless ones
+        new_rows = f[rows:].to(torch.bfloat16) if f.is_floating_point() and not m.lossless else f[rows:]
         f = f[:rows]
     shape2 = as_2d(tuple(f.shape))
+    if m.lossless or not f.is_floating_point():
+        # exact bits against the base, on the CPU (an integer difference: no float delta, no device round trip);
+        # a lossy method's non-float tensors are stored this way too
+        with phase("encode.method", dev):
+            if m.lossless:
+                job = TensorJob(n, shape2, torch.empty(0), 0, ctx.stats[n].kind,
+                                b.reshape(shape2) if b is not None else None, f.reshape(shape2))
+                return m.encode(job, ctx), new_rows
+            params, parts = encode_bits(f, b)
+        return Encoded("lossless", params, parts, "lossless"), new_rows
     with phase("encode.to_device", dev):
         f2 = f.reshape(shape2).to(dev)
         b2 = b.reshape(shape2).to(dev) if b is not None else None
         delta = f2.float() - (b2.float() if b2 is not None else 0.0)
     job = TensorJob(n, shape2, delta, budgets.get(n, 0), ctx.stats[n].kind, b2, f2)
-    if n in fixed or m.lossless:
-        enc = exact_dense(job) if (m.lossless or not f.is_floating_point()) else Encoded(
-            "dense", {}, {"values": delta.to(torch.bfloat16).cpu()}
-        )
-        if not m.lossless:
-            enc.method = "dense"
-        return enc, new_rows
+    if n in fixed:
+        return Encoded("dense", {}, {"values": delta.to(torch.bfloat16).cpu()}, "dense"), new_rows
     with phase("encode.method", dev):
         enc = m.encode(job, ctx)
     if enc.codec != PENDING_CODEC and enc.nbytes() > job.budget_bytes * 1.02 + 64:

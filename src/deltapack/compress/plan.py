@@ -274,7 +274,8 @@ def check_settings(method: str, ratio: float | None, params: dict | None, calib:
     m = get_method(method, params)
     if m.lossless:
         if ratio is not None and ratio > 1.0:
-            raise BudgetError(f"{method} is lossless and cannot reach a {ratio:g}x ratio; drop --ratio or pick a lossy method")
+            raise BudgetError(f"{method} is lossless: its size is what the exact bits take, not a {ratio:g}x target; "
+                              "drop --ratio or pick a lossy method")
         ratio = None
     else:
         ratio = 16.0 if ratio is None else float(ratio)

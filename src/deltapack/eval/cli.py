@@ -34,11 +34,15 @@ def _split(values: tuple[str, ...]) -> list[str]:
 @click.option("--lm-eval-include", type=click.Path(), default=None, help="directory of local lm-eval YAML tasks")
 @click.option("--lm-eval-limit", type=float, default=None, help="examples per lm-eval task (int) or fraction")
 @click.option("--lm-eval-local-only", is_flag=True, help="know only --lm-eval-include's tasks (skips indexing built-ins)")
+@click.option("--numerics", type=click.Choice(["served", "merged"]), default="served", show_default=True,
+              help="a DELTA target computed as `deltapack serve` computes it (base(x) + delta(x), the delta never "
+                   "rounded: the numbers the server's users get) or as the checkpoint `deltapack merge` writes "
+                   "(base + delta rounded to the fine-tune's dtype)")
 @click.option("--no-verify-base", is_flag=True, help="skip the base fingerprint check when rebuilding a delta")
 @click.option("--quiet", is_flag=True, help="no progress bars")
 def eval_command(base, target, task_files, reference, ppl_text, plot_path, json_path, device, dtype, max_new_tokens,
                  batch_size, first_line, chat, limit, kl_limit, base_accuracy, ppl_seq_len, lm_eval_tasks,
-                 lm_eval_include, lm_eval_limit, lm_eval_local_only, no_verify_base, quiet):
+                 lm_eval_include, lm_eval_limit, lm_eval_local_only, numerics, no_verify_base, quiet):
     """Evaluate TARGET (a DELTA directory rebuilt against BASE in memory, or a MERGED_DIR / any checkpoint).
 
     Exact-match accuracy on prompt/answer JSONL tasks (greedy decoding; answers compared after stripping
@@ -57,7 +61,7 @@ def eval_command(base, target, task_files, reference, ppl_text, plot_path, json_
         kl_limit=kl_limit if kl_limit is not None else limit, base_accuracy=base_accuracy, ppl_seq_len=ppl_seq_len,
         lm_eval_tasks=_split(lm_eval_tasks), lm_eval_include=lm_eval_include, lm_eval_limit=limit_lm,
         lm_eval_defaults=not lm_eval_local_only,
-        verify_base=not no_verify_base, progress=not quiet,
+        verify_base=not no_verify_base, progress=not quiet, numerics=numerics,
     )
     if json_path:
         from pathlib import Path

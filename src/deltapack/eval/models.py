@@ -72,9 +72,53 @@ def load_checkpoint(ref: str | os.PathLike, *, device: torch.device, dtype: torc
     return LoadedModel(model.to(device).eval(), tok, "checkpoint", str(ref))
 
 
-def load_target(base: str | os.PathLike, target: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
+NUMERICS = ("served", "merged")
+
+
+def load_served(base: str | os.PathLike, target: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
                 verify_base: bool = True) -> LoadedModel:
-    """TARGET as a model: a delta dir rebuilt against BASE in memory, or a plain checkpoint (e.g. a merged dir)."""
+    """A delta computed as `deltapack serve` computes it: the base model wrapped with the serving kernels, every
+    token of every forward given the delta's tenant slot (base(x) + delta(x), the delta never merged or rounded)."""
+    from deltapack.serve.model import BatchContext, ModelRunner
+    from deltapack.serve.tiers import DeltaTiers
+
+    runner = ModelRunner(base, device=device, dtype=dtype)
+    tiers = DeltaTiers(runner, device_bytes=1 << 62, host_bytes=1 << 62)
+    t = tiers.register("target", target, verify_base=verify_base)
+    tiers.acquire(t)
+    runner.state.ctx = _WholeBatch(t.slot, runner.device)
+    tok = t.tokenizer if t.tokenizer is not None else runner.tokenizer
+    model = runner.model.eval()
+    model._deltapack_tiers = tiers  # keeps the resident delta (and any scratch copy) alive with the model
+    return LoadedModel(model, tok, "delta", str(target))
+
+
+class _WholeBatch:
+    """A BatchContext for any batch shape whose every token is one tenant's (eval runs one model at a time)."""
+
+    def __init__(self, slot: int, device):
+        from deltapack.kernels import TokenSlots
+
+        self.slot, self.device, self.any = slot, device, True
+        self._ts = TokenSlots
+        self._cache: dict[int, object] = {}
+
+    def tokens(self, n: int):
+        ts = self._cache.get(n)
+        if ts is None:
+            ts = self._cache[n] = self._ts.from_rows([self.slot], n, self.device)
+        return ts
+
+
+def load_target(base: str | os.PathLike, target: str | os.PathLike, *, device: torch.device, dtype: torch.dtype,
+                verify_base: bool = True, numerics: str = "merged") -> LoadedModel:
+    """TARGET as a model: a delta dir rebuilt against BASE in memory, or a plain checkpoint (e.g. a merged dir).
+    `numerics` (delta dirs only): "merged" = the weights `deltapack merge` writes (base + delta rounded to the
+    fine-tune's dtype), then cast to `dtype`; "served" = what `deltapack serve` computes (`load_served`)."""
+    if numerics not in NUMERICS:
+        raise InputError(f"unknown numerics {numerics!r}; use served or merged")
+    if is_delta_dir(target) and numerics == "served":
+        return load_served(base, target, device=device, dtype=dtype, verify_base=verify_base)
     if is_delta_dir(target):
         from deltapack.api import load_merged
 

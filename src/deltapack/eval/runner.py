@@ -55,6 +55,7 @@ def evaluate(
     keep_predictions: int = 5,
     verify_base: bool = True,
     progress: bool = True,
+    numerics: str = "served",
 ) -> dict:
     """Evaluate TARGET (a delta dir rebuilt against BASE in memory, or a checkpoint dir) and return a report dict."""
     from deltapack.compress import resolve_device
@@ -107,7 +108,8 @@ def evaluate(
                 ref.model, ref.tokenizer, text, seq_len=ppl_seq_len, max_tokens=ppl_max_tokens, progress=progress
             ).summary()
 
-    tgt = load_target(base, target, device=dev, dtype=dt, verify_base=verify_base)
+    tgt = load_target(base, target, device=dev, dtype=dt, verify_base=verify_base, numerics=numerics)
+    report["numerics"] = numerics if tgt.kind == "delta" else None
     for name, s in _task_scores(tgt.model, tgt.tokenizer, task_list, **score).items():
         entry = report["tasks"][name]
         entry["model"] = s

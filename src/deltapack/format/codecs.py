@@ -15,6 +15,8 @@ Codecs:
   dense    values (bf16/fp32/fp64) = delta, exactly
   factors  delta = sum over rank groups g of Bt_g^T @ A_g; each group float16/bf16 or b-bit row-quantized.
            A (r x in) and Bt (r x out) are stored as concatenated row blocks: one code blob per side.
+  lora     a `factors` layout plus params.scale: delta = scale * sum_g Bt_g^T @ A_g (a peft LoRA adapter kept exactly:
+           its 16-bit A and B as trained, the alpha/r or rsLoRA alpha/sqrt(r) scaling beside them)
   sign     delta = scale * (2*bit - 1); scale per matrix or per row
   sparse   kept values at positions regenerated from a seed (bernoulli or fixed count per group), values
            bf16 or b-bit quantized with per-row or per-group scales
@@ -60,6 +62,8 @@ BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 class Codec:
     name: str = ""
     payload_parts: tuple[str, ...] = ()
+    needs_base: bool = False  # stores bits against the base: `rebuild(params, parts, shape, base)`, no `decode`
+    entropy_coded: bool = False  # parts already entropy-coded: the entropy stage skips them
 
     @classmethod
     def layout(cls, params: dict, shape: tuple[int, int]) -> Layout:
@@ -242,6 +246,37 @@ class FactorsCodec(Codec):
     def rows(cls, params, parts, ids, shape):
         A, Bt = cls.factors(params, parts, shape)
         return Bt.T[ids] @ A
+
+
+@register_codec
+class LoraCodec(FactorsCodec):
+    """`factors` with a scalar `params.scale` multiplying the whole delta. A separate codec name so that a reader
+    that knows only `factors` fails ("unknown codec") instead of serving the delta unscaled."""
+
+    name = "lora"
+
+    @classmethod
+    def layout(cls, params, shape):
+        sc = params.get("scale", 1.0)
+        if type(sc) not in (float, int) or not math.isfinite(sc):
+            raise FormatError(f"codec parameter scale={sc!r} must be a finite number")
+        return super().layout(params, shape)
+
+    @classmethod
+    def factors(cls, params, parts, shape) -> tuple[torch.Tensor, torch.Tensor]:
+        A, Bt = super().factors(params, parts, shape)
+        return A, Bt * float(params.get("scale", 1.0))
+
+
+def lora_as_factors(params: dict, parts: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A `lora` entry rewritten as the equivalent `factors` entry, for packers that read the factor parts directly:
+    the scale folded into the Bt side in fp32 (left fp32: the packer rounds once, to its own dtype)."""
+    s = float(params.get("scale", 1.0))
+    out = dict(parts)
+    for k in ("Bt.float", "Bt.scale", "Bt.zero"):  # code * scale + zero: scaling both scales the dequantized row
+        if k in out:
+            out[k] = out[k].float() * s
+    return {k: v for k, v in params.items() if k != "scale"}, out
 
 
 @register_codec

@@ -12,7 +12,8 @@ import torch
 
 from deltapack.errors import FormatError, InputError
 from deltapack.format.codecs import FLOAT, U8, as_2d, decode_entry, get_codec
-from deltapack.format.manifest import HF_DIR, MANIFEST_NAME, TEMP_DIR_RE, Manifest, TensorEntry, part_key
+from deltapack.format.entropy import decode_part
+from deltapack.format.manifest import DIGEST_VERSION, HF_DIR, MANIFEST_NAME, TEMP_DIR_RE, Manifest, TensorEntry, part_key
 from deltapack.io.safetensors_file import DTYPES, SafetensorsFile
 
 
@@ -26,14 +27,14 @@ def dir_bytes(path: Path) -> int:
 
 
 def _check_tree(p: Path, m: Manifest) -> None:
-    """No symlink anywhere in the delta directory; (v2) hf/ holds only the files the manifest checksums."""
+    """No symlink anywhere in the delta directory; (version 3) hf/ holds only the files the manifest checksums."""
     listed = set(m.hf_files)
     for root, dirs, files in os.walk(p):
         for n in dirs + files:
             if os.path.islink(os.path.join(root, n)):
                 rel = os.path.relpath(os.path.join(root, n), p)
                 raise FormatError(f"{rel[:200]!r} in the delta directory is a symlink: refused (a delta's files must be inside it)")
-        if Path(root) == p / HF_DIR and m.format_version >= 2:
+        if Path(root) == p / HF_DIR and m.format_version >= DIGEST_VERSION:
             extra = sorted(set(files) - listed)
             if extra or dirs:
                 raise FormatError(f"{HF_DIR}/ holds {(extra + dirs)[0][:200]!r}, which the manifest does not list")
@@ -149,10 +150,16 @@ class DeltaDir:
                 if e is None:
                     raise FormatError(f"{te.file} has no tensor {key}")
                 dt = DTYPES.get(e[0], (None,))[0]
+                numel = math.prod(e[1])
+                rec = te.entropy.get(part)
+                if rec is not None:  # zstd-coded: the stored blob is bytes; the record says what it decodes to
+                    if dt != torch.uint8 or numel != sum(rec["frames"]):
+                        raise FormatError(f"{key}: the stored zstd data does not match its entropy record")
+                    dt, numel = getattr(torch, rec["dtype"]), math.prod(rec["shape"])
                 if dt is None or (kind == U8 and dt != torch.uint8) or (kind == FLOAT and not dt.is_floating_point):
-                    raise FormatError(f"{key} is stored as {e[0]}, not as the codec's {kind}")
-                if count is not None and math.prod(e[1]) != count:
-                    raise FormatError(f"{key} holds {math.prod(e[1])} elements, its parameters imply {count}")
+                    raise FormatError(f"{key} is stored as {e[0] if rec is None else rec['dtype']}, not as the codec's {kind}")
+                if count is not None and numel != count:
+                    raise FormatError(f"{key} holds {numel} elements, its parameters imply {count}")
                 nb = e[3] - e[2]
                 total += nb
                 payload += nb if part in payload_parts or part == "new_rows" else 0
@@ -239,15 +246,27 @@ class DeltaDir:
                 key = part_key(name, part)
                 if key not in h.entries:
                     raise FormatError(f"{te.file} has no tensor {key}")
-                out[part] = (h.get(key) if buf is None else _from_buffer(h, key, buf)).to(device)
+                t = h.get(key) if buf is None else _from_buffer(h, key, buf)
+                if part in te.entropy:  # stored zstd-coded (entropy stage): readers see the original tensor
+                    t = decode_part(t, te.entropy[part])
+                out[part] = t.to(device)
         except InputError as e:
             raise FormatError(f"cannot read parts of {name} from {te.file} (truncated or corrupt): {e}") from e
         return out
 
-    def decode(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+    def decode(self, name: str, device: str | torch.device = "cpu", base: torch.Tensor | None = None) -> torch.Tensor:
         """Dense fp32 delta of tensor `name` (shape of the fine-tune; added vocabulary rows included as-is:
-        for those rows the base contributes nothing, see `merge_tensor`)."""
+        for those rows the base contributes nothing, see `merge_tensor`). Codecs that store bits against the base
+        (lossless) need `base` (the base's rows only); their delta is fine-tune − base in fp32 (fp64 for fp32/fp64
+        tensors, where fp32 could round)."""
         te = self.manifest.tensors[name]
+        if get_codec(te.codec).needs_base:
+            ft = self.rebuild(name, base if te.in_base else None).to(device)
+            wide = ft.dtype in (torch.float32, torch.float64)
+            d = ft.double() if wide else ft.float()
+            if base is not None and te.in_base:
+                d[: base.shape[0]] -= base.to(device, d.dtype).reshape(base.shape[0], *d.shape[1:])
+            return d
         parts = self.parts(name, device)
         new_rows = parts.pop("new_rows", None)
         shape = list(te.shape)
@@ -260,6 +279,28 @@ class DeltaDir:
             raise FormatError(f"tensor {name} decodes to non-finite values (NaN or inf): the delta is corrupt")
         return d
 
+    def rebuild(self, name: str, base: torch.Tensor | None) -> torch.Tensor:
+        """The fine-tune tensor bit for bit, for codecs that store bits against the base (lossless). `base`: the
+        base tensor (its rows only under vocabulary growth), None for a tensor the base does not have."""
+        te = self.manifest.tensors[name]
+        codec = get_codec(te.codec)
+        if not codec.needs_base:
+            raise FormatError(f"{name}: codec {te.codec} stores a float delta, not bits against the base")
+        if base is None and te.in_base:
+            raise FormatError(f"{name}: a {te.codec} delta needs the base tensor to rebuild")
+        parts = self.parts(name)
+        new_rows = parts.pop("new_rows", None)
+        shape = list(te.shape)
+        if te.base_rows is not None:
+            shape[0] = te.base_rows
+        try:
+            ft = codec.rebuild(te.params, parts, tuple(shape), base)
+        except FormatError as e:
+            raise FormatError(f"{name}: {e}") from e
+        if new_rows is not None:
+            ft = torch.cat([ft, new_rows.to(ft.dtype).reshape(-1, *shape[1:])], 0)
+        return ft
+
     def merge_tensor(self, name: str, base: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Fine-tune tensor = base + delta, in the fine-tune's dtype (or `dtype`: e.g. float32 keeps the sum unrounded)."""
         te = self.manifest.tensors[name]
@@ -271,6 +312,9 @@ class DeltaDir:
                                   "the delta expects")
         elif te.base_rows is not None:
             raise FormatError(f"{name}: the delta expects {te.base_rows} base rows, the base has none")
+        if get_codec(te.codec).needs_base:  # exact bits: the fine-tune itself, in its dtype
+            ft = self.rebuild(name, base)
+            return ft if ft.dtype == dtype else ft.to(dtype)
         # parts are read fresh on every call, so the decoded delta is ours to add into: no fp32 copy of the base
         # or of the sum (for a 7B embedding each would be 0.5 GB)
         d = self.decode(name)

@@ -3,7 +3,7 @@
 Everything a reader does with a delta follows from the manifest, so it is validated strictly before any file is
 touched: every field typed (strict: "0.2" is not a number), ranges checked, duplicate JSON keys refused, file names
 plain names inside the directory (no "/", "..", absolute paths or hidden files), `aux` names from a fixed list, and
-(format version 2) a `digest` over the whole manifest, which itself lists sha256 checksums of the shards and of the
+(format version 3) a `digest` over the whole manifest, which itself lists sha256 checksums of the shards and of the
 `hf/` files. Codec parameters are checked per codec against the tensor's shape (`codecs.Codec.layout`) when the
 directory is opened, where the stored part sizes are known too (`directory.DeltaDir.open`).
 """
@@ -47,6 +47,7 @@ SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 HASH_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 _CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # a temp directory of AtomicDir (io.writer): an unfinished run, never a delta
+DIGEST_VERSION = 3  # the first format version with `digest` and `hf_files` (older ones load with a warning)
 TEMP_DIR_RE = re.compile(r"^\..+\.(tmp|old)-[^/]*$")
 
 
@@ -109,6 +110,7 @@ class TensorEntry(_Strict):
     base_rows: int | None = Field(None, ge=0)  # vocabulary growth: the codec covers rows [0, base_rows); "new_rows" the rest
     in_base: bool = True  # False: tensor absent from the base (treated as zeros)
     method: str | None = Field(None, max_length=64)  # set when it differs from the manifest's method (e.g. kept dense)
+    entropy: dict[str, dict] = Field(default_factory=dict)  # part -> zstd record (format/entropy.py); omitted if empty
 
     @model_validator(mode="after")
     def _consistent(self) -> "TensorEntry":
@@ -119,7 +121,7 @@ class TensorEntry(_Strict):
             raise ValueError(f"shape {self.shape} is implausibly large")
         if self.dtype not in TENSOR_DTYPES:
             raise ValueError(f"dtype {_short(self.dtype)} is not one of {sorted(TENSOR_DTYPES)}")
-        if self.codec != "dense" and self.dtype not in FLOAT_DTYPES:
+        if self.codec not in ("dense", "lossless") and self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"a {self.dtype} tensor can only be stored dense, not with codec {_short(self.codec)}")
         if self.dense_bytes != 2 * numel:
             raise ValueError(f"dense_bytes {self.dense_bytes} is not 2 bytes x {numel} elements")
@@ -128,6 +130,8 @@ class TensorEntry(_Strict):
         for p in self.parts:
             if not p or not re.match(r"^[A-Za-z0-9_.]{1,32}$", p):
                 raise ValueError(f"part name {_short(p)} is not a plain part name")
+        for part, rec in self.entropy.items():
+            _check_entropy_record(part, rec, self.parts)
         if not self.parts and self.file:  # with parts, the manifest checks `file` is one of its listed files
             raise ValueError("a tensor without parts names no file")
         if self.base_rows is not None:
@@ -139,6 +143,19 @@ class TensorEntry(_Strict):
         elif "new_rows" in self.parts:
             raise ValueError("a new_rows part without base_rows")
         return self
+
+
+def _check_entropy_record(part: str, rec, parts: list[str]) -> None:
+    """An entropy-stage record (format/entropy.py): {coder: "zstd", dtype, shape, planes, frames}, strictly typed."""
+    if part not in parts:
+        raise ValueError(f"entropy record for {_short(part)}, which is not one of the parts")
+    ok = (isinstance(rec, dict) and set(rec) == {"coder", "dtype", "shape", "planes", "frames"} and rec["coder"] == "zstd"
+          and rec["dtype"] in TENSOR_DTYPES and type(rec["planes"]) is bool
+          and isinstance(rec["shape"], list) and len(rec["shape"]) <= 8
+          and all(type(x) is int and x >= 0 for x in rec["shape"]) and math.prod(rec["shape"]) <= MAX_NUMEL
+          and isinstance(rec["frames"], list) and all(type(x) is int and x >= 0 for x in rec["frames"]))
+    if not ok:
+        raise ValueError(f"entropy record of part {_short(part)} is malformed")
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -175,10 +192,10 @@ class Manifest(_Strict):
     removed: list[str] = Field(default_factory=list)  # in the base, absent from the fine-tune
     unchanged: int = Field(0, ge=0)  # tensors equal in base and fine-tune (not stored)
     files: dict[str, FileEntry] = Field(default_factory=dict)
-    hf_files: dict[str, FileEntry] = Field(default_factory=dict)  # v2: checksums of hf/ (what `aux: delta` names)
+    hf_files: dict[str, FileEntry] = Field(default_factory=dict)  # v3: checksums of hf/ (what `aux: delta` names)
     aux: dict[str, Literal["delta", "base"]] = Field(default_factory=dict)  # "config.json": "delta" | "base"
     calibration: dict | None = None
-    digest: str | None = None  # v2: manifest_digest() of everything else
+    digest: str | None = None  # v3: manifest_digest() of everything else
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
@@ -203,7 +220,7 @@ class Manifest(_Strict):
         for n in set(self.aux) | set(self.hf_files):
             if n not in AUX_NAMES:
                 raise ValueError(f"auxiliary file {_short(n)} is not one of {sorted(AUX_NAMES)}")
-        if self.format_version >= 2:
+        if self.format_version >= DIGEST_VERSION:
             if not self.tensors:
                 raise ValueError("a delta stores at least one tensor")
             if not (self.base.fingerprint and self.base.structure):
@@ -218,11 +235,18 @@ class Manifest(_Strict):
         return sum(t.dense_bytes for t in self.tensors.values())
 
     def raw(self) -> dict:
-        """The manifest as JSON data, with its digest (v2) computed over everything else."""
+        """The manifest as JSON data, with its digest (version 3) computed over everything else."""
         d = self.model_dump(exclude_defaults=False, exclude={"digest"})
-        if self.format_version >= 2:
+        for t in d["tensors"].values():
+            if not t["entropy"]:  # written only where used (bytes count against the ratio)
+                del t["entropy"]
+        if self.format_version >= DIGEST_VERSION:
             d["digest"] = manifest_digest(d)
         return d
+
+    def uses_v2(self) -> bool:
+        """Whether a version-1 reader would misread this manifest: entropy-coded parts or the lossless codec."""
+        return any(t.entropy or t.codec == "lossless" for t in self.tensors.values())
 
     def dumps(self) -> str:
         # compact: at 128x on small models every byte of metadata counts against the ratio
@@ -256,7 +280,7 @@ class Manifest(_Strict):
         v = raw.get("format_version")
         if type(v) is not int or v < 1 or v > FORMAT_VERSION:
             raise FormatError(f"{label} has format version {_short(v)}; this deltapack reads 1 to {FORMAT_VERSION}")
-        if v >= 2:
+        if v >= DIGEST_VERSION:
             want = raw.get("digest")
             try:
                 got = manifest_digest(raw)
@@ -265,19 +289,19 @@ class Manifest(_Strict):
             if want != got:
                 raise FormatError(f"{label} does not match its digest: the manifest was edited or is corrupt")
         elif "digest" in raw or "hf_files" in raw:
-            raise FormatError(f"{label} is format version 1 but carries version 2 fields")
+            raise FormatError(f"{label} is format version {v} but carries version {DIGEST_VERSION} fields")
         try:
             m = cls.model_validate(raw)
         except ValidationError as e:
             first = e.errors()[0]
             loc = ".".join(_short(x) if not isinstance(x, int) else str(x) for x in first["loc"])
             raise FormatError(f"{label} is malformed at {loc}: {first['msg']}") from None
-        if v < 2:
+        if v < DIGEST_VERSION:
             unchecked = ["the manifest itself and the hf/ files are not covered by checksums (edits go undetected)"]
             if not (m.base.fingerprint and m.base.structure):
                 unchecked.append("the base fingerprint or structure is missing (a wrong base is not detected)")
-            log.warning("%s is format version 1: %s; re-create the delta with this deltapack to protect it",
-                        label, "; ".join(unchecked))
+            log.warning("%s is format version %d: %s; re-create the delta with this deltapack to protect it",
+                        label, v, "; ".join(unchecked))
         return m
 
 

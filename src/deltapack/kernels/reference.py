@@ -8,6 +8,7 @@ block of rows at a time and dropped; sparse deltas stay in CSR).
 Packing (load time) turns a stored codec entry into a resident layout (see `deltapack.kernels` for the list):
   dense   -> dense values in the compute dtype
   factors -> dequantized A (r x in) and Bt (r x out) in the compute dtype (small: r x (in + out))
+  lora    -> the same, its scale folded into Bt
   sign    -> the stored packed bits as they are, plus fp32 scales
   sparse  -> CSR (crow int32, col int16/int32, values in the compute dtype) from the seeded positions
   deltadq -> the same CSR layout from its two seeded row blocks
@@ -24,7 +25,7 @@ from typing import Callable
 import torch
 
 from deltapack.errors import FormatError
-from deltapack.format.codecs import FactorsCodec, SparseCodec, decode_entry, get_codec
+from deltapack.format.codecs import FactorsCodec, LoraCodec, SparseCodec, decode_entry, get_codec
 from deltapack.kernels import DeltaKernels, LayerDeltas, PackedDelta, TokenSlots, register_backend, rows_with_growth, sign_parts
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,13 @@ def _pack_factors(params, parts, shape, dtype) -> PackedDelta:
     if A.shape[1] != shape[1] or Bt.shape[1] != shape[0]:
         raise FormatError(f"factor shapes {list(A.shape)} / {list(Bt.shape)} do not fit a {list(shape)} delta")
     return PackedDelta("factors", shape, {"A": A.to(dtype).contiguous(), "Bt": Bt.to(dtype).contiguous()}, {"rank": A.shape[0]})
+
+
+@packer("lora")
+def _pack_lora(params, parts, shape, dtype) -> PackedDelta:
+    """lora: the same resident layout as factors, the scale folded into Bt (in fp32, before the cast)."""
+    A, Bt = LoraCodec.factors(params, parts, shape)
+    return _pack_factors({"groups": [{"rank": A.shape[0], "bits": 16}]}, {"A.float": A, "Bt.float": Bt}, shape, dtype)
 
 
 @packer("sign")

@@ -6,7 +6,7 @@ import logging
 from deltapack.methods.base import METHODS, DeltaMethod, Encoded, TensorJob, TensorStat, get_method, method_table, register_method
 
 # core methods
-from deltapack.methods import bitdelta, dare, lowrank, raw  # noqa: F401,E402
+from deltapack.methods import bitdelta, dare, lossless, lowrank, raw  # noqa: F401,E402
 
 # paper methods live in their own files; a missing optional file must not break the core
 for _mod in ("delta_come", "deltadq", "auto"):

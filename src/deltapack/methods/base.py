@@ -75,7 +75,8 @@ class DeltaMethod(BaseModel):
     summary: ClassVar[str] = ""
     needs_calibration: ClassVar[bool] = False  # cannot run without calibration data
     uses_calibration: ClassVar[bool] = False  # improves with calibration data (collected only when true)
-    lossless: ClassVar[bool] = False  # ignores --ratio (raw)
+    lossless: ClassVar[bool] = False  # ignores --ratio (lossless, raw)
+    entropy_stage: ClassVar[bool] = True  # stored parts zstd-coded where that saves >= 5% (compress/assemble.py)
     parts_per_tensor: ClassVar[int] = 3  # for the metadata estimate
 
     # ---- planning ------------------------------------------------------------------------------------------------
@@ -165,7 +166,8 @@ def method_table() -> list[dict]:
 
     rows = []
     for name, cls in sorted(METHODS.items()):
-        knobs = {k: (f.default if f.default is not None else None) for k, f in cls.model_fields.items()}
+        # a knob with a default_factory has no plain default: build it, so the listing shows the real value
+        knobs = {k: f.get_default(call_default_factory=True) for k, f in cls.model_fields.items()}
         rows.append(
             {
                 "name": name,

@@ -10,9 +10,11 @@ def register(main: click.Group) -> None:
     @click.argument("base")
     @click.argument("finetunes", nargs=-1, required=True)
     @click.option("-o", "--out", required=True, type=click.Path(), help="directory: one delta directory per fine-tune")
-    @click.option("-m", "--method", default="lowrank", show_default=True, help="see `deltapack methods`")
+    @click.option("-m", "--method", default="auto", show_default=True, help="see `deltapack methods`")
     @click.option("-r", "--ratio", type=float, default=None, help="target TRUE ratio (default 16; raw: lossless)")
     @click.option("-p", "--param", "params", multiple=True, help="method knob key=value (repeatable)")
+    @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+                  help="JSON/YAML config file (method, ratio, calib, params); flags override it")
     @click.option("--calib", type=click.Path(), default=None, help="calibration text (.txt) or .jsonl")
     @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
     @click.option("--max-shard-size", default="1GB", show_default=True, help="largest delta shard")
@@ -20,7 +22,7 @@ def register(main: click.Group) -> None:
                   "'local' starts a local one. Without it: a local process pool")
     @click.option("--workers", type=int, default=None, help="tasks in flight (default: from CPUs/GPUs)")
     @click.option("--threads", type=int, default=None,
-                  help="torch threads per task (default: DELTAPACK_THREADS or torch's default; outputs equal "
+                  help="torch threads per task (default: DELTAPACK_THREADS or 1; outputs equal "
                        "`deltapack compress` run with the same thread count)")
     @click.option("--gpus-per-task", type=float, default=None, help="Ray: GPUs per task (default 1 when on GPU)")
     @click.option("--fts-per-task", type=int, default=None,
@@ -30,7 +32,7 @@ def register(main: click.Group) -> None:
     @click.option("--overwrite", is_flag=True, help="redo fine-tunes whose delta directory already exists")
     @click.option("--trust-remote-code", is_flag=True, help="allow a model's custom code (never needed to read tensors)")
     @click.option("--quiet", is_flag=True, help="no progress bars")
-    def compress_many_cmd(base, finetunes, out, method, ratio, params, calib, device, max_shard_size, ray_address,
+    def compress_many_cmd(base, finetunes, out, method, ratio, params, config_file, calib, device, max_shard_size, ray_address,
                           workers, threads, gpus_per_task, fts_per_task, retries, restart, overwrite, trust_remote_code,
                           quiet):
         """Compress several fine-tunes of BASE, in parallel, into OUT/<name>/ (re-run to resume an interrupted run).
@@ -40,13 +42,19 @@ def register(main: click.Group) -> None:
         """
         from deltapack.api import inspect as insp
         from deltapack.cli import _parse_params, _size
+        from deltapack.config import load_compress_config, resolve
         from deltapack.scale.many import compress_many
+
+        cfg = load_compress_config(config_file) if config_file else None
+        mparams = {**(cfg.params if cfg else {}), **_parse_params(params)}
+        v = resolve(click.get_current_context(), cfg, {"method": method, "ratio": ratio, "calib": calib})
+        method, ratio, calib = v["method"], v["ratio"], v["calib"]
 
         ray = None
         if ray_address:
             ray = True if ray_address == "local" else ray_address
         summary = compress_many(
-            base, list(finetunes), out, method=method, ratio=ratio, params=_parse_params(params), calib=calib,
+            base, list(finetunes), out, method=method, ratio=ratio, params=mparams, calib=calib,
             device=device, max_shard_bytes=_size(max_shard_size), trust_remote_code=trust_remote_code, ray=ray,
             workers=workers, threads=threads, gpus_per_task=gpus_per_task, fts_per_task=fts_per_task, retries=retries,
             overwrite=overwrite, restart=restart, progress=not quiet,

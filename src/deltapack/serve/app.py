@@ -71,9 +71,15 @@ class ServerState:
     delta_root: Path | None = None
     verify_base: bool = True
     created: int = field(default_factory=lambda: int(time.time()))
+    # warm-up progress (/health): state idle | running | done | failed, and when it started / ended
+    warmup: dict = field(default_factory=lambda: {"state": "idle"})
 
     def close(self) -> None:
         self.engine.stop()
+        comp = getattr(self.runner.state.kernels, "compiler", None)
+        if comp is not None:
+            comp.close()
+        self.tiers.close()
 
 
 def build_server(
@@ -93,18 +99,27 @@ def build_server(
     verify_base: bool = True,
     decode: str = "auto",
     prefill_delay_s: float | None = None,
+    compiler=None,
 ) -> ServerState:
-    """Load the base, register the deltas, start the engine thread."""
+    """Load the base, register the deltas, start the engine thread. `compiler` (a deltapack.kernels.compile.
+    KernelCompiler): Triton kernel variants compile on it in the background while their launches run on the torch
+    path (the CLI attaches one on CUDA); None: each variant compiles on its first launch."""
     from deltapack.serve.model import ModelRunner
 
     root = Path(delta_root).resolve() if delta_root else None
     if root is not None and not root.is_dir():
         raise DeltapackError(f"--delta-root {delta_root} is not a directory")
     runner = ModelRunner(base, device=device, dtype=dtype, kernels=kernels, max_model_len=max_model_len)
+    if compiler is not None and hasattr(runner.state.kernels, "compiler"):
+        runner.state.kernels.compiler = compiler
     name = served_model_name or str(base)
     tiers = DeltaTiers(runner, device_bytes=gpu_delta_bytes, host_bytes=cpu_delta_bytes, base_name=name)
-    for dname, dpath in deltas:
-        tiers.register(dname, dpath, verify_base=verify_base)
+    try:
+        for dname, dpath in deltas:
+            tiers.register(dname, dpath, verify_base=verify_base)
+    except BaseException:
+        tiers.close()
+        raise
     metrics = ServeMetrics()
     engine = Engine(runner, tiers, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, metrics=metrics,
                     decode=decode, prefill_delay_s=prefill_delay_s)
@@ -113,13 +128,45 @@ def build_server(
     return ServerState(runner, tiers, engine, metrics, name, root, verify_base)
 
 
-def warmup(state: ServerState, *, prompt_tokens: int = 24, max_tokens: int = 3, timeout_s: float = 1800.0) -> dict:
+def warmup(state: ServerState, *, prompt_tokens: int = 24, max_tokens: int = 3, timeout_s: float = 1800.0,
+           calibrate: bool = False) -> dict:
     """Send one short greedy request for the base and for every registered delta at once, and wait for them: the
     kernels the first real requests would need (prefill blocks, mixed-tenant decode steps, every bit width the
-    deltas use) are compiled and the deltas loaded before the server answers /health. Triton compiles each kernel
-    variant on first use (minutes for a full set, cached on disk afterwards); without this, the first users pay it.
-    Returns {model: finish reason or error}. Warm-up requests are counted in /metrics like any other."""
+    deltas use) are compiled and the deltas loaded. Then stand-in prefills and the decode graphs (engine.warm_up).
+    With a background compiler on the kernels (build_server's `compiler`), every launch meanwhile runs on the torch
+    path until its variant is ready, the graphs' steps are run once eagerly to queue their variants, and the graphs
+    are captured once all are compiled. calibrate: then measure the kernel and the dense path per layout and shape
+    (deltapack.kernels.schedule) and let the cost model choose between them from then on.
+    Returns {model: finish reason or error}. Warm-up requests are counted in /metrics like any other. Progress is
+    kept in state.warmup (/health shows it)."""
+    st = state.warmup
+    st.update(state="running", started=time.time(), finished=None, error=None)
+    try:
+        outcome = _warm(state, prompt_tokens, max_tokens, timeout_s, calibrate)
+    except Exception as e:
+        st.update(state="failed", finished=time.time(), error=f"{e.__class__.__name__}: {e}")
+        raise
+    st.update(state="done", finished=time.time())
+    return outcome
 
+
+def start_warmup(state: ServerState, **kw) -> threading.Thread:
+    """`warmup` in a daemon thread: the server answers (on the torch path where kernels still compile) meanwhile.
+    A failure is logged and shown by /health; the server keeps serving."""
+
+    def run():
+        try:
+            warmup(state, **kw)
+        except Exception:
+            log.exception("background warm-up failed")
+
+    state.warmup.update(state="running", started=time.time())
+    t = threading.Thread(target=run, name="deltapack-warmup", daemon=True)
+    t.start()
+    return t
+
+
+def _warm(state: ServerState, prompt_tokens: int, max_tokens: int, timeout_s: float, calibrate: bool) -> dict:
     from deltapack.serve.engine import ErrorEvent, FinishEvent, GenRequest
     from deltapack.serve.sampling import SamplingParams
 
@@ -148,10 +195,39 @@ def warmup(state: ServerState, *, prompt_tokens: int = 24, max_tokens: int = 3, 
         raise DeltapackError(f"warm-up failed: {bad}")
     # graph decoding: capture every token bucket's decode step now, with the tenants that are on the device
     slots = [t.slot for t in state.tiers.tenants.values() if not t.removed and t.slot is not None and t.tier == "device"]
-    graphs = state.engine.warm_up(slots)
+    kernels = state.runner.state.kernels
+    comp = getattr(kernels, "compiler", None)
+    if comp is not None:
+        state.engine.warm_up(slots, capture=False)  # queue the prefill and graph variants
+        if not comp.wait(timeout_s):
+            raise DeltapackError(f"kernel compilation did not finish in {timeout_s:.0f} s ({comp.status()})")
+        graphs = state.engine.warm_up(slots, prefills=False)
+    else:
+        graphs = state.engine.warm_up(slots)
     if graphs:
         log.info("warm-up captured %d decode graphs", graphs)
+    if calibrate:
+        _calibrate(state)
     return outcome
+
+
+def _calibrate(state: ServerState) -> None:
+    """Fit the kernel-vs-dense cost model on the resident deltas (deltapack.kernels.schedule)."""
+    from contextlib import nullcontext
+
+    from deltapack.kernels.schedule import calibrate
+
+    rs = state.runner.state
+    comp = getattr(rs.kernels, "compiler", None)
+    t0 = time.perf_counter()
+    with state.tiers.lock, (comp.blocking() if comp is not None else nullcontext()):
+        layers = {k: lay for k, lay in rs.layers.items() if lay.count}
+        costs = calibrate(rs.kernels, layers, dtype=state.runner.dtype, device=state.runner.device,
+                          max_tokens=min(1024, state.engine.max_prefill_tokens))
+        rs.costs = costs
+    state.warmup["cost_model"] = costs.summary()
+    log.info("cost model calibrated in %.1f s: %s", time.perf_counter() - t0,
+             {k: v["dense_from_tokens"] for k, v in costs.summary().items()})
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -558,7 +634,12 @@ def create_app(state: ServerState, options: HTTPOptions | None = None):
     async def health():
         if not state.engine.alive:
             return err(503, "engine is not running", "server_error")
-        return {"status": "ok"}
+        # ready as soon as the engine runs: while kernels compile, launches take the torch path
+        body = {"status": "ok", "warmup": {k: v for k, v in state.warmup.items() if k != "cost_model"}}
+        comp = getattr(state.runner.state.kernels, "compiler", None)
+        if comp is not None:
+            body["kernels"] = comp.status()
+        return body
 
     @app.get("/metrics")
     async def metrics():
@@ -673,7 +754,7 @@ def create_app(state: ServerState, options: HTTPOptions | None = None):
     async def delete_delta(name: str):
         return await run_in_threadpool(unload_delta, name)
 
-    # vLLM's adapter endpoints, for clients written against them
+    # vLLM's adapter endpoints, for clients written against them: lora_path is a peft adapter or a delta directory
     @app.post("/v1/load_lora_adapter")
     async def load_lora(request: Request):
         body = await body_of(request)

@@ -34,7 +34,7 @@ def _delta_pairs(items: tuple[str, ...]) -> list[tuple[str, str]]:
 def register(main: click.Group) -> None:
     @main.command("serve")
     @click.argument("base")
-    @click.option("--delta", "deltas", multiple=True, metavar="NAME=PATH", help="a delta to serve as model NAME (repeatable)")
+    @click.option("--delta", "deltas", multiple=True, metavar="NAME=PATH", help="a delta directory, or a peft LoRA adapter directory, to serve as model NAME (repeatable)")
     @click.option("--delta-root", type=click.Path(file_okay=False), default=None, help="directory runtime loads (POST /v1/deltas) must stay inside; without it runtime loading is off")
     @click.option("--host", default="127.0.0.1", show_default=True)
     @click.option("--port", default=8000, show_default=True, type=int)
@@ -48,9 +48,17 @@ def register(main: click.Group) -> None:
     @click.option("--max-prefill-tokens", default=4096, show_default=True, type=int, help="padded tokens per prefill forward")
     @click.option("--served-model-name", default=None, help="name of the base model in the API (default: BASE as given)")
     @click.option("--no-verify-base", is_flag=True, help="skip the full-content check that deltas were made against this base")
-    @click.option("--warmup", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                  help="before listening, run one short request per model so kernels compile and deltas load "
-                       "(auto: on with the Triton kernels, whose first compile takes minutes)")
+    @click.option("--warmup", type=click.Choice(["auto", "background", "on", "off"]), default="auto", show_default=True,
+                  help="one short request per model, stand-in prefills and the decode graphs, so that kernels compile "
+                       "and deltas load: background (listen at once; launches whose Triton kernel is still compiling "
+                       "run on the pure-torch path, each switching when its kernel is ready), on (the same, finished "
+                       "before listening), off; auto: background with the Triton kernels on a GPU, else off")
+    @click.option("--compile-workers", type=int, default=None,
+                  help="Triton kernel variants compiled at once [default: min(8, CPU cores)]")
+    @click.option("--dense-path", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                  help="after warm-up, time the delta kernels against dequantize-once + dense GEMM per layout and "
+                       "shape, and give a tenant with many tokens in a forward (prefill, eager steps) the faster "
+                       "(auto: on a GPU)")
     @click.option("--decode", "decode", type=click.Choice(["auto", "graph", "static", "dynamic"]), default="auto",
                   show_default=True,
                   help="decode steps: graph (rows in a static KV cache, each step a CUDA-graph replay), static (the "
@@ -69,19 +77,24 @@ def register(main: click.Group) -> None:
     @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
                   help="server log level (info: one access-log line per request)")
     @click.option("--quiet", is_flag=True, help="log warnings and errors only (no access log); same as --log-level warning")
-    def serve(base, deltas, delta_root, host, port, max_batch, gpu_delta_bytes, cpu_delta_bytes, device, dtype, kernels, max_model_len, max_prefill_tokens, served_model_name, no_verify_base, warmup, decode, prefill_delay_ms, api_key, allowed_hosts, max_body_bytes, log_level, quiet):
+    def serve(base, deltas, delta_root, host, port, max_batch, gpu_delta_bytes, cpu_delta_bytes, device, dtype, kernels, max_model_len, max_prefill_tokens, served_model_name, no_verify_base, warmup, compile_workers, dense_path, decode, prefill_delay_ms, api_key, allowed_hosts, max_body_bytes, log_level, quiet):
         """Serve BASE and compressed fine-tunes of it over an OpenAI-compatible HTTP API.
 
         Every request names a model: the base (BASE, or --served-model-name) or a delta NAME. Requests for different
-        deltas share one batch; each delta is applied from its compressed form, never merged.
+        deltas share one batch; each delta is applied from its compressed form, never merged. A peft LoRA adapter
+        directory is served as a delta too (stored exactly: its factors and scaling), in the same batches.
         """
         import logging
+        import os
         import time
 
         from deltapack.cli import _size
-        from deltapack.serve.app import build_server, serve_forever
+        from deltapack.kernels.compile import KernelCompiler
+        from deltapack.serve.app import build_server, serve_forever, start_warmup
         from deltapack.serve.app import warmup as run_warmup
         from deltapack.serve.guard import HTTPOptions, is_loopback
+
+        t_start = time.perf_counter()
 
         level = "warning" if quiet else log_level
         configure_logging(level)
@@ -108,12 +121,31 @@ def register(main: click.Group) -> None:
             verify_base=not no_verify_base,
             decode=decode,
             prefill_delay_s=None if prefill_delay_ms is None else prefill_delay_ms / 1000,
+            compiler=None if warmup == "off" else KernelCompiler(
+                compile_workers or min(8, os.cpu_count() or 1), progress=lambda m: click.echo(m, err=True)),
         )
-        if warmup == "on" or (warmup == "auto" and state.runner.state.kernels.name == "triton"):
+        runner = state.runner
+        triton_gpu = runner.state.kernels.name == "triton" and runner.device.type == "cuda"
+        comp = getattr(runner.state.kernels, "compiler", None)
+        if comp is not None:
+            comp.start_reporter()
+        if warmup == "auto":
+            warmup = "background" if triton_gpu else "off"
+        calibrate = dense_path == "on" or (dense_path == "auto" and runner.device.type == "cuda")
+        n_models = 1 + len(state.tiers.tenants)
+        if warmup == "on":
             t0 = time.perf_counter()
-            click.echo(f"warming up {1 + len(state.tiers.tenants)} models (kernel compilation, delta loads)...", err=True)
-            run_warmup(state)
+            how = f"kernel compilation in {comp.workers} threads, " if comp is not None else ""
+            click.echo(f"warming up {n_models} models ({how}delta loads)...", err=True)
+            run_warmup(state, calibrate=calibrate)
             click.echo(f"warm-up done in {time.perf_counter() - t0:.1f} s", err=True)
+        elif warmup == "background":
+            how = f"kernels compile in {comp.workers} threads; " if comp is not None else ""
+            click.echo(f"warming up {n_models} models in the background ({how}requests are served meanwhile)", err=True)
+            start_warmup(state, calibrate=calibrate)
+        elif calibrate:
+            start_warmup(state, calibrate=True, max_tokens=1)
+        click.echo(f"ready in {time.perf_counter() - t_start:.1f} s", err=True)
         click.echo(
             f"serving {state.base_name} + {len(state.tiers.tenants)} deltas on http://{host}:{port} "
             f"({state.runner.device}, {str(state.runner.dtype).replace('torch.', '')}, kernels={state.runner.state.kernels.name}, "

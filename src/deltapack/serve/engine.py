@@ -534,28 +534,36 @@ class Engine:
                 [rows[b] for b in cont],
             )
 
-    def warm_up(self, slots: list[int]) -> int:
-        """Before serving (engine thread idle or not started), with tenant `slots` resident: run stand-in prefills
-        of 1 to prefill_batch prompts of a few lengths (Triton compiles a kernel variant per launch shape class on
-        first use, seconds each, which would otherwise stall the first real prefills), then capture the decode
-        graphs (graph mode; GraphBatch.warmup). Returns the number of graphs captured."""
+    def warm_up(self, slots: list[int], *, prefills: bool = True, capture: bool = True) -> int:
+        """Before serving or while serving, with tenant `slots` resident: run stand-in prefills of 1 to
+        prefill_batch prompts of a few lengths (Triton compiles a kernel variant per launch shape class on first
+        use, seconds each, which would otherwise stall the first real prefills), then capture the decode graphs
+        (graph mode; GraphBatch.warmup; capture=False: one eager step per graph instead, which queues its variants
+        for background compilation). Each forward takes the tiers lock on its own, so requests interleave. Returns
+        the number of graphs captured."""
         from transformers.cache_utils import DynamicCache
 
         runner = self.runner
-        with self.tiers.lock:
-            if slots:
-                n = 1
-                while n <= self.prefill_batch:
-                    for length in (32, 128, 512):
-                        if n * length > self.max_prefill_tokens or length >= runner.max_model_len:
-                            continue
-                        ids = torch.full((n, length), 3, dtype=torch.long, device=runner.device)
-                        mask = torch.ones(n, length, dtype=torch.long, device=runner.device)
-                        pos = torch.arange(length, device=runner.device).expand(n, length)
+        if slots and prefills:
+            n = 1
+            while n <= self.prefill_batch:
+                for length in (32, 128, 512):
+                    if n * length > self.max_prefill_tokens or length >= runner.max_model_len:
+                        continue
+                    ids = torch.full((n, length), 3, dtype=torch.long, device=runner.device)
+                    mask = torch.ones(n, length, dtype=torch.long, device=runner.device)
+                    pos = torch.arange(length, device=runner.device).expand(n, length)
+                    with self.tiers.lock:
                         runner.forward(ids, mask, pos, DynamicCache(), [slots[i % len(slots)] for i in range(n)], 1)
-                    n *= 2
-            warm = getattr(self.batch, "warmup", None)
-            return warm(slots) if warm is not None else 0
+                n *= 2
+        warm = getattr(self.batch, "warmup", None)
+        if warm is None:
+            return 0
+        with self.tiers.lock:
+            with self._cv:
+                if self.batch.rows:  # requests are decoding: their steps capture the graphs when needed
+                    return 0
+            return warm(slots, capture=capture)
 
     def _new_batch(self):
         if self.decode_mode == "dynamic":

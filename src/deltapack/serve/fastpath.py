@@ -21,13 +21,13 @@ step runs eagerly.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from deltapack.errors import InputError
 from deltapack.kernels import TokenSlots
-from deltapack.serve.model import BatchContext, DeltaState
+from deltapack.serve.model import BatchContext, DeltaState, cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,7 @@ class StaticDecoder:
         from transformers import StaticCache
 
         self.model = model
+        self.cache_kw = cache_kwarg(model)
         self.state = state
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -156,7 +157,7 @@ class StaticDecoder:
         mask = (keys <= q[None, :, None]) & (keys >= pad[:, None, None])  # (B, P, max_len): causal, past the padding
         pos = (q[None, :] - pad[:, None]).clamp(min=0)
         with self._batch(self._context(static=False)):
-            out = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, past_key_values=self.cache,
+            out = self.model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, **{self.cache_kw: self.cache},
                              use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1, :].argmax(-1)
         self.ids.copy_(nxt[:, None])
@@ -171,7 +172,7 @@ class StaticDecoder:
         self.pos.copy_((L - self.pad)[:, None])
         with self._batch(self._context()):
             out = self.model(input_ids=self.ids, attention_mask=self.mask, position_ids=self.pos,
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                             **{self.cache_kw: self.cache}, use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1, :].argmax(-1)
         self.ids.copy_(nxt[:, None])
         col = torch.clamp(L + 1, max=self.max_len - 1).view(1)
@@ -408,6 +409,17 @@ class GraphBatch:
                 for key, lay in st.layers.items() if lay.count))
         return self._can_graph
 
+    def _compiled(self) -> bool:
+        """No kernel variant is still compiling in the background (deltapack.kernels.compile): until then steps run
+        eagerly, each launch on Triton or, while its variant compiles, on the torch path (which needs the host's
+        view of the batch, so it cannot be captured)."""
+        return getattr(self.runner.state.kernels, "capturable_now", True)
+
+    def _blocking(self):
+        """Context in which missing kernel variants compile before launching (graph capture)."""
+        comp = getattr(self.runner.state.kernels, "compiler", None)
+        return comp.blocking() if comp is not None else nullcontext()
+
     def _forward(self, ctx: BatchContext, view: int) -> torch.Tensor:
         """The step's forward over the static buffers (captured in graphs as is): last-position logits (B, W)."""
         # this step's column (the cache advances it in place; before the first write it still lives on the CPU)
@@ -417,7 +429,7 @@ class GraphBatch:
         self.runner.state.ctx = ctx
         try:
             out = self.runner.model(inputs_embeds=self.embeds, attention_mask=self.valid[:, None, None, :view],
-                                    position_ids=self.pos, past_key_values=self.cache, use_cache=True,
+                                    position_ids=self.pos, **{self.runner.cache_kw: self.cache}, use_cache=True,
                                     logits_to_keep=1)
         finally:
             self.runner.state.ctx = None
@@ -441,7 +453,7 @@ class GraphBatch:
         saved_valid = self.valid[:, self.col].clone()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up (compiles this bucket's kernels, builds plans); undone below
+        with self._blocking(), torch.cuda.stream(side):  # warm-up (compiles this bucket's kernels); undone below
             for _ in range(2):
                 self._forward(context(), view)
                 self._set_col(self.col)
@@ -450,17 +462,30 @@ class GraphBatch:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with self._blocking(), torch.cuda.graph(graph, pool=self._pool):
             logits = self._forward(context(), view)
         self._graphs[key] = (graph, logits)
         self.captures += 1
         return graph, logits
 
     @torch.inference_mode()
-    def warmup(self, slots: list[int]) -> int:
+    def _dry_step(self, bucket: int, view: int) -> None:
+        """One eager step exactly as bucket's graph would run it (no host groups, the bucket's block size), undone
+        afterwards: the launches ask for their kernel variants, which compile in the background meanwhile."""
+        saved_valid = self.valid[:, self.col].clone()
+        ctx = StaticBatch(self.row_slots, self.slot_ids, None, bucket)
+        ctx.any = bucket > 0
+        self._forward(ctx, view)
+        self._set_col(self.col)
+        self.valid[:, self.col] = saved_valid
+
+    @torch.inference_mode()
+    def warmup(self, slots: list[int], capture: bool = True) -> int:
         """Capture the graph of every token bucket (first view length) before serving, with a stand-in batch of
         tenant `slots`: Triton compiles each bucket's kernels on first use, minutes on a cold cache, which would
-        otherwise land on the first requests. Returns the number of graphs captured. Only on an empty batch."""
+        otherwise land on the first requests. capture=False: run each bucket's step once eagerly instead, so that
+        its kernel variants are queued for background compilation (the graphs come later, once they are ready).
+        Returns the number of graphs captured. Only on an empty batch."""
         if self.rows or not self._graphable():
             return 0
         before = self.captures
@@ -473,7 +498,10 @@ class GraphBatch:
                     rows[i] = s
             self.row_slots = rows
             self.slot_ids.copy_(torch.tensor(rows, dtype=torch.long))
-            self._graph(bucket, min(self.L, VIEW_STEP))
+            if capture:
+                self._graph(bucket, min(self.L, VIEW_STEP))
+            else:
+                self._dry_step(bucket, min(self.L, VIEW_STEP))
         self.clear()
         return self.captures - before
 
@@ -502,7 +530,7 @@ class GraphBatch:
         self.pos.copy_(torch.tensor(pos, dtype=torch.long).view(self.B, 1))
         self.slot_ids.copy_(torch.tensor(self.row_slots, dtype=torch.long))
         view = min(self.L, -(-(self.col + 1) // VIEW_STEP) * VIEW_STEP)
-        if self._graphable():
+        if self._graphable() and self._compiled():
             most = most_rows_per_tenant(self.row_slots)
             graph, logits = self._graph(_token_bucket(most) if most else 0, view)
             graph.replay()

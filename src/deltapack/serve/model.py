@@ -29,6 +29,7 @@ from torch import nn
 
 from deltapack.errors import InputError
 from deltapack.kernels import DeltaKernels, LayerDeltas, TokenSlots, get_kernels
+from deltapack.kernels.schedule import CostModel, Scratch, scheduled_linear
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class DeltaState:
     kernels: DeltaKernels
     layers: dict[str, LayerDeltas] = field(default_factory=dict)
     ctx: BatchContext | None = None
+    # measured kernel-vs-dense costs (deltapack.kernels.schedule, calibrated at warm-up): None = the kernels always
+    costs: CostModel | None = None
+    scratch: Scratch = field(default_factory=Scratch)
 
     def layer(self, key: str) -> LayerDeltas | None:
         lay = self.layers.get(key)
@@ -122,7 +126,7 @@ class DeltaLinear(_Wrapped):
                 for s, idx in tokens.groups():
                     if s in wl.replace_slots:
                         y2[idx] -= nn.functional.linear(x2[idx], self.base.weight)
-            d = st.kernels.linear(x2, tokens, wl)
+            d = scheduled_linear(st.kernels, st.costs, st.scratch, x2, tokens, wl)
             if d is not None:
                 y2 = y2 + d.to(y2.dtype)
         if bl is not None:
@@ -300,7 +304,12 @@ class ModelRunner:
         self.head_key = next(n for n, m in self.model.named_modules() if m is head) + ".weight"
         self.vocab_size = emb.weight.shape[0]
         self.state = DeltaState(get_kernels(kernels, self.device))
+        if self.state.kernels.name == "triton" and self.device.type == "cuda":
+            from deltapack.kernels.compile import setup_cache_dir
+
+            setup_cache_dir(self.device)  # before the first compilation: restarts find their kernels
         self.sites = wrap_model(self.model, self.state)
+        self.cache_kw = cache_kwarg(self.model)
         limit = getattr(cfg, "max_position_embeddings", None) or 2048
         self.max_model_len = min(limit, max_model_len) if max_model_len else limit
         self.tokenizer = load_tokenizer(self.path)
@@ -327,13 +336,22 @@ class ModelRunner:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
+                **{self.cache_kw: cache},
             )
         finally:
             self.state.ctx = None
-        return out.logits, out.past_key_values
+        return out.logits, getattr(out, self.cache_kw)
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """Name of the KV-cache argument of the model's forward (and of its output field): transformers 5 renamed
+    `past_key_values` to `cache` (the old name is accepted until 5.40, then removed); earlier versions know only
+    `past_key_values`. Asking the signature keeps the serving path working on both sides of the rename."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def load_tokenizer(path: Path):

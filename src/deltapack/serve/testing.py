@@ -125,6 +125,19 @@ def running_server(base, deltas=(), http=None, **kw):
         state.close()
 
 
+def stop_process(proc, timeout: float = 30.0) -> None:
+    """Stop a `deltapack serve` subprocess as Ctrl-C would (SIGINT), killing it if it does not exit in time."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def sse_events(lines) -> list:
     """Parse `data: ...` lines of an SSE stream: JSON objects, and the final "[DONE]" marker as a string."""
     out = []

@@ -4,7 +4,8 @@ Tiers, fastest first:
   device  packed deltas on the compute device, installed in a slot the kernels index; byte budget --gpu-delta-bytes
           (on a CPU-only server the device is the CPU: same tier logic and accounting, the move is free)
   host    packed deltas in CPU memory, LRU, byte budget --cpu-delta-bytes (skips unpacking on the next promotion)
-  disk    the delta directory itself; every registered tenant is always there
+  disk    the delta directory itself; every registered tenant is always there (a peft LoRA adapter directory is
+          first stored exactly as a delta, codec `lora`, in the server's scratch directory: `import_lora`)
 
 A request needs its tenant on the device tier. `acquire` promotes it (disk -> pack -> device, or host -> device),
 evicting least-recently-used device tenants that no running request pins (they drop to the host tier, or to disk
@@ -21,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ import torch
 
 from deltapack.errors import DeltapackError, FormatError, InputError, MismatchError
 from deltapack.format.directory import DeltaDir
+from deltapack.import_lora import is_peft_adapter
 from deltapack.io.sources import TOKENIZER_FILES
 from deltapack.kernels import PackedDelta
 from deltapack.serve.locks import FairRLock
@@ -74,6 +78,7 @@ class Tenant:
     slot: int | None = None
     pins: int = 0
     removed: bool = False
+    imported: Path | None = None  # a peft adapter's delta, written by this server into its scratch space
 
 
 def _check_finite(name: str, tname: str, p: PackedDelta) -> None:
@@ -103,6 +108,7 @@ class DeltaTiers:
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._base_fingerprint: str | None = None
+        self._scratch: Path | None = None  # where imported peft adapters are stored as deltas while registered
 
     # ---- registration -------------------------------------------------------------------------------------------
     def prepare(self, name: str, path: str | Path, *, verify_base: bool = True) -> Tenant:
@@ -111,6 +117,40 @@ class DeltaTiers:
             raise InputError(f"bad delta name {name!r}: 1-128 characters of letters, digits and ._:@/+-")
         if name == self.base_name:
             raise ConflictError(f"{name!r} is the base model's name")
+        imported = None
+        if is_peft_adapter(path):  # a peft LoRA adapter: stored exactly as a delta in this server's scratch space
+            imported = self._import_lora(path)
+        try:
+            t = self._prepare(name, imported or path, verify_base=verify_base)
+        except BaseException:
+            if imported is not None:
+                shutil.rmtree(imported.parent, ignore_errors=True)
+            raise
+        if imported is not None:
+            t.path, t.imported = Path(path).resolve(), imported
+        return t
+
+    def _import_lora(self, path: str | Path) -> Path:
+        from deltapack.import_lora import import_lora
+
+        if self._scratch is None:
+            self._scratch = Path(tempfile.mkdtemp(prefix="deltapack-lora-"))
+        out = Path(tempfile.mkdtemp(dir=self._scratch)) / "delta"
+        # the served base is the base by construction; its fingerprint is not needed (peft adapters carry none)
+        try:
+            import_lora(path, self.runner.path, out, base_source=self.runner.source, fingerprint=False)
+        except BaseException:
+            shutil.rmtree(out.parent, ignore_errors=True)
+            raise
+        return out
+
+    def close(self) -> None:
+        """Remove the scratch copies of imported LoRA adapters."""
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    def _prepare(self, name: str, path: str | Path, *, verify_base: bool) -> Tenant:
         d = DeltaDir.open(path)
         d.check()  # shards and hf/ files; the shards are checked again as they are read for packing (below)
         man = d.manifest
@@ -230,7 +270,12 @@ class DeltaTiers:
             if name in self.tenants:
                 raise ConflictError(f"a delta named {name!r} is already loaded")
         t = self.prepare(name, path, verify_base=verify_base)
-        self.add(t)
+        try:
+            self.add(t)
+        except ConflictError:
+            if t.imported is not None:
+                shutil.rmtree(t.imported.parent, ignore_errors=True)
+            raise
         log.info("loaded delta %s from %s (%d bytes packed)", name, t.path, t.nbytes)
         return t
 
@@ -384,6 +429,8 @@ class DeltaTiers:
             self._uninstall(t)
             self.device_lru.pop(t.name, None)
         self._to_disk(t)
+        if t.imported is not None:
+            shutil.rmtree(t.imported.parent, ignore_errors=True)
 
     def snapshot(self) -> dict:
         with self.lock:

@@ -36,7 +36,15 @@ import triton.language as tl
 from deltapack.errors import DeltapackError, FormatError
 from deltapack.kernels import DeltaKernels, LayerDeltas, PackedDelta, TokenSlots, register_backend
 from deltapack.kernels.reference import ReferenceKernels
-from deltapack.kernels.triton.layouts import ELL_ROWS, dequant_layout, layout_rows, pack_entry, words_per_row
+from deltapack.kernels.compile import KernelCompiler, Variant, arg_class
+from deltapack.kernels.triton.layouts import (
+    ELL_ROWS,
+    dequant_layout,
+    layout_linear,
+    layout_rows,
+    pack_entry,
+    words_per_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +126,12 @@ class LaunchConfig:
     # so only the tensor-core path is capped
     max_registers: int | None = None
     max_registers_dot: int | None = 128
+    # one kernel per layout family (issue 26, cold start): every launch of a family (direct = dense + sign, the V and
+    # the U side of factors) compiles the union of the bit widths and scale modes seen in that family (seeded at pack
+    # time from every loaded delta), not each layer's own subset. The widths are runtime branches on the segment
+    # table (`bits`), so a wider mask adds dead branches, not work; the per-width K step keeps registers alike across
+    # widths. False: each layer's own mask (the variants multiply with delta-come's per-tensor bit allocations)
+    family_masks: bool = True
 
     def warps(self, dot: bool, widths: int) -> int:
         """Warps of one _seg_kernel launch: tensor-core path, 16-bit values only (widths == 1), or the decode path."""
@@ -197,6 +211,21 @@ class _EllLaunch:
     max_cap: int
     fdt: object
     width: int
+
+
+@dataclass
+class _Call:
+    """One prepared kernel launch: its output (zeros until launched) and what a compiler needs to know of it."""
+
+    fn: object | None  # the JITFunction; None: nothing to launch (no token block), `out` is the result
+    grid: tuple
+    args: tuple
+    kwargs: dict
+    out: torch.Tensor
+    what: str
+
+
+FAMILY_KINDS = {"direct": ("dense", "sign32"), "factors": ("qfactors",), "ell": ("ell",)}
 
 
 @dataclass
@@ -378,16 +407,61 @@ class TritonKernels(DeltaKernels):
     name = "triton"
     capturable = True  # token blocks are built on the device, launch grids from a bound when groups are unknown
 
-    def __init__(self, config: LaunchConfig | None = None):
+    def __init__(self, config: LaunchConfig | None = None, compiler: KernelCompiler | None = None):
         self.config = config or LaunchConfig()
         self._ref = ReferenceKernels()
         self._sms: dict[torch.device, int] = {}
+        # background compilation (deltapack.kernels.compile): None = compile on first launch, as Triton does
+        self.compiler = compiler
+        self._masks: dict[str, list[int]] = {}  # family -> [widths, modes] union (LaunchConfig.family_masks)
+        self.launches = {"triton": 0, "torch": 0}  # family launches by path (tests, /health)
+
+    @property
+    def capturable_now(self) -> bool:
+        """A forward may be captured in a CUDA graph now: no launch is waiting for its variant to compile (while
+        one is, that launch runs on the torch path, which needs the host's view of the batch)."""
+        return self.compiler is None or self.compiler.settled
 
     # -- load time --
     def pack(self, codec, params, parts, shape, *, dtype, device="cpu") -> PackedDelta:
         packed = pack_entry(codec, params, parts, shape, dtype)
         packed.source = codec
+        self._seed_masks(packed)
         return packed.to(device)
+
+    def _seed_masks(self, p: PackedDelta) -> None:
+        """Bit widths and scale modes a loaded delta brings to its family's kernels (LaunchConfig.family_masks),
+        known at pack time (as _build_plan will choose them) so that the first forward already launches every layer
+        with the family's full mask."""
+        def add(fam: str, bits: int, mode: int) -> None:
+            m = self._masks.setdefault(fam, [0, 0])
+            m[0] |= 1 if bits >= 16 else 1 << bits
+            m[1] |= 1 << mode
+
+        if p.kind == "qfactors":
+            for g in p.meta["groups"]:
+                if g["bits"] >= 16:
+                    add("v", 16, MODE_FLOAT)
+                    add("u", 16, MODE_FLOAT)
+                    continue
+                A, B = g["A"], g["B"]
+                add("v", g["bits"], MODE_ROW if A["ng"] == 1 else MODE_ROWTILE if A["gs"] % 32 == 0 else MODE_ELEM_ROW)
+                if B["ng"] == 1 and self.config.post_scale:
+                    add("u", g["bits"], MODE_UNIT)
+                else:
+                    add("u", g["bits"], MODE_COL if B["ng"] == 1 or B["gs"] % self.config.block_r == 0 else MODE_ELEM_COL)
+        elif p.kind == "sign32":
+            add("direct", 1, MODE_ROW)
+        elif p.kind == "dense":
+            add("direct", 16, MODE_FLOAT)
+
+    def _family_mask(self, fam: str, widths: int, modes: int) -> tuple[int, int]:
+        if not self.config.family_masks:
+            return widths, modes
+        m = self._masks.setdefault(fam, [0, 0])
+        m[0] |= widths
+        m[1] |= modes
+        return m[0], m[1]
 
     # -- helpers --
     def _check_device(self, x: torch.Tensor) -> None:
@@ -460,9 +534,9 @@ class TritonKernels(DeltaKernels):
         return any(0 <= s < plan.S and plan.has[s] for s, _ in groups)
 
     # -- launches --
-    def _run_seg(self, L: _SegLaunch, x: torch.Tensor, tokens: TokenSlots, S: int, xdt: torch.dtype,
-                 out_dtype: torch.dtype) -> torch.Tensor:
-        """One _seg_kernel launch: (T, L.width) output; fp32 when the reduction is split (atomic adds)."""
+    def _seg_call(self, L: _SegLaunch, x: torch.Tensor, tokens: TokenSlots, S: int, xdt: torch.dtype,
+                  out_dtype: torch.dtype, fam: str) -> _Call:
+        """One _seg_kernel launch, prepared: (T, L.width) output; fp32 when the reduction is split (atomic adds)."""
         cfg = self.config
         T = x.shape[0]
         per = self._tokens_per_slot(tokens)
@@ -476,16 +550,59 @@ class TritonKernels(DeltaKernels):
         atomic = split > 1
         out = torch.zeros(T, L.width, dtype=torch.float32 if atomic else out_dtype, device=x.device)
         if nb == 0:
-            return out
+            return _Call(None, (), (), {}, out, "")
         tdt = _TL[xdt]
-        _k._seg_kernel[(nb, L.nt, split)](
-            x, x.stride(0), out, out.stride(0), order, bslot, bstart, blen, L.ptr, L.tiles, L.segs, L.nt, L.nseg, L.ccol,
-            BLOCK_T=bt, BLOCK_R=cfg.block_r, BLOCK_K=bk, BLOCK_F=cfg.block_f, SPLIT_K=split, WIDTHS=L.widths,
-            MODES=L.modes, SIGN=L.sign, SC_F32=L.sc_f32, FDT=L.fdt, XDT=tdt, DOT=dot,
+        widths, modes = self._family_mask(fam, L.widths, L.modes)
+        args = (x, x.stride(0), out, out.stride(0), order, bslot, bstart, blen, L.ptr, L.tiles, L.segs, L.nt, L.nseg,
+                L.ccol)
+        kw = dict(
+            BLOCK_T=bt, BLOCK_R=cfg.block_r, BLOCK_K=bk, BLOCK_F=cfg.block_f, SPLIT_K=split, WIDTHS=widths,
+            MODES=modes, SIGN=L.sign, SC_F32=L.sc_f32, FDT=L.fdt, XDT=tdt, DOT=dot,
             UPCAST=interpreting() and tdt == tl.bfloat16, IEEE=xdt == torch.float32, ATOMIC=atomic, POST=L.post,
             WORDS=cfg.words_per_step,
             num_warps=cfg.warps(dot, L.widths), **self._options(dot),
         )
+        what = f"seg/{fam} {'dot' if dot else 'bcast'} T{bt} K{bk} w{widths:#x} m{modes:#x} {tdt}{' atomic' if atomic else ''}"
+        return _Call(_k._seg_kernel, (nb, L.nt, split), args, kw, out, what)
+
+    def _ready(self, call: _Call) -> bool:
+        """Whether `call`'s kernel variant may launch now (always, without a compiler); else it is queued."""
+        comp = self.compiler
+        if comp is None or call.fn is None:
+            return True
+        fn, kw = call.fn, call.kwargs
+        # SPLIT_K / SPLIT_J are runtime ints: their class (1 or not) is part of the key through arg_class
+        key = (call.what.split(" ")[0], tuple(arg_class(a) for a in call.args),
+               tuple(sorted((k, arg_class(v)) if k.startswith("SPLIT") else (k, str(v)) for k, v in kw.items())))
+        mock = tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in call.args)
+        dev = call.out.device
+
+        def compile_variant():
+            if dev.type == "cuda":
+                with torch.cuda.device(dev):
+                    fn.warmup(*mock, grid=call.grid, **kw)  # compiles (or loads from the disk cache), no launch
+
+        return comp.ready(Variant(key, call.what, compile_variant))
+
+    @staticmethod
+    def _go(call: _Call) -> torch.Tensor:
+        if call.fn is not None:
+            call.fn[call.grid](*call.args, **call.kwargs)
+        return call.out
+
+    def _torch_family(self, x: torch.Tensor, tokens: TokenSlots, layer: LayerDeltas, fam: str) -> torch.Tensor:
+        """A family's contribution on the pure-torch path (its kernel variant is still compiling)."""
+        kinds = FAMILY_KINDS[fam]
+        out = None
+        for s, idx in tokens.groups():
+            p = layer.get(s)
+            if p is None or p.kind not in kinds or (p.kind == "qfactors" and p.meta["rank"] == 0):
+                continue
+            y = layout_linear(p, x.index_select(0, idx))
+            if out is None:
+                out = torch.zeros(x.shape[0], y.shape[1], dtype=x.dtype, device=x.device)
+            out.index_copy_(0, idx, y.to(x.dtype))
+        self.launches["torch"] += 1
         return out
 
     def _options(self, dot: bool) -> dict:
@@ -497,7 +614,7 @@ class TritonKernels(DeltaKernels):
             opts["maxnreg"] = cap
         return opts
 
-    def _run_ell(self, L: _EllLaunch, x: torch.Tensor, tokens: TokenSlots, S: int) -> torch.Tensor:
+    def _ell_call(self, L: _EllLaunch, x: torch.Tensor, tokens: TokenSlots, S: int) -> _Call:
         cfg = self.config
         T = x.shape[0]
         bt = self._block_t(tokens, cfg.max_block_t_ell)
@@ -508,14 +625,13 @@ class TritonKernels(DeltaKernels):
         atomic = split > 1
         out = torch.zeros(T, L.width, dtype=torch.float32 if atomic else x.dtype, device=x.device)
         if nb == 0 or L.max_cap == 0:
-            return out
-        _k._ell_kernel[(nb, n_m, split)](
-            x, x.stride(0), out, out.stride(0), order, bslot, bstart, blen, L.ptr, L.width,
-            BLOCK_T=bt, BLOCK_J=block_j, SPLIT_J=split, ROWS=ELL_ROWS, COL32=L.col32, FDT=L.fdt,
-            UPCAST=interpreting() and x.dtype == torch.bfloat16, ATOMIC=atomic,
-            num_warps=cfg.num_warps, **self._options(False),
-        )
-        return out
+            return _Call(None, (), (), {}, out, "")
+        args = (x, x.stride(0), out, out.stride(0), order, bslot, bstart, blen, L.ptr, L.width)
+        kw = dict(BLOCK_T=bt, BLOCK_J=block_j, SPLIT_J=split, ROWS=ELL_ROWS, COL32=L.col32, FDT=L.fdt,
+                  UPCAST=interpreting() and x.dtype == torch.bfloat16, ATOMIC=atomic,
+                  num_warps=cfg.num_warps, **self._options(False))
+        what = f"ell T{bt} J{block_j} {L.fdt}{' col32' if L.col32 else ''}{' atomic' if atomic else ''}"
+        return _Call(_k._ell_kernel, (nb, n_m, split), args, kw, out, what)
 
     # -- the interface --
     def linear(self, x: torch.Tensor, tokens: TokenSlots, layer: LayerDeltas) -> torch.Tensor | None:
@@ -527,16 +643,31 @@ class TritonKernels(DeltaKernels):
             return None
         x = x.contiguous()
         out = None
+
+        def add(y):
+            nonlocal out
+            if y is not None:
+                out = y if out is None else out + y
+
         if plan.direct is not None:
-            out = self._run_seg(plan.direct, x, tokens, plan.S, x.dtype, x.dtype)
+            c = self._seg_call(plan.direct, x, tokens, plan.S, x.dtype, x.dtype, "direct")
+            add(self._launched(c) if self._ready(c) else self._torch_family(x, tokens, layer, "direct"))
         if plan.v is not None:
-            z = self._run_seg(plan.v, x, tokens, plan.S, x.dtype, torch.float32)  # V side: z = x A^T, fp32
-            y = self._run_seg(plan.u, z, tokens, plan.S, x.dtype, x.dtype)  # U side: y = z B^T
-            out = y if out is None else out + y
+            v = self._seg_call(plan.v, x, tokens, plan.S, x.dtype, torch.float32, "v")  # V side: z = x A^T, fp32
+            u = self._seg_call(plan.u, v.out, tokens, plan.S, x.dtype, x.dtype, "u")  # U side: y = z B^T
+            if self._ready(v) & self._ready(u):  # both asked (and queued), not short-circuited
+                self._go(v)
+                add(self._launched(u))
+            else:
+                add(self._torch_family(x, tokens, layer, "factors"))
         if plan.ell is not None:
-            y = self._run_ell(plan.ell, x, tokens, plan.S)
-            out = y if out is None else out + y
+            c = self._ell_call(plan.ell, x, tokens, plan.S)
+            add(self._launched(c) if self._ready(c) else self._torch_family(x, tokens, layer, "ell"))
         return out
+
+    def _launched(self, call: _Call) -> torch.Tensor:
+        self.launches["triton"] += 1
+        return self._go(call)
 
     def rows(self, ids: torch.Tensor, tokens: TokenSlots, layer: LayerDeltas) -> torch.Tensor | None:
         return ReferenceKernels._per_tenant(

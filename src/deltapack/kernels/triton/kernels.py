@@ -522,7 +522,9 @@ def _seg_quant(acc, x_ptr, stride_x, tok, tmask, tok0, tok1, wp, sp, zp, rows, r
 
 
 # ---- the segment kernel -----------------------------------------------------------------------------------------------
-@triton.jit
+# NT, NSEG and ccol only offset table and column addresses: specialising on their value (== 1, multiple of 16) only
+# multiplied the variants to compile (issue 26: cold start), it speeds nothing up
+@triton.jit(do_not_specialize=["NT", "NSEG", "ccol"])
 def _seg_kernel(
     x_ptr, stride_x, out_ptr, stride_o, order_ptr, blk_slot_ptr, blk_start_ptr, blk_len_ptr,
     ptr_tab, tile_tab, seg_tab, NT, NSEG, ccol,
@@ -642,7 +644,7 @@ def _seg_kernel(
 
 
 # ---- ELL kernel: sparse deltas ----------------------------------------------------------------------------------------
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _ell_kernel(
     x_ptr, stride_x, out_ptr, stride_o, order_ptr, blk_slot_ptr, blk_start_ptr, blk_len_ptr, ptr_tab, M,
     BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, SPLIT_J, ROWS: tl.constexpr,

@@ -41,7 +41,7 @@ import logging
 import torch
 
 from deltapack.errors import FormatError
-from deltapack.format.codecs import decode_entry, get_codec
+from deltapack.format.codecs import decode_entry, get_codec, lora_as_factors
 from deltapack.format.packing import packed_row_bytes, unpack_bits
 from deltapack.kernels import PackedDelta, rows_with_growth, sign_parts
 
@@ -222,6 +222,8 @@ def pack_entry(codec: str, params: dict, parts: dict[str, torch.Tensor], shape: 
     try:
         if codec == "factors":
             return pack_qfactors(params, parts, shape, dtype)
+        if codec == "lora":  # factors with a scale: folded into the B side, the layout is qfactors'
+            return pack_qfactors(*lora_as_factors(params, parts), shape, dtype)
         if codec == "sign":
             return pack_sign32(params, parts, shape, dtype)
         if codec == "dense":
@@ -300,17 +302,54 @@ def dequant_layout(p: PackedDelta) -> torch.Tensor:
     if p.kind == "sign32":
         return sign_planes(p).sum(0)
     if p.kind == "ell":
-        t = p.tensors
-        dev = t["col"].device
-        off = t["tile_off"].long()
-        tile = torch.repeat_interleave(torch.arange(off.numel() - 1, device=dev), off[1:] - off[:-1])
-        rows = tile * ELL_ROWS + (torch.arange(tile.numel(), device=dev) - off[tile]) % ELL_ROWS
-        col = t["col"].long()
-        keep = col >= 0
-        out = torch.zeros(m, n, device=dev)
-        out.index_put_((rows[keep], col[keep]), t["values"].float()[keep], accumulate=True)
+        rows, col, vals = ell_coo(p)
+        out = torch.zeros(m, n, device=vals.device)
+        out.index_put_((rows, col), vals.float(), accumulate=True)
         return out
     raise FormatError(f"unknown packed layout {p.kind!r}")
+
+
+_BLOCK_ELEMS = 1 << 22  # transient elements of one dequantized block (sign planes) / gathered product (ell)
+
+
+def ell_coo(p: PackedDelta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, values) of an ell layout's entries, padding dropped (int64, int64, packed dtype)."""
+    t = p.tensors
+    dev = t["col"].device
+    off = t["tile_off"].long()
+    tile = torch.repeat_interleave(torch.arange(off.numel() - 1, device=dev), off[1:] - off[:-1])
+    rows = tile * ELL_ROWS + (torch.arange(tile.numel(), device=dev) - off[tile]) % ELL_ROWS
+    col = t["col"].long()
+    keep = col >= 0
+    return rows[keep], col[keep], t["values"][keep]
+
+
+def layout_linear(p: PackedDelta, x: torch.Tensor) -> torch.Tensor:
+    """x (k, in) @ dW^T for one tenant's packed layout, in pure torch: (k, out) in x's dtype, fp32 accumulation.
+    The Triton backend's path while a launch's kernel variant is still compiling (deltapack.kernels.compile); no
+    dense (out x in) delta is built (factors stay factored, sign planes and sparse products go a block at a time)."""
+    m, n = p.shape
+    xf = x.float()
+    if p.kind == "dense":
+        return x @ p.tensors["values"].to(x.dtype).T
+    if p.kind == "qfactors":
+        return ((xf @ qfactors_side(p, "A").T) @ qfactors_side(p, "Bt")).to(x.dtype)
+    if p.kind == "sign32":
+        out = torch.zeros(x.shape[0], m, dtype=torch.float32, device=x.device)
+        step = max(1, _BLOCK_ELEMS // max(1, n * p.meta["planes"]))
+        for r0 in range(0, m, step):
+            rows = torch.arange(r0, min(m, r0 + step), device=x.device)
+            out[:, r0 : r0 + rows.numel()] = xf @ sign_planes(p, rows).sum(0).T
+        return out.to(x.dtype)
+    if p.kind == "ell":
+        rows, col, vals = ell_coo(p)
+        out = torch.zeros(x.shape[0], m, dtype=torch.float32, device=x.device)
+        v = vals.float()
+        step = max(1, _BLOCK_ELEMS // max(1, col.numel()))
+        for t0 in range(0, x.shape[0], step):
+            out[t0 : t0 + step].index_add_(1, rows, xf[t0 : t0 + step].index_select(1, col) * v)
+        return out.to(x.dtype)
+    raise FormatError(f"packed kind {p.kind!r} cannot be applied as a linear delta")
 
 
 def layout_rows(p: PackedDelta, ids: torch.Tensor) -> torch.Tensor:
@@ -350,4 +389,5 @@ def _base_layout_rows(p: PackedDelta, ids: torch.Tensor) -> torch.Tensor:
 __all__ = [
     "ELL_ROWS", "CODE_PARTS", "words_per_row", "group_words", "pack_code_parts", "unpack_code_parts", "pack_qfactors",
     "pack_sign32", "ell_from_csr", "pack_entry", "qfactors_side", "sign_planes", "dequant_layout", "layout_rows",
+    "layout_linear", "ell_coo",
 ]

@@ -1,0 +1,107 @@
+"""`auto` (the default method) and healing on pico models: what auto stores is only its candidates' encodings, chosen
+by whole-model KL (never worse than the best single candidate on its own calibration text); healing moves float
+parts only (every integer part — codes, masks — stays bit-identical) and never makes the held-out fit worse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deltapack import api
+from deltapack.compress import compress
+from deltapack.errors import DeltapackError
+from deltapack.methods.base import PENDING_CODEC
+
+
+def _manifest(path) -> dict:
+    return json.loads((Path(path) / "delta_config.json").read_text())
+
+
+def _stored(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.fixture(scope="module")
+def auto_delta(pico_pair, tmp_path_factory):
+    base, ft = pico_pair
+    return compress(str(base), str(ft), str(tmp_path_factory.mktemp("auto") / "d"), method="auto", ratio=1.4,
+                    progress=False)
+
+
+def test_auto_is_the_default_and_stores_only_candidate_encodings(auto_delta, pico_pair):
+    import inspect
+
+    from deltapack import cli
+
+    assert inspect.signature(compress).parameters["method"].default == "auto"
+    assert next(p for p in cli.compress.params if p.name == "method").default == "auto"
+    m = _manifest(auto_delta)
+    assert m["method"] == "auto"
+    entries = m["tensors"].values()
+    assert all(e["codec"] != PENDING_CODEC for e in entries)
+    assert {e["method"] for e in entries} <= {"dare", "deltadq", "delta-come", "dense"}
+    choice = m["calibration"]["auto"]
+    assert set(choice["whole_model_kl"]) == {"dare", "deltadq", "delta-come"}
+    # the choice starts from the best candidate and only switches groups that lower the KL
+    assert choice["kl"] <= min(choice["whole_model_kl"].values()) * (1 + 1e-3)
+    assert api.verify(str(pico_pair[0]), str(auto_delta))["ok"]
+    assert api.inspect(str(auto_delta))["true_ratio"] >= 1.4 * 0.97
+
+
+def test_auto_with_one_candidate_is_that_method(pico_pair, tmp_path):
+    base, ft = pico_pair
+    out = compress(str(base), str(ft), str(tmp_path / "d"), method="auto", ratio=1.4, progress=False,
+                   params={"candidates": ["dare"]})
+    assert {e["method"] for e in _manifest(out)["tensors"].values()} <= {"dare", "dense"}
+
+
+def test_heal_moves_float_parts_only_and_never_worsens_the_held_out_fit(auto_delta, pico_pair, tmp_path):
+    base, ft = pico_pair
+    healed = compress(str(base), str(ft), str(tmp_path / "h"), method="auto", ratio=1.4, progress=False,
+                      heal={"steps": 15, "seed": 0})
+    rec = _manifest(healed)["calibration"]["heal"]
+    assert rec["steps_done"] == 15 and rec["trainable"] > 0
+    assert rec["kl_after"] <= rec["kl_before"] or not rec["applied"]
+    plain, after = _stored(auto_delta), _stored(healed)
+    assert plain.keys() == after.keys()
+    moved = 0
+    for k, v in plain.items():
+        if v.is_floating_point():
+            moved += int(not torch.equal(v, after[k]))
+        else:
+            assert torch.equal(v, after[k]), f"healing changed integer part {k}"
+    assert moved > 0 or not rec["applied"]
+    # same stored bytes (the manifest only grows by the heal record)
+    size = lambda d: sum(f.stat().st_size for f in Path(d).glob("*.safetensors"))  # noqa: E731
+    assert size(healed) == size(auto_delta)
+    from deltapack.format.directory import DeltaDir
+    from deltapack.io import open_model
+
+    merged = api.merged_state_dict(open_model(str(base)), DeltaDir.open(healed))
+    assert all(torch.isfinite(t.float()).all() for t in merged.values())
+
+
+def test_heal_refuses_lossless_methods_and_unknown_settings(pico_pair, tmp_path):
+    base, ft = pico_pair
+    with pytest.raises(DeltapackError, match="lossless"):
+        compress(str(base), str(ft), str(tmp_path / "r"), method="raw", heal=True, progress=False)
+    with pytest.raises(DeltapackError, match="unknown settings"):
+        compress(str(base), str(ft), str(tmp_path / "u"), method="dare", ratio=1.4, heal={"stpes": 3}, progress=False)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "u").exists()
+
+
+def test_cli_heal_seconds_needs_heal(pico_pair, tmp_path):
+    from click.testing import CliRunner
+
+    from deltapack.cli import main
+
+    base, ft = pico_pair
+    res = CliRunner().invoke(main, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--heal-seconds", "5"])
+    assert res.exit_code != 0 and "--heal-seconds needs --heal" in res.output
