@@ -64,7 +64,7 @@ from deltapack.errors import DeltapackError  # noqa: E402
 from deltapack.format.manifest import MANIFEST_NAME, manifest_digest  # noqa: E402
 
 CODECS = {  # name -> (method, ratio, params): every codec; quantized and float variants
-    "raw": ("raw", None, {}),
+    "dense_exact": ("dense-exact", None, {}),
     "lowrank": ("lowrank", 8.0, {}),
     "bitdelta": ("bitdelta", 8.0, {"scale": "row"}),
     "dare_bf16": ("dare", 8.0, {"bits": 16}),
@@ -381,7 +381,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["smollm", "pico"], default="smollm")
     ap.add_argument("--layers", type=int, default=4, help="decoder layers the synthetic fine-tune changes")
-    ap.add_argument("--per-delta", type=int, default=34, help="mutations per delta (9 deltas)")
+    ap.add_argument("--per-delta", type=int, default=30, help="mutations per delta (9 deltas)")
     ap.add_argument("--tier-reloads", type=int, default=8, help="served deltas rewritten on disk while in the disk tier")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="pico model, 6 mutations per delta, a temp file")
@@ -435,9 +435,14 @@ def _run(args, work: Path, out_json: Path, t_start: float) -> int:
     with running_server(base, [], delta_root=root, max_batch=4, http=http) as (state, url), \
             httpx.Client(base_url=url, timeout=300, headers={"authorization": "Bearer k"}) as c:
         ref_text = {}
+        unserved = {}
         for k in deltas:
             r = c.post("/v1/deltas", json={"name": f"ref-{k}", "path": k})
-            assert r.status_code == 200, r.text
+            if r.status_code != 200:  # a codec the server does not serve yet (lossless): its trials skip the server
+                assert r.status_code < 500, r.text
+                ref_text[k] = None
+                unserved[k] = r.json()["error"]["message"][:200]
+                continue
             ref_text[k] = complete(c, f"ref-{k}")[1]
             c.delete(f"/v1/deltas/ref-{k}")
         trial = 0
@@ -455,9 +460,9 @@ def _run(args, work: Path, out_json: Path, t_start: float) -> int:
                 audit.on = True
                 v = run_step(lambda: api.verify(base, cp)["ok"])
                 mg = run_step(lambda: api.merge(base, cp, out, progress=False))
-                r = c.post("/v1/deltas", json={"name": name, "path": name})
+                r = c.post("/v1/deltas", json={"name": name, "path": name}) if ref_text[k] is not None else None
                 served = None
-                if r.status_code == 200:
+                if r is not None and r.status_code == 200:
                     served = complete(c, name)
                     c.delete(f"/v1/deltas/{name}")
                 audit.on = False
@@ -467,9 +472,10 @@ def _run(args, work: Path, out_json: Path, t_start: float) -> int:
                 if served is not None and served[0] == 200 and served[1] != ref_text[k]:
                     wrong.append("serve")
                 crash = [s for s, res in (("verify", v), ("merge", mg)) if res[0] == "crash"]
-                five = [s for s in ([r.status_code] + ([served[0]] if served else [])) if s >= 500]
+                statuses = ([r.status_code] if r is not None else []) + ([served[0]] if served else [])
+                five = [s for s in statuses if s >= 500]
                 counts["trials"] += 1
-                accepted = v == ("ok", True) or mg[0] == "ok" or r.status_code == 200
+                accepted = v == ("ok", True) or mg[0] == "ok" or (r is not None and r.status_code == 200)
                 label = "crash" if crash else "five_xx" if five else "accepted" if accepted and not wrong else \
                     "silent_wrong" if wrong else "refused"
                 if wrong and kind.startswith("resealed:"):
@@ -483,7 +489,7 @@ def _run(args, work: Path, out_json: Path, t_start: float) -> int:
                     samples["crashes"].append(f"{k}/{kind}: {(v if v[0] == 'crash' else mg)[1][-600:]}")
                 if five:
                     counts["five_xx"] += 1
-                    samples["five_xx"].append(f"{k}/{kind}: {r.status_code} {r.text[:200]}")
+                    samples["five_xx"].append(f"{k}/{kind}: {statuses} {r.text[:200] if r is not None else ''}")
                 if label == "refused":
                     counts["refused"] += 1
                 elif label == "accepted":
@@ -505,8 +511,9 @@ def _run(args, work: Path, out_json: Path, t_start: float) -> int:
                     log(f"{trial} trials: {counts}")
         # a served delta rewritten on disk while it sits in the disk tier: the next promotion must refuse it
         tier = dict(trials=0, refused=0, silent_wrong=0, statuses={})
+        served_keys = [k for k in deltas if ref_text[k] is not None]
         for i in range(args.tier_reloads):
-            k = list(deltas)[i % len(deltas)]
+            k = served_keys[i % len(served_keys)]
             name = f"tier{i}"
             cp = root / name
             shutil.copytree(deltas[k], cp)
@@ -538,7 +545,8 @@ def _run(args, work: Path, out_json: Path, t_start: float) -> int:
         "model": "SmolLM2-135M-Instruct (embedded)" if args.model == "smollm" else "pico Llama (hidden 64, 2 layers)",
         "finetune": f"synthetic: base + 0.02*std*(rank-8 + 0.1*dense noise) on matrices, noise on norms, layers 0..{args.layers - 1}",
         "deltas": {k: {"method": CODECS[k][0], "ratio": CODECS[k][1], "params": CODECS[k][2], "codecs": codecs[k],
-                       "build_s": build_s[k]} for k in deltas},
+                       "build_s": build_s[k], "served": ref_text[k] is not None} for k in deltas},
+        "not_served": unserved,
         **counts,
         "outside_reads": outside_reads,
         "outside_writes": outside_writes,

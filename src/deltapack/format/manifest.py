@@ -223,8 +223,8 @@ class Manifest(_Strict):
         if self.format_version >= DIGEST_VERSION:
             if not self.tensors:
                 raise ValueError("a delta stores at least one tensor")
-            if not (self.base.fingerprint and self.base.structure):
-                raise ValueError("base.fingerprint and base.structure are required (they are the wrong-base check)")
+            if not self.base.structure:  # the fingerprint may be left out on purpose (import-lora --no-fingerprint)
+                raise ValueError("base.structure is required (it is the wrong-base check)")
             stored = {n for n, w in self.aux.items() if w == "delta"}
             if stored != set(self.hf_files):
                 raise ValueError("hf_files must list exactly the aux files stored in the delta (aux: delta)")
@@ -296,6 +296,9 @@ class Manifest(_Strict):
             first = e.errors()[0]
             loc = ".".join(_short(x) if not isinstance(x, int) else str(x) for x in first["loc"])
             raise FormatError(f"{label} is malformed at {loc}: {first['msg']}") from None
+        if v >= DIGEST_VERSION and not m.base.fingerprint:
+            log.warning("%s records no base fingerprint: a base with the same tensor names and shapes but other "
+                        "weights is not detected", label)
         if v < DIGEST_VERSION:
             unchecked = ["the manifest itself and the hf/ files are not covered by checksums (edits go undetected)"]
             if not (m.base.fingerprint and m.base.structure):
