@@ -103,7 +103,7 @@ def test_compress_merge_bit_for_bit(tmp_path, dtype):
     d = api.compress(base, ft, tmp_path / "delta", method="lossless", progress=False, device="cpu")
     info = api.inspect(d)
     assert {t["codec"] for t in info["tensors"]} == {"lossless"}
-    assert info["format_version"] == 2
+    assert info["format_version"] == 3  # every writer now adds the manifest digest (issue 25)
     # the true ratio's numerator is the bf16 size: an fp32 pair's exact delta is measured against its own size
     width = torch.empty(0, dtype=dtype).element_size()
     assert info["true_ratio"] * width / 2 > 1.0
@@ -136,7 +136,7 @@ def test_dense_exact_is_the_old_raw(pico_pair, tmp_path):
     base, ft = pico_pair
     d = api.compress(base, ft, tmp_path / "delta", method="dense-exact", progress=False, device="cpu")
     man = json.loads((d / "delta_config.json").read_text())
-    assert man["format_version"] == 1  # no entropy stage, no new codec: version-1 readers read it
+    assert man["format_version"] == 3  # the manifest digest (issue 25): older readers refuse it by version
     assert {t["codec"] for t in man["tensors"].values()} == {"dense"}
     assert _merged_equals_finetune(base, ft, d, tmp_path / "merged")
 
@@ -168,6 +168,6 @@ def test_entropy_stage_lossy_same_delta_smaller(small_pair, tmp_path, monkeypatc
         assert pa.keys() == pb.keys() and all(_bits_equal(pa[k], pb[k]) for k in pa)
     assert a.total_bytes() < 0.95 * b.total_bytes()
     assert a.true_ratio() > b.true_ratio()
-    assert a.manifest.format_version == 2 and b.manifest.format_version == 1
+    assert a.manifest.format_version == b.manifest.format_version == 3
     ma, mb = api.merged_state_dict(base, d1), api.merged_state_dict(base, d0)
     assert all(_bits_equal(ma[n], mb[n]) for n in mb)

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 FORMAT_NAME = "deltapack"
-FORMAT_VERSION = 2  # 2: entropy-coded parts, the lossless codec (docs/format.md)
+FORMAT_VERSION = 3  # 2: entropy-coded parts, the lossless codec; 3: manifest digest, hf/ checksums (docs/format.md)
 
 from deltapack.errors import DeltapackError  # noqa: E402
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,19 +22,37 @@ from tqdm.auto import tqdm
 
 from deltapack.compress import base_fingerprint, combine_fingerprint, compress, tensor_digest  # noqa: F401
 from deltapack.errors import FormatError, MismatchError
-from deltapack.format.directory import DeltaDir
+from deltapack.format.codecs import get_codec
+from deltapack.format.directory import DeltaDir, read_nofollow
+from deltapack.format.manifest import AUX_NAMES, HF_DIR
 from deltapack.io.sources import TOKENIZER_FILES, ModelSource, open_model
-from deltapack.io.writer import AtomicDir, TensorSpec, write_weights
+from deltapack.io.writer import AtomicDir, TensorSpec, guard_output, write_weights
 
 log = logging.getLogger(__name__)
 
 
 def _check_base(delta: DeltaDir, base: ModelSource) -> None:
-    want = delta.manifest.base.structure
+    man = delta.manifest
+    want = man.base.structure
     if want and base.structure_hash() != want:
         raise MismatchError(
-            f"this delta was made against a different base ({delta.manifest.base.id}): tensor names/shapes differ"
+            f"this delta was made against a different base ({man.base.id}): tensor names/shapes differ"
         )
+    # the structure hash says the base is right; these say the manifest agrees with it (a format v1 manifest has no
+    # digest, and a tensor the base lacks would otherwise be skipped by merge without a word)
+    for n in man.removed:
+        if n not in base:
+            raise FormatError(f"the delta removes {n[:200]!r}, which the base does not have")
+    for n, te in man.tensors.items():
+        if te.in_base != (n in base):
+            raise FormatError(f"the delta stores {n[:200]!r} as {'a change to' if te.in_base else 'new beside'} the "
+                              f"base, which {'lacks' if te.in_base else 'has'} it")
+        if te.in_base:
+            rows = te.base_rows if te.base_rows is not None else (te.shape[0] if te.shape else None)
+            want_shape = tuple(te.shape) if rows is None else (rows, *te.shape[1:])
+            if tuple(base.meta(n).shape) != want_shape:
+                raise FormatError(f"{n[:200]}: base shape {list(base.meta(n).shape)} differs from the "
+                                  f"{list(want_shape)} the delta expects")
 
 
 def merged_specs(base: ModelSource, delta: DeltaDir, merge_dtype: torch.dtype | None = None) -> list[TensorSpec]:
@@ -129,11 +148,12 @@ def merge(
     without rounding to the fine-tune's dtype; config.json's dtype says so. Default: the fine-tune's own dtypes."""
     if dtype is not None and not dtype.is_floating_point:
         raise ValueError(f"merge dtype must be a floating dtype, not {dtype}")
+    guard_output(out, base, delta)
     d = DeltaDir.open(delta)
     d.check()
     bsrc = open_model(base)
     merged = MergedTensors(bsrc, d, verify_base=verify_base, merge_dtype=dtype)
-    with AtomicDir(out, overwrite=overwrite) as tmp:
+    with AtomicDir(out, overwrite=overwrite, inputs=(base, delta, bsrc.path)) as tmp:
         write_weights(tmp, merged_specs(bsrc, d, dtype), merged, max_shard_bytes=max_shard_bytes, desc="merge",
                       progress=progress)
         merged.finish()
@@ -158,7 +178,19 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
 def _copy_aux(d: DeltaDir, bsrc: ModelSource, dest: Path) -> None:
     base_aux = bsrc.aux_files()
     for name, where in d.manifest.aux.items():
-        src = d.path / "hf" / name if where == "delta" else base_aux.get(name)
+        if name not in AUX_NAMES or Path(name).name != name:  # the manifest checks this; a write must never rely on it alone
+            raise FormatError(f"auxiliary file name {name[:200]!r} is not allowed")
+        if where == "delta":
+            try:
+                data = read_nofollow(d.path / HF_DIR / name)
+            except OSError:
+                raise FormatError(f"auxiliary file {name} (delta) is missing or not a plain file") from None
+            fe = d.manifest.hf_files.get(name)
+            if fe is not None and hashlib.sha256(data).hexdigest() != fe.sha256:
+                raise FormatError(f"checksum mismatch in {HF_DIR}/{name}: the delta is corrupt")
+            (dest / name).write_bytes(data)
+            continue
+        src = base_aux.get(name)
         if src is None or not Path(src).is_file():
             raise FormatError(f"auxiliary file {name} ({where}) is missing")
         shutil.copyfile(src, dest / name)
@@ -287,22 +319,56 @@ def inspect(delta: str | os.PathLike) -> dict:
 
 
 def verify(base: str | os.PathLike | None, delta: str | os.PathLike, *, progress: bool = False) -> dict:
-    """Checks file checksums and, when a base is given, its structure and full-content fingerprint."""
+    """Checks the manifest (strict fields, digest: at open), the checksums of every shard and hf/ file, that every
+    tensor decodes to finite numbers and, when a base is given, that the delta fits it (names, shapes) and the base's
+    structure and full-content fingerprint."""
     d = DeltaDir.open(delta, check_sizes=False)
+    man = d.manifest
     bad = d.verify_checksums()
-    report = {"delta": str(d.path), "files": len(d.manifest.files), "bad_files": bad, "checksums_ok": not bad}
-    if base is not None:
-        bsrc = open_model(base)
-        struct_ok = not d.manifest.base.structure or bsrc.structure_hash() == d.manifest.base.structure
+    report = {"delta": str(d.path), "format_version": man.format_version, "manifest_digest": man.digest is not None,
+              "files": len(man.files), "hf_files": len(man.hf_files), "bad_files": bad, "checksums_ok": not bad}
+    bsrc = open_model(base) if base is not None else None
+    struct_ok = bsrc is not None and (not man.base.structure or bsrc.structure_hash() == man.base.structure)
+    if struct_ok:
+        _check_base(d, bsrc)
+    decode_ok = False
+    if not bad:
+        d.check_layout()
+        for n in tqdm(man.tensors, desc="decode", disable=not progress, leave=False):
+            _prove_decodes(d, n, bsrc if struct_ok else None)
+        decode_ok = True
+    report["decode_ok"] = decode_ok
+    if bsrc is not None:
         report["base_structure_ok"] = struct_ok
         if struct_ok:
             fp = base_fingerprint(bsrc, progress=progress)
             report["base_fingerprint"] = fp
-            report["base_fingerprint_ok"] = fp == d.manifest.base.fingerprint
+            report["base_fingerprint_ok"] = fp == man.base.fingerprint
         else:
             report["base_fingerprint_ok"] = False
-    report["ok"] = report["checksums_ok"] and report.get("base_fingerprint_ok", True)
+    report["ok"] = report["checksums_ok"] and decode_ok and report.get("base_fingerprint_ok", True)
     return report
+
+
+def _prove_decodes(d: DeltaDir, n: str, bsrc: ModelSource | None) -> None:
+    """Decode tensor `n` (raises FormatError if it does not decode or holds NaN/inf). Codecs storing bits against
+    the base rebuild against the base when it is given and fits, else against zeros (which still proves every
+    stored frame decodes)."""
+    te = d.manifest.tensors[n]
+    codec = get_codec(te.codec)
+    if not codec.needs_base:
+        d.decode(n)
+        return
+    if bsrc is not None and te.in_base:
+        b = bsrc.get(n)
+        d.rebuild(n, b[: te.base_rows] if te.base_rows is not None else b)
+        return
+    parts = d.parts(n)
+    parts.pop("new_rows", None)
+    shape = list(te.shape)
+    if te.base_rows is not None:
+        shape[0] = te.base_rows
+    codec.rebuild(te.params, parts, tuple(shape), None)
 
 
 def save_json(obj, path: str | os.PathLike) -> None:

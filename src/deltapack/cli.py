@@ -154,14 +154,17 @@ def inspect(delta, as_json):
 @click.argument("delta", type=click.Path())
 @click.option("--json", "as_json", is_flag=True)
 def verify(base, delta, as_json):
-    """Check DELTA's file checksums and that BASE is the exact base it was made against."""
+    """Check DELTA's manifest and file checksums, that it decodes, and that BASE is the exact base it was made against."""
     from deltapack.api import verify as run
 
     rep = run(base, delta, progress=not as_json)
     if as_json:
         click.echo(json.dumps(rep, indent=1))
     else:
+        click.echo(f"manifest: ok (format {rep['format_version']}, "
+                   f"{'digest checked' if rep['manifest_digest'] else 'NO DIGEST: edits to it and to hf/ go undetected'})")
         click.echo(f"checksums: {'ok' if rep['checksums_ok'] else 'BAD ' + ', '.join(rep['bad_files'])}")
+        click.echo(f"decodes: {'ok (every tensor, finite)' if rep['decode_ok'] else 'not tried (checksums bad)'}")
         click.echo(f"base structure: {'ok' if rep.get('base_structure_ok') else 'MISMATCH'}")
         click.echo(f"base fingerprint: {'ok' if rep.get('base_fingerprint_ok') else 'MISMATCH'}")
     if not rep["ok"]:

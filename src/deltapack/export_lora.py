@@ -33,7 +33,7 @@ import torch
 from deltapack.errors import DeltapackError
 from deltapack.format.codecs import as_2d, get_codec
 from deltapack.format.directory import DeltaDir
-from deltapack.io.writer import AtomicDir, write_bytes_atomic, write_json_atomic
+from deltapack.io.writer import AtomicDir, guard_output, write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def export_lora(delta_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
         raise DeltapackError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if max_rank is not None and max_rank < 1:
         raise DeltapackError(f"--max-rank must be at least 1 (got {max_rank})")
+    guard_output(out_dir, delta_dir)
     d = DeltaDir.open(delta_dir)
     d.check()
     man = d.manifest
@@ -149,7 +150,7 @@ def export_lora(delta_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dty
     }
     from safetensors.torch import save as st_save
 
-    with AtomicDir(out_dir, overwrite=overwrite) as tmp:
+    with AtomicDir(out_dir, overwrite=overwrite, inputs=(delta_dir,)) as tmp:
         write_bytes_atomic(tmp / "adapter_model.safetensors", st_save(tensors, metadata={"format": "pt"}))
         write_json_atomic(tmp / "adapter_config.json", config)
         write_json_atomic(tmp / REPORT_NAME, report)

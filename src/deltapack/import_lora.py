@@ -27,6 +27,7 @@ this reader does not recognise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -399,6 +400,9 @@ def import_lora(
         raise InputError(f"unknown dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
     if ratio is not None and ratio <= 1:
         raise InputError(f"--ratio must be above 1 (got {ratio})")
+    from deltapack.io.writer import guard_output
+
+    guard_output(out, adapter, base)  # even with --overwrite: replacing an input would delete it
     ad = read_adapter(adapter)
     src = base_source if base_source is not None else open_model(base)
     plan = _Plan(ad, src)
@@ -442,13 +446,13 @@ def _write(plan: _Plan, ad: Adapter, src, out: Path, *, bits, store, ratio, over
     from deltapack.compress.plan import base_fingerprint
     from deltapack.format.codecs import get_codec
     from deltapack.format.directory import dir_bytes
-    from deltapack.format.manifest import MANIFEST_NAME, Manifest, ModelRef, TensorEntry, part_key
+    from deltapack.format.manifest import MANIFEST_NAME, FileEntry, Manifest, ModelRef, TensorEntry, part_key
     from deltapack.io.writer import AtomicDir, StreamingShardWriter, write_bytes_atomic, write_json_atomic
 
     items = plan.items(bits, store)
     fp = base_fingerprint(src) if fingerprint else None
     cfg = ad.config
-    with AtomicDir(out, overwrite=overwrite) as tmp:
+    with AtomicDir(out, overwrite=overwrite, inputs=(ad.path, src.path)) as tmp:
         writer = StreamingShardWriter(tmp, "delta", 1 << 30, metadata={"format": "deltapack"})
         entries: dict[str, TensorEntry] = {}
         try:
@@ -468,11 +472,13 @@ def _write(plan: _Plan, ad: Adapter, src, out: Path, *, bits, store, ratio, over
             raise
         for name, e in entries.items():
             e.file = writer.location[part_key(name, e.parts[0])]
-        aux = {}
+        aux, hf_files = {}, {}
         if plan.untie:  # the rebuilt fine-tune has its own head: its config says so
             (tmp / "hf").mkdir()
             write_json_atomic(tmp / "hf" / "config.json", dict(src.config(), tie_word_embeddings=False))
             aux["config.json"] = "delta"
+            data = (tmp / "hf" / "config.json").read_bytes()  # the manifest covers hf/ by checksums
+            hf_files["config.json"] = FileEntry(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         manifest = Manifest(
             deltapack_version=__version__,
             created=created_stamp(),
@@ -488,6 +494,7 @@ def _write(plan: _Plan, ad: Adapter, src, out: Path, *, bits, store, ratio, over
             finetuned=ModelRef(id=f"{cfg.get('base_model_name_or_path') or src.model_id} + LoRA {ad.path.name}"),
             tensors=entries,
             files=files,
+            hf_files=hf_files,
             aux=aux,
         )
         card = (

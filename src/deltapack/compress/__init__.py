@@ -50,7 +50,7 @@ from deltapack.compress.plan import (
 )
 from deltapack.errors import DeltapackError
 from deltapack.io.sources import open_model
-from deltapack.io.writer import AtomicDir
+from deltapack.io.writer import AtomicDir, guard_output
 
 log = logging.getLogger("deltapack.compress")
 
@@ -94,6 +94,7 @@ def compress(
     if heal_cfg is not None and m.lossless:
         raise DeltapackError(f"{method} is lossless: there is nothing to heal")
     out = Path(out)
+    guard_output(out, base, finetuned, calib)
     if out.exists() and not overwrite:
         raise DeltapackError(f"output {out} already exists (pass --overwrite to replace it)")
 
@@ -107,7 +108,7 @@ def compress(
             prep = prepare_finetune(m, method, ratio, calib, bsrc, fsrc, plan, dev, progress, keep_live=True,
                                     heal=heal_cfg)
         created = created_stamp()
-        with AtomicDir(out, overwrite=overwrite) as tmp:
+        with AtomicDir(out, overwrite=overwrite, inputs=(base, finetuned, calib, bsrc.path, fsrc.path)) as tmp:
             work = tmp / ".work"
             pbar = tqdm(total=len(prep.todo), desc=f"compress [{method}]", disable=not progress)
             t0 = time.perf_counter()

@@ -3,6 +3,7 @@ bounded shards of a temp directory (hashed as written), manifest + card last, th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from deltapack.compress.plan import Plan, Prepared
 from deltapack.errors import BudgetError, DeltapackError
 from deltapack.format.codecs import get_codec
 from deltapack.format.directory import dir_bytes
-from deltapack.format.manifest import MANIFEST_NAME, Manifest, ModelRef, TensorEntry, part_key
+from deltapack.format.manifest import HF_DIR, MANIFEST_NAME, FileEntry, Manifest, ModelRef, TensorEntry, part_key
 from deltapack.io.safetensors_file import SafetensorsFile
 from deltapack.io.sources import ModelSource
 from deltapack.io.writer import StreamingShardWriter, write_bytes_atomic
@@ -127,11 +128,14 @@ def assemble(
         e.file = writer.location[part_key(n, e.parts[0])] if e.parts else ""
     if Path(work).resolve().parent == Path(tmp).resolve():
         shutil.rmtree(work)
+    hf_files: dict[str, FileEntry] = {}
     if prep.store_aux:
-        hf_dir = tmp / "hf"
+        hf_dir = tmp / HF_DIR
         hf_dir.mkdir()
         for name, p in prep.store_aux.items():
-            shutil.copyfile(p, hf_dir / name)
+            data = Path(p).read_bytes()  # hashed as written: the manifest covers hf/ too
+            write_bytes_atomic(hf_dir / name, data)
+            hf_files[name] = FileEntry(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     plan = prep.plan
     manifest = Manifest(
         deltapack_version=__version__,
@@ -145,16 +149,19 @@ def assemble(
         removed=plan.removed,
         unchanged=len(plan.unchanged),
         files=files,
+        hf_files=dict(sorted(hf_files.items())),
         aux=prep.aux_where,
         calibration=_calibration_record(ctx.cache.get("calibration_record") or res.calibration_record, heal_record),
     )
-    # the card states the true ratio, which depends on the card's own size: two passes settle it
+    # the card states the true ratio, which depends on the card's own size: two passes settle it. The manifest is
+    # written last (its size known beforehand), so a directory with a manifest has everything else.
     card_path = tmp / "README.md"
+    manifest_bytes = manifest.dumps().encode()
     write_bytes_atomic(card_path, _card(manifest, 0.0).encode())
-    write_bytes_atomic(tmp / MANIFEST_NAME, manifest.dumps().encode())
     for _ in range(2):
-        true_ratio = manifest.dense_delta_bytes / dir_bytes(tmp)
+        true_ratio = manifest.dense_delta_bytes / (dir_bytes(tmp) + len(manifest_bytes))
         write_bytes_atomic(card_path, _card(manifest, true_ratio).encode())
+    write_bytes_atomic(tmp / MANIFEST_NAME, manifest_bytes)
     true_ratio = manifest.dense_delta_bytes / dir_bytes(tmp)
     if prep.ratio is not None and true_ratio < prep.ratio * 0.97:
         raise BudgetError(

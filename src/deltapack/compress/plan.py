@@ -266,7 +266,7 @@ def _estimate_overhead(names: list[str], method: DeltaMethod, aux_bytes: int) ->
         len(n) * (1 + method.parts_per_tensor) + 420 + 90 * method.parts_per_tensor + getattr(method, "params_bytes", 120)
         for n in names
     )
-    return per_tensor + 3000 + aux_bytes
+    return per_tensor + 3000 + aux_bytes + 100  # + the manifest digest (format 2)
 
 
 def check_settings(method: str, ratio: float | None, params: dict | None, calib: str | None) -> tuple[DeltaMethod, float | None]:
@@ -387,7 +387,7 @@ def prepare_finetune(
     budgets: dict[str, int] = {}
     if ratio is not None:
         target_bytes = dense_total / ratio
-        overhead = _estimate_overhead(todo, m, aux_bytes)
+        overhead = _estimate_overhead(todo, m, aux_bytes + 110 * len(store_aux))  # hf/ files and their checksums
         avail = int(target_bytes / RATIO_SLACK - overhead - sum(fixed.values()))
         need = sum(m.min_bytes(s.shape) for s in matrices)
         if avail < need:

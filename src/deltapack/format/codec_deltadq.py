@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from deltapack.errors import FormatError
-from deltapack.format.codecs import Codec, _need, register_codec
+from deltapack.format.codecs import BITS, FLOAT, U8, Codec, _need, pchoice, pint, register_codec
 from deltapack.format.masks import group_keep_indices, hash32
 from deltapack.format.packing import pack_bits, packed_row_bytes, unpack_bits
 from deltapack.quant.rtn import quant_params
@@ -295,6 +295,8 @@ def decode_values(params: dict, parts: dict[str, torch.Tensor], shape: tuple[int
             low = unpack_bits(codes[off : off + nb].view(1, -1), low_bits, cnt).view(-1).float() if cnt else u.new_zeros(0)
             u[sel] = pgrid[j, 0] + pgrid[j, 1] * low
             off += nb
+        if off != codes.numel():
+            raise FormatError(f"deltadq part codes hold {codes.numel()} bytes, the parts use {off} (corrupt or edited)")
     if grid.shape[0] == 1:
         return grid[0, 1] + grid[0, 0] * u
     rows = torch.repeat_interleave(torch.arange(m, device=dev), counts)
@@ -319,6 +321,25 @@ def scatter_values(vals: torch.Tensor, params: dict, shape: tuple[int, int], pos
 class DeltaDQCodec(Codec):
     name = "deltadq"
     payload_parts = ("codes", "values", "part_ids")
+
+    @classmethod
+    def layout(cls, params, shape):
+        m, n = shape
+        g = pint(params, "g", 1, max(n, 1))
+        keep = pint(params, "keep", 0, g)
+        rows_hi = pint(params, "rows_hi", 0, m)
+        pint(params, "seed", 0, _M32)
+        bits = pint(params, "bits", 1, choices=BITS)
+        s = pint(params, "s", 0, 7, 0) if bits == 16 else pint(params, "s", 0, bits - 1, 0)
+        rows = m if pchoice(params, "scale", SCALE_MODES, "tensor") == "row" else 1
+        _check_layout({"g": g, "keep": keep, "rows_hi": rows_hi}, shape)
+        total = kept_count(m, n, g, keep, rows_hi)
+        if bits == 16:
+            return {"values": (FLOAT, total)}
+        if s == 0:
+            return {"codes": (U8, packed_row_bytes(total, bits)), "scale": (FLOAT, 2 * rows)}
+        return {"part_ids": (U8, packed_row_bytes(total, s)), "codes": (U8, None), "scale": (FLOAT, 2 * rows),
+                "pgrid": (FLOAT, 2 << s)}
 
     @classmethod
     def decode(cls, params, parts, shape):

@@ -23,7 +23,7 @@ import torch
 
 from deltapack.errors import FormatError
 from deltapack.format import entropy
-from deltapack.format.codecs import Codec, register_codec
+from deltapack.format.codecs import U8, Codec, pint, register_codec
 
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -138,6 +138,18 @@ def _unzigzag_add(z: np.ndarray, base_words: np.ndarray | None) -> None:
         z += base_words
 
 
+_DTYPE_WIDTH = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1,
+                "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1}
+
+
+def _frames(params: dict, key: str) -> int:
+    """Bytes of the zstd frames a params list records (each frame's size a non-negative int)."""
+    f = params.get(key)
+    if not isinstance(f, list) or not all(type(x) is int and x >= 0 for x in f):
+        raise FormatError(f"codec parameter {key} must be a list of frame sizes")
+    return sum(f)
+
+
 @register_codec
 class LosslessCodec(Codec):
     """params: {"dtype", "bitmap", "frames"[, "changed", "mask_frames"]}; parts: planes (uint8 zstd frames)
@@ -147,6 +159,20 @@ class LosslessCodec(Codec):
     payload_parts = ("planes", "mask")
     needs_base = True
     entropy_coded = True  # its parts are already zstd: the entropy stage leaves them alone
+
+    @classmethod
+    def layout(cls, params, shape):
+        dt = params.get("dtype")
+        if not isinstance(dt, str) or dt not in _DTYPE_WIDTH:
+            raise FormatError(f"codec parameter dtype={dt!r} must be one of {sorted(_DTYPE_WIDTH)}")
+        bitmap = params.get("bitmap")
+        if type(bitmap) is not bool:
+            raise FormatError(f"codec parameter bitmap={bitmap!r} must be true or false")
+        out = {"planes": (U8, _frames(params, "frames"))}
+        if bitmap:
+            pint(params, "changed", 0, shape[0] * shape[1])
+            out["mask"] = (U8, _frames(params, "mask_frames"))
+        return out
 
     @classmethod
     def rebuild(cls, params, parts, shape, base):

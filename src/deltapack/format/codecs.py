@@ -24,6 +24,7 @@ Codecs:
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -34,11 +35,41 @@ from deltapack.format.packing import packed_row_bytes, unpack_bits
 from deltapack.quant.rtn import dequantize_rows
 
 
+# what a part may be stored as: codes are bytes, everything else a float tensor
+U8, FLOAT, ANY = "u8", "float", "any"
+Layout = dict[str, tuple[str, "int | None"]]  # part -> (kind, element count; None: depends on the data, decode checks)
+
+
+def pint(params: dict, key: str, lo: int, hi: int | None = None, default=None, *, choices=None) -> int:
+    """A codec parameter that must be an int in [lo, hi] (or one of `choices`); bools and strings are refused."""
+    v = params.get(key, default)
+    if type(v) is not int or v < lo or (hi is not None and v > hi) or (choices is not None and v not in choices):
+        rng = f"one of {sorted(choices)}" if choices is not None else f"an integer in [{lo}, {hi if hi is not None else 'inf'})"
+        raise FormatError(f"codec parameter {key}={v!r} must be {rng}")
+    return v
+
+
+def pchoice(params: dict, key: str, choices: tuple, default=None):
+    v = params.get(key, default)
+    if not isinstance(v, str) or v not in choices:
+        raise FormatError(f"codec parameter {key}={v!r} must be one of {list(choices)}")
+    return v
+
+
+BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
+
+
 class Codec:
     name: str = ""
     payload_parts: tuple[str, ...] = ()
     needs_base: bool = False  # stores bits against the base: `rebuild(params, parts, shape, base)`, no `decode`
     entropy_coded: bool = False  # parts already entropy-coded: the entropy stage skips them
+
+    @classmethod
+    def layout(cls, params: dict, shape: tuple[int, int]) -> Layout:
+        """Check `params` (types and ranges, against the 2-D shape) and return the parts they imply with their
+        element counts: what a reader checks against the stored tensors before decoding anything."""
+        raise NotImplementedError
 
     @classmethod
     def decode(cls, params: dict, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
@@ -79,6 +110,10 @@ def _need(parts: dict, *names: str) -> None:
 class DenseCodec(Codec):
     name = "dense"
     payload_parts = ("values",)
+
+    @classmethod
+    def layout(cls, params, shape):
+        return {"values": (ANY, shape[0] * shape[1])}
 
     @classmethod
     def decode(cls, params, parts, shape):
@@ -130,6 +165,10 @@ def decode_qblocks(blocks: list[dict], cols: int, codes, scale, zero, floats) ->
         )
         c_off += nb
         s_off += r * ng
+    # every stored byte must be used: a params edit that shrinks the layout is corruption, not a smaller tensor
+    n_float = 0 if floats is None else (floats.shape[0] if floats.dim() > 1 else (floats.numel() // max(cols, 1)))
+    if c_off != codes.numel() or s_off != scale.numel() or s_off != zero.numel() or (floats is not None and f_off != n_float):
+        raise FormatError("stored codes, scales or factors do not match the codec parameters (corrupt or edited delta)")
     if not out:
         return torch.zeros(0, cols, device=codes.device)
     return torch.cat(out, 0)
@@ -142,6 +181,27 @@ class FactorsCodec(Codec):
 
     name = "factors"
     payload_parts = ("A.codes", "A.float", "Bt.codes", "Bt.float")
+
+    @classmethod
+    def layout(cls, params, shape):
+        m, n = shape
+        groups = params.get("groups")
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise FormatError("codec parameter groups must be a list of rank groups")
+        counts = dict.fromkeys(("A.float", "Bt.float", "A.codes", "Bt.codes", "A.scale", "A.zero", "Bt.scale", "Bt.zero"), 0)
+        for g in groups:
+            r = pint(g, "rank", 1, 1 << 20)  # a LoRA's rank may exceed min(out, in); the stored sizes bound it
+            b = pint(g, "bits", 1, choices=BITS)
+            if b == 16:
+                counts["A.float"] += r * n
+                counts["Bt.float"] += r * m
+                continue
+            for side, cols, key in (("A", n, "group_size"), ("Bt", m, "group_size_bt")):
+                gs = pint(g, key, 1, None, cols) if g.get(key) is not None else cols
+                counts[f"{side}.codes"] += r * packed_row_bytes(cols, b)
+                counts[f"{side}.scale"] += r * ((cols + gs - 1) // gs)
+                counts[f"{side}.zero"] += r * ((cols + gs - 1) // gs)
+        return {k: (U8 if k.endswith("codes") else FLOAT, v) for k, v in counts.items() if v}
 
     @classmethod
     def _side(cls, params, parts, side: str, cols: int) -> torch.Tensor:
@@ -192,6 +252,13 @@ class LoraCodec(FactorsCodec):
     name = "lora"
 
     @classmethod
+    def layout(cls, params, shape):
+        sc = params.get("scale", 1.0)
+        if type(sc) not in (float, int) or not math.isfinite(sc):
+            raise FormatError(f"codec parameter scale={sc!r} must be a finite number")
+        return super().layout(params, shape)
+
+    @classmethod
     def factors(cls, params, parts, shape) -> tuple[torch.Tensor, torch.Tensor]:
         A, Bt = super().factors(params, parts, shape)
         return A, Bt * float(params.get("scale", 1.0))
@@ -217,6 +284,13 @@ class SignCodec(Codec):
     payload_parts = ("signs",)
 
     @classmethod
+    def layout(cls, params, shape):
+        m, n = shape
+        k = pint(params, "planes", 1, 64, 1)
+        rows = m if pchoice(params, "scale", ("matrix", "row"), "matrix") == "row" else 1
+        return {"signs": (U8, k * m * packed_row_bytes(n, 1)), "scale": (FLOAT, k * rows)}
+
+    @classmethod
     def decode(cls, params, parts, shape):
         _need(parts, "signs", "scale")
         m, n = shape
@@ -238,6 +312,30 @@ class SparseCodec(Codec):
 
     name = "sparse"
     payload_parts = ("values", "codes")
+
+    @classmethod
+    def layout(cls, params, shape):
+        m, n = shape
+        mask = pchoice(params, "mask", ("bernoulli", "group"))
+        pint(params, "seed", 0, (1 << 32) - 1)
+        bits = pint(params, "bits", 1, choices=BITS)
+        if mask == "bernoulli":
+            p = params.get("keep_prob")
+            if type(p) is not float or not (math.isfinite(p) and 0 < p <= 1):
+                raise FormatError(f"codec parameter keep_prob={p!r} must be a number in (0, 1]")
+            rows, cols = 1, None  # the kept count follows from the mask: decode checks it
+        else:
+            gs = pint(params, "group_size", 1, max(n, 1))
+            if n % gs:
+                raise FormatError(f"codec parameter group_size={gs} does not divide {n} columns")
+            rows, cols = m, n // gs * pint(params, "keep", 0, gs)
+        if bits == 16:
+            return {"values": (FLOAT, None if cols is None else rows * cols)}
+        if cols is None:
+            return {"codes": (U8, None), "scale": (FLOAT, None), "zero": (FLOAT, None)}
+        gq = pint(params, "group_size_q", 1, None, cols) if params.get("group_size_q") is not None else cols
+        ng = rows * ((cols + gq - 1) // gq) if cols else 0
+        return {"codes": (U8, rows * packed_row_bytes(cols, bits)), "scale": (FLOAT, ng), "zero": (FLOAT, ng)}
 
     @classmethod
     def positions(cls, params, shape, device="cpu"):

@@ -105,11 +105,15 @@ def iter_frames(blob, sizes: list[int], n: int, width: int, planes: bool):
         m = min(FRAME_ELEMENTS, n - s)
         words = None
         for p in range(per):
+            expect = m if per > 1 else m * width
             try:
+                # the frame header's content size decides the allocation: check it first (a forged frame could
+                # claim terabytes)
+                if _zstd().frame_content_size(mv[pos : pos + sizes[k]]) != expect:
+                    raise FormatError(f"entropy-coded data: a frame declares another size than the {expect} bytes expected")
                 raw = d.decompress(mv[pos : pos + sizes[k]])
             except zerr as e:
                 raise FormatError(f"entropy-coded data: corrupt zstd frame: {e}") from e
-            expect = m if per > 1 else m * width
             if len(raw) != expect:
                 raise FormatError(f"entropy-coded data: a frame holds {len(raw)} bytes, expected {expect}")
             src = np.frombuffer(raw, dtype=np.uint8)

@@ -15,6 +15,7 @@ compact JSON padded with spaces to 8 bytes), so files written this way are byte-
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -65,19 +66,31 @@ class SafetensorsFile:
                 if n > size - 8 or n > 100 << 20:
                     raise ValueError(f"header length {n} does not fit a {size}-byte file")
                 header = json.loads(f.read(n))
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot read safetensors file {self.path}: {e}") from e
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+        except (OSError, ValueError, RecursionError) as e:
+            raise InputError(f"cannot read safetensors file {self.path}: {str(e)[:200]}") from e
         self.data_start = 8 + n
-        self.metadata: dict = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None) or {}
+        self.metadata: dict = meta if isinstance(meta, dict) else {}
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             try:
                 a, b = info["data_offsets"]
-                self.entries[name] = (info["dtype"], tuple(info["shape"]), int(a), int(b))
+                shape = tuple(info["shape"])
+                dtype_name = info["dtype"]
+                if not (type(a) is int and type(b) is int and all(type(x) is int and x >= 0 for x in shape)):
+                    raise ValueError("offsets and shape must be non-negative integers")
+                self.entries[name] = (dtype_name, shape, a, b)
             except (KeyError, TypeError, ValueError) as e:
-                raise InputError(f"cannot read safetensors file {self.path}: bad entry for {name}") from e
+                raise InputError(f"cannot read safetensors file {self.path}: bad entry for {str(name)[:200]}") from e
             if not 0 <= a <= b or self.data_start + b > size:
                 raise InputError(f"cannot read tensor {name} from {self.path}: file truncated")
+            dt = DTYPES.get(dtype_name, (None,))[0] if isinstance(dtype_name, str) else None
+            # a header whose byte range disagrees with its shape would read other tensors' bytes or fail in reshape
+            if dt is not None and math.prod(shape) * torch.empty((), dtype=dt).element_size() != b - a:
+                raise InputError(f"cannot read tensor {name} from {self.path}: shape {list(shape)} does not fit "
+                                 f"its {b - a} bytes")
 
     def keys(self) -> list[str]:
         return list(self.entries)

@@ -169,8 +169,14 @@ def _weight_files(d: Path) -> list[Path]:
     if idx.exists():
         try:
             wm = json.loads(idx.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InputError(f"{idx} is not a valid safetensors index: {e}") from e
+        if not isinstance(wm, dict):
+            raise InputError(f"{idx} is not a valid safetensors index: weight_map is not an object")
+        for f in wm.values():
+            # shard names are plain names next to the index: never a path that leaves the checkpoint
+            if not isinstance(f, str) or not f or f in (".", "..") or "/" in f or "\\" in f or "\x00" in f:
+                raise InputError(f"{idx} names a shard {str(f)[:100]!r} that is not a plain file name in the checkpoint")
         files = sorted({d / f for f in wm.values()})
         missing = [str(f) for f in files if not f.exists()]
         if missing:

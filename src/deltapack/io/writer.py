@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -31,21 +32,89 @@ from deltapack.io.safetensors_file import COPY_CHUNK, TORCH_TO_ST, safetensors_h
 log = logging.getLogger(__name__)
 
 
-class AtomicDir:
-    """`with AtomicDir(out, overwrite) as tmp:` write into tmp; on success tmp is renamed to out, on error removed."""
+def guard_output(out: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs (with or without --overwrite: replacing
+    OUT would delete the input, writing into it would change it). Inputs that are not local paths (hub ids) are
+    skipped; symlinks are resolved on both sides."""
+    o = Path(out).expanduser().resolve()
+    for i in inputs:
+        if i is None:
+            continue
+        p = Path(i).expanduser()
+        if not p.exists():
+            continue
+        r = p.resolve()
+        if o == r:
+            raise InputError(f"output {out} is the input {i}: refusing to overwrite an input")
+        if r.is_relative_to(o):
+            raise InputError(f"output {out} contains the input {i}: replacing it would delete that input")
+        if o.is_relative_to(r):
+            raise InputError(f"output {out} lies inside the input {i}: refusing to write into an input")
 
-    def __init__(self, out: str | os.PathLike, overwrite: bool = False):
+
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_stale_temps(out: Path) -> list[Path]:
+    """Temp directories `.NAME.tmp-*` / `.NAME.old-*` that earlier runs writing `out` left behind (killed runs):
+    those made on this host by a process that no longer exists are removed; any other is listed in a warning (it
+    may belong to a run still going, here or on another host). Returns what was removed."""
+    removed, kept = [], []
+    try:
+        entries = list(out.parent.iterdir())
+    except OSError:
+        return removed
+    for e in entries:
+        n = e.name
+        if not (n.startswith(f".{out.name}.tmp-") or n.startswith(f".{out.name}.old-")) or e.is_symlink() or not e.is_dir():
+            continue
+        rest = n[len(out.name) + 6:].split("-")  # "HOST-PID-random" for temps made by this version
+        mine = len(rest) >= 2 and rest[0] == _HOST_TAG and rest[1].isdigit()
+        if mine and not _pid_alive(int(rest[1])):
+            shutil.rmtree(e, ignore_errors=True)
+            removed.append(e)
+        else:
+            kept.append(e)
+    if removed:
+        log.warning("removed %d temp director%s left by interrupted runs: %s", len(removed),
+                    "y" if len(removed) == 1 else "ies", ", ".join(p.name for p in removed))
+    if kept:
+        log.warning("temp directories of other or older runs next to %s (remove them if no run is going): %s", out.name,
+                    ", ".join(p.name for p in kept))
+    return removed
+
+
+class AtomicDir:
+    """`with AtomicDir(out, overwrite) as tmp:` write into tmp; on success tmp is renamed to out, on error removed.
+
+    The temp directory is `.NAME.tmp-HOST-PID-XXXX`: the next run writing NAME removes those of dead processes of
+    this host (a run killed with -9 cleans nothing up itself). `inputs`: paths OUT must not be, contain or lie in."""
+
+    def __init__(self, out: str | os.PathLike, overwrite: bool = False, inputs: Sequence[str | os.PathLike | None] = ()):
         self.out = Path(out).resolve()
         self.overwrite = overwrite
+        self.inputs = tuple(inputs)
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
+        guard_output(self.out, *self.inputs)
         if self.out.exists() and not self.overwrite:
             raise InputError(f"output {self.out} already exists (pass --overwrite to replace it)")
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"output {self.out} exists and is not a directory")
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        clean_stale_temps(self.out)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-{_HOST_TAG}-{os.getpid()}-", dir=self.out.parent))
         os.chmod(self.tmp, 0o755)  # mkdtemp makes 0700; the result is an ordinary directory
         return self.tmp
 
@@ -56,7 +125,7 @@ class AtomicDir:
             return False
         old = None
         if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            old = self.out.with_name(f".{self.out.name}.old-{_HOST_TAG}-{os.getpid()}-x")
             os.replace(self.out, old)
         os.replace(self.tmp, self.out)
         if old is not None:

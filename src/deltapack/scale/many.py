@@ -400,6 +400,12 @@ def compress_many(
     names = parse_finetunes(finetunes)
     m, ratio = check_settings(method, ratio, params, calib)
     out_dir = Path(out_dir).resolve()
+    from deltapack.io.writer import guard_output
+
+    inputs = (base, calib, *names.values())
+    guard_output(out_dir, *inputs)  # before anything is removed: --overwrite/--restart must never delete an input
+    for n in names:
+        guard_output(out_dir / n, *inputs)
     work_root = out_dir / WORK
     if (restart or overwrite) and work_root.exists():
         shutil.rmtree(work_root)

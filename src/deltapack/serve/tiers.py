@@ -152,7 +152,7 @@ class DeltaTiers:
 
     def _prepare(self, name: str, path: str | Path, *, verify_base: bool) -> Tenant:
         d = DeltaDir.open(path)
-        d.check()
+        d.check()  # shards and hf/ files; the shards are checked again as they are read for packing (below)
         man = d.manifest
         r = self.runner
         if man.base.structure and r.source.structure_hash() != man.base.structure:
@@ -166,6 +166,10 @@ class DeltaTiers:
                 raise MismatchError(f"delta {name}: the served base's weights differ from the base it was made against ({man.base.id})")
         if man.removed:
             raise MismatchError(f"delta {name} drops tensors of the base ({', '.join(man.removed[:3])}): cannot be served on it")
+        for tname, te in man.tensors.items():  # a "new" tensor the base has would replace the base's weight outright
+            if te.in_base != (tname in r.source):
+                raise FormatError(f"delta {name}: {tname[:200]} is stored as {'a change to' if te.in_base else 'new beside'} "
+                                  f"the base, which {'lacks' if te.in_base else 'has'} it")
         tcfg = {}
         hf = d.path / "hf"
         if man.aux.get("config.json") == "delta" and (hf / "config.json").is_file():
@@ -225,6 +229,15 @@ class DeltaTiers:
         return out, vocab
 
     def _pack(self, t: Tenant, device) -> dict[str, PackedDelta]:
+        """Pack every tensor from shard bytes read once and checked against their sha256 (`load_verified`): a delta
+        evicted to the disk tier and rewritten there since is refused on its next promotion, never served."""
+        t.delta.load_verified()
+        try:
+            return self._pack_verified(t, device)
+        finally:
+            t.delta.drop_verified()
+
+    def _pack_verified(self, t: Tenant, device) -> dict[str, PackedDelta]:
         r = self.runner
         packed: dict[str, PackedDelta] = {}
         for tname in t.placements:

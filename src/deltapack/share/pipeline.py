@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from deltapack.errors import InputError
+from deltapack.io.writer import guard_output
 from deltapack.share.data import load_docs, self_chat_texts, self_text_texts, split_docs, windows
 from deltapack.share.evaluate import batched_kl, evaluate, teacher_logprobs
 from deltapack.share.baselines import heal_layer_drop, layer_drop_model
@@ -76,8 +77,10 @@ def training_text(model, tok, data, self_chat: int, self_text: int | None, cfg: 
     return train_w, held_w, chat, free
 
 
-def _outputs_free(out: Path, overwrite: bool, *more: Path | None) -> None:
+def _outputs_free(out: Path, overwrite: bool, *more: Path | None, inputs: tuple = ()) -> None:
     for p in (out, *more):
+        if p is not None:
+            guard_output(p, *inputs)  # even with --overwrite: replacing an input would delete it
         if p is not None and p.exists() and not overwrite:
             raise InputError(f"output {p} already exists (pass --overwrite to replace it)")
 
@@ -109,7 +112,7 @@ def share(
     """Compress MODEL into a shared-weight model at `out`. Returns the summary also written to out/share.json."""
     cfg = train or TrainConfig()
     out = Path(out)
-    _outputs_free(out, overwrite, Path(export_dense) if export_dense else None)
+    _outputs_free(out, overwrite, Path(export_dense) if export_dense else None, inputs=(model_ref, data))
     ckpt = Path(ckpt_dir) if ckpt_dir else out.with_name(out.name + ".ckpt")
     dev = pick_device(device)
     t_start = time.perf_counter()
@@ -187,7 +190,7 @@ def drop_and_heal(
     deltapack_layerdrop.json beside it. Returns that summary."""
     cfg = train or TrainConfig()
     out = Path(out)
-    _outputs_free(out, overwrite)
+    _outputs_free(out, overwrite, inputs=(model_ref, data))
     if not 0 < reduction < 1:
         raise InputError(f"--reduction must be in (0, 1), got {reduction}")
     if heal_lr <= 0:
