@@ -333,7 +333,8 @@ def quality_markdown(merged: dict | None, json_name: str) -> str:
     lines = [head, f"Device: {merged.get('device') or '?'}; parts merged {merged.get('merged', '?')}. Accuracy kept = "
              f"rebuilt model's score ÷ the fine-tune's on the same test items; [brackets]: {INTERVAL_TEXT}. "
              "`default` = no calibration file (what `deltapack compress` does without --calib); `task` = the task's "
-             "own training split as --calib; n/a = the method uses no calibration data. † = not every family of the "
+             "own training split as --calib; n/a = no task-calibrated run of this method (none exists for a data-free "
+             "method; none was made in these parts otherwise); – = not measured. † = not every family of the "
              "row was measured.", "",
              "### Worst task, tuning families (" + ", ".join(TUNING) + ")", "", *worst_table(results, TUNING), "",
              "### Worst task, held-out families (" + ", ".join(HELDOUT) + ")", "",
