@@ -176,9 +176,10 @@ def codec_study(bsrc, fsrc, max_tensors: int = 12) -> dict:
     start, middle and end): stored bytes of XOR vs zigzagged integer difference, byte planes vs the raw words, zstd
     levels 1/3/19, with and without the changed-element bitmap; the order-0 entropy of the planes (what an ideal
     order-0 coder such as ANS would reach) and of the 16-bit difference given the base's exponent (what a
-    context model would reach); single-core zstd decode speed."""
+    context model would reach); single-core speed of the zstd frames alone and of the codec's whole rebuild (planes
+    joined, unzigzagged, added to the base)."""
     from deltapack.format import entropy
-    from deltapack.format.codec_lossless import encode_bits, zigzag
+    from deltapack.format.codec_lossless import encode_bits, rebuild_bits, zigzag
 
     names = [n for n in fsrc.keys() if n in set(bsrc.keys()) and fsrc.meta(n).dtype in (torch.bfloat16, torch.float16)]
     layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in names if ".layers." in n})
@@ -191,7 +192,7 @@ def codec_study(bsrc, fsrc, max_tensors: int = 12) -> dict:
     def add(k, v):
         tot[k] = tot.get(k, 0.0) + v
 
-    dec_s = dec_bytes = 0.0
+    dec_s = reb_s = dec_bytes = 0.0
     for n in sample:
         b, f = bsrc.get(n), fsrc.get(n)
         bw = b.contiguous().view(torch.int16).numpy().view(np.uint16).ravel()
@@ -220,12 +221,19 @@ def codec_study(bsrc, fsrc, max_tensors: int = 12) -> dict:
         t0 = time.thread_time()
         for _ in entropy.iter_frames(blob, p_plain["frames"], N, 2, True):
             pass
-        dec_s += time.thread_time() - t0
+        t1 = time.thread_time()
+        rebuilt = rebuild_bits(p_plain, parts_plain, f.shape, b)
+        t2 = time.thread_time()
+        assert torch.equal(rebuilt.view(torch.int16), f.view(torch.int16))
+        dec_s += t1 - t0
+        reb_s += t2 - t1
         dec_bytes += 2 * N
     bf16 = 2 * tot.get("elements", 0)
     ratios = {k.replace("_bytes", ""): round(bf16 / v, 3) for k, v in tot.items() if k.endswith("_bytes") and v}
     return {"tensors": sample, "bf16_bytes": int(bf16), "ratio_vs_bf16": ratios,
-            "zstd_planes_decode_gb_per_s_per_core": round(dec_bytes / max(dec_s, 1e-9) / 1e9, 3)}
+            # CPU time of this thread: GB of fine-tune (bf16) out per second of one core
+            "zstd_planes_decode_gb_per_s_per_core": round(dec_bytes / max(dec_s, 1e-9) / 1e9, 3),
+            "codec_rebuild_gb_per_s_per_core": round(dec_bytes / max(reb_s, 1e-9) / 1e9, 3)}
 
 
 def measure(base: Path, ft: Path, pair: str, model: str, methods: list[str], ratio: float, device: str,
