@@ -172,8 +172,8 @@ def _h0(a: np.ndarray) -> float:
 
 
 def codec_study(bsrc, fsrc, max_tensors: int = 12) -> dict:
-    """What the codec choice rests on, on a sample of 16-bit tensors (the embedding and one layer's matrices at the
-    start, middle and end): stored bytes of XOR vs zigzagged integer difference, byte planes vs the raw words, zstd
+    """What the codec choice rests on, on a sample of changed 16-bit tensors (the embedding and one layer's matrices
+    at the start, middle and end of the changed layers): stored bytes of XOR vs zigzagged integer difference, byte planes vs the raw words, zstd
     levels 1/3/19, with and without the changed-element bitmap; the order-0 entropy of the planes (what an ideal
     order-0 coder such as ANS would reach) and of the 16-bit difference given the base's exponent (what a
     context model would reach); single-core speed of the zstd frames alone and of the codec's whole rebuild (planes
@@ -181,7 +181,9 @@ def codec_study(bsrc, fsrc, max_tensors: int = 12) -> dict:
     from deltapack.format import entropy
     from deltapack.format.codec_lossless import encode_bits, rebuild_bits, zigzag
 
-    names = [n for n in fsrc.keys() if n in set(bsrc.keys()) and fsrc.meta(n).dtype in (torch.bfloat16, torch.float16)]
+    in_base = set(bsrc.keys())
+    names = [n for n in fsrc.keys() if n in in_base and fsrc.meta(n).dtype in (torch.bfloat16, torch.float16)
+             and fsrc.meta(n).shape == bsrc.meta(n).shape and not torch.equal(fsrc.get(n), bsrc.get(n))]
     layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in names if ".layers." in n})
     pick = [layers[0], layers[len(layers) // 2], layers[-1]] if layers else []
     sample = [n for n in names if "embed" in n] + [n for n in names if any(f".layers.{i}." in n for i in pick)
