@@ -21,7 +21,11 @@ GPU machine, on the quality benchmark's fine-tunes (bench/quality/run.py makes W
         --finetune-dirs /root/dpq/ft-* --out $OUT/lossless-gpu.json
   (needs the zstandard wheel carried: zstandard-0.25.0-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl, 5.5 MB).
   `--methods` picks what runs (default: lossless, dense-exact and the five lossy codecs); lossy methods encode on
-  `--device` (default cuda when there is one). A record is written to --out after every measurement.
+  `--device` (default cuda when there is one). A record is written to --out after every measurement, so a call cut
+  at its time limit keeps what it measured; `--append` adds to an existing --out. The exact methods take about a
+  minute per fine-tune (dense-exact's merge is most of it), so for six tasks within one 10-minute call:
+      ... --methods lossless --no-study            (then, if time is left, a second call with --append and
+      ... --methods dense-exact,dare,lowrank,bitdelta,deltadq,delta-come --no-study --append)
 """
 
 from __future__ import annotations
