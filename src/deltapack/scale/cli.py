@@ -11,7 +11,7 @@ def register(main: click.Group) -> None:
     @click.argument("finetunes", nargs=-1, required=True)
     @click.option("-o", "--out", required=True, type=click.Path(), help="directory: one delta directory per fine-tune")
     @click.option("-m", "--method", default="lowrank", show_default=True, help="see `deltapack methods`")
-    @click.option("-r", "--ratio", type=float, default=None, help="target TRUE ratio (default 16; raw: lossless)")
+    @click.option("-r", "--ratio", type=float, default=None, help="target TRUE ratio (default 16; the lossless methods (lossless, raw, dense-exact) take none)")
     @click.option("-p", "--param", "params", multiple=True, help="method knob key=value (repeatable)")
     @click.option("--calib", type=click.Path(), default=None, help="calibration text (.txt) or .jsonl")
     @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
