@@ -122,9 +122,8 @@ def rebuild_bits(params: dict, parts: dict[str, torch.Tensor], shape, base: torc
         ow[:] = z
     else:
         # frame by frame: the planes are joined, unzigzagged and added to the base while in cache
-        for s, m, z in entropy.iter_frames(blob, frames, n, width, True):
+        for s, m, z in entropy.iter_frames(blob, frames, n, width, True, out=ow):
             _unzigzag_add(z, bw[s : s + m] if bw is not None else None)
-            ow[s : s + m] = z
     return out.reshape(tuple(int(s) for s in shape))
 
 
