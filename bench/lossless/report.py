@@ -24,13 +24,13 @@ def render(doc: dict) -> str:
         out.append(f"- run {i}: `{r['command']}` — {r['device']}, {r['date']}, torch {r['torch']}, "
                    f"zstandard {r['zstandard']}")
     out += ["", "## Exact methods", "",
-            "| pair | method | unchanged elements | true ratio | vs bf16 fine-tune | encode s | decode s (1 thread) | "
-            "decode GB/s per core | merge s (wall) | merge CPU s | exact |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+            "| pair | method | unchanged elements | true ratio | without hf/ files | vs bf16 fine-tune | encode s | "
+            "decode s (1 thread) | decode GB/s per core | merge s (wall) | merge CPU s | exact |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in recs:
         if r["method"] in ("lossless", "raw", "dense-exact") and "error" not in r:
             out.append(f"| {r['pair']} | {r['method']} | {100 * r['unchanged_share']:.1f}% | {r['true_ratio']:.2f}x | "
-                       f"{r['ratio_vs_finetune']:.2f}x | {r['encode_s']:.1f} | {r['decode_s']:.2f} | "
+                       f"{_f(r.get('true_ratio_weights_only'))}x | {r['ratio_vs_finetune']:.2f}x | {r['encode_s']:.1f} | {r['decode_s']:.2f} | "
                        f"{_f(r.get('decode_gb_per_s_per_core'))} | {_f(r.get('merge_s'))} | {_f(r.get('merge_cpu_s'))} | "
                        f"{r['exact']} |")
     out += ["", "## Codec study (sampled 16-bit tensors; ratio against their bf16 bytes)", ""]

@@ -275,6 +275,12 @@ def measure(base: Path, ft: Path, pair: str, model: str, methods: list[str], rat
             continue
         d = DeltaDir.open(out)
         info = api.inspect(out)
+        from deltapack.format.directory import dir_bytes
+
+        # the fine-tune's own config/tokenizer files where their bytes differ from the base's: part of the delta,
+        # but not of the weights
+        hf = dir_bytes(out / "hf") if (out / "hf").is_dir() else 0
+        rec.update(hf_bytes=hf, true_ratio_weights_only=round(info["dense_delta_bytes"] / max(1, info["total_bytes"] - hf), 4))
         rec.update(true_ratio=round(info["true_ratio"], 4), delta_bytes=info["total_bytes"],
                    ratio_vs_finetune=round(ft_bytes / info["total_bytes"], 4),
                    dense_delta_bytes=info["dense_delta_bytes"], changed_tensors=info["changed_tensors"])
