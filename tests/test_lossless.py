@@ -171,3 +171,29 @@ def test_entropy_stage_lossy_same_delta_smaller(small_pair, tmp_path, monkeypatc
     assert a.manifest.format_version == b.manifest.format_version == 3
     ma, mb = api.merged_state_dict(base, d1), api.merged_state_dict(base, d0)
     assert all(_bits_equal(ma[n], mb[n]) for n in mb)
+
+
+def test_bench_finetune_dirs_mode(pico_pair, tmp_path):
+    """The mode the GPU machine runs: --finetune-dirs DIR... --base PATH writes the records the results file holds."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "lossless" / "run.py"
+    spec = importlib.util.spec_from_file_location("bench_lossless_run", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base, ft = pico_pair
+    out = tmp_path / "res.json"
+    assert mod.main(["--base", str(base), "--finetune-dirs", str(ft), "--methods", "lossless,dense-exact,dare",
+                     "--ratio", "1.5", "--device", "cpu", "--out", str(out), "--workdir", str(tmp_path / "w")]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["command"] and doc["device"] and doc["date"]
+    recs = {r["method"]: r for r in doc["records"]}
+    assert set(recs) == {"codec-study", "lossless", "dense-exact", "dare"}
+    for m in ("lossless", "dense-exact", "dare"):
+        assert {"model", "pair", "method", "true_ratio", "encode_s", "decode_s", "exact"} <= set(recs[m])
+    assert recs["lossless"]["exact"] and recs["dense-exact"]["exact"] and not recs["dare"]["exact"]
+    assert recs["lossless"]["true_ratio"] > recs["dense-exact"]["true_ratio"]
+    assert "entropy_stage" in recs["dare"]
+    with pytest.raises(SystemExit):
+        mod.main(["--finetune-dirs", str(ft)])  # no --base

@@ -109,6 +109,7 @@ def test_vocab_growth_roundtrip(tmp_path):
 
 def test_sharded_output_and_input(pico_pair, tmp_path):
     base, ft = pico_pair
+    # dense-exact: the uncompressed exact delta, large enough to need several 20 kB shards (raw now compresses)
     d = api.compress(base, ft, tmp_path / "d", method="dense-exact", progress=False, max_shard_bytes=20_000)
     assert len(list(d.glob("delta-*-of-*.safetensors"))) > 1
     out = api.merge(base, d, tmp_path / "m", progress=False, max_shard_bytes=30_000)

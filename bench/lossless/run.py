@@ -21,7 +21,11 @@ GPU machine, on the quality benchmark's fine-tunes (bench/quality/run.py makes W
         --finetune-dirs /root/dpq/ft-* --out $OUT/lossless-gpu.json
   (needs the zstandard wheel carried: zstandard-0.25.0-cp312-cp312-manylinux2014_x86_64.manylinux_2_17_x86_64.whl, 5.5 MB).
   `--methods` picks what runs (default: lossless, dense-exact and the five lossy codecs); lossy methods encode on
-  `--device` (default cuda when there is one). A record is written to --out after every measurement.
+  `--device` (default cuda when there is one). A record is written to --out after every measurement, so a call cut
+  at its time limit keeps what it measured; `--append` adds to an existing --out. The exact methods take about a
+  minute per fine-tune (dense-exact's merge is most of it), so for six tasks within one 10-minute call:
+      ... --methods lossless --no-study            (then, if time is left, a second call with --append and
+      ... --methods dense-exact,dare,lowrank,bitdelta,deltadq,delta-come --no-study --append)
 """
 
 from __future__ import annotations
@@ -105,23 +109,26 @@ def exact_check(fsrc, merged_dir: Path) -> bool:
     return True
 
 
-def decode_seconds(bsrc, d: DeltaDir) -> tuple[float, int]:
-    """Seconds to rebuild every stored tensor (one thread, base tensors read before the clock), bytes rebuilt."""
+def decode_seconds(bsrc, d: DeltaDir) -> tuple[float, float, int]:
+    """Wall and CPU seconds to rebuild every stored tensor (one thread, base tensors read before the clock), bytes
+    rebuilt. The CPU time is what 'per core' means on a shared machine, where the wall clock also counts the time
+    other processes held the core."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    secs, nbytes = 0.0, 0
+    secs, cpu, nbytes = 0.0, 0.0, 0
     try:
         for n, te in d.manifest.tensors.items():
             b = bsrc.get(n) if te.in_base else None
             if b is not None and te.base_rows is not None:
                 b = b[: te.base_rows]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             t = d.merge_tensor(n, b)
             secs += time.perf_counter() - t0
+            cpu += time.thread_time() - c0
             nbytes += t.numel() * t.element_size()
     finally:
         torch.set_num_threads(threads)
-    return secs, nbytes
+    return secs, cpu, nbytes
 
 
 def part_entropy_bits(blob: np.ndarray) -> float:
@@ -161,13 +168,96 @@ def entropy_report(d: DeltaDir) -> dict:
             "by_part": by_part}
 
 
+def _h0(a: np.ndarray) -> float:
+    """Order-0 entropy in bits per symbol."""
+    c = np.bincount(a.ravel()).astype(np.float64)
+    p = c[c > 0] / a.size
+    return float(-(p * np.log2(p)).sum())
+
+
+def codec_study(bsrc, fsrc, max_tensors: int = 12) -> dict:
+    """What the codec choice rests on, on a sample of changed 16-bit tensors (the embedding and one layer's matrices
+    at the start, middle and end of the changed layers): stored bytes of XOR vs zigzagged integer difference, byte planes vs the raw words, zstd
+    levels 1/3/19, with and without the changed-element bitmap; the order-0 entropy of the planes (what an ideal
+    order-0 coder such as ANS would reach) and of the 16-bit difference given the base's exponent (what a
+    context model would reach); single-core speed of the zstd frames alone and of the codec's whole rebuild (planes
+    joined, unzigzagged, added to the base)."""
+    from deltapack.format import entropy
+    from deltapack.format.codec_lossless import encode_bits, rebuild_bits, zigzag
+
+    in_base = set(bsrc.keys())
+    names = [n for n in fsrc.keys() if n in in_base and fsrc.meta(n).dtype in (torch.bfloat16, torch.float16)
+             and fsrc.meta(n).shape == bsrc.meta(n).shape and not torch.equal(fsrc.get(n), bsrc.get(n))]
+    layers = sorted({int(n.split(".layers.")[1].split(".")[0]) for n in names if ".layers." in n})
+    pick = [layers[0], layers[len(layers) // 2], layers[-1]] if layers else []
+    sample = [n for n in names if "embed" in n] + [n for n in names if any(f".layers.{i}." in n for i in pick)
+                                                    and len(fsrc.meta(n).shape) == 2]
+    sample = sample[:max_tensors]
+    tot: dict[str, float] = {}
+
+    def add(k, v):
+        tot[k] = tot.get(k, 0.0) + v
+
+    dec_s = reb_s = dec_bytes = 0.0
+    for n in sample:
+        b, f = bsrc.get(n), fsrc.get(n)
+        bw = b.contiguous().view(torch.int16).numpy().view(np.uint16).ravel()
+        fw = f.contiguous().view(torch.int16).numpy().view(np.uint16).ravel()
+        N = fw.size
+        add("elements", N)
+        zz = zigzag(fw - bw)
+        variants = {"xor": bw ^ fw, "sub": fw - bw, "sub_zigzag": zz}
+        for name, v in variants.items():
+            lo, hi = (v & 0xFF).astype(np.uint8), (v >> 8).astype(np.uint8)
+            add(f"{name}_planes_entropy_bytes", (_h0(lo) + _h0(hi)) * N / 8)
+            for lvl in (1, 3) if name != "sub_zigzag" else (1, 3, 19):
+                blob, _ = entropy.encode_planes(v, True, lvl)
+                add(f"{name}_planes_zstd{lvl}_bytes", len(blob))
+            blob, _ = entropy.encode_planes(v, False, 1)
+            add(f"{name}_words_zstd1_bytes", len(blob))
+        add("sub_zigzag_16bit_entropy_bytes", _h0(zz) * N / 8)
+        expo = ((bw >> 7) & 0xFF) if f.dtype == torch.bfloat16 else ((bw >> 10) & 0x1F)
+        cond = sum(_h0(zz[expo == e]) * int((expo == e).sum()) for e in np.unique(expo))
+        add("sub_zigzag_given_base_exponent_entropy_bytes", cond / 8)
+        p_plain, parts_plain = encode_bits(f, b, bitmap=False)
+        p_map, parts_map = encode_bits(f, b, bitmap=True)
+        add("lossless_no_bitmap_bytes", sum(t.numel() for t in parts_plain.values()))
+        add("lossless_bitmap_bytes", sum(t.numel() for t in parts_map.values()))
+        blob = parts_plain["planes"].numpy()
+        t0 = time.thread_time()
+        for _ in entropy.iter_frames(blob, p_plain["frames"], N, 2, True):
+            pass
+        t1 = time.thread_time()
+        rebuilt = rebuild_bits(p_plain, parts_plain, f.shape, b)
+        t2 = time.thread_time()
+        assert torch.equal(rebuilt.view(torch.int16), f.view(torch.int16))
+        dec_s += t1 - t0
+        reb_s += t2 - t1
+        dec_bytes += 2 * N
+    bf16 = 2 * tot.get("elements", 0)
+    ratios = {k.replace("_bytes", ""): round(bf16 / v, 3) for k, v in tot.items() if k.endswith("_bytes") and v}
+    return {"tensors": sample, "bf16_bytes": int(bf16), "ratio_vs_bf16": ratios,
+            # CPU time of this thread: GB of fine-tune (bf16) out per second of one core
+            "zstd_planes_decode_gb_per_s_per_core": round(dec_bytes / max(dec_s, 1e-9) / 1e9, 3),
+            "codec_rebuild_gb_per_s_per_core": round(dec_bytes / max(reb_s, 1e-9) / 1e9, 3)}
+
+
 def measure(base: Path, ft: Path, pair: str, model: str, methods: list[str], ratio: float, device: str,
-            work: Path, sink) -> None:
+            work: Path, sink, study: bool = True) -> None:
     bsrc, fsrc = open_model(base), open_model(ft)
     ft_bytes = weight_bytes_bf16(fsrc)
     stats = change_stats(bsrc, fsrc)
     log.info("%s: %.1f%% of elements unchanged, %.1f%% within 16 ulp", pair, 100 * stats["unchanged_share"],
              100 * stats["within_16_ulp_share"])
+    if study:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            st = codec_study(bsrc, fsrc)
+        finally:
+            torch.set_num_threads(threads)
+        log.info("%s codec study: %s", pair, st["ratio_vs_bf16"])
+        sink({"model": model, "pair": pair, "method": "codec-study", **st})
     for method in methods:
         out = work / f"{pair}-{method}"
         exact_method = method in EXACT
@@ -185,16 +275,25 @@ def measure(base: Path, ft: Path, pair: str, model: str, methods: list[str], rat
             continue
         d = DeltaDir.open(out)
         info = api.inspect(out)
+        from deltapack.format.directory import dir_bytes
+
+        # the fine-tune's own config/tokenizer files where their bytes differ from the base's: part of the delta,
+        # but not of the weights
+        hf = dir_bytes(out / "hf") if (out / "hf").is_dir() else 0
+        rec.update(hf_bytes=hf, true_ratio_weights_only=round(info["dense_delta_bytes"] / max(1, info["total_bytes"] - hf), 4))
         rec.update(true_ratio=round(info["true_ratio"], 4), delta_bytes=info["total_bytes"],
                    ratio_vs_finetune=round(ft_bytes / info["total_bytes"], 4),
                    dense_delta_bytes=info["dense_delta_bytes"], changed_tensors=info["changed_tensors"])
-        dec_s, dec_bytes = decode_seconds(bsrc, d)
-        rec.update(decode_s=round(dec_s, 3), decode_gb_per_s_per_core=round(dec_bytes / max(dec_s, 1e-9) / 1e9, 3))
+        dec_s, dec_cpu, dec_bytes = decode_seconds(bsrc, d)
+        rec.update(decode_s=round(dec_s, 3), decode_cpu_s=round(dec_cpu, 3),
+                   decode_gb_per_s_per_core=round(dec_bytes / max(dec_cpu, 1e-9) / 1e9, 3),
+                   decode_gb_per_s_wall=round(dec_bytes / max(dec_s, 1e-9) / 1e9, 3))
         if exact_method:
             merged = work / f"{pair}-{method}-merged"
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             api.merge(base, out, merged, overwrite=True, progress=False)
             rec["merge_s"] = round(time.perf_counter() - t0, 2)
+            rec["merge_cpu_s"] = round(time.process_time() - c0, 2)  # all threads of this process
             rec["exact"] = exact_check(fsrc, merged)
             shutil.rmtree(merged, ignore_errors=True)
         else:
@@ -212,8 +311,9 @@ def measure(base: Path, ft: Path, pair: str, model: str, methods: list[str], rat
         sink(rec)
 
 
-def cpu_pairs(work: Path) -> list[tuple[Path, Path, str]]:
-    """(base, fine-tune, label) of the committed CPU results; fine-tunes are made once and cached."""
+def cpu_pairs(which: list[str]) -> list[tuple[Path, Path, str]]:
+    """(base, fine-tune, label) of the committed CPU results (`which`: demo, full, layers); fine-tunes are made once
+    and cached."""
     from deltapack.demo import RECIPE, make_demo_finetune
     from deltapack.io.embedded import embedded_model_dir
     from deltapack.io.gguf import cache_root
@@ -222,29 +322,38 @@ def cpu_pairs(work: Path) -> list[tuple[Path, Path, str]]:
     from finetune_cpu import make_finetune
 
     base = embedded_model_dir()
-    demo = cache_root() / "demo" / f"finetune-{RECIPE}-16steps"
-    if not (demo / "model.safetensors").exists():
-        make_demo_finetune(base, demo, 16)
+    out = []
+    if "demo" in which:
+        demo = cache_root() / "demo" / f"finetune-{RECIPE}-16steps"
+        if not (demo / "model.safetensors").exists():
+            make_demo_finetune(base, demo, 16)
+        out.append((base, demo, "demo-16steps"))
     root = cache_root() / "lossless"
-    full = root / f"ft-arithmetic-{CPU_FT_STEPS}"
-    if not (full / "finetune.json").exists():
-        make_finetune(base, full, steps=CPU_FT_STEPS)
-    part = root / f"ft-arithmetic-{CPU_FT_STEPS}-layers24-29"
-    if not (part / "finetune.json").exists():
-        make_finetune(base, part, steps=CPU_FT_STEPS, layers=PARTIAL_LAYERS)
-    return [(base, demo, "demo-16steps"), (base, full, f"arithmetic-{CPU_FT_STEPS}steps-cpu"),
-            (base, part, f"arithmetic-{CPU_FT_STEPS}steps-cpu-layers24-29")]
+    if "full" in which:
+        full = root / f"ft-arithmetic-{CPU_FT_STEPS}"
+        if not (full / "finetune.json").exists():
+            make_finetune(base, full, steps=CPU_FT_STEPS)
+        out.append((base, full, f"arithmetic-{CPU_FT_STEPS}steps-cpu"))
+    if "layers" in which:
+        part = root / f"ft-arithmetic-{CPU_FT_STEPS}-layers24-29"
+        if not (part / "finetune.json").exists():
+            make_finetune(base, part, steps=CPU_FT_STEPS, layers=PARTIAL_LAYERS)
+        out.append((base, part, f"arithmetic-{CPU_FT_STEPS}steps-cpu-layers24-29"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu", action="store_true", help="the committed CPU set (demo pair + two CPU fine-tunes)")
+    ap.add_argument("--cpu-pairs", default="demo,full,layers", help="with --cpu: which of demo, full, layers")
+    ap.add_argument("--append", action="store_true", help="keep the records already in --out (one run per pair)")
     ap.add_argument("--finetune-dirs", nargs="+", type=Path, default=None, help="fine-tune checkpoint dirs")
     ap.add_argument("--base", type=Path, default=None, help="their base checkpoint dir (with --finetune-dirs)")
     ap.add_argument("--methods", default=",".join(EXACT + LOSSY))
     ap.add_argument("--ratio", type=float, default=16.0, help="target ratio of the lossy methods")
     ap.add_argument("--device", default=None, help="encode device of the lossy methods (default: cuda if present)")
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--no-study", action="store_true", help="skip the codec study (XOR vs difference, levels, bitmap)")
     ap.add_argument("--workdir", type=Path, default=None, help="scratch space (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "lossless.json")
     a = ap.parse_args(argv)
@@ -262,19 +371,24 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
     work = a.workdir or Path(tempfile.mkdtemp(prefix="dp-lossless-"))
     work.mkdir(parents=True, exist_ok=True)
-    pairs = cpu_pairs(work) if a.cpu else [(a.base, f, f.name) for f in a.finetune_dirs]
-    doc = {"command": " ".join(["python", *sys.argv]), "device": device_name(device), "date": now_iso(),
-           "torch": torch.__version__, "zstandard": _zstd_version(), "ratio": a.ratio, "records": []}
+    pairs = cpu_pairs(a.cpu_pairs.split(",")) if a.cpu else [(a.base, f, f.name) for f in a.finetune_dirs]
+    run = {"command": " ".join(["python", *sys.argv]), "device": device_name(device), "date": now_iso(),
+           "torch": torch.__version__, "zstandard": _zstd_version(), "ratio": a.ratio}
+    doc = {**run, "runs": [run], "records": []}
+    if a.append and a.out.is_file():
+        old = json.loads(a.out.read_text())
+        doc["runs"] = old.get("runs", []) + [run]
+        doc["records"] = old.get("records", [])
     a.out.parent.mkdir(parents=True, exist_ok=True)
 
     def sink(rec: dict) -> None:
-        doc["records"].append(rec)
+        doc["records"].append({**rec, "run": len(doc["runs"]) - 1})
         tmp = a.out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, a.out)
 
     for base, ft, label in pairs:
-        measure(base, ft, label, a.model, methods, a.ratio, device, work, sink)
+        measure(base, ft, label, a.model, methods, a.ratio, device, work, sink, study=not a.no_study)
     if a.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {a.out}: {len(doc['records'])} records")

@@ -56,7 +56,7 @@ def main(verbose: int) -> None:
 @click.argument("finetuned")
 @click.option("-o", "--out", required=True, type=click.Path(), help="delta directory to create")
 @click.option("-m", "--method", default="auto", show_default=True, help="see `deltapack methods`")
-@click.option("-r", "--ratio", type=float, default=None, help="target TRUE ratio (default 16; raw: lossless)")
+@click.option("-r", "--ratio", type=float, default=None, help="target TRUE ratio (default 16; the lossless methods (lossless, raw, dense-exact) take none)")
 @click.option("-p", "--param", "params", multiple=True, help="method knob key=value (repeatable)")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="JSON/YAML config file")
 @click.option("--calib", type=click.Path(), default=None, help="calibration text (.txt) or .jsonl")

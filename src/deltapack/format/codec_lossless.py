@@ -27,7 +27,8 @@ from deltapack.format.codecs import U8, Codec, pint, register_codec
 
 _INT = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-BITMAP_MIN_UNCHANGED = 0.5  # below this share of unchanged elements the bitmap is not even tried
+BITMAP_MIN_UNCHANGED = 0.25  # below this share of unchanged elements the bitmap is not even tried
+BITMAP_MIN_SAVING = 0.05  # the bitmap layout decodes slower (a scatter): kept only when it saves this much
 
 
 def _words(t: torch.Tensor) -> np.ndarray:
@@ -72,7 +73,7 @@ def encode_bits(ft: torch.Tensor, base: torch.Tensor | None, *, level: int = ent
         if bitmap or (z.size - n_changed) >= BITMAP_MIN_UNCHANGED * z.size:
             mblob, mframes = entropy.encode_planes(np.packbits(changed, bitorder="little"), False, level)
             vblob, vframes = entropy.encode_planes(z[changed], True, level)
-            if bitmap or len(mblob) + len(vblob) < len(blob):
+            if bitmap or len(mblob) + len(vblob) < (1 - BITMAP_MIN_SAVING) * len(blob):
                 params = {"dtype": params["dtype"], "bitmap": True, "changed": n_changed, "frames": vframes,
                           "mask_frames": mframes}
                 parts = {"planes": vblob, "mask": mblob}
@@ -121,9 +122,8 @@ def rebuild_bits(params: dict, parts: dict[str, torch.Tensor], shape, base: torc
         ow[:] = z
     else:
         # frame by frame: the planes are joined, unzigzagged and added to the base while in cache
-        for s, m, z in entropy.iter_frames(blob, frames, n, width, True):
+        for s, m, z in entropy.iter_frames(blob, frames, n, width, True, out=ow):
             _unzigzag_add(z, bw[s : s + m] if bw is not None else None)
-            ow[s : s + m] = z
     return out.reshape(tuple(int(s) for s in shape))
 
 

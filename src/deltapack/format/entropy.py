@@ -87,10 +87,10 @@ def encode_planes(words: np.ndarray, planes: bool, level: int = LEVEL) -> tuple[
     return b"".join(out), sizes
 
 
-def iter_frames(blob, sizes: list[int], n: int, width: int, planes: bool):
+def iter_frames(blob, sizes: list[int], n: int, width: int, planes: bool, out: np.ndarray | None = None):
     """Decode `encode_planes` output frame by frame: yields (start, count, words) with `words` the frame's `count`
-    unsigned words of `width` bytes (a fresh array, ours to modify). Frames are small (FRAME_ELEMENTS), so a caller's
-    elementwise passes over one stay in cache."""
+    unsigned words of `width` bytes, ours to modify (a fresh array, or the frame's slice of `out` when given, already
+    written). Frames are small (FRAME_ELEMENTS), so a caller's elementwise passes over one stay in cache."""
     d = decompressor()
     per = width if (planes and width > 1) else 1
     n_frames = max(1, -(-n // FRAME_ELEMENTS))
@@ -118,9 +118,18 @@ def iter_frames(blob, sizes: list[int], n: int, width: int, planes: bool):
                 raise FormatError(f"entropy-coded data: a frame holds {len(raw)} bytes, expected {expect}")
             src = np.frombuffer(raw, dtype=np.uint8)
             if per == 1:
-                words = src.view(utype).copy() if width > 1 else src.copy()
+                src = src.view(utype) if width > 1 else src
+                if out is not None:
+                    words = out[s : s + m]
+                    words[:] = src
+                else:
+                    words = src.copy()
             elif p == 0:
-                words = src.astype(utype)
+                if out is not None:
+                    words = out[s : s + m]
+                    np.copyto(words, src, casting="unsafe")  # widening copy straight into place
+                else:
+                    words = src.astype(utype)
             else:  # byte p of every word: shifts of whole vectors beat strided byte copies
                 hi = src.astype(utype)
                 hi <<= utype(8 * p)
@@ -135,8 +144,8 @@ def decode_planes(blob, sizes: list[int], n: int, width: int, planes: bool, out:
     words = out if out is not None else np.empty(n, dtype=_UINT[width])
     if words.size != n or words.dtype.itemsize != width:
         raise FormatError("entropy-coded data: output buffer does not fit")
-    for s, m, w in iter_frames(blob, sizes, n, width, planes):
-        words[s : s + m] = w
+    for _ in iter_frames(blob, sizes, n, width, planes, out=words):
+        pass
     return words
 
 

@@ -18,7 +18,7 @@ from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, register_met
 class Lossless(DeltaMethod):
     name = "lossless"
     paper = "FM-Delta (NeurIPS'24) / ZipNN (2024): integer bit deltas, byte planes, entropy coding"
-    summary = "exact: bit difference to the base, byte planes, zstd (about 2-4x on full fine-tunes)"
+    summary = "exact: bit difference to the base, byte planes, zstd (docs/methods/lossless.md)"
     lossless = True
     parts_per_tensor = 1
 

@@ -11,7 +11,7 @@ def register(main: click.Group) -> None:
     @click.argument("finetunes", nargs=-1, required=True)
     @click.option("-o", "--out", required=True, type=click.Path(), help="directory: one delta directory per fine-tune")
     @click.option("-m", "--method", default="auto", show_default=True, help="see `deltapack methods`")
-    @click.option("-r", "--ratio", type=float, default=None, help="target TRUE ratio (default 16; raw: lossless)")
+    @click.option("-r", "--ratio", type=float, default=None, help="target TRUE ratio (default 16; the lossless methods (lossless, raw, dense-exact) take none)")
     @click.option("-p", "--param", "params", multiple=True, help="method knob key=value (repeatable)")
     @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
                   help="JSON/YAML config file (method, ratio, calib, params); flags override it")

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from deltapack.errors import DeltapackError, FormatError, InputError, MismatchError
+from deltapack.format.codecs import get_codec
 from deltapack.format.directory import DeltaDir
 from deltapack.import_lora import is_peft_adapter
 from deltapack.io.sources import TOKENIZER_FILES
@@ -242,14 +243,22 @@ class DeltaTiers:
         packed: dict[str, PackedDelta] = {}
         for tname in t.placements:
             te = t.delta.entry(tname)
-            parts = t.delta.parts(tname)
-            new_rows = parts.pop("new_rows", None)
             shape = list(te.shape)
             if te.base_rows is not None:
                 shape[0] = te.base_rows
             if len(shape) > 2:
                 raise FormatError(f"delta {t.name}: {tname} has {len(shape)} dimensions; only matrices and vectors are served")
-            p = r.state.kernels.pack(te.codec, te.params, parts, tuple(shape), dtype=r.dtype, device=device)
+            codec, params = te.codec, te.params
+            if get_codec(codec).needs_base:
+                # bits against the base (lossless): the float delta from the base tensor we serve, kept dense
+                full = t.delta.decode(tname, base=r.source.get(tname) if te.in_base else None)
+                parts = {"values": full[: shape[0]].reshape(shape)}
+                new_rows = full[shape[0]:] if te.base_rows is not None else None
+                codec, params = "dense", {}
+            else:
+                parts = t.delta.parts(tname)
+                new_rows = parts.pop("new_rows", None)
+            p = r.state.kernels.pack(codec, params, parts, tuple(shape), dtype=r.dtype, device=device)
             if new_rows is not None:
                 p.extra_rows = new_rows.to(r.dtype).reshape(-1, shape[1]).to(device)
             p.replace = any(rep for _, rep in t.placements[tname])
