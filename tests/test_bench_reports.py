@@ -393,6 +393,9 @@ def test_generated_blocks_in_readme_and_docs_match_their_results_files(tmp_path,
     upd = _load("bench_update_readme", BENCH / "update_readme.py")
     study = _load("bench_auto_report", BENCH / "auto" / "report.py")
     assert study.main(["--check"]) == 0, "bench/results/auto-study.md differs from the study's JSON"
+    lossless = _load("bench_lossless_report", BENCH / "lossless" / "report.py")
+    results = BENCH / "results"
+    assert lossless.render(json.loads((results / "lossless.json").read_text())) == (results / "lossless.md").read_text()
     assert upd.main(["--check"]) == 0
     readme = tmp_path / "README.md"
     readme.write_text("x\n<!-- table:auto-study -->\nhand-edited\n<!-- /table:auto-study -->\n")

@@ -30,7 +30,7 @@ def render(doc: dict) -> str:
     for r in recs:
         if r["method"] in ("lossless", "raw", "dense-exact") and "error" not in r:
             out.append(f"| {r['pair']} | {r['method']} | {100 * r['unchanged_share']:.1f}% | {r['true_ratio']:.2f}x | "
-                       f"{_f(r.get('true_ratio_weights_only'))}x | {r['ratio_vs_finetune']:.2f}x | {r['encode_s']:.1f} | {r['decode_s']:.2f} | "
+                       f"{_f(r.get('true_ratio_weights_only'), '{:.2f}x')} | {r['ratio_vs_finetune']:.2f}x | {r['encode_s']:.1f} | {r['decode_s']:.2f} | "
                        f"{_f(r.get('decode_gb_per_s_per_core'))} | {_f(r.get('merge_s'))} | {_f(r.get('merge_cpu_s'))} | "
                        f"{r['exact']} |")
     out += ["", "## Codec study (sampled 16-bit tensors; ratio against their bf16 bytes)", ""]
