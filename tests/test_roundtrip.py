@@ -193,3 +193,34 @@ def test_merge_cli_dtype_float32_writes_the_unrounded_sum(pico_pair, tmp_path):
     assert next(AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype="auto").parameters()).dtype == torch.float32
     bad = CliRunner().invoke(main, ["merge", str(base), str(d), "-o", str(tmp_path / "m2"), "--dtype", "int8"])
     assert bad.exit_code != 0 and not (tmp_path / "m2").exists()
+
+
+def test_only_the_tokenizer_files_that_differ_travel(tmp_path):
+    """A fine-tune that re-saved tokenizer_config.json (one key differs) but kept tokenizer.json byte for byte: the
+    delta stores the config alone, and every reader still rebuilds the fine-tune's tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(64)}
+    vocab["[UNK]"] = 0
+    raw_tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    raw_tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    make_llama(base)
+    make_finetune(base, ft)
+    PreTrainedTokenizerFast(tokenizer_object=raw_tok, unk_token="[UNK]").save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (ft / name).write_bytes((base / name).read_bytes())
+    cfg = json.loads((ft / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = 77
+    (ft / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+    d = api.compress(base, ft, tmp_path / "d", method="raw", progress=False)
+    aux = json.loads((d / "delta_config.json").read_text())["aux"]
+    assert aux["tokenizer.json"] == "base" and aux["tokenizer_config.json"] == "delta"
+    assert not (d / "hf" / "tokenizer.json").exists()
+    _, tok = api.load_merged(base, d)
+    assert tok.model_max_length == 77 and tok("w3 w5")["input_ids"] == [3, 5]
+    out = api.merge(base, d, tmp_path / "m", progress=False)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (ft / name).read_bytes()

@@ -394,19 +394,24 @@ def plot(merged: dict, path: Path) -> Path:
             for cal, style in (("default", dict(linestyle="-", marker="o")),
                                ("task", dict(linestyle="--", marker="o", markerfacecolor="none", alpha=0.7))):
                 cells = by_cell(results)
-                pts = []
+                pts, partial = [], []
                 for ratio in ratios_of(results):
-                    rec, _ = worst(cells.get((label, ratio, cal), {}), tasks)
+                    rec, complete = worst(cells.get((label, ratio, cal), {}), tasks)
                     if rec is not None:
                         lo, hi = rec.get("kept_interval") or [rec["kept"], rec["kept"]]
                         pts.append((rec["true_ratio"], rec["kept"], rec["kept"] - (lo if lo is not None else rec["kept"]),
                                     (hi if hi is not None else rec["kept"]) - rec["kept"]))
+                        if not complete:
+                            partial.append((rec["true_ratio"], rec["kept"]))
                 if not pts:
                     continue
                 xs, ys, lo, hi = zip(*sorted(pts))
                 shift = 1.04 if cal == "task" else 1.0  # side by side where both reach the same true ratio
                 ax.errorbar([x * shift for x in xs], ys, yerr=[lo, hi], color=colors[i % len(colors)], capsize=3,
                             label=f"{label} ({cal} calibration)", **style)
+                for x, y in partial:  # a worst task over fewer families than the panel names (the tables' †)
+                    ax.annotate("†", (x * shift, y), textcoords="offset points", xytext=(5, 4), fontsize=9,
+                                color=colors[i % len(colors)])
         ax.set_xscale("log", base=2)
         ticks = [r for r in (8, 16, 32, 64, 128, 256)]
         ax.set_xticks(ticks, [f"{t}x" for t in ticks])
@@ -425,7 +430,8 @@ def plot(merged: dict, path: Path) -> Path:
     labels, handles = list(seen), list(seen.values())
     if handles:
         fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4)
-    fig.suptitle(f"SmolLM2-135M-Instruct full fine-tunes, six task families, on {merged.get('device') or '?'}",
+    fig.suptitle(f"SmolLM2-135M-Instruct full fine-tunes, six task families, on {merged.get('device') or '?'}"
+                 " († = not every family of the panel measured)",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     return save_figure(fig, path, dpi=110)

@@ -229,10 +229,25 @@ def load_merged(
     sd = merged_state_dict(bsrc, d, verify_base=verify_base)
     cfg_dir = d.path / "hf" if (d.path / "hf" / "config.json").exists() else bsrc.path
     config = AutoConfig.from_pretrained(str(cfg_dir))
-    tok_dir = d.path / "hf" if (d.path / "hf" / "tokenizer_config.json").exists() else bsrc.path
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = _load_tokenizer(d, bsrc)
     model = model_from_state_dict(config, sd, device=device, dtype=dtype)
     return model, tok
+
+
+def _load_tokenizer(d: DeltaDir, bsrc: ModelSource):
+    """The fine-tune's tokenizer: its files as the manifest places them, each from hf/ or from the base."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    places = {n: w for n, w in d.manifest.aux.items() if n in TOKENIZER_FILES}
+    if not any(w == "delta" for w in places.values()):
+        return AutoTokenizer.from_pretrained(str(bsrc.path))
+    if all(w == "delta" for w in places.values()):
+        return AutoTokenizer.from_pretrained(str(d.path / HF_DIR))
+    with tempfile.TemporaryDirectory(prefix="deltapack-tok-") as tmp:
+        _copy_aux(d, bsrc, Path(tmp))  # checksummed copies of the delta's files, the rest from the base
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def _no_init():

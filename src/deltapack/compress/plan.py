@@ -243,18 +243,17 @@ def _numel(shape) -> int:
 
 
 def _aux_files(base: ModelSource, ft: ModelSource) -> tuple[dict[str, Path], dict[str, str]]:
-    """Config files of the fine-tune always travel (small); tokenizer files only when they differ from the base's."""
+    """Config files of the fine-tune always travel (small); each tokenizer file only when it differs from the base's
+    (a re-saved tokenizer_config.json must not drag a byte-identical 3.5 MB tokenizer.json along)."""
     fa, ba = ft.aux_files(), base.aux_files()
     store, where = {}, {}
     for name, p in fa.items():
         if name in ("config.json", "generation_config.json"):
             store[name], where[name] = p, "delta"
-    tok_names = [n for n in TOKENIZER_FILES if n in fa or n in ba]
-    same = bool(tok_names) and all(n in fa and n in ba and fa[n].read_bytes() == ba[n].read_bytes() for n in tok_names)
-    for n in tok_names:
+    for n in TOKENIZER_FILES:
         if n not in fa:
             continue
-        if same:
+        if n in ba and fa[n].read_bytes() == ba[n].read_bytes():
             where[n] = "base"
         else:
             store[n], where[n] = fa[n], "delta"
