@@ -78,3 +78,19 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def ratio_before_entropy(delta_dir) -> tuple[float, float]:
+    """(true ratio, the true ratio the same delta would have without the entropy stage): the planner meets --ratio
+    before the stage, which then only makes the files smaller."""
+    from deltapack import api
+    from deltapack.format.directory import DeltaDir
+
+    info = api.inspect(delta_dir)
+    d = DeltaDir.open(delta_dir)
+    saved = 0
+    for n, te in d.manifest.tensors.items():
+        for k, t in d.parts(n).items():
+            if k in te.entropy:
+                saved += t.numel() * t.element_size() - sum(te.entropy[k]["frames"])
+    return info["true_ratio"], info["dense_delta_bytes"] / (info["total_bytes"] + saved)

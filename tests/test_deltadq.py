@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from deltapack import api
+
+from conftest import ratio_before_entropy
 from deltapack.format import codec_deltadq as dq
 from deltapack.format.masks import group_keep_indices, seed_for
 from deltapack.methods import get_method
@@ -35,15 +37,16 @@ def test_round_trip_true_ratio(small_pair, tmp_path, ratio):
     base, ft = small_pair
     out = api.compress(base, ft, tmp_path / "d", method="deltadq", ratio=ratio, progress=False)
     info = api.inspect(out)
-    tr = info["true_ratio"]
-    assert tr >= 0.97 * ratio and abs(tr / ratio - 1) <= 0.05, tr
+    tr, planned = ratio_before_entropy(out)
+    assert planned >= 0.97 * ratio and abs(planned / ratio - 1) <= 0.05 and tr >= planned, (tr, planned)
     assert {r["codec"] for r in info["tensors"] if len(r["shape"]) == 2} == {"deltadq"}
     # every matrix, embedding and lm_head included, is compressed; only the 1-D norms stay dense
     assert all(r["codec"] == "dense" for r in info["tensors"] if len(r["shape"]) == 1)
     for r in (r for r in info["tensors"] if r["codec"] == "deltadq"):  # inspect's detail: kept share x bits = payload
         d = r["detail"]
         assert set(d) == {"group", "kept", "bits", "scale"} and 0 < d["kept"] <= 1
-        assert r["payload_bytes"] * 8 == pytest.approx(d["kept"] * d["bits"] * r["shape"][0] * r["shape"][1], rel=0.01, abs=64)
+        # the entropy stage may store the codes in fewer bytes than kept x bits, never in more
+        assert r["payload_bytes"] * 8 <= d["kept"] * d["bits"] * r["shape"][0] * r["shape"][1] * 1.01 + 512
 
     merged = api.merge(base, out, tmp_path / "m", progress=False)
     from transformers import AutoModelForCausalLM

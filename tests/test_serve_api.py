@@ -187,7 +187,7 @@ def test_seeded_sampling_is_reproducible(env):
 
 def test_models_and_health(env):
     c = env["client"]
-    assert c.get("/health").json() == {"status": "ok"}
+    assert c.get("/health").json()["status"] == "ok"
     data = {m["id"]: m for m in c.get("/v1/models").json()["data"]}
     assert set(data) == {"base", "tuned", "metered"}
     assert data["base"]["parent"] is None and data["tuned"]["parent"] == "base" and data["tuned"]["object"] == "model"

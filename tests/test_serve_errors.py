@@ -223,7 +223,7 @@ def test_fuzz_malformed_requests(env):
             assert sse_events(r.text.splitlines())[-1] == "[DONE]"
     assert statuses.get(400, 0) > 100
     # still healthy and correct
-    assert c.get("/health").json() == {"status": "ok"}
+    assert c.get("/health").json()["status"] == "ok"
     r = c.post("/v1/completions", json={"model": "t", "prompt": "hello w3", "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     _wait(lambda: env["state"].engine.snapshot()["running"] == 0)
