@@ -55,11 +55,15 @@ class TeacherFit:
         self.device = dev = ctx.device
         self.dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
         self.batch = batch
+        from deltapack.compress.context import phase
+
         teacher = load_source_model(ctx.finetuned, dev, self.dtype)
-        self.ids, self.record = calibration_ids(ctx, source=source, n_seqs=n_seqs, seq_len=seq_len, model=teacher,
-                                                tok=load_tokenizer(ctx.finetuned), seed=seed)
+        with phase("teacher.calibration_text", dev):
+            self.ids, self.record = calibration_ids(ctx, source=source, n_seqs=n_seqs, seq_len=seq_len, model=teacher,
+                                                    tok=load_tokenizer(ctx.finetuned), seed=seed)
         self.ids = self.ids.to(dev)
-        self.teacher_logp = _teacher_logprobs(teacher, self.ids, batch)  # frees the teacher
+        with phase("teacher.logprobs", dev):
+            self.teacher_logp = _teacher_logprobs(teacher, self.ids, batch)  # frees the teacher
         del teacher
         self.student = load_source_model(ctx.base, dev, self.dtype)
         for p in self.student.parameters():
