@@ -136,6 +136,15 @@ def score(model, tok, items, reference_answers=None, reference_logp=None) -> dic
     return res
 
 
+def demo_pair(steps: int = 16) -> tuple[Path, Path]:
+    """(base, fine-tune) of the demo: the embedded model and its cached CPU fine-tune (made on first use)."""
+    base_dir = embedded_model_dir()
+    ft_dir = cache_root() / "demo" / f"finetune-{RECIPE}-{steps}steps"
+    if not (ft_dir / "model.safetensors").exists():
+        make_demo_finetune(base_dir, ft_dir, steps)
+    return base_dir, ft_dir
+
+
 def run_demo(out: Path, methods: list[str] | None = None, ratio: float = 16.0, steps: int | None = None, n_test: int = 32):
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
