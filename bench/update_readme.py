@@ -23,7 +23,10 @@ def render(path: Path) -> str:
         src = ROOT / "bench" / "results" / f"{name}.md"
         if not src.exists():
             continue  # a block another report writes itself (bench/quality/report.py)
-        block = f"<!-- table:{name} -->\n{src.read_text().strip()}\n<!-- /table:{name} -->"
+        body = src.read_text().strip()
+        if body.startswith("# "):  # a results file's own title: the page around the block has its heading already
+            body = body.split("\n", 1)[1].strip() if "\n" in body else ""
+        block = f"<!-- table:{name} -->\n{body}\n<!-- /table:{name} -->"
         text = re.sub(rf"<!-- table:{name} -->.*?<!-- /table:{name} -->", lambda _: block, text, flags=re.S)
     return text
 

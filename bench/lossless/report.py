@@ -22,7 +22,7 @@ def render(doc: dict) -> str:
     out = ["# Lossless deltas and the entropy stage (generated from lossless.json by bench/lossless/report.py)", ""]
     for i, r in enumerate(runs):
         out.append(f"- run {i}: `{r['command']}` — {r['device']}, {r['date']}, torch {r['torch']}, "
-                   f"zstandard {r['zstandard']}")
+                   f"zstandard {r['zstandard']}" + (f". {r['note']}" if r.get("note") else ""))
     out += ["", "## Exact methods", "",
             "| pair | method | unchanged elements | true ratio | without hf/ files | vs bf16 fine-tune | encode s | "
             "decode s (1 thread) | decode GB/s per core | merge s (wall) | merge CPU s | exact |",
