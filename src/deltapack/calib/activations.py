@@ -271,16 +271,21 @@ def collect_hessians(
 
 def _masks(config, sample: torch.Tensor, position_ids: torch.Tensor) -> dict[str, object]:
     """Attention masks as the model would build them (None under SDPA: causal flag)."""
+    import inspect
+
     from transformers.masking_utils import create_causal_mask
 
+    # transformers renamed `past_key_values` to `cache` (5.25; the old name warns and goes in 5.40): pass whichever
+    # this version takes
+    no_cache = {("cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"): None}
     masks = {"full_attention": create_causal_mask(config=config, inputs_embeds=sample, attention_mask=None,
-                                                  past_key_values=None, position_ids=position_ids)}
+                                                  position_ids=position_ids, **no_cache)}
     if getattr(config, "sliding_window", None):
         try:
             from transformers.masking_utils import create_sliding_window_causal_mask
 
             masks["sliding_attention"] = create_sliding_window_causal_mask(
-                config=config, inputs_embeds=sample, attention_mask=None, past_key_values=None, position_ids=position_ids
+                config=config, inputs_embeds=sample, attention_mask=None, position_ids=position_ids, **no_cache
             )
         except Exception:  # pragma: no cover - configs without sliding attention support
             pass
