@@ -6,12 +6,13 @@
 #     python bench/quality/report.py --merge bench/results/quality_parts/quality-*.json
 #
 # One-time preparation on this machine (../shared/GPU.md): .gpu/smol.part.aa, .gpu/smol.part.ab (the split GGUF of
-# SmolLM2-135M-Instruct) and .gpu/whl/ (gguf, pydantic, pydantic-core, annotated-types, typing-inspection,
-# typing-extensions>=4.16).
+# SmolLM2-135M-Instruct), .gpu/whl/ (gguf, pydantic, pydantic-core, annotated-types, typing-inspection,
+# typing-extensions>=4.16) and .gpu/whl2/ (zstandard: every compression needs it since the entropy stage; carried with
+# part ab because part aa + whl + the tree are close to the 64 MiB a call carries).
 #
 # Calls, in order (expected seconds of the command itself; a fresh machine adds 1-2 min of start):
 #   1. carry [".gpu/smol.part.aa", ".gpu/whl"]  bash bench/quality/run_gpu.sh setup                        ~15 s
-#   2. carry [".gpu/smol.part.ab"]               bash bench/quality/run_gpu.sh finetune                     <= 555 s
+#   2. carry [".gpu/smol.part.ab", ".gpu/whl2"]  bash bench/quality/run_gpu.sh finetune                     <= 555 s
 #        six full fine-tunes side by side (saved by 300 s), each task evaluated from the moment its fine-tune is
 #        saved until 540 s (parts tagged "ft"); `finetune --time-budget 300 --no-eval` for the fine-tunes alone
 #   3.                                           bash bench/quality/run_gpu.sh eval e1                      <= 555 s
@@ -31,6 +32,18 @@ mkdir -p "$OUTDIR"
 export PYTHONPATH="/root/site:src${PYTHONPATH:+:$PYTHONPATH}"
 export DELTAPACK_SMOLLM2_GGUF="$GGUF"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+need_wheels() {
+    # zstandard (.gpu/whl2) is needed by every compression; without it every evaluation job fails
+    if ! python3 -c "import zstandard" 2>/dev/null; then
+        if compgen -G ".gpu/whl2/*.whl" > /dev/null; then
+            python3 -m pip install -q --no-index --no-deps --target /root/site .gpu/whl2/*.whl
+        else
+            echo "zstandard is missing: carry .gpu/whl2 (see the top of this script)" >&2
+            exit 3
+        fi
+    fi
+}
 
 need_gguf() {
     if [[ ! -f "$GGUF" ]]; then
@@ -54,6 +67,7 @@ setup)
 finetune)
     shift
     need_gguf
+    need_wheels
     eval_flag=(--then-eval)
     args=()
     for a in "$@"; do
@@ -68,6 +82,7 @@ eval)
     tag="${2:?usage: run_gpu.sh eval TAG [extra run.py eval args]}"
     shift 2
     need_gguf
+    need_wheels
     python3 bench/quality/run.py eval --workdir "$WORKDIR" --out-dir "$OUTDIR" --tag "$tag" --time-budget 540 "$@"
     ;;
 extras)
