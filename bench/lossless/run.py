@@ -314,7 +314,7 @@ def measure(base: Path, ft: Path, pair: str, model: str, methods: list[str], rat
 def cpu_pairs(which: list[str]) -> list[tuple[Path, Path, str]]:
     """(base, fine-tune, label) of the committed CPU results (`which`: demo, full, layers); fine-tunes are made once
     and cached."""
-    from deltapack.demo import RECIPE, make_demo_finetune
+    from deltapack.demo import demo_pair
     from deltapack.io.embedded import embedded_model_dir
     from deltapack.io.gguf import cache_root
 
@@ -324,10 +324,7 @@ def cpu_pairs(which: list[str]) -> list[tuple[Path, Path, str]]:
     base = embedded_model_dir()
     out = []
     if "demo" in which:
-        demo = cache_root() / "demo" / f"finetune-{RECIPE}-16steps"
-        if not (demo / "model.safetensors").exists():
-            make_demo_finetune(base, demo, 16)
-        out.append((base, demo, "demo-16steps"))
+        out.append((base, demo_pair(16)[1], "demo-16steps"))
     root = cache_root() / "lossless"
     if "full" in which:
         full = root / f"ft-arithmetic-{CPU_FT_STEPS}"

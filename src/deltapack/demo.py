@@ -136,12 +136,15 @@ def score(model, tok, items, reference_answers=None, reference_logp=None) -> dic
     return res
 
 
-def demo_pair(steps: int = 16) -> tuple[Path, Path]:
+def demo_pair(steps: int = 16, say=lambda msg: None) -> tuple[Path, Path]:
     """(base, fine-tune) of the demo: the embedded model and its cached CPU fine-tune (made on first use)."""
     base_dir = embedded_model_dir()
     ft_dir = cache_root() / "demo" / f"finetune-{RECIPE}-{steps}steps"
     if not (ft_dir / "model.safetensors").exists():
+        say(f"[2/4] fine-tuning all parameters for {steps} steps on CPU (cached at {ft_dir})")
         make_demo_finetune(base_dir, ft_dir, steps)
+    else:
+        say(f"[2/4] using the cached fine-tune {ft_dir}")
     return base_dir, ft_dir
 
 
@@ -152,13 +155,7 @@ def run_demo(out: Path, methods: list[str] | None = None, ratio: float = 16.0, s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print("[1/4] embedded model: SmolLM2-135M-Instruct (GGUF, dequantized once to a safetensors cache)")
-    base_dir = embedded_model_dir()
-    ft_dir = cache_root() / "demo" / f"finetune-{RECIPE}-{steps}steps"
-    if not (ft_dir / "model.safetensors").exists():
-        print(f"[2/4] fine-tuning all parameters for {steps} steps on CPU (cached at {ft_dir})")
-        make_demo_finetune(base_dir, ft_dir, steps)
-    else:
-        print(f"[2/4] using the cached fine-tune {ft_dir}")
+    base_dir, ft_dir = demo_pair(steps, say=print)
     tok = AutoTokenizer.from_pretrained(ft_dir)
     items = demo_items(n_test, "test", seed=7)
     ft_model = AutoModelForCausalLM.from_pretrained(ft_dir, dtype=torch.float32).eval()
