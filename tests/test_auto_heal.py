@@ -105,3 +105,8 @@ def test_cli_heal_seconds_needs_heal(pico_pair, tmp_path):
     base, ft = pico_pair
     res = CliRunner().invoke(main, ["compress", str(base), str(ft), "-o", str(tmp_path / "d"), "--heal-seconds", "5"])
     assert res.exit_code != 0 and "--heal-seconds needs --heal" in res.output
+    # a zero time limit is refused, not replaced by the default
+    res = CliRunner().invoke(main, ["compress", str(base), str(ft), "-o", str(tmp_path / "z"), "-m", "dare",
+                                    "--ratio", "1.4", "--heal", "--heal-seconds", "0"])
+    assert res.exit_code != 0 and "max_seconds must be positive" in res.output
+    assert not (tmp_path / "z").exists()

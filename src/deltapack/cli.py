@@ -93,7 +93,7 @@ def compress(base, finetuned, out, method, ratio, params, config_file, calib, de
         base, finetuned, out, method=method, ratio=ratio, params=mparams, calib=calib, device=device,
         overwrite=overwrite, max_shard_bytes=_size(max_shard_size), trust_remote_code=trust_remote_code,
         progress=not quiet, threads=threads,
-        heal=({"max_seconds": heal_seconds} if heal_seconds else True) if heal else None,
+        heal=({"max_seconds": heal_seconds} if heal_seconds is not None else True) if heal else None,
     )
     from deltapack.api import inspect as insp
 
