@@ -91,7 +91,8 @@ extras)
     # [".gpu/whl2", ".gpu/whl3"] (zstandard; xgrammar + apache-tvm-ffi). Everything lands in $OUT/extras.tar (a call
     # returns at most 8 files); budgets keep the whole step under ~520 s.
     need_gguf
-    python3 -m pip install -q --no-index --no-deps --target /root/site .gpu/whl2/*.whl .gpu/whl3/*.whl
+    need_wheels
+    python3 -m pip install -q --no-index --no-deps --target /root/site .gpu/whl3/*.whl
     X=/root/extras; mkdir -p "$X"
     tar_out() { tar -C "$X" -cf "$OUTDIR/extras.tar" . ; }
     trap tar_out EXIT
