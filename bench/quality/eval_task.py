@@ -239,9 +239,12 @@ def run_job(spec: MethodSpec, ratio: float, calibration: str, ctx: dict) -> dict
         kwargs["heal"] = True
     if device.type == "cuda":
         torch.cuda.synchronize()
+    from deltapack.compress import record_phases
+
     t0 = time.perf_counter()
     try:
-        api.compress(ctx["base_dir"], ctx["ft_dir"], out, **kwargs)
+        with record_phases() as phases:  # seconds per phase: where auto spends its time on the GPU
+            api.compress(ctx["base_dir"], ctx["ft_dir"], out, **kwargs)
     except BudgetError as e:
         shutil.rmtree(out, ignore_errors=True)
         return {"note": f"cannot reach: {e}", "final": True}
@@ -290,7 +293,8 @@ def run_job(spec: MethodSpec, ratio: float, calibration: str, ctx: dict) -> dict
         "finetuned_accuracy": ft_acc, "base_accuracy": ref["base_accuracy"],
         "kept": acc / ft_acc if ft_acc > 0 else None, "kept_interval": [lo, hi], "interval": INTERVAL_TEXT,
         "kl": kl.kl, "kl_max_token": kl.max_token_kl, "n_kl": len(kl_ex), "n_kl_tokens": kl.tokens,
-        "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3), "n_eval": len(test),
+        "seconds": round(seconds, 3), "phases": {k: round(v, 2) for k, v in sorted(phases.items())},
+        "eval_seconds": round(eval_seconds, 3), "n_eval": len(test),
         "correct_items": items_to_hex(items), "finetune_id": ctx["finetune_id"], "measured": now_iso(),
         **extra,
     }
