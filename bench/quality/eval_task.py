@@ -259,6 +259,11 @@ def run_job(spec: MethodSpec, ratio: float, calibration: str, ctx: dict) -> dict
     ref, test = ctx["ref"], ctx["test"]
     try:
         info = api.inspect(out)
+        from deltapack.format.manifest import MANIFEST_NAME
+
+        # what the method chose and why (auto: per-candidate KL, group switches; healing's record): kept with the
+        # score, because the delta itself is deleted after the job
+        choice = json.loads((out / MANIFEST_NAME).read_text()).get("calibration")
         t1 = time.perf_counter()
         model, tok = api.load_merged(ctx["base_dir"], out, device=device, dtype=dtype)
         ids, texts = answer(model, tok, test, max_new_tokens=ref["max_new_tokens"], batch_size=ctx["batch_size"])
@@ -293,7 +298,7 @@ def run_job(spec: MethodSpec, ratio: float, calibration: str, ctx: dict) -> dict
         "finetuned_accuracy": ft_acc, "base_accuracy": ref["base_accuracy"],
         "kept": acc / ft_acc if ft_acc > 0 else None, "kept_interval": [lo, hi], "interval": INTERVAL_TEXT,
         "kl": kl.kl, "kl_max_token": kl.max_token_kl, "n_kl": len(kl_ex), "n_kl_tokens": kl.tokens,
-        "seconds": round(seconds, 3), "phases": {k: round(v, 2) for k, v in sorted(phases.items())},
+        "calibration_record": choice, "seconds": round(seconds, 3), "phases": {k: round(v, 2) for k, v in sorted(phases.items())},
         "eval_seconds": round(eval_seconds, 3), "n_eval": len(test),
         "correct_items": items_to_hex(items), "finetune_id": ctx["finetune_id"], "measured": now_iso(),
         **extra,
@@ -408,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks import HELDOUT
 
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    jobs = plan_jobs(select_methods(args.methods), ratios, calibrations,
+    jobs = plan_jobs(select_methods(args.methods, extra=True), ratios, calibrations,
                      lambda **kw: part.note(task=args.task, **kw))
     jobs = [j for j in jobs if job_key(j[0].label, j[1], j[2], len(test)) not in part.done]
     ft_model = load_checkpoint(ft_dir, device=device, dtype=dtype).model if jobs else None
