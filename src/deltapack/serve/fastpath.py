@@ -28,6 +28,7 @@ import torch
 from deltapack.errors import InputError
 from deltapack.kernels import TokenSlots
 from deltapack.serve.model import BatchContext, DeltaState, cache_kwarg
+from deltapack.serve.sampling import to_device
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +541,9 @@ class GraphBatch:
         self.col += 1
         for i in self.index:
             self.next_pos[i] += 1
-        return logits.index_select(0, torch.tensor(self.index, device=dev))
+        # the rows' slots without a blocking copy: a pageable one would hold the host until the forward just queued
+        # has run, and the engine fills the grammar masks on the host meanwhile
+        return logits.index_select(0, to_device(self.index, dev))
 
 
 __all__ = ["GraphBatch", "StaticBatch", "StaticDecoder", "most_rows_per_tenant"]
