@@ -521,15 +521,16 @@ class GraphBatch:
             pos[i] = self.next_pos[i]
         for i, s in zip(self.index, slots):
             self.row_slots[i] = s
-        ids_t = torch.tensor(ids, dtype=torch.long).view(self.B, 1).to(dev)
+        # pinned non-blocking copies (to_device): a pageable copy makes the host wait for the device on every one
+        ids_t = to_device(ids, dev).view(self.B, 1)
         eager_ctx = BatchContext(self.row_slots, dev)
         runner.state.ctx = eager_ctx  # the embedding's deltas, on the host's view of the batch
         try:
             self.embeds.copy_(runner.model.get_input_embeddings()(ids_t))
         finally:
             runner.state.ctx = None
-        self.pos.copy_(torch.tensor(pos, dtype=torch.long).view(self.B, 1))
-        self.slot_ids.copy_(torch.tensor(self.row_slots, dtype=torch.long))
+        self.pos.copy_(to_device(pos, dev).view(self.B, 1))
+        self.slot_ids.copy_(to_device(self.row_slots, dev))
         view = min(self.L, -(-(self.col + 1) // VIEW_STEP) * VIEW_STEP)
         if self._graphable() and self._compiled():
             most = most_rows_per_tenant(self.row_slots)
