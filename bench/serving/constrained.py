@@ -4,11 +4,14 @@ The engine itself (no HTTP) on one base model, three runs of --batch requests ea
 every row unconstrained, every row constrained by a JSON schema, and half / half. Each row generates exactly
 --max-tokens tokens (unconstrained rows ignore EOS; the schema ends in a string with a minimum length the rows
 cannot reach in that many tokens, so no constrained row leaves early and all runs decode the same number of rows
-per step). Reported per run: decode ms per step, decode tokens/s, the time per step spent on grammars (filling and applying
-masks, accepting tokens), and the schema's compile time (once; compiled grammars are cached).
+per step). Reported per run: decode ms per step, decode tokens/s, the host time per step spent on grammars (filling
+masks, queueing their application, accepting tokens; timed without any device sync, so on a GPU the fill overlaps the
+forward as it does in serving and the wall cost is the difference in step time), and the schema's compile time
+(once; compiled grammars are cached). --micro times the mask step alone, the previous path against the current one.
 
     python bench/serving/constrained.py --device cuda                 # GPU figure: bench/results/serving_constrained.json
     python bench/serving/constrained.py --smoke                       # CPU, short: bench/results/serving_constrained_cpu_smoke.json
+    python bench/serving/constrained.py --micro                       # mask cost alone: bench/results/serving_constrained_cpu_micro.json
 
 Default base: the embedded SmolLM2-135M-Instruct (deltapack.io.embedded); --base takes any served base.
 """
@@ -16,6 +19,7 @@ Default base: the embedded SmolLM2-135M-Instruct (deltapack.io.embedded); --base
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import json
@@ -85,6 +89,108 @@ def run_batch(state, prompts: list[list[int]], params_of) -> dict:
             "finish": sorted({ev.reason for ev in results.values()})}
 
 
+def old_apply_grammar_masks(x: torch.Tensor, rows: list[int], matchers: list, vocabs: list[int], _batch=[]) -> None:
+    """The mask path before GrammarMasks (deltapack 172d4a8), kept as the micro-benchmark's baseline: a fresh bitmask
+    per step and vocabulary, a blocking copy, and the rows gathered, masked and scattered back."""
+    import xgrammar as xgr
+
+    if not _batch:
+        _batch.append(xgr.BatchGrammarMatcher(max_threads="auto"))
+    for vocab in sorted(set(vocabs)):
+        idx = [i for i, v in enumerate(vocabs) if v == vocab]
+        group = [matchers[i] for i in idx]
+        bitmask = xgr.allocate_token_bitmask(len(group), vocab)
+        if len(group) > 1:
+            _batch[0].batch_fill_next_token_bitmask(group, bitmask)
+        else:
+            group[0].fill_next_token_bitmask(bitmask, 0)
+        sel = torch.tensor([rows[i] for i in idx], device=x.device)
+        sub = x.index_select(0, sel)[:, :vocab].contiguous()
+        xgr.apply_token_bitmask_inplace(sub, bitmask.to(x.device))
+        x[sel, :vocab] = sub
+
+
+def micro(args, tok, vocab: int, compiled, schema: dict, compile_s: float, base: str) -> dict:
+    """Per-step mask cost, old path against GrammarMasks (fill and apply timed apart), on host tensors: a batch of
+    --batch rows of which all or half are constrained, walked --max-tokens steps through the schema (each step both
+    paths mask the same states and must agree, then every matcher takes a random allowed token), --repeats times."""
+    import statistics
+
+    import xgrammar as xgr
+
+    from deltapack.serve.grammar import GrammarMasks
+
+    @dataclasses.dataclass
+    class Row:
+        vocab: int
+        matcher: object | None
+
+    dev = torch.device(args.device if args.device not in ("auto", "cuda") else "cpu")
+    # one intra-op thread: on a shared 2-core machine torch's parallel copies (index_select) fall off a cliff when
+    # another process holds a core (hundreds of ms), which would only measure the neighbours
+    torch.set_num_threads(1)
+    out = {}
+    def walk(every: int) -> tuple[int, dict[str, list[float]]]:
+        """One seeded walk: per step the seconds of the old path, the fill and the apply (the same states each walk)."""
+        rows = [Row(vocab, xgr.GrammarMatcher(compiled) if b % every == 0 else None) for b in range(args.batch)]
+        cons = [b for b, r in enumerate(rows) if r.matcher is not None]
+        masks = GrammarMasks(dev)
+        gen = torch.Generator().manual_seed(0)
+        times: dict[str, list[float]] = {"old": [], "fill": [], "apply": []}
+        for step in range(args.max_tokens):
+            x = (torch.randn(args.batch, vocab, generator=gen) * 4).to(dev)
+            a, b_ = x.clone(), x.clone()
+            t = {}
+            for which in (("old", "new") if step % 2 else ("new", "old")):  # alternate: neither always runs on warm caches
+                t0 = time.perf_counter()
+                if which == "old":
+                    old_apply_grammar_masks(a, cons, [rows[b].matcher for b in cons], [vocab] * len(cons))
+                    t["old"] = time.perf_counter() - t0
+                else:
+                    masks.fill(rows)
+                    t1 = time.perf_counter()
+                    masks.apply(b_)
+                    t["fill"], t["apply"] = t1 - t0, time.perf_counter() - t1
+            if step >= 2:  # the first steps pay for thread pools and allocations
+                for k in times:
+                    times[k].append(t[k])
+            if not torch.equal(a, b_):
+                raise RuntimeError(f"old and new masks differ at step {step}")
+            toks = b_.argmax(-1).tolist()  # a random allowed token per constrained row (random logits)
+            for b in cons:
+                if not rows[b].matcher.accept_token(toks[b]):
+                    raise RuntimeError(f"row {b} refused token {toks[b]} at step {step}")
+        return len(cons), times
+
+    for label, every in (("constrained", 1), ("half", 2)):
+        walks = [walk(every) for _ in range(max(1, args.repeats))]
+        n_cons = walks[0][0]
+        # each step's work is identical across the walks: its fastest is its cost without the neighbours' noise
+        best = {k: [min(w[1][k][i] for w in walks) for i in range(len(walks[0][1][k]))] for k in walks[0][1]}
+        best["new"] = [min(w[1]["fill"][i] + w[1]["apply"][i] for w in walks) for i in range(len(best["fill"]))]
+        us = lambda v: round(1e6 * statistics.median(v), 1)
+        out[label] = {"constrained_rows": n_cons, "steps_timed": len(best["old"]), "walks": len(walks),
+                      "old_us_per_step": us(best["old"]), "new_us_per_step": us(best["new"]),
+                      "new_fill_us_per_step": us(best["fill"]), "new_apply_us_per_step": us(best["apply"]),
+                      "mean_us": {k: round(1e6 * statistics.mean(v), 1) for k, v in best.items()}}
+    return {
+        "command": "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]]),
+        "device": f"cpu ({_cpu_name()}), {torch.get_num_threads()} torch threads, {os.cpu_count()} cores",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git_commit(),
+        "config": {"base": str(base), "vocab": vocab, "batch": args.batch, "steps": args.max_tokens, "schema": schema,
+                   "xgrammar": importlib.metadata.version("xgrammar"), "logits": f"float32 on {dev}",
+                   "mask_threads": "xgrammar BatchGrammarMatcher auto (half the hardware threads)"},
+        "schema_compile_s": round(compile_s, 3),
+        "stat": ("per step the fastest of --repeats identical walks, then the median over the steps (mean_us: "
+                 "the mean over the steps; xgrammar's CPU masking kernel is slow on steps where most tokens are "
+                 "disallowed, so the mean is well above the median)"),
+        "note": ("host tensors: measures the fixed per-step costs (allocation, gather/contiguous/scatter) only; the "
+                 "overlap of the fill with the GPU forward and the non-blocking copy show on a GPU run alone"),
+        "results": out,
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
@@ -97,7 +203,11 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3, help="runs of each mode (the fastest is reported, all are kept)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU, 16 tokens, one run per mode")
+    ap.add_argument("--micro", action="store_true", help="no model: the per-step mask cost alone, old path against "
+                    "the current one, on host tensors (bench/results/serving_constrained_cpu_micro.json)")
     args = ap.parse_args()
+    if args.micro:
+        return main_micro(args)
     if args.smoke:
         args.max_tokens, args.repeats = 16, 1
         if args.device == "auto":
@@ -132,19 +242,22 @@ def main() -> int:
         def params(constrained: bool) -> SamplingParams:
             return SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True, grammar=compiled if constrained else None)
 
-        # time spent on grammars: masks (fill + apply, around the function the sampler calls) and token accepts
-        mask_s = [0.0]
-        real_masks = gmod.apply_grammar_masks
+        # the grammar's own host time per step, in three parts: the bitmask fill (runs while the forward is queued on
+        # a GPU), the apply (host side: it queues a copy and a kernel) and token accepts. No device sync is added:
+        # one would move the fill after the forward and change the very overlap being measured; the wall cost of the
+        # grammar is the step time's difference between the runs.
+        spent = {"fill": 0.0, "apply": 0.0, "accept": 0.0}
 
-        def timed_masks(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return real_masks(*a, **kw)
-            finally:
-                if r.device.type == "cuda":
-                    torch.cuda.synchronize(r.device)
-                mask_s[0] += time.perf_counter() - t
+        def timed(key, fn):
+            def wrapper(*a, **kw):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    spent[key] += time.perf_counter() - t
+            return wrapper
 
+        real_fill, real_apply = gmod.GrammarMasks.fill, gmod.GrammarMasks.apply
         real_matcher = gmod.new_matcher
 
         class TimedMatcher:
@@ -152,29 +265,25 @@ def main() -> int:
 
             def __init__(self, m):
                 self._m = m
-
-            def accept_token(self, tok):
-                t = time.perf_counter()
-                try:
-                    return self._m.accept_token(tok)
-                finally:
-                    mask_s[0] += time.perf_counter() - t
+                self.accept_token = timed("accept", m.accept_token)
 
             def __getattr__(self, name):
                 return getattr(self._m, name)
 
-        gmod.apply_grammar_masks = timed_masks
+        gmod.GrammarMasks.fill = timed("fill", real_fill)
+        gmod.GrammarMasks.apply = timed("apply", real_apply)
         gmod.new_matcher = lambda compiled: TimedMatcher(real_matcher(compiled))
         modes = {"unconstrained": lambda i: False, "constrained": lambda i: True, "half": lambda i: i % 2 == 0}
         run_batch(state, prompts[: min(8, args.batch)], lambda i: params(i % 2 == 0))  # warm-up: kernels, first masks
         runs: dict[str, list[dict]] = {m: [] for m in modes}
         for _ in range(args.repeats):
             for mode, pick in modes.items():
-                mask_s[0] = 0.0
+                for k in spent:
+                    spent[k] = 0.0
                 res = run_batch(state, prompts, lambda i, pick=pick: params(pick(i)))
-                res["mask_s"] = mask_s[0]
+                res.update({f"{k}_s": v for k, v in spent.items()})
                 runs[mode].append(res)
-        gmod.apply_grammar_masks, gmod.new_matcher = real_masks, real_matcher
+        gmod.GrammarMasks.fill, gmod.GrammarMasks.apply, gmod.new_matcher = real_fill, real_apply, real_matcher
         summary = {}
         for mode, rs in runs.items():
             best = min(rs, key=lambda x: x["decode_s"] / max(1, x["steps"]))
@@ -182,7 +291,9 @@ def main() -> int:
             summary[mode] = {
                 "ms_per_decode_step": round(1000 * best["decode_s"] / max(1, best["steps"]), 3),
                 "decode_tokens_per_s": round(decode_tokens / best["decode_s"], 1),
-                "grammar_ms_per_step": round(1000 * best["mask_s"] / max(1, best["steps"] + 1), 3),
+                # host time per step (the prefill's sampling counts as one more step), no device sync inside
+                **{f"{k}_ms_per_step": round(1000 * best[f"{k}_s"] / max(1, best["steps"] + 1), 3) for k in spent},
+                "grammar_cpu_ms_per_step": round(1000 * sum(best[f"{k}_s"] for k in spent) / max(1, best["steps"] + 1), 3),
                 "steps": best["steps"], "tokens": best["tokens"], "wall_s": round(best["wall_s"], 3),
                 "prefill_s": round(best["prefill_s"], 3), "finish_reasons": best["finish"],
             }
@@ -212,7 +323,40 @@ def main() -> int:
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, out)
     for mode, s in summary.items():
-        print(f"{mode:>13}: {s['ms_per_decode_step']:8.2f} ms/step  {s['decode_tokens_per_s']:9.1f} tok/s  grammar {s['grammar_ms_per_step']:.2f} ms/step")
+        print(f"{mode:>13}: {s['ms_per_decode_step']:8.2f} ms/step  {s['decode_tokens_per_s']:9.1f} tok/s  grammar host "
+              f"{s['grammar_cpu_ms_per_step']:.2f} ms/step (fill {s['fill_ms_per_step']:.2f}, apply {s['apply_ms_per_step']:.2f}, "
+              f"accept {s['accept_ms_per_step']:.2f})")
+    print(f"wrote {out}")
+    return 0
+
+
+def main_micro(args) -> int:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from deltapack.serve.grammar import GrammarSpec, compile_spec
+
+    base = args.base
+    if base is None:
+        from deltapack.io.embedded import embedded_model_dir
+
+        base = str(embedded_model_dir())
+    tok = AutoTokenizer.from_pretrained(base)
+    vocab = int(AutoConfig.from_pretrained(base).vocab_size)
+    schema = json.loads(json.dumps(SCHEMA))
+    schema["properties"]["notes"]["minLength"] = 8 * args.max_tokens
+    eos = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    t0 = time.perf_counter()
+    compiled = compile_spec(GrammarSpec("json_schema", schema, "bench"), tok, vocab, eos)
+    compile_s = time.perf_counter() - t0
+    result = micro(args, tok, vocab, compiled, schema, compile_s, base)
+    out = args.out or ROOT / "bench" / "results" / "serving_constrained_cpu_micro.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.part")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)
+    for label, r in result["results"].items():
+        print(f"{label:>12} ({r['constrained_rows']} of {args.batch} rows): old {r['old_us_per_step']:.0f} us/step, new "
+              f"{r['new_us_per_step']:.0f} us/step (fill {r['new_fill_us_per_step']:.0f}, apply {r['new_apply_us_per_step']:.0f})")
     print(f"wrote {out}")
     return 0
 

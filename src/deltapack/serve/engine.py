@@ -276,6 +276,7 @@ class Engine:
         # where the engine thread's time goes (seconds; prefill forwards, decode steps with their sampling)
         self.busy = {"prefill_s": 0.0, "prefill_forwards": 0, "decode_s": 0.0}
         self.last_error: str | None = None
+        self._masks = None  # structured output: the engine thread's GrammarMasks (persistent buffers), made on first use
 
     # ---- public API (any thread) --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -519,7 +520,8 @@ class Engine:
                 self._finish(r, "length")
         if not live:
             return
-        toks, errors = select_tokens(last[live], [rows[b] for b in live])
+        live_rows = [rows[b] for b in live]
+        toks, errors = select_tokens(last[live], live_rows, self._fill_masks(live_rows))
         cont = [b for i, (b, tok) in enumerate(zip(live, toks)) if not self._accept(rows[b], tok, last[b], errors.get(i))]
         if not cont:
             return
@@ -578,17 +580,32 @@ class Engine:
         rows = self.batch.rows
         slots = [r.slot for r in rows]
         last = self.batch.step(self.runner, [r.output_ids[-1] for r in rows], slots)
+        # on CUDA the forward is only queued: the grammar masks are filled on the host meanwhile (they depend on the
+        # tokens accepted last step only). Nothing before this point may wait for the device (no .item(), .tolist()
+        # or pageable host->device copy after the launch), or the fill runs after the forward instead of beside it.
+        masks = self._fill_masks(rows)
         self.steps += 1
         tenants = len(set(slots))
         self.max_tenants_in_step = max(self.max_tenants_in_step, tenants)
         if self.metrics:
             self.metrics.batch_tenants.observe(tenants)
             self.metrics.batch_size.observe(len(rows))
-        toks, errors = select_tokens(last, rows)
+        toks, errors = select_tokens(last, rows, masks)
         keep = [b for b, (r, tok) in enumerate(zip(rows, toks)) if not self._accept(r, tok, last[b], errors.get(b))]
         if len(keep) < len(rows):
             self._set_rows(keep)
         self.busy["decode_s"] += time.perf_counter() - t0
+
+    def _fill_masks(self, rows: list[GenRequest]):
+        """The rows' grammar masks filled on the host (a GrammarMasks), or None when no row is constrained. A
+        matcher that fails to fill fails its row only (select_tokens reports it)."""
+        if not any(r.matcher is not None for r in rows):
+            return None
+        if self._masks is None:
+            from deltapack.serve.grammar import GrammarMasks
+
+            self._masks = GrammarMasks(self.runner.device)
+        return self._masks.fill(rows)
 
     def _accept(self, r: GenRequest, tok: int, logits_row: torch.Tensor, error: RowError | None) -> bool:
         """A row's sampled token (or its sampling error): True when the request is finished. Whatever goes wrong

@@ -28,6 +28,7 @@ import torch
 from deltapack.errors import InputError
 from deltapack.kernels import TokenSlots
 from deltapack.serve.model import BatchContext, DeltaState, cache_kwarg
+from deltapack.serve.sampling import to_device
 
 log = logging.getLogger(__name__)
 
@@ -520,15 +521,16 @@ class GraphBatch:
             pos[i] = self.next_pos[i]
         for i, s in zip(self.index, slots):
             self.row_slots[i] = s
-        ids_t = torch.tensor(ids, dtype=torch.long).view(self.B, 1).to(dev)
+        # pinned non-blocking copies (to_device): a pageable copy makes the host wait for the device on every one
+        ids_t = to_device(ids, dev).view(self.B, 1)
         eager_ctx = BatchContext(self.row_slots, dev)
         runner.state.ctx = eager_ctx  # the embedding's deltas, on the host's view of the batch
         try:
             self.embeds.copy_(runner.model.get_input_embeddings()(ids_t))
         finally:
             runner.state.ctx = None
-        self.pos.copy_(torch.tensor(pos, dtype=torch.long).view(self.B, 1))
-        self.slot_ids.copy_(torch.tensor(self.row_slots, dtype=torch.long))
+        self.pos.copy_(to_device(pos, dev).view(self.B, 1))
+        self.slot_ids.copy_(to_device(self.row_slots, dev))
         view = min(self.L, -(-(self.col + 1) // VIEW_STEP) * VIEW_STEP)
         if self._graphable() and self._compiled():
             most = most_rows_per_tenant(self.row_slots)
@@ -540,7 +542,9 @@ class GraphBatch:
         self.col += 1
         for i in self.index:
             self.next_pos[i] += 1
-        return logits.index_select(0, torch.tensor(self.index, device=dev))
+        # the rows' slots without a blocking copy: a pageable one would hold the host until the forward just queued
+        # has run, and the engine fills the grammar masks on the host meanwhile
+        return logits.index_select(0, to_device(self.index, dev))
 
 
 __all__ = ["GraphBatch", "StaticBatch", "StaticDecoder", "most_rows_per_tenant"]

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from deltapack.serve.sampling import to_device
+
 MAX_SPEC_CHARS = 65536  # schema / regex / grammar text a request may send
 MAX_CHOICES = 256
 _compilers: weakref.WeakKeyDictionary[object, dict] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
-_batch_matcher = None
 
 
 class GrammarError(ValueError):
@@ -128,23 +129,112 @@ def new_matcher(compiled) -> object:
     return _xgr().GrammarMatcher(compiled)
 
 
-def apply_grammar_masks(x: torch.Tensor, rows: list[int], matchers: list, vocabs: list[int]) -> None:
-    """Mask logits x (B, W) in place: row rows[i] keeps only the tokens matchers[i] (compiled for a vocabulary of
-    vocabs[i] tokens) allows next; columns past a row's vocabulary are left as they are (the caller masks them).
-    Other rows are not touched. Per vocabulary size, one multi-threaded fill and one masked write."""
-    global _batch_matcher
-    xgr = _xgr()
-    if _batch_matcher is None:
-        _batch_matcher = xgr.BatchGrammarMatcher(max_threads="auto")
-    for vocab in sorted(set(vocabs)):
-        idx = [i for i, v in enumerate(vocabs) if v == vocab]
-        group = [matchers[i] for i in idx]
-        bitmask = xgr.allocate_token_bitmask(len(group), vocab)
-        if len(group) > 1:
-            _batch_matcher.batch_fill_next_token_bitmask(group, bitmask)
-        else:
-            group[0].fill_next_token_bitmask(bitmask, 0)
-        sel = torch.tensor([rows[i] for i in idx], device=x.device)
-        sub = x.index_select(0, sel)[:, :vocab].contiguous()
-        xgr.apply_token_bitmask_inplace(sub, bitmask.to(x.device))
-        x[sel, :vocab] = sub
+class GrammarMasks:
+    """The token bitmasks of one engine's constrained rows, split in two phases so that the host's work overlaps the
+    device's: `fill` (host only: each matcher writes its row's next-token mask) runs right after the decode forward
+    was queued, and `apply` (a non-blocking copy and one masking kernel per vocabulary size) once the logits exist.
+    The mask for step t+1 depends only on the tokens accepted at step t, so nothing in the fill waits for the GPU.
+
+    Buffers persist across steps: per vocabulary size one host bitmask (pinned for a CUDA device, so the copy is
+    truly asynchronous) with one row per batch row, and its device copy. Row b of the logits is masked by row b of
+    the bitmask (xgrammar's `indices`), so no rows are gathered, made contiguous and scattered back. A row whose
+    matcher fails to fill is reported in `errors` and left out of the masks: it fails alone.
+
+    Not thread-safe: one instance per engine thread (the engine owns one; `default_masks` gives one per thread)."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
+        self._host: dict[int, torch.Tensor] = {}  # vocab -> (capacity, ceil(vocab/32)) int32 on the host
+        self._dev: dict[int, torch.Tensor] = {}  # vocab -> its device copy (CUDA only)
+        self._copied = None  # CUDA event after the last host->device copy: the host buffers are free to refill
+        self._batch = None  # xgrammar BatchGrammarMatcher (its thread pool), made on first use
+        self.groups: dict[int, list[int]] = {}  # vocab -> the rows filled for it (this step)
+        self.errors: dict[int, Exception] = {}  # row -> why its fill failed (this step)
+
+    def _buffer(self, vocab: int, rows: int) -> torch.Tensor:
+        buf = self._host.get(vocab)
+        if buf is None or buf.shape[0] < rows:
+            cap = max(8, 1 << (rows - 1).bit_length())  # grow by powers of two: a batch's size changes every step
+            # the caching host allocator keeps a pinned block alive until copies queued from it are done
+            buf = torch.empty((cap, (vocab + 31) // 32), dtype=torch.int32, pin_memory=self._cuda)
+            self._host[vocab] = buf
+            if self._cuda:
+                self._dev[vocab] = torch.empty(buf.shape, dtype=torch.int32, device=self.device)
+        return buf
+
+    def fill(self, rows: list) -> GrammarMasks:
+        """Fill the masks of rows (each with .matcher, None when free, and .vocab; row b of the batch is rows[b])
+        on the host. Per vocabulary size one multi-threaded fill; a failure there is retried row by row so that
+        only the failing rows land in `errors`."""
+        xgr = _xgr()
+        self.groups, self.errors = {}, {}
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copy has long finished (its tokens were read); never races
+            self._copied = None
+        by_vocab: dict[int, list[int]] = {}
+        for b, r in enumerate(rows):
+            if getattr(r, "matcher", None) is not None:
+                by_vocab.setdefault(int(r.vocab), []).append(b)
+        for vocab, idx in sorted(by_vocab.items()):
+            buf = self._buffer(vocab, idx[-1] + 1)
+            matchers = [rows[b].matcher for b in idx]
+            try:
+                if len(idx) > 1:
+                    if self._batch is None:
+                        self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
+                    self._batch.batch_fill_next_token_bitmask(matchers, buf, idx)
+                else:
+                    matchers[0].fill_next_token_bitmask(buf, idx[0])
+                ok = idx
+            except Exception:  # find the row(s) that broke it; the others keep their masks
+                ok = []
+                for b, m in zip(idx, matchers):
+                    try:
+                        m.fill_next_token_bitmask(buf, b)
+                        ok.append(b)
+                    except Exception as e:
+                        self.errors[b] = e
+            if ok:
+                self.groups[vocab] = ok
+        return self
+
+    def apply(self, x: torch.Tensor, first: int = 0) -> None:
+        """Mask logits x in place with the filled rows: x's row i is batch row first + i (first > 0: the sampler's
+        row-by-row retry). Columns past a row's vocabulary are left as they are (the caller masks them)."""
+        xgr = _xgr()
+        n, W = x.shape
+        stream = torch.cuda.current_stream(self.device) if self._cuda else None
+        for vocab, idx in self.groups.items():
+            sel = [b - first for b in idx if first <= b < first + n]
+            if not sel:
+                continue
+            host = self._host[vocab]
+            if self._cuda:
+                dev = self._dev[vocab]
+                top = idx[-1] + 1
+                dev[:top].copy_(host[:top], non_blocking=True)  # pinned: queued behind the forward, host goes on
+                mask = dev[first:first + n]
+                # the row list as a device tensor, also without a blocking (pageable) copy
+                ind = to_device(sel, self.device, torch.int32)
+            else:
+                mask, ind = host[first:first + n], sel
+            xgr.apply_token_bitmask_inplace(x, mask, vocab_size=min(vocab, W), indices=ind)
+        if self._cuda and self.groups:
+            self._copied = torch.cuda.Event()
+            self._copied.record(stream)
+
+
+_local = threading.local()
+
+
+def default_masks(device: torch.device | str) -> GrammarMasks:
+    """This thread's GrammarMasks for device (for callers that own none: tests, one-off sampling)."""
+    per = getattr(_local, "masks", None)
+    if per is None:
+        per = _local.masks = {}
+    dev = torch.device(device)
+    m = per.get(dev)
+    if m is None:
+        m = per[dev] = GrammarMasks(dev)
+    return m

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from deltapack.serve.grammar import GrammarMasks
 
 SAMPLING_EPS = 1e-5  # temperatures below this are greedy (as vLLM): dividing by them only overflows
 
@@ -109,19 +112,38 @@ def _stop_ids(r: Row) -> list[int]:
     return sorted(i for i in ids if 0 <= i < r.vocab)
 
 
-def process_logits(x: torch.Tensor, rows: list[Row]) -> None:
-    """Apply every row's logits processors to fp32 logits x (B, W) in place, each only on the rows that asked."""
+def to_device(values: list[int], device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A small host list as a device tensor without stalling the host: a plain .to(cuda) from pageable memory
+    waits for all the work queued before it (the forward), a pinned non-blocking copy is queued behind it."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _constrained(rows: list[Row]) -> bool:
+    return any(getattr(r, "matcher", None) is not None for r in rows)
+
+
+def process_logits(x: torch.Tensor, rows: list[Row], masks: GrammarMasks | None = None, first: int = 0) -> None:
+    """Apply every row's logits processors to fp32 logits x (B, W) in place, each only on the rows that asked.
+    masks: grammar masks already filled for the batch whose rows first .. first + B - 1 are x's rows (the engine
+    fills them while the forward runs); None: rows with a matcher are filled here."""
     B, W = x.shape
     vocab = [r.vocab for r in rows]
     if any(v < W for v in vocab):  # columns past a row's vocabulary (another tenant's added tokens) are never chosen
         col = torch.arange(W, device=x.device)
-        lim = torch.tensor(vocab, device=x.device)
+        lim = to_device(vocab, x.device)
         x.masked_fill_(col[None, :] >= lim[:, None], float("-inf"))
-    constrained = [b for b, r in enumerate(rows) if getattr(r, "matcher", None) is not None]
-    if constrained:
-        from deltapack.serve.grammar import apply_grammar_masks
+    if masks is None and _constrained(rows):
+        from deltapack.serve.grammar import default_masks
 
-        apply_grammar_masks(x, constrained, [rows[b].matcher for b in constrained], [rows[b].vocab for b in constrained])
+        masks = default_masks(x.device).fill(rows)
+        if masks.errors:
+            raise next(iter(masks.errors.values()))
+        first = 0
+    if masks is not None:
+        masks.apply(x, first)
     for b, r in enumerate(rows):
         p = r.params
         if p.allowed_token_ids is not None:
@@ -144,23 +166,35 @@ def process_logits(x: torch.Tensor, rows: list[Row]) -> None:
             x[b] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
 
 
-def select_tokens(logits: torch.Tensor, rows: list[Row]) -> tuple[list[int], dict[int, RowError]]:
+def select_tokens(logits: torch.Tensor, rows: list[Row], masks: GrammarMasks | None = None) -> tuple[list[int], dict[int, RowError]]:
     """logits (B, W) of the last position of each row -> (token per row, {row index: error} for rows that failed;
-    their token is -1). A failure is confined to its row."""
+    their token is -1). A failure is confined to its row. masks: the rows' grammar masks, already filled (the
+    engine fills them while the forward runs); None: filled here when a row has a matcher."""
+    if masks is None and _constrained(rows):
+        from deltapack.serve.grammar import default_masks
+
+        masks = default_masks(logits.device).fill(rows)
     x = logits.float()  # a copy for bf16/fp16 logits; for fp32 ones the processors below must not touch the caller's
     if x.data_ptr() == logits.data_ptr():
         x = x.clone()
     errors: dict[int, RowError] = {}
+    if masks is not None:  # a matcher that could not fill its mask: that row fails, unmasked rows never get sampled
+        for b, e in masks.errors.items():
+            errors[b] = RowError(500, f"internal error in the grammar: {e.__class__.__name__}: {e}")
     try:
-        process_logits(x, rows)
+        process_logits(x, rows, masks)
     except Exception as e:  # one row's processor failed: redo them row by row to find it, the others go on
         x = logits.float().clone()
+        found = False
         for b, r in enumerate(rows):
+            if b in errors:
+                continue
             try:
-                process_logits(x[b : b + 1], [r])
+                process_logits(x[b : b + 1], [r], masks, b)
             except Exception as e_row:
                 errors[b] = RowError(500, f"internal error while sampling: {e_row.__class__.__name__}: {e_row}")
-        if not errors:
+                found = True
+        if not found:
             raise e
     # one device->host copy for the argmax and both row checks (on a GPU each .tolist() is a sync)
     out, bad_nan, none_left = torch.stack([x.argmax(-1), torch.isnan(x).any(-1), torch.isneginf(x).all(-1)]).tolist()
