@@ -125,7 +125,8 @@ def micro(args, tok, vocab: int, compiled, schema: dict, compile_s: float, base:
         vocab: int
         matcher: object | None
 
-    dev = torch.device(args.device if args.device not in ("auto", "cuda") else "cpu")
+    dev = torch.device("cpu" if args.device == "auto" else args.device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)  # time the GPU work too
     # one intra-op thread: on a shared 2-core machine torch's parallel copies (index_select) fall off a cliff when
     # another process holds a core (hundreds of ms), which would only measure the neighbours
     torch.set_num_threads(1)
@@ -142,14 +143,17 @@ def micro(args, tok, vocab: int, compiled, schema: dict, compile_s: float, base:
             a, b_ = x.clone(), x.clone()
             t = {}
             for which in (("old", "new") if step % 2 else ("new", "old")):  # alternate: neither always runs on warm caches
+                sync()
                 t0 = time.perf_counter()
                 if which == "old":
                     old_apply_grammar_masks(a, cons, [rows[b].matcher for b in cons], [vocab] * len(cons))
+                    sync()
                     t["old"] = time.perf_counter() - t0
                 else:
                     masks.fill(rows)
                     t1 = time.perf_counter()
                     masks.apply(b_)
+                    sync()
                     t["fill"], t["apply"] = t1 - t0, time.perf_counter() - t1
             if step >= 2:  # the first steps pay for thread pools and allocations
                 for k in times:
@@ -175,7 +179,9 @@ def micro(args, tok, vocab: int, compiled, schema: dict, compile_s: float, base:
                       "mean_us": {k: round(1e6 * statistics.mean(v), 1) for k, v in best.items()}}
     return {
         "command": "python " + " ".join([str(Path(sys.argv[0]).resolve().relative_to(ROOT)), *sys.argv[1:]]),
-        "device": f"cpu ({_cpu_name()}), {torch.get_num_threads()} torch threads, {os.cpu_count()} cores",
+        "device": (f"{torch.cuda.get_device_name(dev)} (logits and masks applied there; fill on its host, "
+                   f"{os.cpu_count()} cores)" if dev.type == "cuda" else
+                   f"cpu ({_cpu_name()}), {torch.get_num_threads()} torch threads, {os.cpu_count()} cores"),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": _git_commit(),
         "config": {"base": str(base), "vocab": vocab, "batch": args.batch, "steps": args.max_tokens, "schema": schema,
@@ -185,8 +191,9 @@ def micro(args, tok, vocab: int, compiled, schema: dict, compile_s: float, base:
         "stat": ("per step the fastest of --repeats identical walks, then the median over the steps (mean_us: "
                  "the mean over the steps; xgrammar's CPU masking kernel is slow on steps where most tokens are "
                  "disallowed, so the mean is well above the median)"),
-        "note": ("host tensors: measures the fixed per-step costs (allocation, gather/contiguous/scatter) only; the "
-                 "overlap of the fill with the GPU forward and the non-blocking copy show on a GPU run alone"),
+        "note": ("the mask step alone (no forward pass to overlap with): fixed per-step costs (allocation, "
+                 "gather/contiguous/scatter, copies) and, on a GPU, that both paths give the same masked logits; the "
+                 "overlap of the fill with the forward shows in the engine run only"),
         "results": out,
     }
 
@@ -204,7 +211,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU, 16 tokens, one run per mode")
     ap.add_argument("--micro", action="store_true", help="no model: the per-step mask cost alone, old path against "
-                    "the current one, on host tensors (bench/results/serving_constrained_cpu_micro.json)")
+                    "the current one (--device cuda: logits on the GPU; bench/results/serving_constrained_{cpu,gpu}_micro.json)")
     args = ap.parse_args()
     if args.micro:
         return main_micro(args)
@@ -349,7 +356,8 @@ def main_micro(args) -> int:
     compiled = compile_spec(GrammarSpec("json_schema", schema, "bench"), tok, vocab, eos)
     compile_s = time.perf_counter() - t0
     result = micro(args, tok, vocab, compiled, schema, compile_s, base)
-    out = args.out or ROOT / "bench" / "results" / "serving_constrained_cpu_micro.json"
+    where = "gpu" if args.device.startswith("cuda") else "cpu"
+    out = args.out or ROOT / "bench" / "results" / f"serving_constrained_{where}_micro.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.part")
     tmp.write_text(json.dumps(result, indent=1) + "\n")
