@@ -137,6 +137,55 @@ class RssSampler:
         self._thread.join(timeout=1)
 
 
+class HealProbe:
+    """Wraps deltapack.calib.heal.heal (assemble imports it at call time) to record what healing itself costs: RSS on
+    entry, the kernel's RSS high-water mark over the call alone (reset on entry), and on CUDA the allocated bytes on
+    entry and torch.cuda.max_memory_allocated over the call. `--heal-steps` bounds the steps (the peak comes in the
+    first step; later steps repeat it)."""
+
+    def __init__(self, steps: int | None):
+        self.steps = steps
+        self.records: list[dict] = []
+
+    def __enter__(self) -> "HealProbe":
+        import deltapack.calib.heal as heal_mod
+
+        self._mod, self._orig = heal_mod, heal_mod.heal
+
+        def probed(encoded, ctx, cfg, fit=None):
+            if self.steps is not None:
+                cfg = dataclasses.replace(cfg, steps=self.steps)
+            cuda = ctx.device.type == "cuda"
+            gc.collect()
+            malloc_trim()
+            rss0, reset = rss_bytes(), reset_peak_rss()
+            if cuda:
+                torch.cuda.synchronize()
+                gpu0 = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            out = self._orig(encoded, ctx, cfg, fit=fit)
+            rec = {"rss_entry_gb": round(rss0 / 1e9, 3), "heal_steps": out[1].get("steps_done"),
+                   "heal_seconds": out[1].get("seconds"), "fit_reused": fit is not None}
+            if reset:
+                hwm = peak_rss()
+                rec |= {"rss_peak_gb": round(hwm / 1e9, 3), "rss_heal_extra_gb": round((hwm - rss0) / 1e9, 3)}
+            if cuda:
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated()
+                rec |= {"gpu_entry_gb": round(gpu0 / 1e9, 3), "gpu_peak_gb": round(peak / 1e9, 3),
+                        "gpu_heal_extra_gb": round((peak - gpu0) / 1e9, 3)}
+            rec |= {k: out[1][k] for k in ("micro_batch", "trainable", "applied", "kl_before", "kl_after") if k in out[1]}
+            self.records.append(rec)
+            log.info("heal probe: %s", rec)
+            return out
+
+        heal_mod.heal = probed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mod.heal = self._orig
+
+
 # ---- GPTQ backends on 7B-shaped factors ----------------------------------------------------------------------------------
 def gptq_check(device: torch.device, small: bool) -> dict:
     """GPTQ of delta-come-like factors through the torch column loop and the Triton kernel: equal codes, scales and
@@ -368,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count-ops", action="store_true",
                     help="first count torch ops / syncs / Triton launches per delta-come encode of a q_proj- and a "
                          "down_proj-shaped matrix, torch column loop vs default backend (~1 min on a GPU)")
+    ap.add_argument("--heal-steps", type=int, default=None,
+                    help="healing steps for +heal methods (default: heal's own); each record gets `heal_probe`: "
+                         "healing's own peak RSS (and GPU memory) over the call")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("deltapack.compress").setLevel(logging.WARNING)
@@ -437,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         hwm_reset = reset_peak_rss()
         t0 = time.perf_counter()
         try:
-            with record_phases() as phases:
+            with record_phases() as phases, HealProbe(args.heal_steps) as probe:
                 api.compress(base_dir, ft_dir, out, method=spec.method, ratio=ratio, params=spec.params,
                              device=str(device), overwrite=True, progress=False, **heal)
             if device.type == "cuda":
@@ -470,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
             "phase_peak_rss_gb": {name: round(sampler.peak(a, b) / 1e9, 2) for name, a, b in phases.spans},
             "true_ratio": info["true_ratio"], "nominal_ratio": info["nominal_ratio"], "shape": shape.label(),
         }
+        if probe.records:
+            rec["heal_probe"] = probe.records[-1]
         doc["timing"].append(rec)
         write_json(args.out, doc)
         log.info("%s @ %s: %.1f s, peak GPU %s GB, peak RSS %.1f GB, true ratio %.2fx", spec.label,
