@@ -17,6 +17,12 @@ healing did not lower it, the un-healed parts are kept (healing never makes the 
 
 Calibration text: the fine-tune's own replies to generic prompts (data-free, like `auto`'s default), or --calib.
 Time is bounded by `steps` and `max_seconds`.
+
+Memory (calib/layerwise.py): the delta is decoded one decoder layer at a time, inside an activation checkpoint per
+layer, so besides the base model and the teacher's log-probs healing holds each layer's input, one layer's decoded
+delta / merged weights / activations, the logits of one micro-batch and the trainable state (θ, its gradient and
+Adam's moments: 16 bytes a trained number; the float parts themselves stay in their storage dtype). The micro-batch
+(sequences per backward, gradients accumulated) is sized from free GPU memory.
 """
 
 from __future__ import annotations
