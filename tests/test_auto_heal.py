@@ -110,3 +110,19 @@ def test_cli_heal_seconds_needs_heal(pico_pair, tmp_path):
                                     "--ratio", "1.4", "--heal", "--heal-seconds", "0"])
     assert res.exit_code != 0 and "max_seconds must be positive" in res.output
     assert not (tmp_path / "z").exists()
+
+
+def test_heal_that_does_not_help_keeps_autos_choice(auto_delta, pico_pair, tmp_path, monkeypatch):
+    """heal returns its input unchanged when the held-out KL did not drop: assemble must then write auto's chosen
+    encodings (it used to drop them and fail on auto's provisional entries)."""
+    import deltapack.calib.heal as heal_mod
+
+    def not_better(encoded, ctx, cfg, fit=None):
+        return encoded, {"steps_done": 0, "applied": False}
+
+    monkeypatch.setattr(heal_mod, "heal", not_better)
+    base, ft = pico_pair
+    out = compress(str(base), str(ft), str(tmp_path / "n"), method="auto", ratio=1.4, progress=False, heal={"steps": 1})
+    plain, after = _stored(auto_delta), _stored(out)
+    assert plain.keys() == after.keys()
+    assert all(torch.equal(v, after[k]) for k, v in plain.items())

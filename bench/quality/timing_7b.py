@@ -137,6 +137,95 @@ class RssSampler:
         self._thread.join(timeout=1)
 
 
+def cache_tensor_bytes(cache: dict) -> dict[str, dict[str, float]]:
+    """{key: {device: GB}} of the tensors each compress-cache entry holds (nested dicts/lists/objects' __dict__): what
+    is still resident when healing starts."""
+    def walk(x, out: dict, seen: set, depth: int = 0) -> None:
+        if id(x) in seen or depth > 6:
+            return
+        seen.add(id(x))
+        if isinstance(x, torch.Tensor):
+            out[str(x.device)] = out.get(str(x.device), 0) + x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v, out, seen, depth + 1)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v, out, seen, depth + 1)
+        elif isinstance(x, torch.nn.Module):
+            for t in list(x.parameters()) + list(x.buffers()):
+                walk(t, out, seen, depth + 1)
+        elif hasattr(x, "__dict__"):
+            walk(vars(x), out, seen, depth + 1)
+
+    res = {}
+    for k, v in cache.items():
+        out: dict[str, int] = {}
+        walk(v, out, set())
+        if out:
+            res[str(k)] = {d: round(b / 1e9, 4) for d, b in out.items()}
+    return res
+
+
+class HealProbe:
+    """Wraps deltapack.calib.heal.heal (assemble imports it at call time) to record what healing itself costs: RSS on
+    entry, the kernel's RSS high-water mark over the call alone (reset on entry), and on CUDA the allocated bytes on
+    entry and torch.cuda.max_memory_allocated over the call. `--heal-steps` bounds the steps (the peak comes in the
+    first step; later steps repeat it)."""
+
+    def __init__(self, steps: int | None):
+        self.steps = steps
+        self.records: list[dict] = []
+
+    def __enter__(self) -> "HealProbe":
+        import deltapack.calib.heal as heal_mod
+
+        self._mod, self._orig = heal_mod, heal_mod.heal
+
+        def probed(encoded, ctx, cfg, fit=None):
+            if self.steps is not None:
+                cfg = dataclasses.replace(cfg, steps=self.steps)
+            cuda = ctx.device.type == "cuda"
+            gc.collect()
+            malloc_trim()
+            rss0, reset = rss_bytes(), reset_peak_rss()
+            if cuda:
+                torch.cuda.synchronize()
+                gpu0 = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+            out, error = (encoded, {}), None
+            try:
+                out = self._orig(encoded, ctx, cfg, fit=fit)
+            except BaseException as e:  # an OOM inside healing: its peak is the point of the probe
+                error = f"{e.__class__.__name__}: {e}"[:300]
+                raise
+            finally:
+                rec = {"rss_entry_gb": round(rss0 / 1e9, 3), "heal_steps": out[1].get("steps_done"),
+                       "heal_seconds": out[1].get("seconds"), "fit_reused": fit is not None,
+                       "ctx_cache_gb": cache_tensor_bytes(ctx.cache)}
+                if error:
+                    rec["error"] = error
+                if reset:
+                    hwm = peak_rss()
+                    rec |= {"rss_peak_gb": round(hwm / 1e9, 3), "rss_heal_extra_gb": round((hwm - rss0) / 1e9, 3)}
+                if cuda:
+                    torch.cuda.synchronize()
+                    peak = torch.cuda.max_memory_allocated()
+                    rec |= {"gpu_entry_gb": round(gpu0 / 1e9, 3), "gpu_peak_gb": round(peak / 1e9, 3),
+                            "gpu_heal_extra_gb": round((peak - gpu0) / 1e9, 3)}
+                rec |= {k: out[1][k] for k in ("micro_batch", "layers", "trainable", "applied", "kl_before", "kl_after")
+                        if k in out[1]}
+                self.records.append(rec)
+                log.info("heal probe: %s", rec)
+            return out
+
+        heal_mod.heal = probed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mod.heal = self._orig
+
+
 # ---- GPTQ backends on 7B-shaped factors ----------------------------------------------------------------------------------
 def gptq_check(device: torch.device, small: bool) -> dict:
     """GPTQ of delta-come-like factors through the torch column loop and the Triton kernel: equal codes, scales and
@@ -368,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--count-ops", action="store_true",
                     help="first count torch ops / syncs / Triton launches per delta-come encode of a q_proj- and a "
                          "down_proj-shaped matrix, torch column loop vs default backend (~1 min on a GPU)")
+    ap.add_argument("--heal-steps", type=int, default=None,
+                    help="healing steps for +heal methods (default: heal's own); each record gets `heal_probe`: "
+                         "healing's own peak RSS (and GPU memory) over the call")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("deltapack.compress").setLevel(logging.WARNING)
@@ -436,8 +528,9 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.reset_peak_memory_stats()
         hwm_reset = reset_peak_rss()
         t0 = time.perf_counter()
+        probe = HealProbe(args.heal_steps)
         try:
-            with record_phases() as phases:
+            with record_phases() as phases, probe:
                 api.compress(base_dir, ft_dir, out, method=spec.method, ratio=ratio, params=spec.params,
                              device=str(device), overwrite=True, progress=False, **heal)
             if device.type == "cuda":
@@ -450,7 +543,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         except Exception as e:
             log.error("%s failed:\n%s", spec.label, traceback.format_exc())
-            doc["notes"].append({"method": spec.label, "target_ratio": ratio, "note": f"error: {e.__class__.__name__}: {e}"[:500]})
+            note = {"method": spec.label, "target_ratio": ratio, "note": f"error: {e.__class__.__name__}: {e}"[:500]}
+            if probe.records:  # healing finished (or failed) before the error: what it cost is still worth keeping
+                note["heal_probe"] = probe.records[-1]
+            doc["notes"].append(note)
             write_json(args.out, doc)
             continue
         finally:
@@ -470,6 +566,8 @@ def main(argv: list[str] | None = None) -> int:
             "phase_peak_rss_gb": {name: round(sampler.peak(a, b) / 1e9, 2) for name, a, b in phases.spans},
             "true_ratio": info["true_ratio"], "nominal_ratio": info["nominal_ratio"], "shape": shape.label(),
         }
+        if probe.records:
+            rec["heal_probe"] = probe.records[-1]
         doc["timing"].append(rec)
         write_json(args.out, doc)
         log.info("%s @ %s: %.1f s, peak GPU %s GB, peak RSS %.1f GB, true ratio %.2fx", spec.label,

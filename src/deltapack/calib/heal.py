@@ -17,6 +17,12 @@ healing did not lower it, the un-healed parts are kept (healing never makes the 
 
 Calibration text: the fine-tune's own replies to generic prompts (data-free, like `auto`'s default), or --calib.
 Time is bounded by `steps` and `max_seconds`.
+
+Memory (calib/layerwise.py): the delta is decoded one decoder layer at a time, inside an activation checkpoint per
+layer, so besides the base model and the teacher's log-probs healing holds each layer's input, one layer's decoded
+delta / merged weights / activations, the logits of one micro-batch and the trainable state (θ, its gradient and
+Adam's moments: 16 bytes a trained number; the float parts themselves stay in their storage dtype). The micro-batch
+(sequences per backward, gradients accumulated) is sized from free GPU memory.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from deltapack.calib.layerwise import HealMemory, LayerwiseStudent, device_budget, micro_batch
 from deltapack.errors import DeltapackError
 from deltapack.format.codecs import get_codec
 
@@ -68,6 +75,18 @@ class HealConfig:
         raise DeltapackError(f"heal must be true/false or a dict of settings, got {value!r}")
 
 
+def heal_memory(fit, student: LayerwiseStudent, trainable: int) -> HealMemory:
+    """The model dimensions heal's micro-batch sizing needs, read from the student."""
+    cfg = fit.student.config
+    layers = student.layers
+    return HealMemory(
+        seq_len=int(fit.ids.shape[1]), vocab=int(fit.teacher_logp.shape[-1]), hidden=int(cfg.hidden_size),
+        n_layers=max(1, len(layers)), heads=int(getattr(cfg, "num_attention_heads", 1) or 1),
+        layer_params=sum(p.numel() for p in layers[0][1].parameters()) if layers else
+        sum(p.numel() for p in fit.student.parameters()),
+        trainable=trainable, act_bytes=torch.finfo(fit.dtype).bits // 8)
+
+
 def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
     """Healed copies of `encoded` (name -> Encoded) and a record {steps, seconds, kl_before, kl_after, ...}. `fit`: a
     calib.teacher.TeacherFit to reuse (auto builds one to choose codecs); else one is built from `cfg`."""
@@ -81,7 +100,8 @@ def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
                          seq_len=cfg.seq_len or (512 if gpu else 128), batch=cfg.batch, seed=cfg.seed + 1)
     record = dict(fit.record)
 
-    # per healed tensor: its parts on the device, the trainable float parts as (p0, rms, θ)
+    # per healed tensor: its parts on the device (storage dtype), the trainable float parts as (rms, θ); the part's
+    # fp32 value is made on the fly (part.float() + θ·rms) rather than kept: no fp32 copy of every float part
     entries: dict[str, tuple] = {}
     for name, enc in encoded.items():
         if name not in fit.params:
@@ -93,31 +113,47 @@ def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
                 continue
             if enc.codec == "dense" and v.numel() > cfg.max_dense_numel:
                 continue
-            p0 = v.float()
-            rms = float(p0.pow(2).mean().sqrt()) or 1e-8
-            train[k] = (p0, rms, torch.zeros_like(p0, requires_grad=True))
+            rms = float(v.float().pow(2).mean().sqrt()) or 1e-8
+            train[k] = (rms, torch.zeros(v.shape, device=dev, requires_grad=True))
         entries[name] = (enc, fit.shape(name), parts, train)
-    thetas = [t[2] for e in entries.values() for t in e[3].values()]
+    thetas = [t[1] for e in entries.values() for t in e[3].values()]
     if not thetas:
         log.info("heal: no continuous parameters to train")
         return encoded, dict(record, steps_done=0, applied=False)
     n_trainable = sum(t.numel() for t in thetas)
 
-    def deltas(grad: bool = True) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, (enc, shape, parts, train) in entries.items():
-            eff = dict(parts)
-            for k, (p0, rms, th) in train.items():
-                eff[k] = p0 + (th if grad else th.detach()) * rms
-            out[name] = get_codec(enc.codec).decode(enc.params, eff, shape)
-        return out
+    def effective(parts: dict, train: dict) -> dict[str, torch.Tensor]:
+        eff = dict(parts)
+        for k, (rms, th) in train.items():
+            eff[k] = parts[k].float() + th * rms
+        return eff
+
+    def decode(name: str) -> torch.Tensor:
+        enc, shape, parts, train = entries[name]
+        return get_codec(enc.codec).decode(enc.params, effective(parts, train), shape)
+
+    # one decoder layer's delta decoded at a time, each layer checkpointed (calib/layerwise.py)
+    student = LayerwiseStudent(fit, list(entries), decode)
+    micro = micro_batch(device_budget(dev), heal_memory(fit, student, n_trainable), min(cfg.batch, fit.batch))
+    tokens_per_row = fit.ids.shape[1]
+
+    def kl(rows: torch.Tensor, train: bool = False) -> float:
+        """Mean KL per token over `rows`, `micro` sequences per forward; with `train`, each micro-batch's share of
+        the mean is back-propagated at once (gradients accumulate: the same gradient as one backward of the mean)."""
+        total = 0.0
+        for s in range(0, rows.numel(), micro):
+            part = student.kl_sum(rows[s : s + micro]) / (rows.numel() * tokens_per_row)
+            if train:
+                part.backward()
+            total += float(part.detach())
+        return total
 
     n_held = min(8, max(1, fit.n_seqs // 4))
     held, train_rows = torch.arange(n_held), torch.arange(n_held, fit.n_seqs)
     if train_rows.numel() == 0:
         train_rows = held
     with torch.no_grad():
-        kl_before = float(fit.kl(deltas(False), held))
+        kl_before = kl(held)
     opt = torch.optim.Adam(thetas, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_done, losses = 0, []
@@ -126,20 +162,19 @@ def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
             log.info("heal: stopped at step %d of %d (max_seconds %.0f)", step, cfg.steps, cfg.max_seconds)
             break
         pick = train_rows[torch.randint(0, train_rows.numel(), (cfg.batch,), generator=gen)]
-        loss = fit.kl(deltas, pick)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = kl(pick, train=True)
         opt.step()
         steps_done += 1
         if step % 10 == 0 or step == cfg.steps - 1:
-            losses.append(round(float(loss.detach()), 6))
+            losses.append(round(loss, 6))
     with torch.no_grad():
-        kl_after = float(fit.kl(deltas(False), held))
+        kl_after = kl(held)
     seconds = time.perf_counter() - t_start
     applied = kl_after < kl_before
     rec = dict(record, **{k: v for k, v in asdict(cfg).items() if k not in ("n_seqs", "seq_len", "source")},
                steps_done=steps_done, seconds=round(seconds, 2), kl_before=kl_before, kl_after=kl_after,
-               applied=applied, trainable=n_trainable, losses=losses)
+               applied=applied, trainable=n_trainable, micro_batch=micro, layers=len(student.layers), losses=losses)
     log.info("heal: held-out calibration KL %.4g -> %.4g in %d steps, %.0f s (%d trainable numbers)%s", kl_before,
              kl_after, steps_done, seconds, n_trainable, "" if applied else ": not better, kept the un-healed delta")
     if not applied:
@@ -149,7 +184,7 @@ def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
         if not train:
             continue
         new_parts = dict(enc.parts)
-        for k, (p0, rms, th) in train.items():
-            new_parts[k] = (p0 + th.detach() * rms).to(enc.parts[k].dtype).cpu()
+        for k, (rms, th) in train.items():
+            new_parts[k] = (enc.parts[k].to(dev).float() + th.detach() * rms).to(enc.parts[k].dtype).cpu()
         out[name] = type(enc)(enc.codec, enc.params, new_parts, enc.method)
     return out, rec

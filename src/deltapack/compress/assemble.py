@@ -106,7 +106,9 @@ def assemble(
         current = {n: refined[n] if n in refined else res.load(n)[0] for n in prep.todo}
         with phase("assemble.heal", device):
             healed, heal_record = heal(current, ctx, prep.heal, fit=ctx.cache.get("auto:fit"))
-        refined = {n: e for n, e in healed.items() if e is not current[n]} | {n: e for n, e in refined.items() if n not in healed}
+        # what heal changed wins; everything else keeps refine's choice (heal returns `current` unchanged when it did
+        # not help: dropping refined entries then left auto's provisional encodings to be written)
+        refined = refined | {n: e for n, e in healed.items() if e is not current[n]}
         del current, healed
     ctx.cache.pop("auto:fit", None)  # auto's teacher (model + log-probs): not needed for writing
     writer = StreamingShardWriter(tmp, "delta", max_shard_bytes, metadata={"format": "deltapack"})
