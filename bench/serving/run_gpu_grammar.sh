@@ -8,7 +8,7 @@
 # Here, once:
 #     d=<the cached GGUF conversion dir, e.g. ~/.cache/deltapack/gguf/SmolLM2-135M-Instruct.Q4_1-*>
 #     mkdir -p .gpu/smoltok && cp $d/{tokenizer.json,tokenizer_config.json,chat_template.jinja,config.json,generation_config.json} .gpu/smoltok/
-#     mkdir -p .gpu/old && git archive <commit before the new mask path> src bench/serving/constrained.py | tar -x -C .gpu/old
+#     mkdir -p .gpu/old && git archive <commit before the new mask path> src bench/serving/constrained.py bench/serve_load.py | tar -x -C .gpu/old
 # Device call: carry [".gpu/whl", ".gpu/whl3", ".gpu/smoltok", ".gpu/old"]   bash bench/serving/run_gpu_grammar.sh
 # Each result lands in $OUT as soon as it is measured (a killed call still returns the earlier ones).
 set -euo pipefail

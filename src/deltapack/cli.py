@@ -70,7 +70,7 @@ def main(verbose: int) -> None:
 @click.option("--quiet", is_flag=True, help="no progress bars")
 @click.option("--heal", is_flag=True, help="after encoding, train the delta's scales and float parts against the "
               "fine-tune's logits on calibration text (codes unchanged; minutes)")
-@click.option("--heal-seconds", type=float, default=None, help="time limit of --heal (default 240)")
+@click.option("--heal-seconds", type=float, default=None, help="time limit of --heal in seconds (default 90)")
 def compress(base, finetuned, out, method, ratio, params, config_file, calib, device, max_shard_size, overwrite,
              trust_remote_code, threads, quiet, heal, heal_seconds):
     """Compress FINETUNED against BASE into a delta directory at a target true ratio.
