@@ -116,6 +116,10 @@ def build_server(
     root = Path(delta_root).resolve() if delta_root else None
     if root is not None and not root.is_dir():
         raise DeltapackError(f"--delta-root {delta_root} is not a directory")
+    if device == "auto" or str(device).startswith("cuda"):
+        # the CUDA context (1-3 s on a GPU host) starts in a thread while transformers imports (GIL-bound Python)
+        # instead of at the model's first move to the device; torch's lazy init is locked, so that move waits for it
+        in_background(partial(_init_cuda, str(device)), "deltapack-cuda-init")
     fingerprint = None
     if deltas and verify_base and Path(base).is_dir():
         # the deltas' full-content base check hashes every base tensor: a second read of the base, done here while
@@ -146,6 +150,12 @@ def build_server(
         metrics.bind(engine, tiers)
         engine.start()
     return ServerState(runner, tiers, engine, metrics, name, root, verify_base, startup=clock)
+
+
+def _init_cuda(device: str) -> None:
+    if torch.cuda.is_available():
+        dev = torch.device("cuda" if device == "auto" else device)
+        torch.empty(1, device=dev)  # creates the context on that device
 
 
 def warmup(state: ServerState, *, prompt_tokens: int = 24, max_tokens: int = 3, timeout_s: float = 1800.0,
