@@ -21,7 +21,6 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -1119,10 +1118,7 @@ class ServerThread:
         self.stop()
 
 
-def serve_forever(state: ServerState, host: str, port: int, options: HTTPOptions | None = None, log_level: str = "info",
-                  after_listen: Callable[[], object] | None = None) -> None:
-    """Serve until interrupted. `after_listen`: run once the socket listens (the CLI starts the background warm-up
-    there: started before, its forwards compete with building the app and the socket, and delay readiness)."""
+def serve_forever(state: ServerState, host: str, port: int, options: HTTPOptions | None = None, log_level: str = "info") -> None:
     import uvicorn
 
     opts = options or HTTPOptions()
@@ -1140,11 +1136,6 @@ def serve_forever(state: ServerState, host: str, port: int, options: HTTPOptions
         if server.started:
             clock.mark("http listen")
             clock.ready()
-            if after_listen is not None:
-                try:
-                    after_listen()
-                except Exception:
-                    log.exception("start after listening failed")
 
     threading.Thread(target=watch, name="deltapack-startup", daemon=True).start()
     try:

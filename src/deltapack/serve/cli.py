@@ -86,7 +86,6 @@ def register(main: click.Group) -> None:
         """
         import os
         import time
-        from functools import partial
 
         from deltapack.serve.startup import StartupClock
 
@@ -143,15 +142,12 @@ def register(main: click.Group) -> None:
             with clock.phase("warm-up"):  # --warmup on: readiness waits for it, by request
                 run_warmup(state, calibrate=calibrate)
             click.echo(f"warm-up done in {time.perf_counter() - t0:.1f} s", err=True)
-        after_listen = None  # the background warm-up starts once the socket listens: its forwards would slow the start
-        if warmup == "background":
+        elif warmup == "background":
             how = f"kernels compile in {comp.workers} threads; " if comp is not None else ""
             click.echo(f"warming up {n_models} models in the background ({how}requests are served meanwhile)", err=True)
-            after_listen = partial(start_warmup, state, calibrate=calibrate)
-        elif calibrate and warmup != "on":
-            after_listen = partial(start_warmup, state, calibrate=True, max_tokens=1)
-        if after_listen is not None:
-            state.warmup["state"] = "pending"  # /health: not "idle" (= no warm-up) while it waits for the socket
+            start_warmup(state, calibrate=calibrate)
+        elif calibrate:
+            start_warmup(state, calibrate=True, max_tokens=1)
         click.echo(
             f"serving {state.base_name} + {len(state.tiers.tenants)} deltas on http://{host}:{port} "
             f"({state.runner.device}, {str(state.runner.dtype).replace('torch.', '')}, kernels={state.runner.state.kernels.name}, "
@@ -159,4 +155,4 @@ def register(main: click.Group) -> None:
             err=True,
         )
         # the "ready in X s: imports a, base load b, ..." line is logged once the socket listens
-        serve_forever(state, host, port, options, level, after_listen=after_listen)
+        serve_forever(state, host, port, options, level)
