@@ -136,7 +136,7 @@ class DeltaTiers:
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._base_fingerprint: str | None = None
-        self._fingerprint_future: Future | None = None  # set by start_fingerprint: computed while the base loads
+        self._fingerprint_future: Future | None = None  # set by use_fingerprint: computed while the base loads
         self._fingerprint_lock = threading.Lock()  # deltas prepared in parallel hash the base once
         self._scratch: Path | None = None  # where imported peft adapters are stored as deltas while registered
         self._scratch_lock = threading.Lock()
