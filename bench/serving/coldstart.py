@@ -28,7 +28,9 @@ pydantic-core, annotated-types, typing-inspection, typing-extensions -- plus cli
         -> `coldstart` records in bench/results/serving.json (its other keys are kept)
 
 Each record: {cache: cold|warm, tenants, codecs, ready_s, first_token_s: {tenant: s}, warmup_s, kernels: the
-server's compile status, command, device, date}.
+server's compile status, startup_phases: the server's own start-up record from /health (ready_s from the process
+start, and seconds per phase: imports, base load, deltas, engine, http app, http listen, other; notes.deltas: verify,
+fingerprint wait and pack seconds summed over the deltas' threads), command, device, date}.
 """
 
 from __future__ import annotations
@@ -184,6 +186,7 @@ def one_start(args, cache: str, base: Path, deltas: dict[str, Path], work: Path)
         "cache": cache, "tenants": len(deltas), "codecs": sorted({c for c in args.codecs.values()}),
         "ready_s": round(ready, 3), "first_token_s": first, "errors": errors, "warmup_s": warm,
         "warmup": health.get("warmup", {}).get("state"), "kernels": health.get("kernels"),
+        "startup_phases": health.get("startup"),
         "cache_files": sum(1 for p in xdg.rglob("*") if p.is_file()), "log": lines[-6:],
     }
 
@@ -238,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         if cache not in ("cold", "warm"):
             ap.error(f"--runs: {cache!r} is neither cold nor warm")
         rec = {**one_start(args, cache, base, deltas, work), **meta}
-        print(json.dumps({k: rec[k] for k in ("cache", "ready_s", "first_token_s", "warmup_s", "kernels")}), file=sys.stderr)
+        print(json.dumps({k: rec[k] for k in ("cache", "ready_s", "first_token_s", "warmup_s", "kernels", "startup_phases")}),
+              file=sys.stderr)
         records.append(rec)
     if args.smoke:
         out = args.out or RESULTS / "serving_coldstart_cpu_smoke.json"

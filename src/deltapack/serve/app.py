@@ -52,6 +52,7 @@ from deltapack.serve.protocol import (
     validate,
 )
 from deltapack.serve.sampling import SamplingParams
+from deltapack.serve.startup import StartupClock, in_background
 from deltapack.serve.text import token_text
 from deltapack.serve.tiers import ConflictError, DeltaTiers, Tenant, TooLargeError
 
@@ -73,6 +74,8 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     # warm-up progress (/health): state idle | running | done | failed, and when it started / ended
     warmup: dict = field(default_factory=lambda: {"state": "idle"})
+    # start-up phase times (/health "startup"); the CLI's clock also covers imports and the HTTP socket
+    startup: StartupClock = field(default_factory=lambda: StartupClock(since_process_start=False))
 
     def close(self) -> None:
         self.engine.stop()
@@ -100,32 +103,59 @@ def build_server(
     decode: str = "auto",
     prefill_delay_s: float | None = None,
     compiler=None,
+    clock: StartupClock | None = None,
 ) -> ServerState:
     """Load the base, register the deltas, start the engine thread. `compiler` (a deltapack.kernels.compile.
     KernelCompiler): Triton kernel variants compile on it in the background while their launches run on the torch
-    path (the CLI attaches one on CUDA); None: each variant compiles on its first launch."""
-    from deltapack.serve.model import ModelRunner
+    path (the CLI attaches one on CUDA); None: each variant compiles on its first launch. `clock`: records the
+    phases (base load, deltas, engine) for the log and /health; build_server makes one when none is given."""
+    clock = clock or StartupClock(since_process_start=False)
+    with clock.phase("imports"):  # torch and our kernels: already imported by the CLI, not by tests
+        from deltapack.serve.model import ModelRunner
 
     root = Path(delta_root).resolve() if delta_root else None
     if root is not None and not root.is_dir():
         raise DeltapackError(f"--delta-root {delta_root} is not a directory")
-    runner = ModelRunner(base, device=device, dtype=dtype, kernels=kernels, max_model_len=max_model_len)
+    if device == "auto" or str(device).startswith("cuda"):
+        # the CUDA context (1-3 s on a GPU host) starts in a thread while transformers imports (GIL-bound Python)
+        # instead of at the model's first move to the device; torch's lazy init is locked, so that move waits for it
+        in_background(partial(_init_cuda, str(device)), "deltapack-cuda-init")
+    fingerprint = None
+    if deltas and verify_base and Path(base).is_dir():
+        # the deltas' full-content base check hashes every base tensor: a second read of the base, done here while
+        # transformers imports and loads it (hashing releases the GIL) instead of after
+        from deltapack.compress import base_fingerprint
+        from deltapack.io.sources import open_model
+
+        fingerprint = in_background(lambda: base_fingerprint(open_model(base)), "deltapack-fingerprint")
+    with clock.phase("base load"):
+        runner = ModelRunner(base, device=device, dtype=dtype, kernels=kernels, max_model_len=max_model_len)
     if compiler is not None and hasattr(runner.state.kernels, "compiler"):
         runner.state.kernels.compiler = compiler
     name = served_model_name or str(base)
     tiers = DeltaTiers(runner, device_bytes=gpu_delta_bytes, host_bytes=cpu_delta_bytes, base_name=name)
+    if fingerprint is not None:
+        tiers.use_fingerprint(fingerprint)
     try:
-        for dname, dpath in deltas:
-            tiers.register(dname, dpath, verify_base=verify_base)
+        with clock.phase("deltas"):
+            tiers.register_many(list(deltas), verify_base=verify_base)  # prepared in parallel threads
+        clock.notes["deltas"] = dict(tiers.timings)  # summed over the threads: where the deltas' time went
     except BaseException:
         tiers.close()
         raise
-    metrics = ServeMetrics()
-    engine = Engine(runner, tiers, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, metrics=metrics,
-                    decode=decode, prefill_delay_s=prefill_delay_s)
-    metrics.bind(engine, tiers)
-    engine.start()
-    return ServerState(runner, tiers, engine, metrics, name, root, verify_base)
+    with clock.phase("engine"):
+        metrics = ServeMetrics()
+        engine = Engine(runner, tiers, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens, metrics=metrics,
+                        decode=decode, prefill_delay_s=prefill_delay_s)
+        metrics.bind(engine, tiers)
+        engine.start()
+    return ServerState(runner, tiers, engine, metrics, name, root, verify_base, startup=clock)
+
+
+def _init_cuda(device: str) -> None:
+    if torch.cuda.is_available():
+        dev = torch.device("cuda" if device == "auto" else device)
+        torch.empty(1, device=dev)  # creates the context on that device
 
 
 def warmup(state: ServerState, *, prompt_tokens: int = 24, max_tokens: int = 3, timeout_s: float = 1800.0,
@@ -635,7 +665,8 @@ def create_app(state: ServerState, options: HTTPOptions | None = None):
         if not state.engine.alive:
             return err(503, "engine is not running", "server_error")
         # ready as soon as the engine runs: while kernels compile, launches take the torch path
-        body = {"status": "ok", "warmup": {k: v for k, v in state.warmup.items() if k != "cost_model"}}
+        body = {"status": "ok", "warmup": {k: v for k, v in state.warmup.items() if k != "cost_model"},
+                "startup": state.startup.as_dict()}
         comp = getattr(state.runner.state.kernels, "compiler", None)
         if comp is not None:
             body["kernels"] = comp.status()
@@ -1071,6 +1102,9 @@ class ServerThread:
             if not self.thread.is_alive() or time.monotonic() - t0 > timeout:
                 raise RuntimeError("HTTP server did not start")
             time.sleep(0.02)
+        state = getattr(self.server.config.app.state, "deltapack", None)
+        if state is not None and state.startup.ready_s is None:
+            state.startup.ready()  # listening: the start-up record is complete (/health shows ready_s)
         return self
 
     def stop(self) -> None:
@@ -1089,9 +1123,26 @@ def serve_forever(state: ServerState, host: str, port: int, options: HTTPOptions
 
     opts = options or HTTPOptions()
     opts.bind_host = host
-    app = create_app(state, opts)
-    try:
+    clock = state.startup
+    with clock.phase("http app"):
+        app = create_app(state, opts)
         # our Guard writes the access log (uvicorn's would miss the requests it refuses)
-        uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+        server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                             ws="none"))  # no websocket routes: skip loading a ws library
+
+    def watch() -> None:  # `started` turns true once the socket listens: the moment requests can be served
+        while not server.started and not server.should_exit:
+            time.sleep(0.005)
+        if server.started:
+            clock.mark("http listen")
+            clock.ready()
+
+    threading.Thread(target=watch, name="deltapack-startup", daemon=True).start()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the SIGINT it handled: a clean stop, as uvicorn.run treats it
+        pass
     finally:
         state.close()
+    if not server.started:
+        raise SystemExit(3)  # never listened (port taken, ...): uvicorn.run's start-up failure status

@@ -84,9 +84,14 @@ def register(main: click.Group) -> None:
         deltas share one batch; each delta is applied from its compressed form, never merged. A peft LoRA adapter
         directory is served as a delta too (stored exactly: its factors and scaling), in the same batches.
         """
-        import logging
         import os
         import time
+
+        from deltapack.serve.startup import StartupClock
+
+        clock = StartupClock()  # first: "imports" counts from the process start
+        level = "warning" if quiet else log_level
+        configure_logging(level)
 
         from deltapack.cli import _size
         from deltapack.kernels.compile import KernelCompiler
@@ -94,10 +99,6 @@ def register(main: click.Group) -> None:
         from deltapack.serve.app import warmup as run_warmup
         from deltapack.serve.guard import HTTPOptions, is_loopback
 
-        t_start = time.perf_counter()
-
-        level = "warning" if quiet else log_level
-        configure_logging(level)
         if api_key is not None and not api_key.strip():
             raise DeltapackError("--api-key (or DELTAPACK_API_KEY) is empty")
         if not is_loopback(host) and api_key is None:
@@ -123,6 +124,7 @@ def register(main: click.Group) -> None:
             prefill_delay_s=None if prefill_delay_ms is None else prefill_delay_ms / 1000,
             compiler=None if warmup == "off" else KernelCompiler(
                 compile_workers or min(8, os.cpu_count() or 1), progress=lambda m: click.echo(m, err=True)),
+            clock=clock,
         )
         runner = state.runner
         triton_gpu = runner.state.kernels.name == "triton" and runner.device.type == "cuda"
@@ -137,7 +139,8 @@ def register(main: click.Group) -> None:
             t0 = time.perf_counter()
             how = f"kernel compilation in {comp.workers} threads, " if comp is not None else ""
             click.echo(f"warming up {n_models} models ({how}delta loads)...", err=True)
-            run_warmup(state, calibrate=calibrate)
+            with clock.phase("warm-up"):  # --warmup on: readiness waits for it, by request
+                run_warmup(state, calibrate=calibrate)
             click.echo(f"warm-up done in {time.perf_counter() - t0:.1f} s", err=True)
         elif warmup == "background":
             how = f"kernels compile in {comp.workers} threads; " if comp is not None else ""
@@ -145,11 +148,11 @@ def register(main: click.Group) -> None:
             start_warmup(state, calibrate=calibrate)
         elif calibrate:
             start_warmup(state, calibrate=True, max_tokens=1)
-        click.echo(f"ready in {time.perf_counter() - t_start:.1f} s", err=True)
         click.echo(
             f"serving {state.base_name} + {len(state.tiers.tenants)} deltas on http://{host}:{port} "
             f"({state.runner.device}, {str(state.runner.dtype).replace('torch.', '')}, kernels={state.runner.state.kernels.name}, "
             f"decode={state.engine.decode_mode})",
             err=True,
         )
+        # the "ready in X s: imports a, base load b, ..." line is logged once the socket listens
         serve_forever(state, host, port, options, level)

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +36,7 @@ import torch
 
 from deltapack.errors import DeltapackError, FormatError, InputError, MismatchError
 from deltapack.format.codecs import get_codec
-from deltapack.format.directory import DeltaDir
+from deltapack.format.directory import HF_DIR, DeltaDir, _regular_file, sha256_nofollow
 from deltapack.import_lora import is_peft_adapter
 from deltapack.io.sources import TOKENIZER_FILES
 from deltapack.kernels import PackedDelta
@@ -82,11 +85,35 @@ class Tenant:
     imported: Path | None = None  # a peft adapter's delta, written by this server into its scratch space
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    # one reduction pass, no bool tensor of t's size (isfinite(t).all() is ~7x slower on a CPU): min and max
+    # propagate NaN, and reach +-inf when any element is infinite
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
+
+
 def _check_finite(name: str, tname: str, p: PackedDelta) -> None:
     """Refuse a delta holding NaN or inf: served, it turns its tenant's logits into NaN (and each row that uses it)."""
     for t in list(p.tensors.values()) + ([p.extra_rows] if p.extra_rows is not None else []):
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and t.numel() and not _all_finite(t):
             raise FormatError(f"delta {name}: tensor {tname} holds non-finite values (NaN or inf) once decoded; refusing to serve it")
+
+
+def _check_hf_files(d: DeltaDir) -> None:
+    """The delta's hf/ files (config, tokenizer) against their sha256. The shards are not hashed here: _pack reads
+    them once, checks those bytes and decodes them (hashing them here too read every shard twice per load)."""
+    bad = []
+    for n, fe in d.manifest.hf_files.items():
+        f = d.path / HF_DIR / n
+        st = _regular_file(f)
+        try:
+            ok = st is not None and st.st_size == fe.bytes and sha256_nofollow(f) == fe.sha256
+        except OSError:
+            ok = False
+        if not ok:
+            bad.append(f"{HF_DIR}/{n}")
+    if bad:
+        raise FormatError(f"checksum mismatch in {', '.join(bad)}: the delta is corrupt")
 
 
 def _config_diff(base: dict, tenant: dict) -> list[str]:
@@ -109,7 +136,45 @@ class DeltaTiers:
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._base_fingerprint: str | None = None
+        self._fingerprint_future: Future | None = None  # set by use_fingerprint: computed while the base loads
+        self._fingerprint_lock = threading.Lock()  # deltas prepared in parallel hash the base once
         self._scratch: Path | None = None  # where imported peft adapters are stored as deltas while registered
+        self._scratch_lock = threading.Lock()
+        # the Triton backend's pack records launch masks in shared state: packs of deltas prepared in parallel
+        # take turns there (the reference backend's pack is stateless)
+        self._pack_lock = threading.Lock()
+        # deltapack.format.entropy decodes zstd parts with one decompressor per process, which is not thread-safe:
+        # reading parts takes turns (deltas prepared in parallel; a runtime load beside an engine promotion)
+        self._decode_lock = threading.Lock()
+        # where registration time goes (seconds summed over deltas; /health's startup notes)
+        self.timings = {"verify_s": 0.0, "fingerprint_wait_s": 0.0, "pack_s": 0.0}
+        self._timings_lock = threading.Lock()
+
+    def _time(self, key: str, seconds: float) -> None:
+        with self._timings_lock:
+            self.timings[key] = round(self.timings[key] + seconds, 4)
+
+    def use_fingerprint(self, fut: Future) -> None:
+        """The served base's fingerprint, being computed elsewhere (build_server hashes it in a thread while the
+        base loads): the first delta that needs it waits for it instead of reading the whole base again."""
+        self._fingerprint_future = fut
+
+    def base_fingerprint(self) -> str:
+        with self._fingerprint_lock:
+            if self._base_fingerprint is None:
+                t0 = time.perf_counter()
+                fut, self._fingerprint_future = self._fingerprint_future, None
+                if fut is not None:
+                    try:
+                        self._base_fingerprint = fut.result()
+                    except Exception as e:  # the background read failed: hash it here, reporting any error anew
+                        log.warning("background base fingerprint failed (%s): computing it again", e)
+                if self._base_fingerprint is None:
+                    from deltapack.compress import base_fingerprint
+
+                    self._base_fingerprint = base_fingerprint(self.runner.source)
+                self._time("fingerprint_wait_s", time.perf_counter() - t0)
+            return self._base_fingerprint
 
     # ---- registration -------------------------------------------------------------------------------------------
     def prepare(self, name: str, path: str | Path, *, verify_base: bool = True) -> Tenant:
@@ -134,8 +199,9 @@ class DeltaTiers:
     def _import_lora(self, path: str | Path) -> Path:
         from deltapack.import_lora import import_lora
 
-        if self._scratch is None:
-            self._scratch = Path(tempfile.mkdtemp(prefix="deltapack-lora-"))
+        with self._scratch_lock:  # deltas may be prepared in parallel (register_many)
+            if self._scratch is None:
+                self._scratch = Path(tempfile.mkdtemp(prefix="deltapack-lora-"))
         out = Path(tempfile.mkdtemp(dir=self._scratch)) / "delta"
         # the served base is the base by construction; its fingerprint is not needed (peft adapters carry none)
         try:
@@ -152,18 +218,16 @@ class DeltaTiers:
             self._scratch = None
 
     def _prepare(self, name: str, path: str | Path, *, verify_base: bool) -> Tenant:
+        t0 = time.perf_counter()
         d = DeltaDir.open(path)
-        d.check()  # shards and hf/ files; the shards are checked again as they are read for packing (below)
+        _check_hf_files(d)  # the shards are checked once, as they are read for packing (_pack: load_verified)
+        self._time("verify_s", time.perf_counter() - t0)
         man = d.manifest
         r = self.runner
         if man.base.structure and r.source.structure_hash() != man.base.structure:
             raise MismatchError(f"delta {name} was made against a different base ({man.base.id}): tensor names/shapes differ")
         if verify_base and man.base.fingerprint:
-            if self._base_fingerprint is None:
-                from deltapack.compress import base_fingerprint
-
-                self._base_fingerprint = base_fingerprint(r.source)
-            if self._base_fingerprint != man.base.fingerprint:
+            if self.base_fingerprint() != man.base.fingerprint:
                 raise MismatchError(f"delta {name}: the served base's weights differ from the base it was made against ({man.base.id})")
         if man.removed:
             raise MismatchError(f"delta {name} drops tensors of the base ({', '.join(man.removed[:3])}): cannot be served on it")
@@ -232,11 +296,15 @@ class DeltaTiers:
     def _pack(self, t: Tenant, device) -> dict[str, PackedDelta]:
         """Pack every tensor from shard bytes read once and checked against their sha256 (`load_verified`): a delta
         evicted to the disk tier and rewritten there since is refused on its next promotion, never served."""
+        t0 = time.perf_counter()
         t.delta.load_verified()
+        self._time("verify_s", time.perf_counter() - t0)
+        t0 = time.perf_counter()
         try:
             return self._pack_verified(t, device)
         finally:
             t.delta.drop_verified()
+            self._time("pack_s", time.perf_counter() - t0)
 
     def _pack_verified(self, t: Tenant, device) -> dict[str, PackedDelta]:
         r = self.runner
@@ -251,14 +319,22 @@ class DeltaTiers:
             codec, params = te.codec, te.params
             if get_codec(codec).needs_base:
                 # bits against the base (lossless): the float delta from the base tensor we serve, kept dense
-                full = t.delta.decode(tname, base=r.source.get(tname) if te.in_base else None)
+                base = r.source.get(tname) if te.in_base else None
+                with self._decode_lock:
+                    full = t.delta.decode(tname, base=base)
                 parts = {"values": full[: shape[0]].reshape(shape)}
                 new_rows = full[shape[0]:] if te.base_rows is not None else None
                 codec, params = "dense", {}
             else:
-                parts = t.delta.parts(tname)
+                with self._decode_lock:
+                    parts = t.delta.parts(tname)
                 new_rows = parts.pop("new_rows", None)
-            p = r.state.kernels.pack(codec, params, parts, tuple(shape), dtype=r.dtype, device=device)
+            kernels = r.state.kernels
+            if kernels.name == "reference":
+                p = kernels.pack(codec, params, parts, tuple(shape), dtype=r.dtype, device=device)
+            else:
+                with self._pack_lock:
+                    p = kernels.pack(codec, params, parts, tuple(shape), dtype=r.dtype, device=device)
             if new_rows is not None:
                 p.extra_rows = new_rows.to(r.dtype).reshape(-1, shape[1]).to(device)
             p.replace = any(rep for _, rep in t.placements[tname])
@@ -287,6 +363,40 @@ class DeltaTiers:
             raise
         log.info("loaded delta %s from %s (%d bytes packed)", name, t.path, t.nbytes)
         return t
+
+    def register_many(self, items: list[tuple[str, str | Path]], *, verify_base: bool = True,
+                      workers: int | None = None) -> list[Tenant]:
+        """`register` for several deltas (the server's start): prepared in parallel threads (reads, checksums,
+        decoding and packing release the GIL), added in the given order. The first failure in that order is raised
+        (after every preparation ended); nothing is added then."""
+        seen: set[str] = set()
+        with self.lock:
+            for name, _ in items:
+                if name in self.tenants or name in seen:
+                    raise ConflictError(f"a delta named {name!r} is already loaded")
+                seen.add(name)
+        if not items:
+            return []
+        n = workers or min(len(items), os.cpu_count() or 1, 8)
+        with ThreadPoolExecutor(max(1, n), thread_name_prefix="deltapack-load") as pool:
+            futs = [pool.submit(self.prepare, name, path, verify_base=verify_base) for name, path in items]
+        prepared: list[Tenant] = []
+        error: BaseException | None = None
+        for f in futs:
+            e = f.exception()
+            if e is not None:
+                error = error or e
+            else:
+                prepared.append(f.result())
+        if error is not None:
+            for t in prepared:
+                if t.imported is not None:
+                    shutil.rmtree(t.imported.parent, ignore_errors=True)
+            raise error
+        for t in prepared:
+            self.add(t)
+            log.info("loaded delta %s from %s (%d bytes packed)", t.name, t.path, t.nbytes)
+        return prepared
 
     def remove(self, name: str) -> Tenant:
         with self.lock:

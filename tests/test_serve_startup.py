@@ -1,0 +1,142 @@
+"""Start-up of `deltapack serve`: the phases it records (log, /health), readiness claimed only once requests are
+served, and the parallel registration of the start-up deltas. No timings are asserted: only that they exist."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+from conftest import make_finetune, make_llama
+from deltapack import api
+from deltapack.errors import FormatError
+from deltapack.serve.app import free_port
+from deltapack.serve.startup import StartupClock, in_background, process_age_s
+from deltapack.serve.testing import running_server, stop_process, to_float32
+from deltapack.serve.tiers import ConflictError
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve_startup")
+    make_llama(d / "base", hidden=64, vocab=128, dtype=torch.float32)
+    out = {}
+    for i, method in enumerate(("lowrank", "dare")):
+        make_finetune(d / "base", d / f"ft{i}", scale=0.5, seed=60 + i)
+        to_float32(d / f"ft{i}")
+        out[method] = api.compress(d / "base", d / f"ft{i}", d / f"delta_{method}", method=method, ratio=2.0,
+                                   progress=False)
+    return d / "base", out
+
+
+def test_clock_phases_add_up_and_name_the_gaps():
+    clock = StartupClock(since_process_start=False)
+    with clock.phase("base load"):
+        pass
+    time.sleep(0.01)  # work between phases lands in "other", so the phases add up to the total
+    with clock.phase("deltas"):
+        pass
+    clock.mark("http listen")
+    ready = clock.ready()
+    d = clock.as_dict()
+    assert d["ready_s"] == ready and d["from_process_start"] is False
+    assert list(d["phases"])[:2] == ["base load", "other"] and "deltas" in d["phases"]
+    assert sum(d["phases"].values()) == pytest.approx(ready, abs=0.01)
+
+
+def test_process_age_and_background_future():
+    age = process_age_s()
+    if sys.platform.startswith("linux"):
+        assert age is not None and age > 0
+    assert in_background(lambda: 41 + 1, "t").result(5) == 42
+    fut = in_background(lambda: 1 / 0, "t")
+    with pytest.raises(ZeroDivisionError):
+        fut.result(5)
+
+
+def test_health_reports_startup_phases(pair):
+    base, deltas = pair
+    with running_server(base, list(deltas.items()), max_batch=4) as (state, url):
+        h = httpx.get(f"{url}/health", timeout=10).json()
+        assert h["status"] == "ok"
+        st = h["startup"]
+        assert st["ready_s"] is not None  # ServerThread marks it once the socket listens
+        for phase in ("base load", "deltas", "engine"):
+            assert phase in st["phases"]
+        assert set(st["notes"]["deltas"]) == {"verify_s", "fingerprint_wait_s", "pack_s"}
+        # registered in the order given, though prepared in parallel
+        assert list(state.tiers.tenants) == list(deltas)
+
+
+def test_register_many_refuses_duplicates_and_adds_nothing_on_failure(pair, tmp_path):
+    from deltapack.serve.model import ModelRunner
+    from deltapack.serve.tiers import DeltaTiers
+
+    base, deltas = pair
+    tiers = DeltaTiers(ModelRunner(base, device="cpu"), device_bytes=1 << 30, host_bytes=1 << 30)
+    try:
+        with pytest.raises(ConflictError):
+            tiers.register_many([("x", deltas["dare"]), ("x", deltas["lowrank"])])
+        broken = tmp_path / "broken"
+        subprocess.run(["cp", "-r", str(deltas["dare"]), str(broken)], check=True)
+        shard = next(p for p in broken.iterdir() if p.suffix == ".safetensors")
+        data = bytearray(shard.read_bytes())
+        data[-1] ^= 0xFF  # same size, other bytes: only the checksum can tell
+        shard.write_bytes(bytes(data))
+        with pytest.raises(FormatError, match="checksum mismatch"):
+            tiers.register_many([("good", deltas["lowrank"]), ("bad", broken)])
+        assert tiers.tenants == {}
+        got = tiers.register_many([("b", deltas["dare"]), ("a", deltas["lowrank"])])
+        assert [t.name for t in got] == ["b", "a"] and list(tiers.tenants) == ["b", "a"]
+    finally:
+        tiers.close()
+
+
+def test_cli_ready_only_when_every_model_answers(pair):
+    """The first 200 of /health must mean requests are served: every model answers at once, and /health then carries
+    the whole start-up record (imports counted from the process start)."""
+    base, deltas = pair
+    port = free_port()
+    cmd = [sys.executable, "-c", "from deltapack.cli import main; main()", "serve", str(base), "--port", str(port),
+           "--served-model-name", "base", "--max-batch", "4", "--device", "cpu"]
+    for name, path in deltas.items():
+        cmd += ["--delta", f"{name}={path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)  # keep the pipe drained
+    reader.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            try:
+                r = httpx.get(f"{url}/health", timeout=2)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, b"".join(out).decode()[-2000:]
+            assert time.monotonic() - t0 < 120, "server did not come up"
+            time.sleep(0.05)
+        for name in ["base", *deltas]:
+            c = httpx.post(f"{url}/v1/completions", json={"model": name, "prompt": [5, 6, 7], "max_tokens": 1,
+                                                          "temperature": 0}, timeout=60)
+            assert c.status_code == 200, c.text
+        st = httpx.get(f"{url}/health", timeout=5).json()["startup"]
+        assert st["ready_s"] is not None
+        for phase in ("imports", "base load", "deltas", "engine", "http app", "http listen"):
+            assert phase in st["phases"], st
+        if sys.platform.startswith("linux"):
+            assert st["from_process_start"] is True
+    finally:
+        stop_process(proc)
+        reader.join(10)
+    log = b"".join(out).decode()
+    assert proc.returncode == 0, log[-2000:]
+    assert "ready in " in log and "base load" in log
