@@ -22,6 +22,8 @@ out *larger* than level 1 on these planes, level 19 a few percent smaller at ~10
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from deltapack.errors import DeltapackError, FormatError
@@ -42,21 +44,26 @@ def _zstd():
     return zstandard
 
 
-_CCTX: dict[int, object] = {}
-_DCTX: list = []
+# zstd contexts are not thread-safe (one used from two threads corrupts frames: seen with deltas loaded in parallel
+# by the server), so each thread keeps its own; creating one is cheap, reusing it saves its buffers
+_CONTEXTS = threading.local()
 
 
 def compressor(level: int = LEVEL):
-    c = _CCTX.get(level)
+    cctx = getattr(_CONTEXTS, "cctx", None)
+    if cctx is None:
+        cctx = _CONTEXTS.cctx = {}
+    c = cctx.get(level)
     if c is None:
-        c = _CCTX[level] = _zstd().ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+        c = cctx[level] = _zstd().ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
     return c
 
 
 def decompressor():
-    if not _DCTX:
-        _DCTX.append(_zstd().ZstdDecompressor())
-    return _DCTX[0]
+    d = getattr(_CONTEXTS, "dctx", None)
+    if d is None:
+        d = _CONTEXTS.dctx = _zstd().ZstdDecompressor()
+    return d
 
 
 def uint_view(a: np.ndarray) -> np.ndarray:

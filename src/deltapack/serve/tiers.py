@@ -143,9 +143,6 @@ class DeltaTiers:
         # the Triton backend's pack records launch masks in shared state: packs of deltas prepared in parallel
         # take turns there (the reference backend's pack is stateless)
         self._pack_lock = threading.Lock()
-        # deltapack.format.entropy decodes zstd parts with one decompressor per process, which is not thread-safe:
-        # reading parts takes turns (deltas prepared in parallel; a runtime load beside an engine promotion)
-        self._decode_lock = threading.Lock()
         # where registration time goes (seconds summed over deltas; /health's startup notes)
         self.timings = {"verify_s": 0.0, "fingerprint_wait_s": 0.0, "pack_s": 0.0}
         self._timings_lock = threading.Lock()
@@ -320,14 +317,12 @@ class DeltaTiers:
             if get_codec(codec).needs_base:
                 # bits against the base (lossless): the float delta from the base tensor we serve, kept dense
                 base = r.source.get(tname) if te.in_base else None
-                with self._decode_lock:
-                    full = t.delta.decode(tname, base=base)
+                full = t.delta.decode(tname, base=base)  # zstd contexts are per thread (format/entropy.py)
                 parts = {"values": full[: shape[0]].reshape(shape)}
                 new_rows = full[shape[0]:] if te.base_rows is not None else None
                 codec, params = "dense", {}
             else:
-                with self._decode_lock:
-                    parts = t.delta.parts(tname)
+                parts = t.delta.parts(tname)
                 new_rows = parts.pop("new_rows", None)
             kernels = r.state.kernels
             if kernels.name == "reference":
