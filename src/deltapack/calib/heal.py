@@ -45,7 +45,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class HealConfig:
     steps: int = 150
-    lr: float = 0.01  # relative: Adam's step is about lr x rms of the part
+    # relative: Adam's step is about lr x rms of the part. 0.002: on the demo pair (CPU, 16x, 40 steps,
+    # bench/results/heal_cpu_demo*.json) 0.01 raised delta-come's held-out KL while 0.002 lowered both delta-come's
+    # and dare's more than 0.01 lowered dare's
+    lr: float = 0.002
     batch: int = 4
     n_seqs: int | None = None  # default 64 on GPU, 16 on CPU (a quarter held out... at most 8)
     seq_len: int | None = None  # default 512 on GPU, 128 on CPU
