@@ -365,6 +365,40 @@ def test_report_merge_worst_task_and_blocks(q, tmp_path):
     assert rep.with_block(once, "which-method", "new", insert_before=rep.README_ANCHOR).count("table:which-method -->") == 2
 
 
+def test_cells_from_an_earlier_finetune_are_marked(q, tmp_path):
+    """A task fine-tuned again: its newest fine-tune is current; a cell measured only on the earlier one keeps its
+    record, marked ‡ wherever it is printed, and a smoke run's render never writes the package's table."""
+    c, rep = q.common, q.report
+    old = [_record(c, "code", lab, 16.0, "default", 58) for lab in ("dare", "auto")]
+    a = _part(c, tmp_path / "a.json", "2026-12-07T10:00:00", old)
+    new = _record(c, "code", "dare", 16.0, "default", 60, measured="2026-12-07T11:00:00+00:00")
+    new["finetune_id"] = "code-2"
+    b = _part(c, tmp_path / "b.json", "2026-12-07T11:00:00", [new])
+    doc = json.loads(b.read_text())
+    doc["finetunes"]["code"].update(finetune_id="code-2", created="2026-12-07T10:30:00Z")
+    b.write_text(json.dumps(doc))
+    merged = rep.merge([a, b])
+    by = {rep.record_key(r): r for r in merged["results"]}
+    assert by[("code", "auto", 16.0, "default")].get("earlier_finetune") is True
+    assert "earlier_finetune" not in by[("code", "dare", 16.0, "default")]
+    assert rep.kept_text(by[("code", "auto", 16.0, "default")]).endswith(" ‡")
+    assert not rep.kept_text(by[("code", "dare", 16.0, "default")]).endswith("‡")
+    assert {f["finetune_id"] for f in merged["finetunes"]["code"]} == {"code-1", "code-2"}  # both listed
+    # a paired comparison never pairs records of different fine-tunes: auto (code-1) has no partner here
+    assert "**auto against the best single method**" not in rep.quality_markdown(merged, "q.json")
+
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps(merged))
+    docs, readme = tmp_path / "benchmarks.md", tmp_path / "README.md"
+    docs.write_text(rep.DOCS.read_text())
+    readme.write_text(rep.README.read_text())
+    outputs = rep.render(path, rep.SUPERSEDED_JSON, docs, readme, tmp_path / "which.md")
+    assert rep.PACKAGE_WHICH_MD not in outputs
+    by_family = outputs[tmp_path / "quality-by-family.md"]
+    auto_row = next(ln for ln in by_family.splitlines() if ln.startswith("| auto |"))  # families with results only
+    assert auto_row.startswith("| auto | 0.967 [") and auto_row.endswith("‡ |")
+
+
 def test_committed_quality_tables_match_their_json(q, tmp_path):
     """docs/benchmarks.md's generated blocks, README.md's which-method block and bench/results/which-method.md are
     what bench/quality/report.py makes of the committed JSON files: CI fails when they drift."""
