@@ -182,10 +182,11 @@ class DeltaDir:
         return h
 
     # ---- integrity ---------------------------------------------------------------------------------------------
-    def verify_checksums(self) -> list[str]:
-        """Returns the names of files (shards and hf/ files) whose sha256 differs from the manifest (empty = good)."""
+    def verify_checksums(self, shards: bool = True) -> list[str]:
+        """Returns the names of files (shards and hf/ files) whose sha256 differs from the manifest (empty = good).
+        `shards=False`: the hf/ files only, for a reader that checks each shard as it reads it (load_verified)."""
         bad = []
-        listed = [(n, self.path / n, fe) for n, fe in self.manifest.files.items()]
+        listed = [(n, self.path / n, fe) for n, fe in self.manifest.files.items()] if shards else []
         listed += [(f"{HF_DIR}/{n}", self.path / HF_DIR / n, fe) for n, fe in self.manifest.hf_files.items()]
         for name, f, fe in listed:
             st = _regular_file(f)
@@ -197,8 +198,8 @@ class DeltaDir:
                 bad.append(name)
         return bad
 
-    def check(self) -> None:
-        bad = self.verify_checksums()
+    def check(self, shards: bool = True) -> None:
+        bad = self.verify_checksums(shards)
         if bad:
             raise FormatError(f"checksum mismatch in {', '.join(bad)}: the delta is corrupt")
 

@@ -36,7 +36,7 @@ import torch
 
 from deltapack.errors import DeltapackError, FormatError, InputError, MismatchError
 from deltapack.format.codecs import get_codec
-from deltapack.format.directory import HF_DIR, DeltaDir, _regular_file, sha256_nofollow
+from deltapack.format.directory import DeltaDir
 from deltapack.import_lora import is_peft_adapter
 from deltapack.io.sources import TOKENIZER_FILES
 from deltapack.kernels import PackedDelta
@@ -97,23 +97,6 @@ def _check_finite(name: str, tname: str, p: PackedDelta) -> None:
     for t in list(p.tensors.values()) + ([p.extra_rows] if p.extra_rows is not None else []):
         if t.is_floating_point() and t.numel() and not _all_finite(t):
             raise FormatError(f"delta {name}: tensor {tname} holds non-finite values (NaN or inf) once decoded; refusing to serve it")
-
-
-def _check_hf_files(d: DeltaDir) -> None:
-    """The delta's hf/ files (config, tokenizer) against their sha256. The shards are not hashed here: _pack reads
-    them once, checks those bytes and decodes them (hashing them here too read every shard twice per load)."""
-    bad = []
-    for n, fe in d.manifest.hf_files.items():
-        f = d.path / HF_DIR / n
-        st = _regular_file(f)
-        try:
-            ok = st is not None and st.st_size == fe.bytes and sha256_nofollow(f) == fe.sha256
-        except OSError:
-            ok = False
-        if not ok:
-            bad.append(f"{HF_DIR}/{n}")
-    if bad:
-        raise FormatError(f"checksum mismatch in {', '.join(bad)}: the delta is corrupt")
 
 
 def _config_diff(base: dict, tenant: dict) -> list[str]:
@@ -217,7 +200,7 @@ class DeltaTiers:
     def _prepare(self, name: str, path: str | Path, *, verify_base: bool) -> Tenant:
         t0 = time.perf_counter()
         d = DeltaDir.open(path)
-        _check_hf_files(d)  # the shards are checked once, as they are read for packing (_pack: load_verified)
+        d.check(shards=False)  # the shards are checked once, as they are read for packing (_pack: load_verified)
         self._time("verify_s", time.perf_counter() - t0)
         man = d.manifest
         r = self.runner
