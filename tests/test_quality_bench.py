@@ -284,6 +284,23 @@ def test_job_plan_orders_default_first_and_skips_what_cannot_run(q, monkeypatch)
     assert {n["method"] for n in notes if n.get("calibration") == "task"} == {"dare", "lowrank", "bitdelta"}
 
 
+def test_explicit_plan_keeps_its_order_and_refuses_bad_entries(q):
+    ev = q.eval_task
+    notes = []
+    jobs = ev.plan_from_text("dare@32,delta-come@16:task,auto-min-gain-3pct@16,dare@16:task,dare@64",
+                             lambda **kw: notes.append(kw))
+    # dare uses no calibration: its task-calibrated entry is dropped with a note, the rest keep the order given
+    assert [(s.label, r, c) for s, r, c in jobs] == [
+        ("dare", 32.0, "default"), ("delta-come", 16.0, "task"), ("auto-min-gain-3pct", 16.0, "default"),
+        ("dare", 64.0, "default")]
+    assert any(n["method"] == "dare" and n.get("calibration") == "task" for n in notes)
+    for bad in ("dare", "dare@x", "dare@1", "dare@16:other", "@16", " , "):
+        with pytest.raises(SystemExit):
+            ev.parse_plan(bad)
+    with pytest.raises(SystemExit, match="unknown method label"):
+        ev.plan_from_text("nosuch@16", lambda **kw: None)
+
+
 def test_paired_intervals(q):
     c = q.common
     ft = [i < 600 for i in range(1024)]

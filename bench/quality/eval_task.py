@@ -46,6 +46,11 @@ from common import (CALIBRATIONS, INTERVAL_TEXT, Budget, MethodSpec, command_lin
 log = logging.getLogger("bench.quality.evaluate")
 DEFAULT_EVAL_BATCH = {"classify": 128}  # ~300-token prompts; every other task decodes its 512 items in 2 batches
 EVAL_BATCH = 256
+# Seconds one job took on the H100 with six tasks sharing it (2026-12-07 parts, compress + evaluation), for labels
+# this process has not timed yet: without them a job far longer than the ones timed so far (auto after dare) would
+# start in the last minute and be killed at the deadline, wasting the GPU for the others.
+PRIOR_JOB_SECONDS = {"auto": 150.0, "auto-min-gain-3pct": 150.0, "auto+heal": 260.0, "delta-come": 45.0,
+                     "deltadq": 45.0}
 
 
 # ---- answering and scoring ------------------------------------------------------------------------------------------
@@ -219,6 +224,40 @@ def plan_jobs(specs: list[MethodSpec], ratios: list[float], calibrations: list[s
     return jobs
 
 
+def parse_plan(text: str) -> list[tuple[str, float, str]]:
+    """"LABEL@RATIO[:CALIB],..." -> [(label, ratio, calibration)] in the order given (calibration default: default).
+    Lets one device call spend its minutes on the cells that matter most instead of a methods x ratios product."""
+    out = []
+    for tok in (t.strip() for t in text.split(",") if t.strip()):
+        label, sep, rest = tok.partition("@")
+        ratio_text, _, cal = rest.partition(":")
+        cal = cal or "default"
+        try:
+            ratio = float(ratio_text)
+        except ValueError:
+            raise SystemExit(f"--plan entry {tok!r}: want LABEL@RATIO[:CALIB], e.g. auto@32 or delta-come@16:task")
+        if not sep or not label or ratio <= 1:
+            raise SystemExit(f"--plan entry {tok!r}: want LABEL@RATIO[:CALIB] with RATIO > 1")
+        if cal not in CALIBRATIONS:
+            raise SystemExit(f"--plan entry {tok!r}: unknown calibration {cal!r}; choose from {', '.join(CALIBRATIONS)}")
+        out.append((label, ratio, cal))
+    if not out:
+        raise SystemExit("--plan is empty")
+    return out
+
+
+def plan_from_text(text: str, note) -> list[tuple]:
+    """parse_plan's entries as plan_jobs' (spec, ratio, calibration); unusable ones become notes, as there."""
+    entries = parse_plan(text)
+    labels = ",".join(dict.fromkeys(label for label, _, _ in entries))
+    by_label = {}
+    for cal in dict.fromkeys(c for _, _, c in entries):
+        ratios = sorted({r for _, r, c in entries if c == cal})
+        for spec, r, c in plan_jobs(select_methods(labels, extra=True), ratios, [cal], note):
+            by_label[(spec.label, r, c)] = spec
+    return [(by_label[e], e[1], e[2]) for e in entries if e in by_label]
+
+
 # ---- one job --------------------------------------------------------------------------------------------------------
 def run_job(spec: MethodSpec, ratio: float, calibration: str, ctx: dict) -> dict:
     """Compress, rebuild, score; returns the record, or {"note": ...} for a ratio the method cannot reach or an
@@ -354,6 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="all")
     ap.add_argument("--ratios", default="16,32,64,128", help="target true ratios, in run order")
     ap.add_argument("--calib", default="default,task", help="calibrations, in run order: default, task")
+    ap.add_argument("--plan", default=None,
+                    help="LABEL@RATIO[:CALIB],... jobs in this order instead of --methods x --ratios x --calib")
     ap.add_argument("--kl-n", type=int, default=128, help="test items for KL")
     ap.add_argument("--eval-n", type=int, default=None, help="score the first N test items only (smoke)")
     ap.add_argument("--batch-size", type=int, default=None, help="generation batch (default 256; classify 128)")
@@ -385,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     data = ft_info["data"]
     splits = make_splits(args.task, data["n_train"], data["n_dev"], data["n_test"], data["knobs"])
     test = splits["test"][: args.eval_n] if args.eval_n else splits["test"]
-    calibrations = [c for c in args.calib.split(",") if c]
+    plan = parse_plan(args.plan) if args.plan else None  # checked before the fine-tune is loaded
+    calibrations = [c for c in args.calib.split(",") if c] if plan is None else list(dict.fromkeys(c for *_, c in plan))
     for c in calibrations:
         if c not in CALIBRATIONS:
             raise SystemExit(f"unknown calibration {c!r}; choose from {', '.join(CALIBRATIONS)}")
@@ -413,22 +455,28 @@ def main(argv: list[str] | None = None) -> int:
     from tasks import HELDOUT
 
     ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    jobs = plan_jobs(select_methods(args.methods, extra=True), ratios, calibrations,
-                     lambda **kw: part.note(task=args.task, **kw))
+    note = lambda **kw: part.note(task=args.task, **kw)  # noqa: E731
+    jobs = (plan_from_text(args.plan, note) if args.plan
+            else plan_jobs(select_methods(args.methods, extra=True), ratios, calibrations, note))
     jobs = [j for j in jobs if job_key(j[0].label, j[1], j[2], len(test)) not in part.done]
     ft_model = load_checkpoint(ft_dir, device=device, dtype=dtype).model if jobs else None
     ctx = {"task": args.task, "workdir": workdir, "device": device, "dtype": dtype, "base_dir": base_dir,
            "ft_dir": ft_dir, "ft_model": ft_model, "calib_file": calib_file, "ref": ref, "test": test,
            "kl_n": args.kl_n, "kl_batch": 8 if args.task == "classify" else 16, "batch_size": batch,
            "keep_deltas": args.keep_deltas, "heldout": args.task in HELDOUT, "finetune_id": finetune_id}
+    for entry in part.done.values():  # what this fine-tune's earlier calls measured predicts this call's jobs
+        rec = entry.get("record")
+        if rec and rec.get("seconds") is not None:
+            budget.record(f"{rec['label']}|{rec['calibration']}", rec["seconds"] + (rec.get("eval_seconds") or 0.0))
     skipped = 0
     for spec, ratio, cal in jobs:
         key = job_key(spec.label, ratio, cal, len(test))
         est_key = f"{spec.label}|{cal}"
-        if not budget.fits(est_key, args.job_estimate):
+        prior = max(args.job_estimate, PRIOR_JOB_SECONDS.get(spec.label, 0.0) if device.type == "cuda" else 0.0)
+        if not budget.fits(est_key, prior):
             skipped += 1
             part.note(task=args.task, method=spec.label, target_ratio=ratio, calibration=cal,
-                      note=f"time budget: not started (est. {budget.estimate(est_key, args.job_estimate):.0f} s, "
+                      note=f"time budget: not started (est. {budget.estimate(est_key, prior):.0f} s, "
                            f"{budget.left():.0f} s left)")
             continue
         t0 = time.perf_counter()

@@ -247,7 +247,7 @@ def eval_argv(args: argparse.Namespace, task: str, tag: str, deadline: float, n_
             "--ratios", args.ratios, "--calib", args.calib, "--kl-n", str(args.kl_n),
             "--deadline", str(deadline - args.job_margin), "--workers", str(n_workers),
             "--job-estimate", str(args.job_estimate)]
-    for flag, value in (("--eval-n", args.eval_n), ("--device", args.device)):
+    for flag, value in (("--eval-n", args.eval_n), ("--device", args.device), ("--plan", args.plan)):
         if value:
             argv += [flag, str(value)]
     if args.redo:
@@ -299,7 +299,7 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     pico = smoke_base_dir(workdir)
     evals = dict(methods=args.methods, ratios="16", calib="default,task", kl_n=4, eval_n=8, job_margin=0.0,
-                 job_estimate=5.0, device="cpu")
+                 job_estimate=5.0, device="cpu", plan=None)
     # fine-tune both tasks in parallel, each evaluated as soon as it is saved (finetune --then-eval) ...
     ft = argparse.Namespace(workdir=workdir, out_dir=out_dir, tasks=SMOKE_TASKS, steps="4", lr="3e-3", batch_size="4",
                             n_train=64, n_dev=4, n_test=8, knob=[], eval_batch=8, max_tokens=256,
@@ -310,8 +310,9 @@ def cmd_smoke(args: argparse.Namespace) -> int:
         return 1
     # ... then a separate eval call, as a second device call would: it resumes from the ledger (nothing left to do
     # unless the first was cut short) and writes parts holding every record
+    # (an explicit --plan: dare@16 is in the ledger already, dare@32 is new)
     ev = argparse.Namespace(workdir=workdir, out_dir=out_dir, tasks=SMOKE_TASKS, time_budget=args.time_budget,
-                            tag="smoke", redo=False, **evals)
+                            tag="smoke", redo=False, **(evals | {"plan": "dare@16,dare@32"}))
     if cmd_eval(ev) != 0:
         return 1
     import report
@@ -328,6 +329,9 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
                                                     "bitdelta")
     p.add_argument("--ratios", default="16,32,64,128", help="target true ratios, in run order")
     p.add_argument("--calib", default="default,task", help="calibrations in run order (headline: default)")
+    p.add_argument("--plan", default=None,
+                   help="LABEL@RATIO[:CALIB],... in run order, instead of --methods x --ratios x --calib "
+                        "(e.g. dare@16,auto@16,delta-come@16:task)")
     p.add_argument("--kl-n", type=int, default=128)
     p.add_argument("--eval-n", type=int, default=None, help="first N test items only (default: all, 512)")
     p.add_argument("--job-margin", type=float, default=20.0,

@@ -12,13 +12,17 @@
 #
 # Calls, in order (expected seconds of the command itself; a fresh machine adds 1-2 min of start):
 #   1. carry [".gpu/smol.part.aa", ".gpu/whl"]  bash bench/quality/run_gpu.sh setup                        ~15 s
-#   2. carry [".gpu/smol.part.ab", ".gpu/whl2"]  bash bench/quality/run_gpu.sh finetune                     <= 555 s
+#   2. carry [".gpu/smol.part.ab", ".gpu/whl2"]  bash bench/quality/run_gpu.sh finetune --plan PLAN        <= 555 s
 #        six full fine-tunes side by side (saved by 300 s), each task evaluated from the moment its fine-tune is
 #        saved until 540 s (parts tagged "ft"); `finetune --time-budget 300 --no-eval` for the fine-tunes alone
-#   3.                                           bash bench/quality/run_gpu.sh eval e1                      <= 555 s
-#   4. (if device time is left)                  bash bench/quality/run_gpu.sh eval e2 --time-budget 300    <= 315 s
-# Every eval call continues where the previous one stopped (a ledger per task in /root/dpq): default calibration
-# first at 16, 32, 64, 128x for every method, then the task-calibrated runs. Extra arguments go to run.py.
+#   3.                                           bash bench/quality/run_gpu.sh extras --plan PLAN            <= 545 s
+#        the rest of PLAN (parts tagged "e1") and auto+heal on the held-out tasks beside it (tagged "heal")
+#   4. (if device time is left)                  bash bench/quality/run_gpu.sh eval e2 --plan PLAN          <= 555 s
+# Every call continues where the previous one stopped (a ledger per task in /root/dpq). PLAN = LABEL@RATIO[:CALIB],...
+# in run order (the cells that matter most first), e.g. the session of 2026-12-07 (third):
+#     dare@16,delta-come@16,deltadq@16,auto@16,auto-min-gain-3pct@16,dare@32,delta-come@32,deltadq@32,auto@32,
+#     dare@64,dare@128,delta-come@64,deltadq@64,auto@64,delta-come@128,deltadq@128,auto@128,delta-come@16:task
+# Without --plan: default calibration first at 16, 32, 64, 128x for every method, then the task-calibrated runs.
 # If a step says the machine was given back (no /root/m or no /root/dpq/ft-*), start again at step 1.
 #
 #   5. 7B-shaped timing (no model needed):      bash bench/quality/run_gpu.sh timing auto,auto+heal        <= 555 s
@@ -86,23 +90,17 @@ eval)
     python3 bench/quality/run.py eval --workdir "$WORKDIR" --out-dir "$OUTDIR" --tag "$tag" --time-budget 540 "$@"
     ;;
 extras)
-    # after `finetune`, on the same warm machine: the constrained-decoding figure (issue 27), lossless on the six
-    # fine-tunes (issue 28; CPU, beside the rest), auto+heal at 16x, then more of the default evaluation. carry
-    # [".gpu/whl2", ".gpu/whl3"] (zstandard; xgrammar + apache-tvm-ffi). Everything lands in $OUT/extras.tar (a call
-    # returns at most 8 files); budgets keep the whole step under ~520 s.
+    # after `finetune`, on the same warm machine: more of the default evaluation (extra arguments, e.g. --plan, go to
+    # run.py eval) with auto+heal on the held-out tasks beside it (HEAL_TASKS, HEAL_PLAN, HEAL_S). Everything lands
+    # in $OUT/extras.tar (a call returns at most 8 files); budgets keep the whole step under ~540 s.
     need_gguf
     need_wheels
-    python3 -m pip install -q --no-index --no-deps --target /root/site .gpu/whl3/*.whl
     X=/root/extras; mkdir -p "$X"
     tar_out() { tar -C "$X" -cf "$OUTDIR/extras.tar" . ; }
     trap tar_out EXIT
-    python3 bench/lossless/run.py --base "$WORKDIR/base" --finetune-dirs "$WORKDIR"/ft-* --methods lossless,dense-exact \
-        --out "$X/lossless-gpu.json" > "$X/lossless.log" 2>&1 &
-    timeout 110 python3 bench/serving/constrained.py --device cuda --out "$X/serving_constrained.json" \
-        > "$X/constrained.log" 2>&1 || echo "constrained: exit $?" >> "$X/constrained.log"
-    python3 bench/quality/run.py eval --workdir "$WORKDIR" --out-dir "$X" --tag heal --time-budget 150 \
-        --methods auto+heal --ratios 16 --calib default > "$X/heal.log" 2>&1 || true
-    python3 bench/quality/run.py eval --workdir "$WORKDIR" --out-dir "$X" --tag e1 --time-budget "${EXTRA_EVAL_S:-200}" \
+    python3 bench/quality/run.py eval --workdir "$WORKDIR" --out-dir "$X" --tag heal --tasks "${HEAL_TASKS:-strings,chat}" \
+        --plan "${HEAL_PLAN:-auto+heal@16}" --time-budget "${HEAL_S:-420}" > "$X/heal.log" 2>&1 &
+    python3 bench/quality/run.py eval --workdir "$WORKDIR" --out-dir "$X" --tag e1 --time-budget "${EXTRA_EVAL_S:-520}" \
         "$@" > "$X/e1.log" 2>&1 || true
     wait
     ;;
