@@ -276,8 +276,8 @@ def difference_lines(results: list[dict], finetunes: dict) -> list[str]:
                     if b is None or b.get("finetune_id") != a.get("finetune_id"):
                         continue
                 ref = ft_items.get((task, a.get("finetune_id")))
-                if ref is None or len(ref) != a["n_eval"] or b["n_eval"] != a["n_eval"]:
-                    continue
+                if ref is None or len(ref) != a["n_eval"] or b["n_eval"] != a["n_eval"] or not any(ref):
+                    continue  # (a fine-tune that gets nothing right has no "kept" to compare: smoke runs)
                 d, lo, hi = paired_difference_interval(_items(a), _items(b), ref)
                 sign = "better" if lo > 0 else "worse" if hi < 0 else "equal within the interval"
                 rows.append(f"| {task}{' (held out)' if task in HELDOUT else ''} | {ratio:g}x | {a['kept']:.3f} | "
