@@ -237,11 +237,11 @@ def test_engine_failure_reaches_the_client_and_the_server_goes_on(env, monkeypat
     real = engine._prefill_chunk
     failures = []
 
-    def failing(rows):
+    def failing(rows, *args, **kw):  # (rows, merged weights or None)
         if len(failures) < 2:
             failures.append(len(rows))
             raise RuntimeError("injected prefill failure")
-        return real(rows)
+        return real(rows, *args, **kw)
 
     monkeypatch.setattr(engine, "_prefill_chunk", failing)
     c = env["c"]

@@ -104,11 +104,14 @@ def build_server(
     prefill_delay_s: float | None = None,
     compiler=None,
     clock: StartupClock | None = None,
+    merged_bytes: int | str | None = "auto",
 ) -> ServerState:
     """Load the base, register the deltas, start the engine thread. `compiler` (a deltapack.kernels.compile.
     KernelCompiler): Triton kernel variants compile on it in the background while their launches run on the torch
     path (the CLI attaches one on CUDA); None: each variant compiles on its first launch. `clock`: records the
-    phases (base load, deltas, engine) for the log and /health; build_server makes one when none is given."""
+    phases (base load, deltas, engine) for the log and /health; build_server makes one when none is given.
+    `merged_bytes`: device memory for merged copies of hot tenants' weights (deltapack.serve.merged): bytes, 0 = off,
+    "auto" = on a GPU as much as free memory allows beyond the tiers', KV cache's and a headroom; off on a CPU."""
     clock = clock or StartupClock(since_process_start=False)
     with clock.phase("imports"):  # torch and our kernels: already imported by the CLI, not by tests
         from deltapack.serve.model import ModelRunner
@@ -136,6 +139,11 @@ def build_server(
     tiers = DeltaTiers(runner, device_bytes=gpu_delta_bytes, host_bytes=cpu_delta_bytes, base_name=name)
     if fingerprint is not None:
         tiers.use_fingerprint(fingerprint)
+    budget = merged_budget(merged_bytes, runner.device)
+    if budget != 0:
+        from deltapack.serve.merged import MergedWeights
+
+        tiers.merged = MergedWeights(runner, tiers, budget=budget)
     try:
         with clock.phase("deltas"):
             tiers.register_many(list(deltas), verify_base=verify_base)  # prepared in parallel threads
@@ -150,6 +158,17 @@ def build_server(
         metrics.bind(engine, tiers)
         engine.start()
     return ServerState(runner, tiers, engine, metrics, name, root, verify_base, startup=clock)
+
+
+def merged_budget(merged_bytes: int | str | None, device: torch.device) -> int | None:
+    """--merged-bytes as MergedWeights' budget: bytes, 0 = off, None = limited by free device memory only. auto: that
+    on a GPU; off on a CPU, where memory is the host's and a merged copy would compete with everything else."""
+    if merged_bytes in ("auto", None):
+        return None if device.type == "cuda" else 0
+    n = int(merged_bytes)
+    if n < 0:
+        raise DeltapackError(f"--merged-bytes must be >= 0, got {n}")
+    return n
 
 
 def _init_cuda(device: str) -> None:
@@ -667,6 +686,8 @@ def create_app(state: ServerState, options: HTTPOptions | None = None):
         # ready as soon as the engine runs: while kernels compile, launches take the torch path
         body = {"status": "ok", "warmup": {k: v for k, v in state.warmup.items() if k != "cost_model"},
                 "startup": state.startup.as_dict()}
+        if state.tiers.merged is not None:  # which tenants run on merged weights, their bytes and measured costs
+            body["merged"] = await run_in_threadpool(lambda: state.tiers.snapshot()["merged"])
         comp = getattr(state.runner.state.kernels, "compiler", None)
         if comp is not None:
             body["kernels"] = comp.status()

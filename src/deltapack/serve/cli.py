@@ -59,6 +59,11 @@ def register(main: click.Group) -> None:
                   help="after warm-up, time the delta kernels against dequantize-once + dense GEMM per layout and "
                        "shape, and give a tenant with many tokens in a forward (prefill, eager steps) the faster "
                        "(auto: on a GPU)")
+    @click.option("--merged-bytes", default="auto", show_default=True,
+                  help="device memory for merged copies (base + delta) of the hottest tenants' linear weights: a "
+                       "forward whose rows are all one tenant's (k = 1 decode, its prefills) then reads no delta; "
+                       "chosen per forward from measured costs. auto: on a GPU what free memory allows beyond the "
+                       "device tier's budget, the KV cache and 1 GiB; off on a CPU; 0: off")
     @click.option("--decode", "decode", type=click.Choice(["auto", "graph", "static", "dynamic"]), default="auto",
                   show_default=True,
                   help="decode steps: graph (rows in a static KV cache, each step a CUDA-graph replay), static (the "
@@ -77,7 +82,7 @@ def register(main: click.Group) -> None:
     @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True,
                   help="server log level (info: one access-log line per request)")
     @click.option("--quiet", is_flag=True, help="log warnings and errors only (no access log); same as --log-level warning")
-    def serve(base, deltas, delta_root, host, port, max_batch, gpu_delta_bytes, cpu_delta_bytes, device, dtype, kernels, max_model_len, max_prefill_tokens, served_model_name, no_verify_base, warmup, compile_workers, dense_path, decode, prefill_delay_ms, api_key, allowed_hosts, max_body_bytes, log_level, quiet):
+    def serve(base, deltas, delta_root, host, port, max_batch, gpu_delta_bytes, cpu_delta_bytes, device, dtype, kernels, max_model_len, max_prefill_tokens, served_model_name, no_verify_base, warmup, compile_workers, dense_path, merged_bytes, decode, prefill_delay_ms, api_key, allowed_hosts, max_body_bytes, log_level, quiet):
         """Serve BASE and compressed fine-tunes of it over an OpenAI-compatible HTTP API.
 
         Every request names a model: the base (BASE, or --served-model-name) or a delta NAME. Requests for different
@@ -125,6 +130,7 @@ def register(main: click.Group) -> None:
             compiler=None if warmup == "off" else KernelCompiler(
                 compile_workers or min(8, os.cpu_count() or 1), progress=lambda m: click.echo(m, err=True)),
             clock=clock,
+            merged_bytes="auto" if merged_bytes == "auto" else _size(merged_bytes),
         )
         runner = state.runner
         triton_gpu = runner.state.kernels.name == "triton" and runner.device.type == "cuda"

@@ -165,12 +165,16 @@ class BatchKV:
     def clear(self) -> None:
         self.__init__()
 
-    def step(self, runner, last_ids: list[int], slots: list[int]) -> torch.Tensor:
-        """One decode step of every row (eager, the cache rebuilt as a DynamicCache): next-token logits (B, W)."""
+    def forget_merged(self, live_serials: set[int]) -> None:
+        """Nothing to drop: eager steps hold no pointers to merged weights."""
+
+    def step(self, runner, last_ids: list[int], slots: list[int], merged=None) -> torch.Tensor:
+        """One decode step of every row (eager, the cache rebuilt as a DynamicCache): next-token logits (B, W).
+        `merged`: a MergedEntry whose tenant owns every row (deltapack.serve.merged)."""
         dev = runner.device
         ids = torch.tensor([[t] for t in last_ids], dtype=torch.long, device=dev)
         mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=self.mask.dtype, device=dev)], 1)
-        logits, cache = runner.forward(ids, mask, self.next_pos[:, None], self.cache(), slots, 1)
+        logits, cache = runner.forward(ids, mask, self.next_pos[:, None], self.cache(), slots, 1, merged=merged)
         self.keys, self.values = BatchKV.tensors_of(cache)
         self.mask = mask
         self.next_pos = self.next_pos + 1
@@ -276,6 +280,11 @@ class Engine:
         # where the engine thread's time goes (seconds; prefill forwards, decode steps with their sampling)
         self.busy = {"prefill_s": 0.0, "prefill_forwards": 0, "decode_s": 0.0}
         self.last_error: str | None = None
+        # merged copies of hot tenants' weights (deltapack.serve.merged), held by the tiers; None: off
+        self.merged = getattr(tiers, "merged", None)
+        self._merged_version = -1
+        if self.merged is not None and self.decode_mode == "dynamic" and runner.device.type == "cuda":
+            self.merged.extra_reserve = static_kv_bytes(runner, max_batch)  # the dynamic KV cache may grow this far
         self._masks = None  # structured output: the engine thread's GrammarMasks (persistent buffers), made on first use
 
     # ---- public API (any thread) --------------------------------------------------------------------------------
@@ -352,6 +361,8 @@ class Engine:
             if aborts:
                 self._apply_aborts(aborts)
             admitted = self._admit()
+            if self.merged is not None:
+                self._tick_merged()
             if admitted:
                 self._prefill(admitted)
             if self.batch.rows:
@@ -466,12 +477,42 @@ class Engine:
                 out.append(cur)
         return out
 
+    def _tick_merged(self) -> None:
+        """Between steps: let the merged store merge / drop (memory, hotness), then forget graphs of dropped entries."""
+        try:
+            self.merged.tick()
+        except Exception:  # a merge must never take the server down: kernels only from here on
+            log.exception("merged weights failed; switching them off")
+            for slot in list(self.merged.entries):
+                self.merged.drop_slot(slot, "failed")
+            self.merged.budget = 0
+        if self.merged.version != self._merged_version:
+            self._merged_version = self.merged.version
+            self.batch.forget_merged(self.merged.live_serials())
+
+    def _merged_choice(self, phase: str, rows: list[GenRequest], size: int):
+        """The merged entry this forward runs on (one tenant owns every row, the measured costs favour it), or None;
+        and the forward counts towards the tenants' hotness."""
+        if self.merged is None or not self.merged.enabled:
+            return None
+        tenants = [r.tenant for r in rows]
+        self.merged.observe(tenants, phase, size)
+        return self.merged.choose(phase, tenants, size)
+
+    def _merged_record(self, phase: str, rows: list[GenRequest], size: int, entry, seconds: float) -> None:
+        if self.merged is not None and self.merged.enabled:
+            self.merged.record(phase, [r.tenant for r in rows], size, entry, seconds)
+
     def _prefill(self, admitted: list[GenRequest]) -> None:
         t0 = time.perf_counter()
         for chunk in self._chunks(admitted):
             self.busy["prefill_forwards"] += 1
+            size = len(chunk) * max(len(r.prompt_ids) for r in chunk)  # padded tokens
+            merged = self._merged_choice("prefill", chunk, size)
             try:
-                self._prefill_chunk(chunk)
+                t1 = time.perf_counter()
+                self._prefill_chunk(chunk, merged)
+                self._merged_record("prefill", chunk, size, merged, time.perf_counter() - t1)
             except Exception as e:
                 log.exception("prefill failed")
                 # the forward is shared: run the prompts that have seen nothing yet one by one, so that a prompt
@@ -489,7 +530,7 @@ class Engine:
                             self._fail(r, 500, f"internal error in prefill: {e1.__class__.__name__}: {e1}")
         self.busy["prefill_s"] += time.perf_counter() - t0
 
-    def _prefill_chunk(self, rows: list[GenRequest]) -> None:
+    def _prefill_chunk(self, rows: list[GenRequest], merged=None) -> None:
         from transformers.cache_utils import DynamicCache
 
         runner = self.runner
@@ -505,7 +546,8 @@ class Engine:
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         full = any(r.params.prompt_logprobs is not None for r in rows)
         ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-        logits, cache = runner.forward(ids, mask, pos, DynamicCache(), [r.slot for r in rows], 0 if full else 1)
+        logits, cache = runner.forward(ids, mask, pos, DynamicCache(), [r.slot for r in rows], 0 if full else 1,
+                                       merged=merged)
         for b, r in enumerate(rows):
             if self.metrics:
                 self.metrics.prompt_tokens.labels(r.model).inc(len(r.prompt_ids))
@@ -579,7 +621,9 @@ class Engine:
         t0 = time.perf_counter()
         rows = self.batch.rows
         slots = [r.slot for r in rows]
-        last = self.batch.step(self.runner, [r.output_ids[-1] for r in rows], slots)
+        merged = self._merged_choice("decode", rows, len(rows))
+        captures = getattr(self.batch, "captures", 0)
+        last = self.batch.step(self.runner, [r.output_ids[-1] for r in rows], slots, merged=merged)
         # on CUDA the forward is only queued: the grammar masks are filled on the host meanwhile (they depend on the
         # tokens accepted last step only). Nothing before this point may wait for the device (no .item(), .tolist()
         # or pageable host->device copy after the launch), or the fill runs after the forward instead of beside it.
@@ -590,7 +634,9 @@ class Engine:
         if self.metrics:
             self.metrics.batch_tenants.observe(tenants)
             self.metrics.batch_size.observe(len(rows))
-        toks, errors = select_tokens(last, rows, masks)
+        toks, errors = select_tokens(last, rows, masks)  # waits for the step's forward
+        if getattr(self.batch, "captures", 0) == captures:  # a step that captured a graph measures the capture
+            self._merged_record("decode", rows, len(rows), merged, time.perf_counter() - t0)
         keep = [b for b, (r, tok) in enumerate(zip(rows, toks)) if not self._accept(r, tok, last[b], errors.get(b))]
         if len(keep) < len(rows):
             self._set_rows(keep)

@@ -54,6 +54,7 @@ class StaticBatch(BatchContext):
         self._slot_ids = slot_ids
         self._groups = groups
         self._block_t = block_t
+        self.merged = None
 
     def tokens(self, num_tokens: int) -> TokenSlots:
         ts = self._tokens.get(num_tokens)
@@ -97,6 +98,7 @@ class StaticDecoder:
         self._block_t: int | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         self.prompt_len = 0
+        self.merged = None  # a MergedEntry every row's tenant owns (set_merged), else the kernels
 
     # ---- batch set-up -------------------------------------------------------------------------------------------
     def set_batch(self, row_slots: list[int]) -> None:
@@ -104,16 +106,27 @@ class StaticDecoder:
         if len(row_slots) != self.batch:
             raise InputError(f"{len(row_slots)} row slots for a batch of {self.batch}")
         self.row_slots = [int(s) for s in row_slots]
+        if self.merged is not None and any(s != self.merged.slot for s in self.row_slots):
+            self.merged = None  # a merged copy serves its own tenant's rows only
         ts = TokenSlots.from_rows(self.row_slots, 1, self.device)
         self.slot_ids.copy_(ts.slot_ids)
         self._groups = ts.groups()
         self._block_t = max(1, most_rows_per_tenant(self.row_slots))
         self._graph = None
 
+    def set_merged(self, entry) -> None:
+        """Run the following prefills and steps on `entry`'s merged weights (None: the kernels). Every row must be
+        the entry's tenant. Drops a captured graph (it holds the other weights' pointers)."""
+        if entry is not None and any(s != entry.slot for s in self.row_slots):
+            raise InputError(f"merged weights of slot {entry.slot} for rows of slots {sorted(set(self.row_slots))}")
+        self.merged = entry
+        self._graph = None
+
     def _context(self, static: bool = True) -> BatchContext:
-        if static:
-            return StaticBatch(self.row_slots, self.slot_ids, self._groups, self._block_t)
-        return BatchContext(self.row_slots, self.device)  # prefill: (B, P) tokens, eager
+        ctx = (StaticBatch(self.row_slots, self.slot_ids, self._groups, self._block_t) if static
+               else BatchContext(self.row_slots, self.device))  # prefill: (B, P) tokens, eager
+        ctx.merged = self.merged
+        return ctx
 
     @contextmanager
     def _batch(self, ctx: BatchContext):
@@ -300,7 +313,9 @@ class GraphBatch:
         self.start = [0] * self.B  # first column of each slot's request
         self.next_pos = [0] * self.B
         self.row_slots = [-1] * self.B  # tenant slot of each cache slot (-1: base, or free)
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (bucket, view) -> graph on the kernels; (bucket, view, slot, serial) -> graph on a merged entry's weights
+        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graph_entries: dict[tuple, object] = {}  # merged graphs' entries, kept alive while their graph exists
         self._pool = None
         self._signature = None  # versions of the resident deltas the graphs (and _can_graph) were made for
         self._can_graph = False
@@ -404,6 +419,7 @@ class GraphBatch:
         signature = tuple((k, lay.version) for k, lay in st.layers.items())
         if signature != self._signature:
             self._graphs.clear()
+            self._graph_entries.clear()
             self._signature = signature
             self._can_graph = (self.graphs and getattr(st.kernels, "capturable", False) and not any(
                 lay.replace_slots or (lay.max_extra_rows and key != self.runner.embed_key)
@@ -437,8 +453,15 @@ class GraphBatch:
             self.cache.view_len = self.L
         return out.logits[:, -1, :]
 
-    def _graph(self, bucket: int, view: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        key = (bucket, view)
+    def forget_merged(self, live_serials: set[int]) -> None:
+        """Drop the graphs captured on merged entries no longer live (dropped or rebuilt): a graph replays the
+        pointers it was captured with, so one on freed weights must never run again."""
+        for key in [k for k in self._graphs if len(k) == 4 and k[3] not in live_serials]:
+            del self._graphs[key]
+            self._graph_entries.pop(key, None)
+
+    def _graph(self, bucket: int, view: int, merged=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (bucket, view) if merged is None else (bucket, view, merged.slot, merged.serial)
         hit = self._graphs.get(key)
         if hit is not None:
             return hit
@@ -449,6 +472,7 @@ class GraphBatch:
             # to eager memory that is freed (and reused) once the warm-up's context goes
             ctx = StaticBatch(self.row_slots, self.slot_ids, None, bucket)
             ctx.any = bucket > 0
+            ctx.merged = merged
             return ctx
 
         saved_valid = self.valid[:, self.col].clone()
@@ -466,6 +490,8 @@ class GraphBatch:
         with self._blocking(), torch.cuda.graph(graph, pool=self._pool):
             logits = self._forward(context(), view)
         self._graphs[key] = (graph, logits)
+        if merged is not None:
+            self._graph_entries[key] = merged
         self.captures += 1
         return graph, logits
 
@@ -507,8 +533,13 @@ class GraphBatch:
         return self.captures - before
 
     @torch.inference_mode()
-    def step(self, runner, last_ids: list[int], slots: list[int]) -> torch.Tensor:
-        """One decode step of every running row: the logits of its next token, (len(rows), W)."""
+    def step(self, runner, last_ids: list[int], slots: list[int], merged=None) -> torch.Tensor:
+        """One decode step of every running row: the logits of its next token, (len(rows), W). `merged`: a
+        MergedEntry whose tenant owns every running row (the engine's guarantee; free slots compute garbage that
+        is never read): the step runs on its weights, from its own graphs (one per bucket and view, captured on
+        first use and dropped with the entry, `forget_merged`)."""
+        if merged is not None and any(s != merged.slot for s in slots):
+            raise RuntimeError(f"merged weights of slot {merged.slot} for a step of slots {sorted(set(slots))}")
         if self.col + 1 >= self.L or min(self.start[i] for i in self.index) >= COMPACT_AT:
             self._compact(force=self.col + 1 >= self.L)
         if self.col >= self.L:
@@ -534,9 +565,10 @@ class GraphBatch:
         view = min(self.L, -(-(self.col + 1) // VIEW_STEP) * VIEW_STEP)
         if self._graphable() and self._compiled():
             most = most_rows_per_tenant(self.row_slots)
-            graph, logits = self._graph(_token_bucket(most) if most else 0, view)
+            graph, logits = self._graph(_token_bucket(most) if most else 0, view, merged)
             graph.replay()
         else:
+            eager_ctx.merged = merged
             logits = self._forward(eager_ctx, view)
             self.eager_steps += 1
         self.col += 1

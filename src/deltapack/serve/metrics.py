@@ -105,3 +105,32 @@ class _StateCollector:
         g = GaugeMetricFamily("deltapack:registered_deltas", "Deltas loaded (servable)")
         g.add_metric([], t["registered"])
         yield g
+        m = t.get("merged")
+        if m is not None:
+            yield from _merged_families(m)
+
+
+def _merged_families(m: dict):
+    """Merged copies of hot tenants' weights (deltapack.serve.merged): which, their bytes, and how often used."""
+    g = GaugeMetricFamily("deltapack:merged_bytes", "Device bytes of merged tenant weights (builds in progress included)")
+    g.add_metric([], m["bytes"])
+    yield g
+    if m["budget_bytes"] is not None:
+        g = GaugeMetricFamily("deltapack:merged_budget_bytes", "Byte budget of merged tenant weights (--merged-bytes)")
+        g.add_metric([], m["budget_bytes"])
+        yield g
+    g = GaugeMetricFamily("deltapack:merged_deltas", "Deltas whose weights are kept merged (1 per usable copy)",
+                          labels=["model_name"])
+    for name, e in m["tenants"].items():
+        g.add_metric([name], 1 if e["complete"] else 0)
+    yield g
+    c = CounterMetricFamily("deltapack:merged_forwards", "Forwards run on merged weights (reading no delta)")
+    c.add_metric([], m["merged_forwards"])
+    yield c
+    c = CounterMetricFamily("deltapack:merges", "Merged copies built")
+    c.add_metric([], m["merges"])
+    yield c
+    c = CounterMetricFamily("deltapack:merged_evictions", "Merged copies dropped", labels=["reason"])
+    for k, v in m["evictions"].items():
+        c.add_metric([k], v)
+    yield c

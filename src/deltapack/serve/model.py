@@ -42,6 +42,9 @@ class BatchContext:
         self.device = device
         self.any = any(s >= 0 for s in self.row_slots)
         self._tokens: dict[int, TokenSlots] = {}
+        # a MergedEntry (deltapack.serve.merged) when every live row is its tenant's: the linear layers run on its
+        # merged weights and read no weight delta. The engine sets it only for such batches.
+        self.merged = None
 
     def tokens(self, num_tokens: int) -> TokenSlots:
         """Token slots for a (B, L) block flattened row-major (L = num_tokens / B)."""
@@ -110,17 +113,32 @@ class _Wrapped(nn.Module):
 
 
 class DeltaLinear(_Wrapped):
+    def _merged_weight(self) -> torch.Tensor | None:
+        """This forward's merged weight for this layer (base + the tenant's delta), when the batch runs on a merged
+        copy built from the delta now in the tenant's slot; else None."""
+        st: DeltaState = self._state
+        entry = getattr(st.ctx, "merged", None)
+        if entry is None:
+            return None
+        wl = st.layers.get(self.wkey)
+        return entry.weight(self.wkey, wl.get(entry.slot) if wl is not None else None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        merged = self._merged_weight()
+        y = self.base(x) if merged is None else nn.functional.linear(x, merged, self.base.bias)
         active = self._active()
         if active is None:
             return y
         st, wl, bl = active
+        if merged is not None:
+            wl = wl if wl is not None and wl.max_extra_rows else None  # the weight delta is in `merged` already
+            if wl is None and bl is None:
+                return y
         lead = x.shape[:-1]
         T = math.prod(lead)
         x2, y2 = x.reshape(T, x.shape[-1]), y.reshape(T, y.shape[-1])
         tokens = st.ctx.tokens(T)
-        if wl is not None:
+        if wl is not None and merged is None:
             if wl.replace_slots:  # tenant's own tensor replaces the base one: remove x @ W_base^T for its tokens
                 y2 = y2.clone()
                 for s, idx in tokens.groups():
@@ -328,9 +346,12 @@ class ModelRunner:
         return lay
 
     @torch.inference_mode()
-    def forward(self, input_ids, attention_mask, position_ids, cache, row_slots: list[int], logits_to_keep: int = 1):
-        """One forward of a (B, L) block; returns (logits (B, L' , W), cache)."""
+    def forward(self, input_ids, attention_mask, position_ids, cache, row_slots: list[int], logits_to_keep: int = 1,
+                merged=None):
+        """One forward of a (B, L) block; returns (logits (B, L' , W), cache). `merged`: a MergedEntry whose tenant
+        owns every row (the caller's guarantee): its linear layers run on the merged weights."""
         self.state.ctx = BatchContext(row_slots, self.device)
+        self.state.ctx.merged = merged
         try:
             out = self.model(
                 input_ids=input_ids,

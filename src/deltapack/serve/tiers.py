@@ -129,6 +129,9 @@ class DeltaTiers:
         # where registration time goes (seconds summed over deltas; /health's startup notes)
         self.timings = {"verify_s": 0.0, "fingerprint_wait_s": 0.0, "pack_s": 0.0}
         self._timings_lock = threading.Lock()
+        # merged copies of hot tenants' weights (deltapack.serve.merged.MergedWeights), set by build_server: their
+        # memory is reported beside the tiers', and a tenant leaving the device tier drops its copy
+        self.merged = None
 
     def _time(self, key: str, seconds: float) -> None:
         with self._timings_lock:
@@ -481,6 +484,8 @@ class DeltaTiers:
     def _uninstall(self, t: Tenant) -> None:
         if t.slot is None:
             return
+        if self.merged is not None:  # before the slot's deltas go: a merged copy never outlives its delta
+            self.merged.drop_slot(t.slot, "unloaded")
         for places in t.placements.values():
             for key, _ in places:
                 self.runner.layer(key).set(t.slot, None)
@@ -542,5 +547,6 @@ class DeltaTiers:
                 "tenants": {
                     n: {"tier": t.tier, "bytes": t.nbytes, "slot": t.slot, "pins": t.pins} for n, t in self.tenants.items()
                 },
+                "merged": self.merged.snapshot() if self.merged is not None else None,
             }
 
