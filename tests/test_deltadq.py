@@ -38,7 +38,8 @@ def test_round_trip_true_ratio(small_pair, tmp_path, ratio):
     out = api.compress(base, ft, tmp_path / "d", method="deltadq", ratio=ratio, progress=False)
     info = api.inspect(out)
     tr, planned = ratio_before_entropy(out)
-    assert planned >= 0.97 * ratio and abs(planned / ratio - 1) <= 0.05 and tr >= planned, (tr, planned)
+    # the budget counts bytes after the entropy stage: the true ratio is the target, the stored codes use the saving
+    assert 0.99 * ratio <= tr <= 1.03 * ratio and planned <= tr, (tr, planned)
     assert {r["codec"] for r in info["tensors"] if len(r["shape"]) == 2} == {"deltadq"}
     # every matrix, embedding and lm_head included, is compressed; only the 1-D norms stay dense
     assert all(r["codec"] == "dense" for r in info["tensors"] if len(r["shape"]) == 1)
