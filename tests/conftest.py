@@ -82,7 +82,7 @@ def _one_torch_thread():
 
 def ratio_before_entropy(delta_dir) -> tuple[float, float]:
     """(true ratio, the true ratio the same delta would have without the entropy stage): the planner meets --ratio
-    before the stage, which then only makes the files smaller."""
+    after the stage (methods spend its saving on more stored bytes), so the second is the smaller."""
     from deltapack import api
     from deltapack.format.directory import DeltaDir
 

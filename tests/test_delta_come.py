@@ -127,7 +127,9 @@ def test_round_trip_true_ratio(small_pair, tmp_path, ratio):
     out = api.compress(base, ft, tmp_path / "d", method="delta-come", ratio=ratio, progress=False)
     info = api.inspect(out)
     true, planned = ratio_before_entropy(out)
-    assert ratio * 0.97 <= planned <= ratio * 1.05 and true >= planned, (true, planned)
+    # the budget counts bytes after the entropy stage: the true ratio is the target, the stored codes use the saving
+    # (above by up to ~4.5% here: at 64x one singular pair is several percent of a 512-wide matrix's budget)
+    assert ratio * 0.99 <= true <= ratio * 1.045 and true >= planned, (true, planned)
     man = json.loads((out / "delta_config.json").read_text())
     emb = man["tensors"]["model.embed_tokens.weight"]
     assert emb["codec"] == "factors" and emb["method"] is None  # embeddings compressed too, by delta-come

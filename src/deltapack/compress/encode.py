@@ -178,9 +178,10 @@ def _encode_one(n: str, m: DeltaMethod, ctx: CompressContext, plan: Plan, budget
     if n in fixed:
         return Encoded("dense", {}, {"values": delta.to(torch.bfloat16).cpu()}, "dense"), new_rows
     with phase("encode.method", dev):
-        enc = m.encode(job, ctx)
-    if enc.codec != PENDING_CODEC and enc.nbytes() > job.budget_bytes * 1.02 + 64:
-        log.warning("%s: %s stored %d bytes over a %d-byte budget", n, m.name, enc.nbytes(), job.budget_bytes)
+        enc = m.encode_coded(job, ctx)  # the budget counts bytes after the entropy stage (base.py encode_coded)
+    stored = enc.coded_bytes if enc.coded_bytes is not None else enc.nbytes()
+    if enc.codec != PENDING_CODEC and stored > job.budget_bytes * 1.02 + 64:
+        log.warning("%s: %s stored %d bytes over a %d-byte budget", n, m.name, stored, job.budget_bytes)
     return enc, new_rows
 
 

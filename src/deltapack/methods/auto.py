@@ -143,7 +143,7 @@ class Auto(DeltaMethod):
             if job.budget_bytes < m.min_bytes(job.shape):
                 continue
             try:
-                enc = m.encode(job, ctx)
+                enc = m.encode_coded(job, ctx)  # each candidate fills the budget as stored on disk
             except BudgetError as e:
                 errors.append(f"{name}: {e}")
                 continue

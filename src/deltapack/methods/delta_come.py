@@ -73,7 +73,8 @@ from tqdm.auto import tqdm
 
 from deltapack.errors import BudgetError
 from deltapack.format.codecs import build_factor_parts
-from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, TensorStat, register_method
+from deltapack.methods.base import (DeltaMethod, Encoded, TensorJob, TensorStat, coded_nbytes, fit_coded_budget,
+                                    register_method)
 from deltapack.quant.gptq import PreparedHessian, gptq_quantize, prepare_hessian
 from deltapack.quant.rtn import QMatrix, qmatrix_bytes, quant_params, quantize_rows, quantize_with
 
@@ -82,6 +83,9 @@ log = logging.getLogger(__name__)
 ALLOWED_WIDTHS = (8, 4, 3, 2, 1)
 PAPER_COUNTS = ((8, 2), (3, 32))  # then 2-bit to the budget
 EPS_SAMPLE = 16  # singular pairs sampled to measure ε(b)
+GPTQ_CODED_EXCESS = 1.04  # encode_coded: GPTQ-quantized factors' coded size over the RTN proxy's (measured, worst case)
+RTN_CODED_EXCESS = 1.01  # the same for RTN after the least-squares refit of the output side
+CODED_HEADROOM = 2  # encode_coded: the SVD keeps pairs for up to this many times the budget (the entropy stage's saving)
 UNIT_KEY = "delta_come:unit"
 EIG_CACHE_MAX_BYTES = 8 << 30  # CPU memory for Gram eigenvectors kept from prepare() to encode() (saves an eigh each)
 DEVICE_HESSIANS_KEY = "delta_come:device_hessians"  # per-unit cache of device copies of input Hessians
@@ -582,6 +586,16 @@ class DeltaCoMe(DeltaMethod):
         return gs, bits, {"objective": round(rel, 6)}
 
     def encode(self, job: TensorJob, ctx) -> Encoded:
+        return self._encode(job, ctx, coded=False)
+
+    def encode_coded(self, job: TensorJob, ctx) -> Encoded:
+        """Fill the budget as stored on disk. Quantizing (GPTQ) is most of the cost, so the fit runs on a proxy: the
+        bit widths chosen at a trial budget, RTN-quantized (whose codes have nearly the same statistics), entropy-
+        coded for real; the stored budget that proxy settles on is then quantized once, for real. What remains (the
+        proxy's error) is measured on the final parts and rolled over to the unit's next tensors like unspent bytes."""
+        return self._encode(job, ctx, coded=self.entropy_stage)
+
+    def _encode(self, job: TensorJob, ctx, coded: bool) -> Encoded:
         m, n = job.shape
         delta = job.delta.float()
         cheapest = self.min_bytes(job.shape)
@@ -589,7 +603,8 @@ class DeltaCoMe(DeltaMethod):
             raise BudgetError(
                 f"{job.name}: budget of {job.budget_bytes} bytes is below one {min(self._widths())}-bit singular pair"
             )
-        k = min(m, n, job.budget_bytes // cheapest)
+        # pairs the SVD keeps: as many as the budget could buy, twice that when the entropy stage's saving may buy more
+        k = min(m, n, (CODED_HEADROOM if coded else 1) * job.budget_bytes // cheapest)
         cache = getattr(ctx, "cache", {})
         dev = delta.device
         with _phase("encode.hessian", dev):
@@ -609,14 +624,32 @@ class DeltaCoMe(DeltaMethod):
                 A0 = S.sqrt()[:, None] * V.T  # k x n
             Bt0 = S.sqrt()[:, None] * U.T  # k x m
         eps_cache = cache.setdefault("delta_come_eps", {})
-        with _phase("encode.allocate", dev):
-            gs, bits, record = self._choose_bits(S, A0, Bt0, job.budget_bytes, job.shape, eps_cache,
-                                                 (job.kind, whitened))
-        # rows grouped by width, widest first (within a width: descending σ)
-        order = torch.argsort(-bits * (k + 1) + torch.arange(k), stable=True)
-        bits = bits[order]
-        r = int((bits > 0).sum())
-        order, bits = order[:r].to(delta.device), bits[:r]
+
+        def widths(budget: int):
+            with _phase("encode.allocate", dev):
+                gs, bits, record = self._choose_bits(S, A0, Bt0, budget, job.shape, eps_cache, (job.kind, whitened))
+            # rows grouped by width, widest first (within a width: descending σ)
+            order = torch.argsort(-bits * (k + 1) + torch.arange(k), stable=True)
+            bits = bits[order]
+            r = int((bits > 0).sum())
+            return gs, bits[:r], order[:r].to(dev), record
+
+        budget = job.budget_bytes
+        if coded:
+            def proxy(b: int) -> Encoded:
+                gs, bits, order, _ = widths(b)
+                groups = [{"bits": w, "A": quantize_rows(A0[order][sl], w, gs), "Bt": quantize_rows(Bt0[order][sl], w, gs)}
+                          for w, sl in _width_spans(bits)]
+                return Encoded("factors", {"stored_budget": b}, build_factor_parts(groups)[1])
+
+            with _phase("encode.coded_fit", dev):
+                most = k * max(self._costs(job.shape, g)[max(self._widths())] for g in self._group_sizes())
+                # GPTQ's codes spread over the grid more than RTN's: on SmolLM2 fine-tunes they coded 2.5-4% larger
+                # than the proxy's, so the proxy aims that much lower (what stays unspent rolls over in the unit)
+                aim = max(cheapest, int(job.budget_bytes / (GPTQ_CODED_EXCESS if H is not None else RTN_CODED_EXCESS)))
+                budget = fit_coded_budget(proxy, aim, max(aim, most),
+                                          self.coded_fit_rounds).params["stored_budget"]
+        gs, bits, order, record = widths(budget)
         A0, Bt0 = A0[order], Bt0[order]
 
         groups = self._quantize(delta, A0, Bt0, bits, H, gs, ctx)
@@ -626,9 +659,11 @@ class DeltaCoMe(DeltaMethod):
         params["budget"] = {"mode": self.budget, "bytes": int(job.budget_bytes)}
         params.update(record)
         enc = Encoded("factors", params, {key: v.cpu() for key, v in parts.items()})
-        if enc.nbytes() > job.budget_bytes:  # cannot happen: the allocators count every stored byte
-            raise BudgetError(f"{job.name}: stored {enc.nbytes()} bytes over a {job.budget_bytes}-byte budget")
-        self._roll_over(job.name, job.budget_bytes - enc.nbytes(), ctx)
+        if enc.nbytes() > budget:  # cannot happen: the allocators count every stored byte
+            raise BudgetError(f"{job.name}: stored {enc.nbytes()} bytes over a {budget}-byte budget")
+        if coded:
+            enc.coded_bytes = coded_nbytes(enc.parts)
+        self._roll_over(job.name, job.budget_bytes - (enc.coded_bytes if coded else enc.nbytes()), ctx)
         return enc
 
     def _roll_over(self, name: str, unspent: int, ctx) -> None:
@@ -646,7 +681,8 @@ class DeltaCoMe(DeltaMethod):
         members = getattr(ctx, "cache", {}).get(UNIT_KEY) or alloc
         rest = [n for n in members if n in alloc and n not in done]
         total = sum(alloc[n] for n in rest)
-        if unspent <= 0 or total <= 0:
+        # negative: the coded size passed the budget (encode_coded's proxy erred): the rest of the unit pays it back
+        if unspent == 0 or total <= 0:
             return
         for n in rest:
             alloc[n] += unspent * alloc[n] // total
@@ -661,13 +697,7 @@ class DeltaCoMe(DeltaMethod):
         if r == 0:
             return []
         bits_d = bits.to(dev)
-        widths = [int(w) for w in torch.unique_consecutive(bits).tolist()]
-        spans = []
-        i = 0
-        for w in widths:
-            c = int((bits == w).sum())
-            spans.append((w, slice(i, i + c)))
-            i += c
+        spans = _width_spans(bits)
 
         with _phase("encode.quantize_a", dev):
             if H is not None:
@@ -716,6 +746,16 @@ class DeltaCoMe(DeltaMethod):
             log.debug("refit Gram matrix not positive definite; keeping the unrefit factor")
             return fallback
         return torch.cholesky_solve(rhs.T, L).T
+
+
+def _width_spans(bits: torch.Tensor) -> list[tuple[int, slice]]:
+    """(width, rows) of each run of equal widths in `bits` (sorted widest first)."""
+    spans, i = [], 0
+    for w in torch.unique_consecutive(bits).tolist():
+        c = int((bits == w).sum())
+        spans.append((int(w), slice(i, i + c)))
+        i += c
+    return spans
 
 
 def _cpu(q: QMatrix) -> QMatrix:

@@ -40,7 +40,8 @@ from pydantic import Field
 from deltapack.errors import BudgetError, DeltapackError
 from deltapack.format import codec_deltadq as dq  # noqa: F401  (registers the "deltadq" codec)
 from deltapack.format.masks import seed_for
-from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, proportional_allocation, register_method
+from deltapack.methods.base import (DeltaMethod, Encoded, TensorJob, fit_coded_budget, proportional_allocation,
+                                    register_method)
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +296,30 @@ class DeltaDQ(DeltaMethod):
                 "errors": {g: e / ref if ref > 0 else 0.0 for g, e in errors.items()},
             }
         return Encoded("deltadq", best.params, {k: v.cpu() for k, v in best.parts.items()})
+
+    def encode_coded(self, job: TensorJob, ctx) -> Encoded:
+        """Fill the budget as stored on disk: the search (bits, grid, group size) runs once at the nominal budget;
+        the bigger budgets the entropy stage's saving pays for keep those settings and only keep more values (one
+        encode each, no search)."""
+        if self.drop_rate is not None:
+            return self.encode(job, ctx)  # a fixed drop rate: the budget changes nothing
+        first = self.encode(job, ctx)
+        m, n = job.shape
+        p = first.params
+        g, bits, s, scale = int(p["g"]), int(p["bits"]), int(p.get("s", 0)), p["scale"]
+        delta = job.delta.float()
+        hashes = dq.MaskHashes((m, n), int(p["seed"]), delta.device)
+
+        def at(budget: int) -> Encoded:
+            if budget == job.budget_bytes:
+                return first
+            nv = self._n_values(m, n, budget, bits, scale)
+            params, parts, _ = dq.encode(delta, g=g, n_values=nv, seed=int(p["seed"]), bits=bits, s=s, scale=scale,
+                                         hashes=hashes)
+            return Encoded("deltadq", params, {k: v.cpu() for k, v in parts.items()})
+
+        return fit_coded_budget(at, job.budget_bytes, max(job.budget_bytes, dq.stored_bytes(m, m * n, bits, s, scale)),
+                                self.coded_fit_rounds)
 
     def _default_g(self, m: int, n: int, n_values: int, name: str) -> int:
         if self.group_size is not None:
