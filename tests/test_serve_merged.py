@@ -191,6 +191,15 @@ def test_budget_too_small_or_zero_never_merges(env):
     assert merged_budget("auto", torch.device("cpu")) == 0  # auto: off on a CPU
     assert merged_budget("auto", torch.device("cuda")) is None  # auto: free device memory decides
     assert merged_budget(0, torch.device("cuda")) == 0
+    # off unless asked for, on every device, until the GPU path is measured (bench/serving/merged.py)
+    import inspect
+
+    from deltapack.cli import _size, main
+    from deltapack.serve import app
+
+    assert inspect.signature(app.build_server).parameters["merged_bytes"].default == 0
+    option = next(p for p in main.commands["serve"].params if p.name == "merged_bytes")
+    assert _size(option.default) == 0
 
 
 def test_choice_follows_measured_costs():

@@ -104,14 +104,15 @@ def build_server(
     prefill_delay_s: float | None = None,
     compiler=None,
     clock: StartupClock | None = None,
-    merged_bytes: int | str | None = "auto",
+    merged_bytes: int | str | None = 0,
 ) -> ServerState:
     """Load the base, register the deltas, start the engine thread. `compiler` (a deltapack.kernels.compile.
     KernelCompiler): Triton kernel variants compile on it in the background while their launches run on the torch
     path (the CLI attaches one on CUDA); None: each variant compiles on its first launch. `clock`: records the
     phases (base load, deltas, engine) for the log and /health; build_server makes one when none is given.
-    `merged_bytes`: device memory for merged copies of hot tenants' weights (deltapack.serve.merged): bytes, 0 = off,
-    "auto" = on a GPU as much as free memory allows beyond the tiers', KV cache's and a headroom; off on a CPU."""
+    `merged_bytes`: device memory for merged copies of hot tenants' weights (deltapack.serve.merged): bytes, 0 = off
+    (the default: its CUDA-graph path has not run on a GPU yet), "auto" = on a GPU as much as free memory allows
+    beyond the tiers', KV cache's and a headroom; off on a CPU."""
     clock = clock or StartupClock(since_process_start=False)
     with clock.phase("imports"):  # torch and our kernels: already imported by the CLI, not by tests
         from deltapack.serve.model import ModelRunner

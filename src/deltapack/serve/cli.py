@@ -59,11 +59,12 @@ def register(main: click.Group) -> None:
                   help="after warm-up, time the delta kernels against dequantize-once + dense GEMM per layout and "
                        "shape, and give a tenant with many tokens in a forward (prefill, eager steps) the faster "
                        "(auto: on a GPU)")
-    @click.option("--merged-bytes", default="auto", show_default=True,
+    @click.option("--merged-bytes", default="0", show_default=True,
                   help="device memory for merged copies (base + delta) of the hottest tenants' linear weights: a "
                        "forward whose rows are all one tenant's (k = 1 decode, its prefills) then reads no delta; "
                        "chosen per forward from measured costs. auto: on a GPU what free memory allows beyond the "
-                       "device tier's budget, the KV cache and 1 GiB; off on a CPU; 0: off")
+                       "device tier's budget, the KV cache and 1 GiB (off on a CPU); 0: off (the default until the "
+                       "GPU path is measured: bench/serving/merged.py)")
     @click.option("--decode", "decode", type=click.Choice(["auto", "graph", "static", "dynamic"]), default="auto",
                   show_default=True,
                   help="decode steps: graph (rows in a static KV cache, each step a CUDA-graph replay), static (the "
