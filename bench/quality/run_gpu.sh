@@ -19,9 +19,10 @@
 #        the rest of PLAN (parts tagged "e1") and auto+heal on the held-out tasks beside it (tagged "heal")
 #   4. (if device time is left)                  bash bench/quality/run_gpu.sh eval e2 --plan PLAN          <= 555 s
 # Every call continues where the previous one stopped (a ledger per task in /root/dpq). PLAN = LABEL@RATIO[:CALIB],...
-# in run order (the cells that matter most first), e.g. the session of 2026-12-07 (third):
-#     dare@16,delta-come@16,deltadq@16,auto@16,auto-min-gain-3pct@16,dare@32,delta-come@32,deltadq@32,auto@32,
-#     dare@64,dare@128,delta-come@64,deltadq@64,auto@64,delta-come@128,deltadq@128,auto@128,delta-come@16:task
+# in run order (the cells that matter most first), e.g. the plan for the next device session (2026-12-07 note):
+#     delta-come@16,auto@16,auto-min-gain-3pct@16,dare@16,deltadq@16,auto+heal@16,dare@32,delta-come@32,deltadq@32,
+#     auto@32,dare@64,dare@128,delta-come@64,deltadq@64,delta-come@128,deltadq@128,auto@64,auto@128,delta-come@16:task
+# (with auto+heal in the plan, run `extras` with HEAL_PLAN unset only if the held-out tasks did not get it)
 # Without --plan: default calibration first at 16, 32, 64, 128x for every method, then the task-calibrated runs.
 # If a step says the machine was given back (no /root/m or no /root/dpq/ft-*), start again at step 1.
 #
