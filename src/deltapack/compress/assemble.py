@@ -21,6 +21,7 @@ from deltapack.compress.plan import Plan, Prepared
 from deltapack.errors import BudgetError, DeltapackError
 from deltapack.format.codecs import get_codec
 from deltapack.format.directory import dir_bytes
+from deltapack.format.entropy import encode_parts
 from deltapack.format.manifest import HF_DIR, MANIFEST_NAME, FileEntry, Manifest, ModelRef, TensorEntry, part_key
 from deltapack.io.safetensors_file import SafetensorsFile
 from deltapack.io.sources import ModelSource
@@ -194,7 +195,7 @@ def _write_entry(writer, n, enc: Encoded, new_rows, fsrc: ModelSource, stat: Ten
     codec = get_codec(enc.codec)
     coded: dict[str, dict] = {}
     if entropy and not codec.entropy_coded:
-        parts, coded = entropy_stage(parts)
+        parts, coded = encode_parts(parts)  # zstd per part where it saves; readers decode it back (DeltaDir.parts)
     payload = sum(t.numel() * t.element_size() for k, t in parts.items() if k in codec.payload_parts or k == "new_rows")
     total = sum(t.numel() * t.element_size() for t in parts.values())
     writer.add_group({part_key(n, k): v for k, v in parts.items()})
@@ -214,19 +215,3 @@ def _write_entry(writer, n, enc: Encoded, new_rows, fsrc: ModelSource, stat: Ten
         method=enc.method,
         entropy=coded,
     )
-
-
-def entropy_stage(parts: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """Each part zstd-coded (whole or by byte planes) where that saves >= 5% of its bytes; readers decode it back
-    (DeltaDir.parts), so the codecs and the serving layouts see the same tensors. Returns (parts as stored,
-    {part: record} for the coded ones)."""
-    from deltapack.format.entropy import encode_part
-
-    out, coded = {}, {}
-    for k, t in parts.items():
-        r = encode_part(t.cpu())
-        if r is None:
-            out[k] = t
-        else:
-            out[k], coded[k] = torch.from_numpy(r[0].copy()), r[1]
-    return out, coded

@@ -180,6 +180,23 @@ def encode_part(t, level: int = LEVEL) -> tuple[np.ndarray, dict] | None:
     return np.frombuffer(blob, dtype=np.uint8), rec
 
 
+def encode_parts(parts: dict) -> tuple[dict, dict[str, dict]]:
+    """The entropy stage over one tensor's parts: each part zstd-coded (whole or by byte planes) where that saves >=
+    MIN_SAVING of its bytes. Returns (parts as stored: a uint8 tensor per coded part, the others unchanged;
+    {part: record} for the coded ones). The writer (compress/assemble.py) and the budget fit that sizes encodings by
+    their coded bytes (methods/base.py coded_nbytes) both call this, so they cannot disagree."""
+    import torch
+
+    out, coded = {}, {}
+    for k, t in parts.items():
+        r = encode_part(t.detach().cpu())
+        if r is None:
+            out[k] = t
+        else:
+            out[k], coded[k] = torch.from_numpy(r[0].copy()), r[1]
+    return out, coded
+
+
 def decode_part(blob, rec: dict):
     """Inverse of `encode_part`: the original torch tensor (CPU)."""
     import torch

@@ -49,15 +49,11 @@ class Encoded:
 
 
 def coded_nbytes(parts: dict[str, torch.Tensor]) -> int:
-    """Bytes these parts take on disk after the write-time entropy stage (compress/assemble.py `entropy_stage`: the
-    same `encode_part` decision per part), zstd run for real: the codes' statistics decide it, not their width."""
-    from deltapack.format.entropy import encode_part
+    """Bytes these parts take on disk after the write-time entropy stage (format/entropy.py `encode_parts`, the very
+    function the writer calls), zstd run for real: the codes' statistics decide it, not their width."""
+    from deltapack.format.entropy import encode_parts
 
-    total = 0
-    for t in parts.values():
-        r = encode_part(t.detach().cpu())
-        total += t.numel() * t.element_size() if r is None else int(r[0].size)
-    return total
+    return sum(t.numel() * t.element_size() for t in encode_parts(parts)[0].values())
 
 
 def fit_coded_budget(encode: Callable[[int], Encoded], budget: int, max_budget: int, rounds: int) -> Encoded:
