@@ -21,7 +21,7 @@ def structured_pair(tmp_path_factory):
     """~8M parameters, like conftest.small_pair, but the delta of a real short fine-tune's shape: most rows of every
     matrix barely moved (an embedding's unseen tokens, an untouched output channel), the rest heavy-tailed. Its codes
     have low entropy: zstd saves a quarter or more, the case where the old budget left files far above the target.
-    (Not exactly zero rows: the Gram eigh of lowrank / delta-come fails to converge on those, a separate issue.)"""
+    (Exactly-zero rows are tests/test_linalg.py's case.)"""
     d = tmp_path_factory.mktemp("structured")
     make_llama(d / "base", hidden=512, layers=2, vocab=2048, inter=1536)
     from transformers import AutoModelForCausalLM

@@ -71,6 +71,7 @@ import torch
 from pydantic import Field, PrivateAttr, field_validator
 from tqdm.auto import tqdm
 
+from deltapack import linalg
 from deltapack.errors import BudgetError
 from deltapack.format.codecs import build_factor_parts
 from deltapack.methods.base import (DeltaMethod, Encoded, TensorJob, TensorStat, coded_nbytes, fit_coded_budget,
@@ -259,7 +260,7 @@ def gram_eigh(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(σ² descending, eigenvectors of the smaller Gram matrix: V when n <= m, else U)."""
     m, n = delta.shape
     G = delta.T @ delta if n <= m else delta @ delta.T
-    evals, evecs = torch.linalg.eigh(G)
+    evals, evecs = linalg.gram_eigh(G)
     return evals.flip(0).clamp_min(0), evecs.flip(1)
 
 
@@ -284,7 +285,7 @@ def singular_values2(delta: torch.Tensor) -> torch.Tensor:
     """All σ² (descending) from eigvalsh of the smaller Gram matrix."""
     m, n = delta.shape
     G = delta.T @ delta if n <= m else delta @ delta.T
-    return torch.linalg.eigvalsh(G).flip(0).clamp_min(0)
+    return linalg.gram_eigvalsh(G).flip(0).clamp_min(0)
 
 
 # ---- the method ------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pydantic import Field
 
 from deltapack.errors import BudgetError
 from deltapack.format.codecs import build_factor_parts
+from deltapack.linalg import gram_eigh
 from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, fit_coded_budget, register_method
 
 
@@ -24,7 +25,7 @@ def top_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor,
     d64 = delta.double()
     wide = m <= n
     gram = d64 @ d64.T if wide else d64.T @ d64  # k × k
-    evals, evecs = torch.linalg.eigh(gram.float())  # ascending
+    evals, evecs = gram_eigh(gram.float())  # ascending
     evals, evecs = evals.double(), evecs.double()
     evals, evecs = evals.flip(0)[:rank].clamp_min(0), evecs.flip(1)[:, :rank]
     S = evals.sqrt()

@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from deltapack.errors import BudgetError, InputError
+from deltapack.linalg import gram_eigh, gram_eigvalsh
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ def svd_init(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     m, n = d.shape
     tall = m >= n
     gram = d.T @ d if tall else d @ d.T
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
+    evals, evecs = gram_eigh(gram)  # ascending
     evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
     S = evals.sqrt()
     rs = S[:rank].clamp_min(S[0] * 1e-12 if len(S) else 0.0).sqrt()
@@ -245,7 +246,7 @@ def _residual(layers, module_names, l, a, rank) -> float:
     for name in module_names:
         wl = layers[l].get_submodule(name).weight.float()
         d = (wl - layers[a].get_submodule(name).weight.float()).double()
-        energy = torch.linalg.eigvalsh(d.T @ d if d.shape[0] >= d.shape[1] else d @ d.T).flip(0).clamp_min(0)
+        energy = gram_eigvalsh(d.T @ d if d.shape[0] >= d.shape[1] else d @ d.T).flip(0).clamp_min(0)
         num += float(energy[rank:].sum())
         den += float(wl.double().pow(2).sum())
     return num / max(den, 1e-30)
