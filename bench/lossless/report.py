@@ -1,6 +1,7 @@
 """Tables of bench/results/lossless.json as markdown (bench/results/lossless.md): every figure is read from the JSON.
 
     python bench/lossless/report.py [--results bench/results/lossless.json] [--out bench/results/lossless.md]
+    python bench/lossless/report.py --join PART.json --pair-prefix quality2- --note '...'   # add PART's run, render
 """
 
 from __future__ import annotations
@@ -65,12 +66,36 @@ def render(doc: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def join(doc: dict, part: dict, pair_prefix: str, note: str | None = None) -> dict:
+    """`doc` with `part` (one run.py output) added as its next run; the part's pairs renamed `pair_prefix + pair` so
+    that a second set of fine-tunes of the same tasks stays apart from the first. Refuses a run already joined."""
+    runs = doc.setdefault("runs", [])
+    meta = {k: part[k] for k in ("command", "device", "date", "torch", "zstandard") if k in part}
+    if any(r.get("command") == meta.get("command") and r.get("date") == meta.get("date") for r in runs):
+        raise SystemExit(f"that run ({meta.get('date')}) is already in the results")
+    idx = len(runs)
+    runs.append({**meta, **({"note": note} if note else {})})
+    for r in part["records"]:
+        doc["records"].append({**r, "pair": pair_prefix + r["pair"], "run": idx})
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "lossless.json")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "lossless.md")
+    ap.add_argument("--join", type=Path, default=None, help="a run.py output to add to --results as its next run")
+    ap.add_argument("--pair-prefix", default="", help="with --join: prefix of the joined pairs' names")
+    ap.add_argument("--note", default=None, help="with --join: what the joined run was (kept in the results)")
     a = ap.parse_args(argv)
-    a.out.write_text(render(json.loads(a.results.read_text())))
+    doc = json.loads(a.results.read_text())
+    if a.join is not None:
+        doc = join(doc, json.loads(a.join.read_text()), a.pair_prefix, a.note)
+        tmp = a.results.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(a.results)
+        print(f"joined {a.join} into {a.results} as run {len(doc['runs']) - 1}")
+    a.out.write_text(render(doc))
     print(f"wrote {a.out}")
     return 0
 
