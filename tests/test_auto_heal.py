@@ -88,6 +88,22 @@ def test_heal_moves_float_parts_only_and_never_worsens_the_held_out_fit(auto_del
     assert all(torch.isfinite(t.float()).all() for t in merged.values())
 
 
+def test_heal_keeps_its_best_held_out_state_when_training_diverges(pico_pair, tmp_path):
+    """A learning rate far too large throws the fit off after a step or two: what is stored is the best state the
+    held-out scores saw (or the un-healed delta), never the diverged last one. (Before: only the last state was
+    compared with the un-healed one, so a run that improved and then overshot kept nothing of its gain.)"""
+    base, ft = pico_pair
+    out = compress(str(base), str(ft), str(tmp_path / "d"), method="dare", ratio=1.4, progress=False,
+                   heal={"steps": 10, "lr": 3.0, "eval_every": 1, "seed": 0})
+    rec = _manifest(out)["calibration"]["heal"]
+    curve = rec["held_out_curve"]
+    assert [s for s, _ in curve] == list(range(11)), "scored before training and after every step"
+    best_step, best_kl = min(curve, key=lambda sk: (sk[1], sk[0]))
+    assert rec["kl_after"] == pytest.approx(best_kl, rel=1e-5) and rec["best_step"] == best_step
+    assert rec["applied"] == (best_step > 0)
+    assert rec["kl_last"] > rec["kl_after"], "the diverged last state was not the one kept"
+
+
 def test_heal_refuses_lossless_methods_and_unknown_settings(pico_pair, tmp_path):
     base, ft = pico_pair
     with pytest.raises(DeltapackError, match="lossless"):

@@ -12,22 +12,25 @@ magnitudes differ by orders (scales ~1e-4, zero points ~1e-3, factor values ~1e-
 kept dense) are left fixed (`max_dense_numel`): training them would be fine-tuning, not healing.
 
 Teacher: the fine-tune's log-probabilities on the calibration batches, computed once and kept in fp16 (the teacher is
-freed before training). A few calibration sequences are held out: the KL on them before and after is recorded, and if
-healing did not lower it, the un-healed parts are kept (healing never makes the calibration fit worse).
+freed before training). A few calibration sequences are held out and scored before training and every `eval_every`
+steps: the state with the lowest held-out KL is what is kept (a run that starts to overfit its training sequences, or
+that a too-large learning rate throws off, keeps its best point), and if no state beat the un-healed parts, those are
+kept (healing never makes the held-out calibration fit worse). The learning rate decays on a cosine to a tenth.
 
 Calibration text: the fine-tune's own replies to generic prompts (data-free, like `auto`'s default), or --calib.
 Time is bounded by `steps` and `max_seconds`.
 
 Memory (calib/layerwise.py): the delta is decoded one decoder layer at a time, inside an activation checkpoint per
 layer, so besides the base model and the teacher's log-probs healing holds each layer's input, one layer's decoded
-delta / merged weights / activations, the logits of one micro-batch and the trainable state (θ, its gradient and
-Adam's moments: 16 bytes a trained number; the float parts themselves stay in their storage dtype). The micro-batch
-(sequences per backward, gradients accumulated) is sized from free GPU memory.
+delta / merged weights / activations, the logits of one micro-batch and the trainable state (θ, its gradient, Adam's
+moments and the best state's copy: 20 bytes a trained number; the float parts themselves stay in their storage
+dtype). The micro-batch (sequences per backward, gradients accumulated) is sized from free GPU memory.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -58,10 +61,12 @@ class HealConfig:
     source: Literal["self", "text"] = "self"
     max_dense_numel: int = 1 << 20
     seed: int = 0
+    # held-out scoring every this many steps (0: every steps // 6, at least 10); each costs about n_held / batch steps
+    eval_every: int = 0
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch < 1 or not self.lr > 0 or not self.max_seconds > 0:
-            raise DeltapackError("heal: steps, batch, lr and max_seconds must be positive")
+        if self.steps < 1 or self.batch < 1 or not self.lr > 0 or not self.max_seconds > 0 or self.eval_every < 0:
+            raise DeltapackError("heal: steps, batch, lr and max_seconds must be positive (eval_every >= 0)")
 
     @classmethod
     def from_value(cls, value) -> "HealConfig | None":
@@ -160,8 +165,22 @@ def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
     with torch.no_grad():
         kl_before = kl(held)
     opt = torch.optim.Adam(thetas, lr=cfg.lr)
+    # cosine to lr/10 over the planned steps: late steps refine instead of bouncing around the minimum
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
+    eval_every = cfg.eval_every or max(10, cfg.steps // 6)
     gen = torch.Generator().manual_seed(cfg.seed)
-    steps_done, losses = 0, []
+    best = (kl_before, 0, None)  # (held-out KL, step, θ snapshot); None: the un-healed parts
+    steps_done, losses, held_curve = 0, [], [(0, kl_before)]
+
+    def score() -> None:
+        nonlocal best
+        with torch.no_grad():
+            k = kl(held)
+        held_curve.append((steps_done, k))
+        if k < best[0]:
+            best = (k, steps_done, [t.detach().clone() for t in thetas])
+
     for step in tqdm(range(cfg.steps), desc="heal", disable=not ctx.progress, leave=False):
         if time.perf_counter() - t_start > cfg.max_seconds:
             log.info("heal: stopped at step %d of %d (max_seconds %.0f)", step, cfg.steps, cfg.max_seconds)
@@ -170,18 +189,28 @@ def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
         opt.zero_grad(set_to_none=True)
         loss = kl(pick, train=True)
         opt.step()
+        sched.step()
         steps_done += 1
         if step % 10 == 0 or step == cfg.steps - 1:
             losses.append(round(loss, 6))
-    with torch.no_grad():
-        kl_after = kl(held)
+        if steps_done % eval_every == 0 and steps_done < cfg.steps:
+            score()
+    if held_curve[-1][0] != steps_done:
+        score()  # the final state (unless the last periodic score was it)
+    kl_after, best_step, snapshot = best
+    if snapshot is not None:
+        with torch.no_grad():
+            for t, v in zip(thetas, snapshot):
+                t.copy_(v)
     seconds = time.perf_counter() - t_start
-    applied = kl_after < kl_before
+    applied = snapshot is not None
     rec = dict(record, **{k: v for k, v in asdict(cfg).items() if k not in ("n_seqs", "seq_len", "source")},
-               steps_done=steps_done, seconds=round(seconds, 2), kl_before=kl_before, kl_after=kl_after,
+               steps_done=steps_done, best_step=best_step, seconds=round(seconds, 2), kl_before=kl_before,
+               kl_after=kl_after, kl_last=held_curve[-1][1], held_out_curve=[[s, float(f"{k:.6g}")] for s, k in held_curve],
                applied=applied, trainable=n_trainable, micro_batch=micro, layers=len(student.layers), losses=losses)
-    log.info("heal: held-out calibration KL %.4g -> %.4g in %d steps, %.0f s (%d trainable numbers)%s", kl_before,
-             kl_after, steps_done, seconds, n_trainable, "" if applied else ": not better, kept the un-healed delta")
+    log.info("heal: held-out calibration KL %.4g -> %.4g (best of %d scores, step %d of %d), %.0f s (%d trainable "
+             "numbers)%s", kl_before, kl_after, len(held_curve), best_step, steps_done, seconds, n_trainable,
+             "" if applied else ": not better, kept the un-healed delta")
     if not applied:
         return encoded, rec
     out = dict(encoded)

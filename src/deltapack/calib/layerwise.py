@@ -148,7 +148,7 @@ class HealMemory:
         return logits + inputs + layer
 
     def fixed(self) -> int:
-        return 16 * self.trainable + 16 * self.layer_params
+        return 20 * self.trainable + 16 * self.layer_params  # θ, grad, Adam's 2 moments, best-state copy
 
 
 def micro_batch(budget_bytes: int | None, mem: HealMemory, batch: int) -> int:
