@@ -124,6 +124,19 @@ def main() -> None:
     base_pre, _ = prefill_s(world, [-1] * cfg["prefill_rows"], cfg["prefill_tokens"], reps)
     run.log(f"base: {base_s * 1e3:.2f} ms/step at batch {B}; prefill {base_pre * 1e3:.2f} ms")
     decode, prefill, merges = [], [], []
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+    def save(done: bool) -> None:
+        """After every codec x ratio: a call killed at its time limit still returns what it measured."""
+        run.write_json(out, {
+            "command": run.command_line(), "device": world.name(), "date": started, "kernels_sha": run.kernels_sha(),
+            "complete": done, "decode": decode, "prefill": prefill, "merge": merges,
+            "notes": {"model": world.cfg["model"], "batch": B, "prompt_tokens": P, "timed_steps": steps,
+                      "path": "run.py's wrapped transformers Llama (random bf16 weights), deltas on every linear and "
+                              "lm_head; decode: StaticDecoder (CUDA graph per step on the GPU, eager on the CPU)",
+                      "smoke": args.smoke},
+        })
+
     for codec in cfg["codecs"]:
         for ratio in cfg["ratios"]:
             tenant = world.tenant(codec, ratio, shapes, 0)
@@ -158,22 +171,14 @@ def main() -> None:
             merges.append({"codec": codec, "ratio": ratio, "build_s": round(build_s, 4), "gb": round(entry.nbytes / 1e9, 4),
                            "logits_rel_diff_vs_kernels": rel})
             run.log(f"{codec} {ratio:g}x merge: {build_s:.2f} s, {entry.nbytes / 1e9:.2f} GB; logits rel diff {rel:.2e}")
+            save(done=False)
             world.install([])
             world.decoders.clear()
             del entry, tenant
             gc.collect()
             if world.cuda:
                 world.torch.cuda.empty_cache()
-    data = {
-        "command": run.command_line(), "device": world.name(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "kernels_sha": run.kernels_sha(),
-        "decode": decode, "prefill": prefill, "merge": merges,
-        "notes": {"model": world.cfg["model"], "batch": B, "prompt_tokens": P, "timed_steps": steps,
-                  "path": "run.py's wrapped transformers Llama (random bf16 weights), deltas on every linear and "
-                          "lm_head; decode: StaticDecoder (CUDA graph per step on the GPU, eager on the CPU)",
-                  "smoke": args.smoke},
-    }
-    run.write_json(out, data)
+    save(done=True)
     run.log(f"wrote {out}")
 
 
