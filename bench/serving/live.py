@@ -34,10 +34,11 @@ class BenchRunner:
     """What the engine needs of deltapack.serve.model.ModelRunner, over run.py's in-memory model and tenants."""
 
     def __init__(self, world: R.World, max_model_len: int):
-        from deltapack.serve.model import ModelRunner
+        from deltapack.serve.model import ModelRunner, cache_kwarg
 
         self._forward = ModelRunner.forward
         self.model, self.state = world.model, world.state
+        self.cache_kw = cache_kwarg(self.model)
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.config = self.model.config
