@@ -84,3 +84,13 @@ def test_manifest_rejects_future_version(tmp_path):
     p.write_text('{"format": "deltapack", "format_ver')
     with pytest.raises(FormatError, match="not valid JSON"):
         Manifest.load(p)
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-9, 0.03, 0.5, 0.9999999, 1.0])
+def test_bernoulli_hashes_give_the_decoders_mask(p):
+    """dare's encoder hashes a tensor once and thresholds it per keep rate: the mask must be the one the decoder
+    regenerates with bernoulli_mask, bit for bit (a mismatch would rebuild a different fine-tune)."""
+    from deltapack.format.masks import BernoulliHashes, bernoulli_mask
+
+    shape, seed = (37, 1000), 123456789
+    assert torch.equal(BernoulliHashes(shape, seed).mask(p), bernoulli_mask(shape, p, seed))

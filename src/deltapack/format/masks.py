@@ -43,6 +43,30 @@ def bernoulli_mask(shape: tuple[int, int], keep_prob: float, seed: int, device="
     return out
 
 
+class BernoulliHashes:
+    """One tensor's element hashes, computed once and kept as int32 (hash - 2^31: 4 bytes an element, the order kept
+    exactly), so that masks at several keep rates cost a comparison each instead of a rehash of the whole matrix:
+    dare's budget fit tries a few rates per tensor, and hashing was most of its encode time. `mask(p)` is
+    bit-identical to `bernoulli_mask(shape, p, seed)`, what the decoder regenerates."""
+
+    def __init__(self, shape: tuple[int, int], seed: int, device="cpu"):
+        rows, cols = shape
+        self.shape = shape
+        self._h = torch.empty(rows, cols, dtype=torch.int32, device=device)
+        step = max(1, (1 << 24) // max(cols, 1))
+        base = torch.arange(cols, device=device, dtype=torch.int64)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            idx = torch.arange(r0, r1, device=device, dtype=torch.int64).unsqueeze(1) * cols + base
+            self._h[r0:r1] = hash32(idx, seed) - (1 << 31)
+
+    def mask(self, keep_prob: float) -> torch.Tensor:
+        thresh = int(keep_prob * 2**32)  # as bernoulli_mask: kept where hash < thresh
+        if thresh > _M32:
+            return torch.ones(self.shape, dtype=torch.bool, device=self._h.device)
+        return self._h < thresh - (1 << 31)
+
+
 def group_keep_indices(shape: tuple[int, int], group_size: int, keep: int, seed: int, device="cpu") -> torch.Tensor:
     """Group-wise dropout positions: each row is cut into groups of `group_size` contiguous columns and exactly
     `keep` positions of each group survive (those with the smallest hashes). Returns (rows, n_groups*keep) int64

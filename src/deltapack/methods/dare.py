@@ -4,12 +4,14 @@ name, so positions cost no storage; survivors are stored bf16 or quantized to `b
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from pydantic import Field
 
 from deltapack.errors import BudgetError
-from deltapack.format.masks import bernoulli_mask, seed_for
-from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, register_method
+from deltapack.format.masks import BernoulliHashes, seed_for
+from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, fit_coded_budget, register_method
 from deltapack.quant.rtn import quantize_rows
 
 
@@ -45,15 +47,16 @@ class Dare(DeltaMethod):
     def max_useful_bytes(self, shape):
         return value_bytes(shape[0] * shape[1], self.bits, self.group_size)
 
-    def encode(self, job: TensorJob, ctx) -> Encoded:
+    def encode(self, job: TensorJob, ctx, hashes: BernoulliHashes | None = None) -> Encoded:
         m, n = job.shape
         p = self.keep_prob
         if p is None:
             p = min(1.0, job.budget_bytes / (m * n * self._bytes_per_elem(job.shape)))
         seed = seed_for(job.name, self.seed)
-        dev = job.delta.device
+        if hashes is None:
+            hashes = BernoulliHashes((m, n), seed, job.delta.device)
         for _ in range(20):  # the count under a seeded Bernoulli mask is random: shrink p until it fits
-            mask = bernoulli_mask((m, n), p, seed, dev)
+            mask = hashes.mask(p)
             nnz = int(mask.sum())
             if self.keep_prob is not None or value_bytes(nnz, self.bits, self.group_size) <= job.budget_bytes:
                 break
@@ -69,3 +72,12 @@ class Dare(DeltaMethod):
         return Encoded(
             "sparse", params, {"codes": q.codes.reshape(-1).cpu(), "scale": q.scale.reshape(-1).cpu(), "zero": q.zero.reshape(-1).cpu()}
         )
+
+    def encode_coded(self, job: TensorJob, ctx) -> Encoded:
+        """The budget fit after entropy coding re-encodes at a few budgets: the mask hashes are made once for all."""
+        hashes = BernoulliHashes(job.shape, seed_for(job.name, self.seed), job.delta.device)
+        if self.keep_prob is not None or not self.entropy_stage or self.coded_fit_rounds < 1:
+            return self.encode(job, ctx, hashes)  # a fixed rate: the budget changes nothing
+        return fit_coded_budget(lambda b: self.encode(dataclasses.replace(job, budget_bytes=b), ctx, hashes),
+                                job.budget_bytes, max(job.budget_bytes, self.max_useful_bytes(job.shape)),
+                                self.coded_fit_rounds)
