@@ -506,3 +506,47 @@ def test_inputs_other_than_delta_dirs(tmp_path):
     with pytest.raises(FormatError):
         Manifest.parse(b'{"format":"deltapack","format_version":2,"target_ratio":NaN}')
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def nan_pair(tmp_path_factory):
+    """A fine-tune with one NaN weight (a diverged run, a bad conversion): before, auto and delta-come crashed while
+    writing their manifest ("Out of range float values are not JSON compliant"), lowrank blamed its own delta, and
+    dare wrote a file that rebuilds a different model than the fine-tune, silently."""
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path_factory.mktemp("nan")
+    make_llama(d / "base")
+    shutil.copytree(d / "base", d / "ft")
+    sd = load_file(d / "ft" / "model.safetensors")
+    for k in sd:
+        if sd[k].is_floating_point():
+            sd[k] = sd[k] + (0.01 * torch.randn(sd[k].shape)).to(sd[k].dtype)
+    sd["model.layers.0.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(sd, d / "ft" / "model.safetensors", metadata={"format": "pt"})
+    return d / "base", d / "ft"
+
+
+@pytest.mark.parametrize("method", ["auto", "dare", "delta-come", "lowrank"])
+def test_lossy_compress_of_a_nan_fine_tune_is_refused_by_name(nan_pair, tmp_path, method):
+    base, ft = nan_pair
+    out = tmp_path / "d"
+    with pytest.raises(InputError) as e:
+        api.compress(base, ft, out, method=method, ratio=1.4, progress=False)
+    assert "model.layers.0.mlp.down_proj.weight" in str(e.value) and "--method lossless" in str(e.value)
+    assert not out.exists(), "nothing half-written"
+    code, output = cli("compress", base, ft, "-o", tmp_path / "c", "--method", method, "--ratio", "1.4")
+    assert code != 0 and "non-finite" in output and not (tmp_path / "c").exists()
+
+
+def test_lossless_keeps_a_nan_fine_tune_exactly(nan_pair, tmp_path):
+    base, ft = nan_pair
+    out = api.compress(base, ft, tmp_path / "d", method="lossless", progress=False)
+    merged = api.merge(base, out, tmp_path / "m", progress=False)
+    from safetensors.torch import load_file
+
+    a, b = load_file(Path(ft) / "model.safetensors"), {}
+    for f in Path(merged).glob("*.safetensors"):
+        b.update(load_file(f))
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(a[key].view(torch.int16), b[key].view(torch.int16)), "NaN bits and all"

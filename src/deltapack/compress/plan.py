@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
+import math
 import pickle
 import re
 import time
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from deltapack.compress.context import CompressContext, add_phase, phase
-from deltapack.errors import BudgetError, DeltapackError, MismatchError
+from deltapack.errors import BudgetError, DeltapackError, InputError, MismatchError
 from deltapack.format.codecs import as_2d
 from deltapack.io.sources import TOKENIZER_FILES, ModelSource
 from deltapack.methods.base import DeltaMethod, TensorStat, get_method
@@ -218,6 +219,8 @@ def plan_pass(base: ModelSource, fts: list[ModelSource], device: torch.device, p
             if n in a["base_rows"]:
                 shape2 = (rows, shape2[1])
             a["stats"][n] = TensorStat(n, shape2, tensor_kind(n, fs), _numel(fs) * 2, sq)
+            if not math.isfinite(sq):  # rare: find out which side, for the error prepare_finetune gives
+                a["stats"][n].extras["nonfinite"] = _nonfinite_source(b, f[:rows])
         del b, fs_loaded, f, b_dev
     add_phase("plan.wait_read", waited[0])
     add_phase("plan.hash_busy", sum(hash_times))  # thread-seconds of sha256, overlapped with the rest
@@ -232,6 +235,32 @@ def plan_pass(base: ModelSource, fts: list[ModelSource], device: torch.device, p
             Plan(sorted(a["changed"]), sorted(a["unchanged"]), new_in_ft, sorted(bk - fk), a["base_rows"], fingerprint, a["stats"])
         )
     return plans
+
+
+def _nonfinite_source(b: torch.Tensor, f: torch.Tensor) -> str:
+    """Why a tensor's delta is not finite, in words: NaN/inf values in the fine-tune or the base, or a difference
+    that overflows float32."""
+    bad_f = int((~torch.isfinite(f)).sum())
+    bad_b = int((~torch.isfinite(b)).sum())
+    if bad_f:
+        return f"the fine-tune has {bad_f} NaN/inf value(s)" + (f" (the base {bad_b})" if bad_b else "")
+    if bad_b:
+        return f"the base has {bad_b} NaN/inf value(s)"
+    return "fine-tune minus base overflows float32"
+
+
+def refuse_nonfinite(plan: Plan, lossless: bool, method_name: str) -> None:
+    """A lossy delta of a tensor with NaN/inf values cannot rebuild it (and such a checkpoint is usually broken):
+    refused, naming the tensors. `lossless` stores the exact bits, so it keeps them, with a warning."""
+    bad = {n: s.extras["nonfinite"] for n, s in plan.stats.items() if "nonfinite" in s.extras}
+    if not bad:
+        return
+    listed = "; ".join(f"{n}: {why}" for n, why in list(bad.items())[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if lossless:
+        log.warning("%d tensor(s) with non-finite values, stored bit-exact: %s", len(bad), listed)
+        return
+    raise InputError(f"{len(bad)} tensor(s) have non-finite values, which a lossy delta ({method_name}) cannot "
+                     f"represent: {listed}. Check the checkpoint, or keep it exactly with --method lossless")
 
 
 def plan_one(base: ModelSource, ft: ModelSource, device: torch.device, progress: bool) -> Plan:
@@ -371,6 +400,7 @@ def prepare_finetune(
     todo = plan.todo
     if not todo:
         raise MismatchError("the fine-tune is identical to the base: nothing to compress")
+    refuse_nonfinite(plan, m.lossless, method_name)
     store_aux, aux_where = _aux_files(bsrc, fsrc)
     aux_bytes = sum(p.stat().st_size for p in store_aux.values())
 
