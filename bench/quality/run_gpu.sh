@@ -5,14 +5,20 @@
 #     mkdir -p bench/results/quality_parts && cp <files_at>/quality-*.json <files_at>/finetune.json bench/results/quality_parts/
 #     python bench/quality/report.py --merge bench/results/quality_parts/quality-*.json
 #
-# One-time preparation on this machine (../shared/GPU.md): .gpu/smol.part.aa, .gpu/smol.part.ab (the split GGUF of
-# SmolLM2-135M-Instruct), .gpu/whl/ (gguf, pydantic, pydantic-core, annotated-types, typing-inspection,
-# typing-extensions>=4.16) and .gpu/whl2/ (zstandard: every compression needs it since the entropy stage; carried with
-# part ab because part aa + whl + the tree are close to the 64 MiB a call carries).
+# One-time preparation on this machine (../shared/GPU.md): .gpu/smol.part.aa (the first 42 MiB of the GGUF of
+# SmolLM2-135M-Instruct), .gpu/smol.part.ab (the rest; `cat aa ab` has sha256 b179c9523d0e6a0f...), .gpu/whl/ (gguf,
+# pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions>=4.16), .gpu/whl2/ (zstandard: every
+# compression needs it) and .gpu/whl4/ (fastapi, uvicorn, click...: the serving benchmarks). A call carries at most
+# 64 MiB with the tree (~8.5 MiB): part aa + all wheels ~60 MiB, part ab ~61 MiB. The split is chosen so that the
+# setup call carries every wheel and can do a full call's worth of GPU work that needs no model after its ~15 s
+# (the 7B timing, the serving benchmarks): a machine start is the scarce thing, not the carry.
 #
 # Calls, in order (expected seconds of the command itself; a fresh machine adds 1-2 min of start):
-#   1. carry [".gpu/smol.part.aa", ".gpu/whl"]  bash bench/quality/run_gpu.sh setup                        ~15 s
-#   2. carry [".gpu/smol.part.ab", ".gpu/whl2"]  bash bench/quality/run_gpu.sh finetune --plan PLAN        <= 555 s
+#   1. carry [".gpu/smol.part.aa", ".gpu/whl", ".gpu/whl2", ".gpu/whl4"]
+#        bash bench/quality/run_gpu.sh setup && <up to ~560 s of model-free work, results under $OUT>, e.g.
+#        bash bench/quality/run_gpu.sh timing auto+heal --time-budget 370 --reserve 30; timeout 185 python3 \
+#            bench/serving/merged.py --out $OUT/serving_merged.json                                      ~15 s + work
+#   2. carry [".gpu/smol.part.ab"]               bash bench/quality/run_gpu.sh finetune --plan PLAN        <= 555 s
 #        six full fine-tunes side by side (saved by 300 s), each task evaluated from the moment its fine-tune is
 #        saved until 540 s (parts tagged "ft"); `finetune --time-budget 300 --no-eval` for the fine-tunes alone
 #   3.                                           bash bench/quality/run_gpu.sh extras --plan PLAN            <= 545 s
@@ -53,7 +59,12 @@ need_wheels() {
 need_gguf() {
     if [[ ! -f "$GGUF" ]]; then
         if [[ -f /root/m/smol.part.aa && -f .gpu/smol.part.ab ]]; then
-            cat /root/m/smol.part.aa .gpu/smol.part.ab > "$GGUF.part" && mv "$GGUF.part" "$GGUF"
+            cat /root/m/smol.part.aa .gpu/smol.part.ab > "$GGUF.part"
+            if ! sha256sum "$GGUF.part" | grep -q '^b179c9523d0e6a0f'; then
+                echo "the joined GGUF is not SmolLM2-135M-Instruct.Q4_1 (sha256 b179c952...): parts from another split?" >&2
+                exit 3
+            fi
+            mv "$GGUF.part" "$GGUF"
         else
             echo "no $GGUF and no parts to build it: the machine was given back; redo step 1 (setup)" >&2
             exit 3
@@ -66,7 +77,9 @@ step="${1:-}"
 case "$step" in
 setup)
     mkdir -p /root/m && cp .gpu/smol.part.aa /root/m/
-    python3 -m pip install -q --no-index --no-deps --target /root/site .gpu/whl/*.whl
+    wheels=(.gpu/whl/*.whl)
+    for extra in .gpu/whl2 .gpu/whl4; do compgen -G "$extra/*.whl" > /dev/null && wheels+=("$extra"/*.whl); done
+    python3 -m pip install -q --no-index --no-deps --target /root/site "${wheels[@]}"
     nvidia-smi --query-gpu=name,memory.total --format=csv
     ;;
 finetune)
