@@ -53,13 +53,16 @@ def test_true_ratio_on_target_gaussian_delta(small_pair, tmp_path, method):
     _check(*small_pair, tmp_path / "d", method, 16)
 
 
-# deltadq is left out here: at its fixed 4 bits it keeps every value of the barely-moved k/v projections and the
-# embedding before it can spend zstd's saving on them (it warns); the Gaussian case above covers its fit
-@pytest.mark.parametrize("method", [m for m in LOSSY if m != "deltadq"])
+# Loosest where the coded size is least smooth in the budget: dare's coded fraction jumps with the keep rate on this
+# delta (0.67 -> 0.70 and up): up to ~6% above (the old budget: ~50% above); deltadq's barely-moved rows code to a
+# quarter at 4 bits and keep 30 of 32, and keeping all at 5 bits overshoots: 17.2x, 7.6% above (was 17.9x on the
+# demo pair, now 16.4x: bench/results/ratio_exact_cpu.json)
+STRUCTURED_HIGH = {"dare": 1.06, "deltadq": 1.08}
+
+
+@pytest.mark.parametrize("method", LOSSY)
 def test_true_ratio_on_target_structured_delta(structured_pair, tmp_path, method):
-    # dare: its coded fraction jumps with the keep rate on this delta (0.67 -> 0.70 and up), which the three
-    # re-encodes of the fit do not always bracket closely: up to ~6% above (the old budget: ~50% above)
-    d = _check(*structured_pair, tmp_path / "d", method, 16, high=1.06 if method == "dare" else HIGH)
+    d = _check(*structured_pair, tmp_path / "d", method, 16, high=STRUCTURED_HIGH.get(method, HIGH))
     assert api.verify(structured_pair[0], d)["ok"]
 
 
@@ -82,3 +85,24 @@ def test_fit_never_passes_the_budget():
     assert enc.coded_bytes == coded_nbytes(enc.parts)
     assert 0.97 * budget <= enc.coded_bytes <= budget
     assert enc.nbytes() > 2 * budget  # the saving was spent
+
+
+def test_deltadq_spends_a_keep_everything_budget_on_bits():
+    """A budget that keeps every value at deltadq's 4 bits, with codes zstd shrinks (a few distinct values): the
+    saving buys more bits per value instead of staying unspent, the coded size still fits, the error drops."""
+    from deltapack.format import codec_deltadq as dq
+    from deltapack.format.codecs import get_codec
+    from deltapack.methods.base import TensorJob, get_method
+
+    g = torch.Generator().manual_seed(0)
+    m, n = 64, 512
+    delta = torch.randint(-2, 3, (m, n), generator=g).float() * 1e-3 + 1e-5 * torch.randn(m, n, generator=g)
+    budget = dq.stored_bytes(m, m * n, 4, 0, "tensor") + 64
+    method = get_method("deltadq", {"calibrate": False, "scale": "tensor"})
+    job = TensorJob("model.layers.0.mlp.down_proj.weight", (m, n), delta, budget, "linear")
+    first, spent = method.encode(job, None), method.encode_coded(job, None)
+    assert first.params["bits"] == 4 and spent.params["bits"] > 4, spent.params
+    assert spent.coded_bytes <= budget
+    codec = get_codec("deltadq")
+    err = lambda e: float((codec.decode(e.params, e.parts, (m, n)).float() - delta).norm())  # noqa: E731
+    assert err(spent) < err(first)

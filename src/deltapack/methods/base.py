@@ -66,12 +66,17 @@ def fit_coded_budget(encode: Callable[[int], Encoded], budget: int, max_budget: 
     lo_b, enc = budget, encode(budget)
     enc.coded_bytes = coded_nbytes(enc.parts)
     hi: tuple[int, int] | None = None  # (stored budget, coded bytes) of the smallest overshoot
+    overshoots_in_a_row = 0
     for _ in range(rounds):
         c = enc.coded_bytes
         if c <= 0 or c >= budget * (1 - CODED_FIT_TOLERANCE) or lo_b >= max_budget:
             break
         if hi is None:
             nb = min(max_budget, int(lo_b * budget / c))
+        elif overshoots_in_a_row >= 2:
+            # the coded fraction is convex in the budget (deltadq's went 0.695 -> 0.73 between keep 17 and 24 of 72),
+            # so the secant keeps landing above; halve the bracket instead (regula falsi's stall on one side)
+            nb = (lo_b + hi[0]) // 2
         else:
             nb = min(hi[0] - 1, lo_b + int((hi[0] - lo_b) * (budget - c) / max(1, hi[1] - c)))
         if nb <= lo_b:
@@ -82,9 +87,11 @@ def fit_coded_budget(encode: Callable[[int], Encoded], budget: int, max_budget: 
         trial.coded_bytes = coded_nbytes(trial.parts)
         if trial.coded_bytes <= budget:
             lo_b, enc = nb, trial
+            overshoots_in_a_row = 0
         else:
             # strictly below the overshoot's stored size next: a coarse method (one rank) then steps down a unit
             hi = (min(nb, trial.nbytes()), trial.coded_bytes)
+            overshoots_in_a_row += 1
     return enc
 
 
