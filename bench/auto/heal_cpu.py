@@ -56,7 +56,7 @@ def main() -> int:
             row = {"method": method, "compress_seconds": round(time.perf_counter() - t0, 1),
                    "true_ratio": round(api.inspect(out)["true_ratio"], 3), "heal_seconds": h.get("seconds"),
                    **{k: h.get(k) for k in ("kl_before", "kl_after", "applied", "steps_done", "trainable", "lr",
-                                            "batch")}}
+                                            "batch", "best_step", "kl_last", "held_out_curve", "eval_every")}}
             if h.get("kl_before"):
                 row["kl_change"] = round(h["kl_after"] / h["kl_before"] - 1, 4)
             doc["results"].append(row)
