@@ -22,18 +22,10 @@ from deltapack.cli import main
 from deltapack.errors import DeltapackError, FormatError, InputError
 from deltapack.format.directory import DeltaDir
 from deltapack.format.manifest import MANIFEST_NAME, Manifest, manifest_digest
+from deltapack.methods import CODEC_VARIANTS
 
-CODECS = {  # name -> (method, ratio, params): every codec, quantized and float variants
-    "raw": ("raw", None, {}),
-    "lowrank": ("lowrank", 1.4, {}),
-    "bitdelta": ("bitdelta", 1.4, {"scale": "row"}),
-    "dare16": ("dare", 1.4, {"bits": 16}),
-    "dare4": ("dare", 1.4, {"bits": 4}),
-    "deltadq": ("deltadq", 1.4, {"calibrate": False}),
-    "deltadq_s1": ("deltadq", 1.4, {"calibrate": False, "split_bits": 1}),
-    "deltacome": ("delta-come", 1.4, {"quantizer": "rtn"}),
-    "lossless": ("lossless", None, {}),
-}
+# every codec, quantized and float variants (deltapack.methods.CODEC_VARIANTS), lossy ones at 1.4x on the pico pair
+CODECS = {k: (m, 1.4 if lossy else None, p) for k, (m, p, lossy) in CODEC_VARIANTS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -316,7 +308,7 @@ def test_keep_prob_string_does_not_allocate(mixed, tmp_path):
 @pytest.mark.parametrize("version", [1, 2])
 def test_older_delta_loads_with_warning(pico_pair, deltas, tmp_path, caplog, version):
     base, _ = pico_pair
-    d = copy(deltas["lowrank" if version == 1 else "dare4"], tmp_path / "d")
+    d = copy(deltas["lowrank" if version == 1 else "dare_4bit"], tmp_path / "d")
     man = raw(d)
     for k in ("digest", "hf_files"):
         man.pop(k)

@@ -62,18 +62,10 @@ from serve_load import _cpu_name, _git_commit  # noqa: E402
 from deltapack import api  # noqa: E402
 from deltapack.errors import DeltapackError  # noqa: E402
 from deltapack.format.manifest import MANIFEST_NAME, manifest_digest  # noqa: E402
+from deltapack.methods import CODEC_VARIANTS  # noqa: E402
 
-CODECS = {  # name -> (method, ratio, params): every codec; quantized and float variants
-    "dense_exact": ("dense-exact", None, {}),
-    "lowrank": ("lowrank", 8.0, {}),
-    "bitdelta": ("bitdelta", 8.0, {"scale": "row"}),
-    "dare_bf16": ("dare", 8.0, {"bits": 16}),
-    "dare_4bit": ("dare", 8.0, {"bits": 4}),
-    "deltadq": ("deltadq", 8.0, {"calibrate": False}),
-    "deltadq_split": ("deltadq", 8.0, {"calibrate": False, "split_bits": 1}),
-    "delta_come": ("delta-come", 8.0, {"quantizer": "rtn"}),
-    "lossless": ("lossless", None, {}),
-}
+# every codec, quantized and float variants (deltapack.methods.CODEC_VARIANTS), lossy ones at 8x
+CODECS = {k: (m, 8.0 if lossy else None, p) for k, (m, p, lossy) in CODEC_VARIANTS.items()}
 PROMPT = "The capital of France is"
 
 
