@@ -206,7 +206,8 @@ def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
     applied = snapshot is not None
     rec = dict(record, **{k: v for k, v in asdict(cfg).items() if k not in ("n_seqs", "seq_len", "source")},
                steps_done=steps_done, best_step=best_step, seconds=round(seconds, 2), kl_before=kl_before,
-               kl_after=kl_after, kl_last=held_curve[-1][1], held_out_curve=[[s, float(f"{k:.6g}")] for s, k in held_curve],
+               kl_after=kl_after, kl_last=held_curve[-1][1],
+               held_out_curve=[[s, float(f"{k:.6g}")] for s, k in held_curve],
                applied=applied, trainable=n_trainable, micro_batch=micro, layers=len(student.layers), losses=losses)
     log.info("heal: held-out calibration KL %.4g -> %.4g (best of %d scores, step %d of %d), %.0f s (%d trainable "
              "numbers)%s", kl_before, kl_after, len(held_curve), best_step, steps_done, seconds, n_trainable,

@@ -255,7 +255,9 @@ def refuse_nonfinite(plan: Plan, lossless: bool, method_name: str) -> None:
     bad = {n: s.extras["nonfinite"] for n, s in plan.stats.items() if "nonfinite" in s.extras}
     if not bad:
         return
-    listed = "; ".join(f"{n}: {why}" for n, why in list(bad.items())[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+    listed = "; ".join(f"{n}: {why}" for n, why in list(bad.items())[:5])
+    if len(bad) > 5:
+        listed += f"; and {len(bad) - 5} more"
     if lossless:
         log.warning("%d tensor(s) with non-finite values, stored bit-exact: %s", len(bad), listed)
         return
