@@ -63,15 +63,10 @@ def gram_eigh(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def gram_eigvalsh(G: torch.Tensor) -> torch.Tensor:
     """Eigenvalues (ascending) of a symmetric PSD Gram matrix; see `gram_eigh`."""
     live = G.diagonal() != 0
-    if bool(live.all()):
-        try:
-            return torch.linalg.eigvalsh(G)
-        except torch.linalg.LinAlgError:
-            return _eigh_dense(G)[0]
-    sub = G[live][:, live]
+    n_dead = int((~live).sum())
+    sub = G if n_dead == 0 else G[live][:, live]
     try:
         ev = torch.linalg.eigvalsh(sub) if sub.numel() else sub.new_zeros(0)
     except torch.linalg.LinAlgError:
         ev = _eigh_dense(sub)[0]
-    zeros = G.new_zeros(int((~live).sum()))
-    return torch.cat([zeros, ev]).sort().values
+    return ev if n_dead == 0 else torch.cat([G.new_zeros(n_dead), ev]).sort().values

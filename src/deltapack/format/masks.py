@@ -29,17 +29,24 @@ def hash32(idx: torch.Tensor, seed: int) -> torch.Tensor:
     return x
 
 
-def bernoulli_mask(shape: tuple[int, int], keep_prob: float, seed: int, device="cpu") -> torch.Tensor:
-    """Each element kept independently with probability keep_prob."""
+def row_block_hashes(shape: tuple[int, int], seed: int, device="cpu", block_elems: int = 1 << 24):
+    """(r0, r1, hashes of rows r0:r1) over the matrix, about `block_elems` elements a block: the int64 temporaries
+    stay bounded whatever the tensor (a 70B model's embedding is 1G elements)."""
     rows, cols = shape
-    out = torch.empty(rows, cols, dtype=torch.bool, device=device)
-    thresh = int(keep_prob * 2**32)
-    step = max(1, (1 << 24) // max(cols, 1))
+    step = max(1, block_elems // max(cols, 1))
     base = torch.arange(cols, device=device, dtype=torch.int64)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         idx = torch.arange(r0, r1, device=device, dtype=torch.int64).unsqueeze(1) * cols + base
-        out[r0:r1] = hash32(idx, seed) < thresh
+        yield r0, r1, hash32(idx, seed)
+
+
+def bernoulli_mask(shape: tuple[int, int], keep_prob: float, seed: int, device="cpu") -> torch.Tensor:
+    """Each element kept independently with probability keep_prob."""
+    out = torch.empty(*shape, dtype=torch.bool, device=device)
+    thresh = int(keep_prob * 2**32)
+    for r0, r1, h in row_block_hashes(shape, seed, device):
+        out[r0:r1] = h < thresh
     return out
 
 
@@ -50,15 +57,10 @@ class BernoulliHashes:
     bit-identical to `bernoulli_mask(shape, p, seed)`, what the decoder regenerates."""
 
     def __init__(self, shape: tuple[int, int], seed: int, device="cpu"):
-        rows, cols = shape
         self.shape = shape
-        self._h = torch.empty(rows, cols, dtype=torch.int32, device=device)
-        step = max(1, (1 << 24) // max(cols, 1))
-        base = torch.arange(cols, device=device, dtype=torch.int64)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            idx = torch.arange(r0, r1, device=device, dtype=torch.int64).unsqueeze(1) * cols + base
-            self._h[r0:r1] = hash32(idx, seed) - (1 << 31)
+        self._h = torch.empty(*shape, dtype=torch.int32, device=device)
+        for r0, r1, h in row_block_hashes(shape, seed, device):
+            self._h[r0:r1] = h - (1 << 31)
 
     def mask(self, keep_prob: float) -> torch.Tensor:
         thresh = int(keep_prob * 2**32)  # as bernoulli_mask: kept where hash < thresh
@@ -76,13 +78,9 @@ def group_keep_indices(shape: tuple[int, int], group_size: int, keep: int, seed:
         raise ValueError(f"cols {cols} not a multiple of group size {group_size}")
     groups = cols // group_size
     out = torch.empty(rows, groups * keep, dtype=torch.int64, device=device)
-    step = max(1, (1 << 23) // max(cols, 1))
-    base = torch.arange(cols, device=device, dtype=torch.int64)
     offs = (torch.arange(groups, device=device, dtype=torch.int64) * group_size).view(1, groups, 1)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        idx = torch.arange(r0, r1, device=device, dtype=torch.int64).unsqueeze(1) * cols + base
-        h = hash32(idx, seed).view(r1 - r0, groups, group_size)
+    for r0, r1, h in row_block_hashes(shape, seed, device, block_elems=1 << 23):
+        h = h.view(r1 - r0, groups, group_size)
         sel = torch.topk(h, keep, dim=-1, largest=False, sorted=False).indices.sort(-1).values
         out[r0:r1] = (sel + offs).view(r1 - r0, groups * keep)
     return out

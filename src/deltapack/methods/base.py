@@ -161,10 +161,15 @@ class DeltaMethod(BaseModel):
         bigger stored budget instead of ending up as a file smaller than asked. Default: re-encode at a scaled
         budget up to `coded_fit_rounds` times (fit_coded_budget); methods whose encode is costly override this to
         re-spend more cheaply (deltadq keeps its searched settings, lowrank its SVD, delta-come sizes with RTN)."""
+        return self.fit_coded(job, lambda b: self.encode(dataclasses.replace(job, budget_bytes=b), ctx))
+
+    def fit_coded(self, job: TensorJob, encode_at: Callable[[int], Encoded]) -> Encoded:
+        """`encode_at(b)` (this tensor at a stored budget of b bytes) fitted to the job's budget after the entropy
+        stage, up to the method's useful size; one encode at the nominal budget when the method has no entropy
+        stage or no fit rounds. For overrides of `encode_coded` that only change how one budget is encoded."""
         if not self.entropy_stage or self.coded_fit_rounds < 1:
-            return self.encode(job, ctx)
-        return fit_coded_budget(lambda b: self.encode(dataclasses.replace(job, budget_bytes=b), ctx),
-                                job.budget_bytes, max(job.budget_bytes, self.max_useful_bytes(job.shape)),
+            return encode_at(job.budget_bytes)
+        return fit_coded_budget(encode_at, job.budget_bytes, max(job.budget_bytes, self.max_useful_bytes(job.shape)),
                                 self.coded_fit_rounds)
 
     def refine(self, encoded: dict[str, Encoded], ctx: "CompressContext") -> dict[str, Encoded]:

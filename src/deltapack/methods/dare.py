@@ -11,7 +11,7 @@ from pydantic import Field
 
 from deltapack.errors import BudgetError
 from deltapack.format.masks import BernoulliHashes, seed_for
-from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, fit_coded_budget, register_method
+from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, register_method
 from deltapack.quant.rtn import quantize_rows
 
 
@@ -76,8 +76,6 @@ class Dare(DeltaMethod):
     def encode_coded(self, job: TensorJob, ctx) -> Encoded:
         """The budget fit after entropy coding re-encodes at a few budgets: the mask hashes are made once for all."""
         hashes = BernoulliHashes(job.shape, seed_for(job.name, self.seed), job.delta.device)
-        if self.keep_prob is not None or not self.entropy_stage or self.coded_fit_rounds < 1:
+        if self.keep_prob is not None:
             return self.encode(job, ctx, hashes)  # a fixed rate: the budget changes nothing
-        return fit_coded_budget(lambda b: self.encode(dataclasses.replace(job, budget_bytes=b), ctx, hashes),
-                                job.budget_bytes, max(job.budget_bytes, self.max_useful_bytes(job.shape)),
-                                self.coded_fit_rounds)
+        return self.fit_coded(job, lambda b: self.encode(dataclasses.replace(job, budget_bytes=b), ctx, hashes))
