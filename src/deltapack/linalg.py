@@ -70,3 +70,12 @@ def gram_eigvalsh(G: torch.Tensor) -> torch.Tensor:
     except torch.linalg.LinAlgError:
         ev = _eigh_dense(sub)[0]
     return ev if n_dead == 0 else torch.cat([G.new_zeros(n_dead), ev]).sort().values
+
+
+def smaller_gram(d: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """(Gram matrix of the smaller side of `d`, True when it is dᵀd, whose eigenvectors are d's right singular
+    vectors; dᵀd on ties). Decomposing the k x k Gram matrix (k = min(m, n)) instead of an SVD of `d` is what makes
+    the top singular vectors of a 4096 x 11008 delta cost 0.1 s instead of 1.1 s (GPU.md)."""
+    m, n = d.shape
+    right = n <= m
+    return (d.T @ d if right else d @ d.T), right

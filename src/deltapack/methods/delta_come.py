@@ -258,9 +258,7 @@ def allocation_objective(sigma2: torch.Tensor, bits: torch.Tensor, eps: dict[int
 # ---- spectra ---------------------------------------------------------------------------------------------------------
 def gram_eigh(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(σ² descending, eigenvectors of the smaller Gram matrix: V when n <= m, else U)."""
-    m, n = delta.shape
-    G = delta.T @ delta if n <= m else delta @ delta.T
-    evals, evecs = linalg.gram_eigh(G)
+    evals, evecs = linalg.gram_eigh(linalg.smaller_gram(delta)[0])
     return evals.flip(0).clamp_min(0), evecs.flip(1)
 
 
@@ -283,9 +281,7 @@ def gram_svd(
 
 def singular_values2(delta: torch.Tensor) -> torch.Tensor:
     """All σ² (descending) from eigvalsh of the smaller Gram matrix."""
-    m, n = delta.shape
-    G = delta.T @ delta if n <= m else delta @ delta.T
-    return linalg.gram_eigvalsh(G).flip(0).clamp_min(0)
+    return linalg.gram_eigvalsh(linalg.smaller_gram(delta)[0]).flip(0).clamp_min(0)
 
 
 # ---- the method ------------------------------------------------------------------------------------------------------

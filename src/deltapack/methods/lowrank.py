@@ -7,7 +7,7 @@ from pydantic import Field
 
 from deltapack.errors import BudgetError
 from deltapack.format.codecs import build_factor_parts
-from deltapack.linalg import gram_eigh
+from deltapack.linalg import gram_eigh, smaller_gram
 from deltapack.methods.base import DeltaMethod, Encoded, TensorJob, fit_coded_budget, register_method
 
 
@@ -23,19 +23,18 @@ def top_svd(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor,
     k = min(m, n)
     rank = min(rank, k)
     d64 = delta.double()
-    wide = m <= n
-    gram = d64 @ d64.T if wide else d64.T @ d64  # k × k
+    gram, right = smaller_gram(d64)  # k × k
     evals, evecs = gram_eigh(gram.float())  # ascending
     evals, evecs = evals.double(), evecs.double()
     evals, evecs = evals.flip(0)[:rank].clamp_min(0), evecs.flip(1)[:, :rank]
     S = evals.sqrt()
     inv = torch.where(S > S[:1] * 1e-12, 1.0 / S, torch.zeros_like(S))
-    if wide:
-        U = evecs
-        Vh = (U.T @ d64) * inv[:, None]
-    else:
+    if right:
         Vh = evecs.T
         U = (d64 @ Vh.T) * inv[None, :]
+    else:
+        U = evecs
+        Vh = (U.T @ d64) * inv[:, None]
     return U.to(delta.dtype), S.to(delta.dtype), Vh.to(delta.dtype)
 
 
