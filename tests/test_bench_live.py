@@ -39,3 +39,22 @@ def test_live_trace_serves_every_request_through_the_engine(live):
                                          vocab=world.cfg["model"]["vocab"], timeout_s=120)
     assert counters["finished"] and counters["incomplete_requests"] == 0, counters
     assert all(len(r.tokens) == 2 for r in out)
+
+
+def test_live_trace_with_merged_weights_merges_a_hot_tenant(live):
+    """The `+merged` modes run the server's MergedWeights on the stand-in tiers: a tenant alone in the batch turns
+    hot, is merged and its forwards run on the copy, and every request still completes."""
+    live_mod, R, ts = live
+    from deltapack.kernels import get_kernels
+
+    world = R.World(True)
+    world.kernels = get_kernels("reference")
+    world.build_model()
+    shapes = world.model_shapes()
+    world.install([world.tenant("delta-come", world.cfg["trace"]["ratio"], shapes, 0)])
+    trace = [ts.Request(0, 0, 0.0, 24)]
+    out, counters = live_mod.serve_trace(world, trace, "dynamic+merged", prompt=4, max_batch=4,
+                                         vocab=world.cfg["model"]["vocab"], timeout_s=120)
+    assert counters["finished"] and counters["incomplete_requests"] == 0, counters
+    assert counters["merged"]["merges"] == 1 and counters["merged"]["merged_forwards"] > 0, counters
+    assert len(out[0].tokens) == 24

@@ -284,6 +284,18 @@ def test_job_plan_orders_default_first_and_skips_what_cannot_run(q, monkeypatch)
     assert {n["method"] for n in notes if n.get("calibration") == "task"} == {"dare", "lowrank", "bitdelta"}
 
 
+def test_budget_estimates_a_job_kind_from_its_own_timings_only(q):
+    """A slow job of one kind must not keep a cheap job of another kind from starting (it did: one 160-s auto job
+    made every 3-s dare job's estimate 163 s, and none ran in that GPU call)."""
+    import time
+
+    b = q.common.Budget(time.time() + 100)
+    b.record("auto|default", 160.0)
+    assert b.estimate("auto|default", 30.0) == 160.0
+    assert b.estimate("dare|default", 30.0) == 30.0
+    assert b.fits("dare|default", 30.0) and not b.fits("auto|default", 30.0)
+
+
 def test_explicit_plan_keeps_its_order_and_refuses_bad_entries(q):
     ev = q.eval_task
     notes = []

@@ -196,7 +196,9 @@ def label_key(label: str) -> tuple:
 # ---- time budget ----------------------------------------------------------------------------------------------------
 class Budget:
     """Wall-clock budget up to an absolute deadline (time.time()): predicts whether the next piece of work fits from
-    what similar pieces took so far (the longest of the same kind, else the longest of any kind, else a default)."""
+    what pieces of the same kind took so far (the longest), else from the caller's prior for that kind. Not from the
+    longest piece of any kind: after one 160-s auto job that estimate kept every 3-s dare job from starting
+    (2026-12-07 GPU run, bench/results/quality_parts/eval-e3-log.txt)."""
 
     def __init__(self, deadline: float):
         self.deadline = deadline
@@ -213,10 +215,7 @@ class Budget:
         self.took.setdefault(key, []).append(seconds)
 
     def estimate(self, key: str, default: float) -> float:
-        if key in self.took:
-            return max(self.took[key])
-        every = [x for v in self.took.values() for x in v]
-        return max([default, *every]) if every else default
+        return max(self.took[key]) if key in self.took else default
 
     def fits(self, key: str, default: float) -> bool:
         return self.left() > self.estimate(key, default)

@@ -49,8 +49,10 @@ EVAL_BATCH = 256
 # Seconds one job took on the H100 with six tasks sharing it (2026-12-07 parts, compress + evaluation), for labels
 # this process has not timed yet: without them a job far longer than the ones timed so far (auto after dare) would
 # start in the last minute and be killed at the deadline, wasting the GPU for the others.
-PRIOR_JOB_SECONDS = {"auto": 150.0, "auto-min-gain-3pct": 150.0, "auto+heal": 260.0, "delta-come": 45.0,
-                     "deltadq": 45.0}
+# seconds of compress + evaluation of one job on the H100 with six tasks sharing it (2026-12-07 GPU runs, rounded
+# up); a job kind already timed in this call or an earlier one of the same fine-tune uses its own measurement
+PRIOR_JOB_SECONDS = {"auto": 170.0, "auto-min-gain-3pct": 170.0, "auto+heal": 260.0, "delta-come": 75.0,
+                     "deltadq": 45.0, "dare": 25.0, "lowrank": 25.0, "bitdelta": 25.0}
 
 
 # ---- answering and scoring ------------------------------------------------------------------------------------------

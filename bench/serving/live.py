@@ -3,7 +3,7 @@ batching), not a simulation. The 7B-shaped model of run.py (random bf16 weights)
 (run.py's synthetic packed deltas), a Zipf/Poisson trace of run.py's shape (128-token prompts, 128 generated tokens,
 greedy, EOS ignored) fed in real time; every token is timed when the engine emits it.
 
-    PYTHONPATH=src python bench/serving/live.py [--modes graph,dynamic] [--requests 300] [--load 0.8]
+    PYTHONPATH=src python bench/serving/live.py [--modes graph,dynamic,graph+merged] [--requests 300] [--load 0.8]
 
 Each mode serves the same trace: graph (rows in a static KV cache, one CUDA-graph replay per step) and dynamic (the
 eager step, the cache rebuilt each step: what the server ran before graph decoding). The offered rate is `--load`
@@ -57,10 +57,18 @@ class BenchRunner:
 
 
 class ResidentTiers:
-    """Every tenant stays on the device (the resident part of serving.json shows 53+ fit); no loads to wait on."""
+    """Every tenant stays on the device (the resident part of serving.json shows 53+ fit); no loads to wait on.
+    What deltapack.serve.merged reads of the tiers (the device budget, the resident tenants) is here too, so a mode
+    with merged weights runs the server's MergedWeights unchanged."""
 
     def __init__(self):
         self.lock = threading.RLock()
+        self.budget = {"device": 0}
+        self.device_lru: dict[str, object] = {}
+        self.merged = None
+
+    def tier_bytes(self, tier: str) -> int:
+        return 0
 
     def acquire(self, tenant) -> bool:
         return True
@@ -78,9 +86,21 @@ def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int,
     from deltapack.serve.engine import Engine, ErrorEvent, FinishEvent, GenRequest, TokenEvent
     from deltapack.serve.sampling import SamplingParams
 
+    decode, _, extra = mode.partition("+")
+    if extra not in ("", "merged"):
+        raise SystemExit(f"unknown mode {mode!r}: graph, dynamic, or either with +merged")
     runner = BenchRunner(world, prompt + max(r.out_len for r in trace) + 8)
+    tiers = ResidentTiers()
+    tenants = {}
+    for t in sorted({r.tenant for r in trace}):
+        tenants[t] = types.SimpleNamespace(name=f"t{t}", slot=t, tier="device", removed=False)
+        tiers.device_lru[f"t{t}"] = tenants[t]
+    if extra == "merged":  # the server's --merged-bytes auto: free device memory decides (deltapack.serve.merged)
+        from deltapack.serve.merged import MergedWeights
+
+        tiers.merged = MergedWeights(runner, tiers, budget=None if world.cuda else 1 << 30)
     t_build = time.perf_counter()
-    engine = Engine(runner, ResidentTiers(), max_batch=max_batch, max_prefill_tokens=8 * prompt, decode=mode)
+    engine = Engine(runner, tiers, max_batch=max_batch, max_prefill_tokens=8 * prompt, decode=decode)
     build_s = time.perf_counter() - t_build
     t_warm = time.perf_counter()
     graphs = engine.warm_up(sorted({r.tenant for r in trace}))
@@ -101,7 +121,6 @@ def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int,
                 if left[0] == 0:
                     done.set()
 
-    tenants = {}
     engine.start()
     try:
         t0[0] = time.perf_counter()
@@ -109,7 +128,7 @@ def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int,
             wait = req.arrival - (time.perf_counter() - t0[0])
             if wait > 0:
                 time.sleep(wait)
-            ten = tenants.setdefault(req.tenant, types.SimpleNamespace(slot=req.tenant, tier="device", removed=False))
+            ten = tenants[req.tenant]
             ids = [rnd.randrange(3, vocab) for _ in range(prompt)]
             params = SamplingParams(max_tokens=req.out_len, temperature=0.0, ignore_eos=True)
             engine.submit(GenRequest(f"r{req.rid}", f"t{req.tenant}", ten, ids, params,
@@ -127,6 +146,10 @@ def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int,
     for k in ("captures", "eager_steps", "compactions"):
         if hasattr(batch, k):
             counters[k] = getattr(batch, k)
+    if tiers.merged is not None:
+        mw = tiers.merged
+        counters["merged"] = {"merges": mw.merges, "merged_forwards": mw.merged_forwards, "forwards": mw.forwards,
+                              "evictions": dict(mw.evictions), "bytes": mw.nbytes}
     del engine, batch  # the next mode needs the memory (static cache, graph pools)
     import gc
 

@@ -64,7 +64,7 @@ def register(main: click.Group) -> None:
                        "forward whose rows are all one tenant's (k = 1 decode, its prefills) then reads no delta; "
                        "chosen per forward from measured costs. auto: on a GPU what free memory allows beyond the "
                        "device tier's budget, the KV cache and 1 GiB (off on a CPU); 0: off (the default until the "
-                       "GPU path is measured: bench/serving/merged.py)")
+                       "live engine has served with it on a GPU: bench/serving/live.py --modes graph+merged)")
     @click.option("--decode", "decode", type=click.Choice(["auto", "graph", "static", "dynamic"]), default="auto",
                   show_default=True,
                   help="decode steps: graph (rows in a static KV cache, each step a CUDA-graph replay), static (the "
