@@ -13,11 +13,14 @@
 # setup call carries every wheel and can do a full call's worth of GPU work that needs no model after its ~15 s
 # (the 7B timing, the serving benchmarks): a machine start is the scarce thing, not the carry.
 #
-# Calls, in order (expected seconds of the command itself; a fresh machine adds 1-2 min of start):
+# Calls, in order (expected seconds of the command itself; a fresh machine adds 1-2 min of start, and each call
+# ~1 min of transfer: the 2026-12-07 session held the machine 1676 s for 1303 s of commands):
 #   1. carry [".gpu/smol.part.aa", ".gpu/whl", ".gpu/whl2", ".gpu/whl4"]
-#        bash bench/quality/run_gpu.sh setup && <up to ~560 s of model-free work, results under $OUT>, e.g.
-#        bash bench/quality/run_gpu.sh timing auto+heal --time-budget 370 --reserve 30; timeout 185 python3 \
-#            bench/serving/merged.py --out $OUT/serving_merged.json                                      ~15 s + work
+#        bash bench/quality/run_gpu.sh setup && <up to ~560 s of model-free work, results under $OUT>; next session:
+#        export PYTHONPATH=/root/site:src PYTHONUNBUFFERED=1; timeout 230 python3 bench/serving/coldstart.py \
+#            --shape smollm --runs cold,warm --max-batch 64 --timeout 100 --out $OUT/coldstart.json; \
+#        timeout 300 python3 bench/serving/live.py --modes graph,graph+merged --requests 300 --timeout-s 130 \
+#            --out $OUT/serving_live.json                                                                ~15 s + work
 #   2. carry [".gpu/smol.part.ab"]               bash bench/quality/run_gpu.sh finetune --plan PLAN        <= 555 s
 #        six full fine-tunes side by side (saved by 300 s), each task evaluated from the moment its fine-tune is
 #        saved until 540 s (parts tagged "ft"); `finetune --time-budget 300 --no-eval` for the fine-tunes alone
@@ -25,9 +28,12 @@
 #        the rest of PLAN (parts tagged "e1") and auto+heal on the held-out tasks beside it (tagged "heal")
 #   4. (if device time is left)                  bash bench/quality/run_gpu.sh eval e2 --plan PLAN          <= 555 s
 # Every call continues where the previous one stopped (a ledger per task in /root/dpq). PLAN = LABEL@RATIO[:CALIB],...
-# in run order (the cells that matter most first), e.g. the plan for the next device session (2026-12-07 note):
-#     delta-come@16,auto@16,auto-min-gain-3pct@16,dare@16,deltadq@16,auto+heal@16,dare@32,delta-come@32,deltadq@32,
-#     auto@32,dare@64,dare@128,delta-come@64,deltadq@64,delta-come@128,deltadq@128,auto@64,auto@128,delta-come@16:task
+# in run order (the cells that matter most first). The plan for the next device session (2026-12-07 note: the third
+# fine-tune set has delta-come 16-64x, auto 16x and auto+heal 16x on the held-out tasks; dare and deltadq did not
+# start; auto-min-gain-3pct switched fewer groups than auto on three tasks and kept the same accuracy on all six, so it
+# is dropped):
+#     dare@16,deltadq@16,delta-come@16,auto@16,auto+heal@16,dare@32,deltadq@32,delta-come@32,auto@32,dare@64,
+#     deltadq@64,delta-come@64,auto@64,dare@128,deltadq@128,delta-come@128,auto@128,delta-come@16:task,auto@16:task
 # (with auto+heal in the plan, run `extras` with HEAL_PLAN unset only if the held-out tasks did not get it)
 # Without --plan: default calibration first at 16, 32, 64, 128x for every method, then the task-calibrated runs.
 # If a step says the machine was given back (no /root/m or no /root/dpq/ft-*), start again at step 1.

@@ -51,9 +51,11 @@ class Encoded:
 def coded_nbytes(parts: dict[str, torch.Tensor]) -> int:
     """Bytes these parts take on disk after the write-time entropy stage (format/entropy.py `encode_parts`, the very
     function the writer calls), zstd run for real: the codes' statistics decide it, not their width."""
+    from deltapack.compress import phase
     from deltapack.format.entropy import encode_parts
 
-    return sum(t.numel() * t.element_size() for t in encode_parts(parts)[0].values())
+    with phase("encode.zstd"):  # CPU work: what the fits' exact sizes cost (7B timing records it)
+        return sum(t.numel() * t.element_size() for t in encode_parts(parts)[0].values())
 
 
 def fit_coded_budget(encode: Callable[[int], Encoded], budget: int, max_budget: int, rounds: int) -> Encoded:
@@ -167,10 +169,13 @@ class DeltaMethod(BaseModel):
         """`encode_at(b)` (this tensor at a stored budget of b bytes) fitted to the job's budget after the entropy
         stage, up to the method's useful size; one encode at the nominal budget when the method has no entropy
         stage or no fit rounds. For overrides of `encode_coded` that only change how one budget is encoded."""
+        from deltapack.compress import phase
+
         if not self.entropy_stage or self.coded_fit_rounds < 1:
             return encode_at(job.budget_bytes)
-        return fit_coded_budget(encode_at, job.budget_bytes, max(job.budget_bytes, self.max_useful_bytes(job.shape)),
-                                self.coded_fit_rounds)
+        with phase("encode.coded_fit", job.delta.device):
+            return fit_coded_budget(encode_at, job.budget_bytes,
+                                    max(job.budget_bytes, self.max_useful_bytes(job.shape)), self.coded_fit_rounds)
 
     def refine(self, encoded: dict[str, Encoded], ctx: "CompressContext") -> dict[str, Encoded]:
         """Optional whole-model pass over all encoded tensors before writing."""

@@ -333,8 +333,11 @@ class DeltaDQ(DeltaMethod):
                                          hashes=hashes)
             return Encoded("deltadq", params, {k: v.cpu() for k, v in parts.items()})
 
-        return fit_coded_budget(at, job.budget_bytes, max(job.budget_bytes, dq.stored_bytes(m, m * n, top, s, scale)),
-                                self.coded_fit_rounds)
+        from deltapack.compress import phase
+
+        with phase("encode.coded_fit", delta.device):
+            return fit_coded_budget(at, job.budget_bytes,
+                                    max(job.budget_bytes, dq.stored_bytes(m, m * n, top, s, scale)), self.coded_fit_rounds)
 
     def _default_g(self, m: int, n: int, n_values: int, name: str) -> int:
         if self.group_size is not None:
