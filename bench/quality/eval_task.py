@@ -46,11 +46,10 @@ from common import (CALIBRATIONS, INTERVAL_TEXT, Budget, MethodSpec, command_lin
 log = logging.getLogger("bench.quality.evaluate")
 DEFAULT_EVAL_BATCH = {"classify": 128}  # ~300-token prompts; every other task decodes its 512 items in 2 batches
 EVAL_BATCH = 256
-# Seconds one job took on the H100 with six tasks sharing it (2026-12-07 parts, compress + evaluation), for labels
-# this process has not timed yet: without them a job far longer than the ones timed so far (auto after dare) would
-# start in the last minute and be killed at the deadline, wasting the GPU for the others.
-# seconds of compress + evaluation of one job on the H100 with six tasks sharing it (2026-12-07 GPU runs, rounded
-# up); a job kind already timed in this call or an earlier one of the same fine-tune uses its own measurement
+# Seconds one job took on the H100 with six tasks sharing it (2026-12-07 GPU runs, compress + evaluation, rounded up),
+# for labels not timed yet in this call or an earlier one of the same fine-tune (those use their own measurement):
+# without them a job far longer than the ones timed so far (auto after dare) would start in the last minute and be
+# killed at the deadline, wasting the GPU for the others.
 PRIOR_JOB_SECONDS = {"auto": 170.0, "auto-min-gain-3pct": 170.0, "auto+heal": 260.0, "delta-come": 75.0,
                      "deltadq": 45.0, "dare": 25.0, "lowrank": 25.0, "bitdelta": 25.0}
 

@@ -175,14 +175,15 @@ def coldstart_lines(sv: dict) -> list[str]:
 
 
 def merged_lines(md: dict | None) -> list[str]:
-    """k = 1 (every row one tenant's) on the merged copy against the delta kernels and the base (bench/serving/merged.py)."""
+    """k = 1 (every row one tenant's) on the merged copy against the delta kernels and the base
+    (bench/serving/merged.py)."""
     if not md or (md.get("notes") or {}).get("smoke") or not md.get("decode"):
         return []
     out = ["", f"**One tenant owning the batch (k = 1) on a merged copy** (`bench/serving/merged.py`, {md['device']}, "
            f"{md['date'][:10]}; 7B shape, W_base + dW in bf16 vs the delta kernels; decode = one CUDA-graph step of "
            f"batch {md['decode'][0]['batch']}, prefill = one eager forward):", "",
            "| codec | ratio | decode base | decode kernels (of bound) | decode merged | prefill base | prefill kernels | "
-           "prefill dense scratch | prefill merged | merge: s, GB, logits rel. diff |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "prefill dense scratch | prefill merged | merge: s, GB, logits rel. diff |", "|---" * 10 + "|"]
     cells = sorted({(r["codec"], r["ratio"]) for r in md["decode"]})
     for codec, ratio in cells:
         dec = {r["path"]: r for r in md["decode"] if (r["codec"], r["ratio"]) == (codec, ratio)}
