@@ -230,7 +230,7 @@ def load_merged(
     cfg_dir = d.path / "hf" if (d.path / "hf" / "config.json").exists() else bsrc.path
     config = AutoConfig.from_pretrained(str(cfg_dir))
     tok = _load_tokenizer(d, bsrc)
-    model = model_from_state_dict(config, sd, device=device, dtype=dtype)
+    model = model_from_state_dict(config, sd, device=device, dtype=dtype, share=True)  # sd is ours alone
     return model, tok
 
 
@@ -263,17 +263,49 @@ def _no_init():
     return no_init_weights()
 
 
-def model_from_state_dict(config, sd: dict, *, device="cpu", dtype=None):
-    """Build a causal LM from a config and a full state dict, on `device`, skipping random initialisation."""
+def model_from_state_dict(config, sd: dict, *, device="cpu", dtype=None, share: bool = False):
+    """Build a causal LM from a config and a full state dict, on `device`, skipping random initialisation.
+    `share`: on the CPU, tensors already in the model's dtype become its parameters (no copy; the caller gives up
+    the dict's tensors)."""
+    dtype = dtype or next(iter(sd.values())).dtype
+    return model_from_tensors(config, list(sd), sd.__getitem__, device=device, dtype=dtype, share=share)
+
+
+def model_from_tensors(config, names: list[str], get, *, device="cpu", dtype: torch.dtype, share: bool = True):
+    """Build a causal LM from a config and its tensors read one at a time (`get(name)`, e.g. a ModelSource's), on
+    `device`, skipping random initialisation. Only one tensor is held outside the model at a time: loading a whole
+    state dict first held a second copy of the model in host memory (13.5 GB for a 7B model, the peak of a 7B
+    `auto` run). `share` (for tensors nobody else holds, e.g. freshly read): on the CPU a tensor already in the
+    model's dtype becomes the parameter itself, no copy."""
     from transformers import AutoModelForCausalLM
 
-    dtype = dtype or next(iter(sd.values())).dtype
+    device = torch.device(device)
     with _no_init(), torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    targets = model.state_dict(keep_vars=True)  # name -> the Parameter / persistent buffer (tied ones shared)
+    unexpected = [n for n in names if n not in targets]
+    loaded, taken = set(), set()  # taken: storages already made a parameter (one tensor given for two names)
+    with torch.no_grad():
+        for n in names:
+            dst = targets.get(n)
+            if dst is None:
+                continue
+            t = get(n)
+            if tuple(t.shape) != tuple(dst.shape):
+                raise FormatError(f"rebuilt weights do not fit the config: {n} is {tuple(t.shape)}, the model "
+                                  f"expects {tuple(dst.shape)}")
+            t = t.to(dst.dtype)
+            if (share and device.type == "cpu" and t.device.type == "cpu" and t.is_contiguous()
+                    and t.untyped_storage().data_ptr() not in taken):
+                dst.data = t  # the tensor read becomes the parameter: no second copy
+                taken.add(t.untyped_storage().data_ptr())
+            else:
+                dst.copy_(t)
+            del t
+            loaded.add(n)
     model.tie_weights()
-    tied = {n for n in missing if "lm_head" in n and getattr(config, "tie_word_embeddings", False)}
-    missing = [n for n in missing if n not in tied]
+    tied = {n for n in targets if n not in loaded and "lm_head" in n and getattr(config, "tie_word_embeddings", False)}
+    missing = [n for n in targets if n not in loaded and n not in tied]
     if missing or unexpected:
         raise FormatError(f"rebuilt weights do not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()

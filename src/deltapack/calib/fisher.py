@@ -170,7 +170,7 @@ def load_source_model(source, device: torch.device, dtype: torch.dtype | None = 
     """An HF causal LM built in memory from a ModelSource (its config.json and tensors), no random init."""
     from transformers import AutoConfig
 
-    from deltapack.api import model_from_state_dict
+    from deltapack.api import model_from_tensors
     from deltapack.calib.activations import CalibrationError
 
     cfg_path = getattr(source, "path", None)
@@ -179,9 +179,8 @@ def load_source_model(source, device: torch.device, dtype: torch.dtype | None = 
     config = AutoConfig.from_pretrained(str(cfg_path))
     if dtype is None:  # bf16 on GPU (the model's own dtype in practice); fp32 on CPU, where bf16 matmuls are slow
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    sd = {n: source.get(n).to(dtype) if source.get(n).is_floating_point() else source.get(n) for n in source.keys()}
-    try:
-        return model_from_state_dict(config, sd, device=device, dtype=dtype)
+    try:  # tensor by tensor: no second copy of the model in host memory
+        return model_from_tensors(config, source.keys(), source.get, device=device, dtype=dtype)
     except Exception as e:  # an architecture transformers cannot build from the config
         raise CalibrationError(f"cannot build {source.ref} for calibration: {e}") from e
 
