@@ -62,7 +62,7 @@ class FixedCosts(mw.StepCosts):
     """Measured costs pinned per path (merged cheaper): on a pico CPU model both paths take about the same time,
     and the choice between them would follow timing noise."""
 
-    SECONDS = {mw.PATH_MERGED: 1e-3, mw.PATH_BASE: 1e-3, mw.PATH_KERNELS: 2e-3}
+    SECONDS = {mw.PATH_MERGED: 1e-3, mw.PATH_BASE: 1e-3, mw.PATH_KERNELS: 2e-3, mw.PATH_MIXED: 4e-3}
 
     def record(self, phase, path, size, seconds):
         super().record(phase, path, size, self.SECONDS[path])
@@ -237,3 +237,69 @@ def test_choice_follows_measured_costs():
     assert m.costs.get("decode", mw.PATH_BASE, 2) == (0.5, 1)
     assert mw.size_bucket(60) == 64 and mw.size_bucket(1) == 1
     assert mw.sole_tenant([a, a]) is a and mw.sole_tenant([a, None]) is None and mw.sole_tenant([]) is None
+
+
+# ---- prefill: a hot tenant's prompts apart from a mixed chunk -------------------------------------------------------
+def _stub_merged(entries: dict):
+    """A MergedWeights over no model: just the entries and the measured costs prefill_split reads."""
+    m = mw.MergedWeights.__new__(mw.MergedWeights)
+    m.budget, m.entries, m.costs = None, entries, mw.StepCosts()
+    return m
+
+
+def _tenant(name, slot):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, slot=slot)
+
+
+def test_prefill_split_follows_measured_costs():
+    a, b = _tenant("a", 0), _tenant("b", 1)
+    e = mw.MergedEntry("a", 0, 1, 0)
+    m = _stub_merged({0: e})
+    rows, lengths = [a, b, a], [5, 5, 5]
+    assert m.prefill_split(rows, lengths) is a  # the copy's prefill at this size not yet measured: probe it
+    for _ in range(mw.PROBES):
+        m.costs.record("prefill", mw.PATH_MERGED, 10, 2e-3)  # a's two rows, padded 10 tokens
+    assert m.prefill_split(rows, lengths) is None  # the mixed chunk and the rest not yet measured: keep it whole
+    for _ in range(mw.PROBES):
+        m.costs.record("prefill", mw.PATH_KERNELS, 5, 3e-3)  # b alone
+        m.costs.record("prefill", mw.PATH_MIXED, 15, 10e-3)  # the whole chunk
+    assert m.prefill_split(rows, lengths) is a  # 2 + 3 ms apart < 10 ms together
+    for _ in range(20):
+        m.costs.record("prefill", mw.PATH_MIXED, 15, 4e-3)
+    assert m.prefill_split(rows, lengths) is None  # 2 + 3 ms apart > ~4 ms together
+    # never: a tenant without a complete copy, a chunk of one tenant, merging switched off
+    e.todo.append("x")
+    assert m.prefill_split([a, b], [5, 5]) is None
+    e.todo.clear()
+    assert m.prefill_split([a, a], [5, 5]) is None
+    m.budget = 0
+    assert m.prefill_split(rows, lengths) is None
+
+
+def test_a_merged_tenants_prompts_run_apart_on_its_copy(env):
+    """In the engine: a prefill chunk holding a merged tenant's prompt and another tenant's is split, the merged
+    tenant's part runs on its copy, and both answer exactly as alone."""
+    from deltapack.serve.engine import GenRequest
+    from deltapack.serve.sampling import SamplingParams
+
+    _, _, refs = env
+    with _server(env, decode="static", max_batch=4) as (state, url):
+        state.tiers.merged.costs = FixedCosts()
+        assert _gen(url, "a") == refs["a"]
+        assert _gen(url, "b") == refs["b"]  # b resident too
+        _wait_idle(state)
+        m = state.tiers.merged
+        assert m.snapshot()["tenants"]["a"]["complete"]
+        ta, tb = state.tiers.tenants["a"], state.tiers.tenants["b"]
+        reqs = [GenRequest(f"r{i}", t.name, t, list(PROMPT), SamplingParams(max_tokens=1), lambda ev: None)
+                for i, t in enumerate((ta, tb, ta))]
+        chunks = state.engine._chunks(reqs)
+        assert [[r.tenant.name for r in c] for c in chunks] == [["a", "a"], ["b"]]
+        before = m.snapshot()["merged_forwards"]
+        with ThreadPoolExecutor(4) as pool:  # the same through HTTP, when the prompts meet in one prefill
+            outs = list(pool.map(lambda n: (n, _gen(url, n)), ["a", "b", "a", "b"]))
+        for n, toks in outs:
+            assert toks == refs[n], n
+        assert m.snapshot()["merged_forwards"] > before

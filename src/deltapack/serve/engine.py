@@ -458,7 +458,8 @@ class Engine:
 
     def _chunks(self, reqs: list[GenRequest]) -> list[list[GenRequest]]:
         """Prefill groups: bounded padded size; prompts needing every position's logits grouped apart (their
-        logits are (B, L, vocab) and get a smaller budget)."""
+        logits are (B, L, vocab) and get a smaller budget); a hot tenant's prompts apart from a mixed group where
+        the measured costs say its merged copy pays for the extra forward (MergedWeights.prefill_split)."""
         full_budget = max(64, (1 << 26) // max(1, self.runner.vocab_size))
         out: list[list[GenRequest]] = []
         for need_full in (False, True):
@@ -475,6 +476,15 @@ class Engine:
                 longest = max(longest, n)
             if cur:
                 out.append(cur)
+        if self.merged is not None and self.merged.enabled:  # a hot tenant's rows apart, on its merged copy
+            split = []
+            for chunk in out:
+                t = self.merged.prefill_split([r.tenant for r in chunk], [len(r.prompt_ids) for r in chunk])
+                if t is None:
+                    split.append(chunk)
+                else:
+                    split += [[r for r in chunk if r.tenant is t], [r for r in chunk if r.tenant is not t]]
+            out = split
         return out
 
     def _tick_merged(self) -> None:

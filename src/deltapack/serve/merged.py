@@ -19,7 +19,9 @@ bound. The cost is memory: a full copy of the tenant's changed linear weights (a
     HEADROOM_BYTES); an allocation failure while building drops the entry and backs off;
   * the choice per forward comes from measured costs (`StepCosts`): wall seconds of the engine's forwards per
     (phase, path, size bucket); merged is used where it measured cheaper than the kernel path at that size, each
-    path sampled PROBES times first and the loser re-measured every REPROBE_EVERY choices.
+    path sampled PROBES times first and the loser re-measured every REPROBE_EVERY choices;
+  * a mixed prefill chunk holding a merged tenant's prompts is split when the measured costs say its rows on the
+    copy plus the rest beat the mixed chunk (`prefill_split`, called by the engine when it forms chunks).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ BACKOFF_FORWARDS = 256  # after a failed build (allocation), no new merge for th
 SITES_PER_TICK = 32  # sites merged per engine step (7B: 225 sites, a merge spreads over ~8 steps)
 HEADROOM_BYTES = 1 << 30  # device memory always left for activations, graphs, the dense path's scratch buffer
 PATH_KERNELS, PATH_MERGED, PATH_BASE = "kernels", "merged", "base"
+PATH_MIXED = "mixed"  # a prefill forward whose rows belong to several tenants (or tenants and the base)
 
 
 def size_bucket(n: int) -> int:
@@ -254,6 +257,48 @@ class MergedWeights:
             self.costs.record(phase, PATH_BASE, size, seconds)
         elif sole_tenant(tenants) is not None:  # only a single tenant's forwards compare with a merged one
             self.costs.record(phase, PATH_KERNELS, size, seconds)
+        elif phase == "prefill":  # what a mixed prefill chunk costs: whether splitting one off pays (prefill_split)
+            self.costs.record(phase, PATH_MIXED, size, seconds)
+
+    def prefill_split(self, tenants: list, lengths: list[int]):
+        """The tenant whose rows a mixed prefill chunk should run as a forward of their own, on its merged copy, or
+        None. Prefill chunks are formed by size, so a hot tenant's prompts usually share one with other tenants'
+        and never meet its copy. Decided from measured costs: split when (the tenant's rows on the cheaper of its
+        copy and its kernels) + (the other rows) measured cheaper than the mixed chunk, each at its padded size;
+        while the copy's prefill is not yet measured PROBES times at that size, split to measure it. A mixed size
+        not yet measured keeps the chunk whole (it is measured as it runs)."""
+        if not self.enabled or len(tenants) < 2 or sole_tenant(tenants) is not None:
+            return None
+
+        def padded(ls: list[int]) -> int:
+            return len(ls) * max(ls) if ls else 0
+
+        def measured(path: str, size: int) -> float | None:
+            v, n = self.costs.get("prefill", path, size)
+            return v if n >= PROBES else None
+
+        whole = measured(PATH_MIXED, padded(lengths))
+        best, best_gain = None, 0.0
+        for t in {id(t): t for t in tenants if t is not None}.values():
+            e = self.entries.get(t.slot)
+            if e is None or not e.complete or e.name != t.name:
+                continue
+            own = [n for u, n in zip(tenants, lengths) if u is t]
+            rest_t = [u for u in tenants if u is not t]
+            rest = [n for u, n in zip(tenants, lengths) if u is not t]
+            m, k = measured(PATH_MERGED, padded(own)), measured(PATH_KERNELS, padded(own))
+            if m is None:
+                gain = math.inf  # probe the copy's prefill at this size
+            else:
+                rest_path = (PATH_BASE if all(u is None for u in rest_t) else
+                             PATH_KERNELS if sole_tenant(rest_t) is not None else PATH_MIXED)
+                r = measured(rest_path, padded(rest))
+                if whole is None or r is None:
+                    continue
+                gain = whole - (min(m, k) if k is not None else m) - r
+            if gain > best_gain:
+                best, best_gain = t, gain
+        return best
 
     # ---- merging and eviction (engine thread, tiers lock held) --------------------------------------------------
     def tick(self) -> None:
