@@ -10,6 +10,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# every test generates its own self-calibration replies: none reads what an earlier run (or the user) left in
+# ~/.cache/deltapack/calib; tests/test_self_calibration.py turns the cache on where it tests it
+os.environ.setdefault("DELTAPACK_NO_CALIB_CACHE", "1")
 
 
 def make_llama(path: Path, *, hidden=32, layers=2, vocab=64, inter=None, seed=0, tie=False, dtype=torch.bfloat16):

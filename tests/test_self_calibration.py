@@ -65,3 +65,42 @@ def test_same_seed_same_texts():
     b = self_calibration_texts(_Model(20), _Tok(), n_tokens=500, seed=3, batch=8)
     c = self_calibration_texts(_Model(20), _Tok(), n_tokens=500, seed=4, batch=8)
     assert a == b and a != c
+
+
+def test_replies_are_kept_for_the_next_run_on_the_same_finetune(tmp_path, monkeypatch):
+    """A second compression of the same fine-tune (another ratio or method) reuses the first one's replies instead of
+    generating them again; a rewritten checkpoint, other arguments or a corrupt cache file generate anew."""
+    import os
+    from types import SimpleNamespace
+
+    from deltapack.calib.data import cached_self_calibration_texts
+
+    monkeypatch.setenv("DELTAPACK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("DELTAPACK_NO_CALIB_CACHE", raising=False)
+    ft = tmp_path / "ft"
+    ft.mkdir()
+    (ft / "model.safetensors").write_bytes(b"weights")
+    source = SimpleNamespace(path=ft)
+    tok, model = _Tok(), _Model(reply_len=20)
+    first = cached_self_calibration_texts(source, model, tok, n_tokens=500, seed=0)
+    calls = len(model.calls)
+    assert calls and cached_self_calibration_texts(source, model, tok, n_tokens=500, seed=0) == first
+    assert len(model.calls) == calls  # reused: no generation
+    files = list((tmp_path / "cache" / "calib").glob("*.json"))
+    assert len(files) == 1 and not list((tmp_path / "cache" / "calib").glob("*.part"))
+    cached_self_calibration_texts(source, model, tok, n_tokens=500, seed=1)  # other arguments: generated
+    assert len(model.calls) > calls
+    calls = len(model.calls)
+    st = (ft / "model.safetensors").stat()
+    os.utime(ft / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the checkpoint rewritten
+    cached_self_calibration_texts(source, model, tok, n_tokens=500, seed=0)
+    assert len(model.calls) > calls
+    calls = len(model.calls)
+    for f in (tmp_path / "cache" / "calib").glob("*.json"):
+        f.write_text("{not json")
+    again = cached_self_calibration_texts(source, model, tok, n_tokens=500, seed=0)  # unreadable: generated again
+    assert len(model.calls) > calls and again
+    monkeypatch.setenv("DELTAPACK_NO_CALIB_CACHE", "1")
+    calls = len(model.calls)
+    cached_self_calibration_texts(source, model, tok, n_tokens=500, seed=0)
+    assert len(model.calls) > calls

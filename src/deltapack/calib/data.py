@@ -195,3 +195,58 @@ def self_calibration_texts(model, tok, *, n_tokens: int, n_prompts: int = 64, ma
     finally:
         tok.padding_side, tok.pad_token = side, pad_tok
     return texts
+
+
+# ---- the fine-tune's replies, kept between runs ----------------------------------------------------------------------
+# bump when self_calibration_texts changes what it would generate for the same model, tokenizer and arguments
+SELF_TEXTS_VERSION = 1
+
+
+def self_texts_key(source, model, tok, **params) -> str:
+    """What the replies depend on: the fine-tune's files (name, size, modification time: rewriting a checkpoint
+    changes them), its chat template, the prompts, the generation arguments and where it ran (dtype, device type)."""
+    import hashlib
+
+    from deltapack.io.sources import _weight_files
+
+    root = Path(source.path)
+    files = _weight_files(root) + sorted(p for p in root.glob("*token*") if p.is_file())
+    p0 = next(model.parameters())
+    sig = {"v": SELF_TEXTS_VERSION, "root": str(root.resolve()), "template": tok.chat_template,
+           "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files], "prompts": list(GENERIC_PROMPTS),
+           "dtype": str(p0.dtype), "device": p0.device.type, **params}
+    return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def cached_self_calibration_texts(source, model, tok, **kw) -> list[str]:
+    """`self_calibration_texts`, kept on disk (DELTAPACK_CACHE/calib) for the next run on the same fine-tune: a
+    compression at another ratio or method then skips the generation (tens of seconds on a GPU) and calibrates on
+    the very same replies. DELTAPACK_NO_CALIB_CACHE=1 turns it off."""
+    import os
+    import tempfile
+
+    from deltapack.io.gguf import cache_root
+
+    if os.environ.get("DELTAPACK_NO_CALIB_CACHE") or getattr(source, "path", None) is None:
+        return self_calibration_texts(model, tok, **kw)
+    path = cache_root() / "calib" / f"self-{self_texts_key(source, model, tok, **kw)}.json"
+    try:
+        texts = json.loads(path.read_text())["texts"]
+        if isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
+            log.info("self-calibration: reusing %d replies from %s", len(texts), path)
+            return texts
+        log.warning("self-calibration: ignoring a malformed cache file %s", path)
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("self-calibration: ignoring an unreadable cache file %s (%s)", path, e)
+    texts = self_calibration_texts(model, tok, **kw)
+    try:  # temp file + rename: a run killed mid-write leaves no half file for the next one
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"texts": texts}, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("self-calibration: could not keep the replies in %s (%s)", path.parent, e)
+    return texts

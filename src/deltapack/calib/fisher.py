@@ -195,7 +195,7 @@ def kfac_for_source(ctx, *, n_seqs: int, seq_len: int, source: str = "self", sel
     from transformers import AutoTokenizer
 
     from deltapack.calib.activations import CalibrationError, calibration_tokens, has_tokenizer
-    from deltapack.calib.data import self_calibration_texts, token_batches
+    from deltapack.calib.data import cached_self_calibration_texts, token_batches
 
     src = ctx.finetuned
     max_pos = src.config().get("max_position_embeddings")
@@ -208,8 +208,8 @@ def kfac_for_source(ctx, *, n_seqs: int, seq_len: int, source: str = "self", sel
                 raise CalibrationError(f"{src.ref} has no tokenizer: cannot self-calibrate")
             tok = AutoTokenizer.from_pretrained(str(src.path))
             if getattr(tok, "chat_template", None):
-                texts = self_calibration_texts(model, tok, n_tokens=n_seqs * seq_len, n_prompts=self_prompts,
-                                               max_new_tokens=self_tokens, seed=seed)
+                texts = cached_self_calibration_texts(src, model, tok, n_tokens=n_seqs * seq_len,
+                                                      n_prompts=self_prompts, max_new_tokens=self_tokens, seed=seed)
                 ids = token_batches(tok, texts, seq_len, n_seqs)
                 record = {"source": "self:generic-prompts", "n_seqs": int(ids.shape[0]), "seq_len": seq_len,
                           "tokens": int(ids.numel()), "replies": len(texts), "seed": seed}

@@ -21,13 +21,13 @@ log = logging.getLogger(__name__)
 def calibration_ids(ctx, *, source: str, n_seqs: int, seq_len: int, model, tok, seed: int = 0) -> tuple[torch.Tensor, dict]:
     """(ids, record): the fine-tune's own replies to generic prompts (source "self", needs a chat template; --calib
     wins when given), else ctx's calibration text (--calib or the default corpus; random ids without a tokenizer)."""
-    from deltapack.calib.data import self_calibration_texts, token_batches
+    from deltapack.calib.data import cached_self_calibration_texts, token_batches
 
     max_pos = ctx.finetuned.config().get("max_position_embeddings")
     if max_pos:
         seq_len = min(seq_len, int(max_pos))
     if source == "self" and not ctx.calib_path and tok is not None and getattr(tok, "chat_template", None):
-        texts = self_calibration_texts(model, tok, n_tokens=n_seqs * seq_len, seed=seed)
+        texts = cached_self_calibration_texts(ctx.finetuned, model, tok, n_tokens=n_seqs * seq_len, seed=seed)
         ids = token_batches(tok, texts, seq_len, n_seqs)
         return ids, {"source": "self:generic-prompts", "n_seqs": int(ids.shape[0]), "seq_len": seq_len, "seed": seed}
     ids = ctx.calibration_batches(seq_len, n_seqs)
