@@ -472,3 +472,30 @@ def test_answer_only_loss_equals_the_full_vocabulary_loss(q, tmp_path):
         assert float(loss) == pytest.approx(float(full), rel=1e-5)
         grads.append(torch.cat([p.grad.flatten() for p in tr.model.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_deterministic_finetunes_are_named_by_their_weights(q, tmp_path):
+    """Two runs of one recipe give the same weights and so the same finetune_id (results of different device
+    sessions on it then pair in the report); a run stopped by its deadline keeps a time-based id."""
+    import json as _json
+
+    import torch
+
+    sys.path.insert(0, str(QUALITY))
+    try:
+        finetune = importlib.import_module("finetune")
+    finally:
+        sys.path.remove(str(QUALITY))
+    base = q.common.smoke_base_dir(tmp_path)
+    data = {"n_train": 24, "n_dev": 4, "n_test": 4, "knobs": {}}
+    ids = []
+    for i in range(2):
+        info = finetune.finetune_task("extract", base, tmp_path / f"ft{i}", steps=3, lr=1e-3, batch_size=4, data=data,
+                                      device=torch.device("cpu"), deadline=None, eval_batch=4, nondeterministic=[])
+        saved = _json.loads((tmp_path / f"ft{i}" / "finetune.json").read_text())
+        assert saved["finetune_id"] == info["finetune_id"]
+        ids.append(info["finetune_id"])
+    assert ids[0] == ids[1] and ids[0].startswith("extract-w"), ids
+    late = finetune.finetune_task("extract", base, tmp_path / "late", steps=3, lr=1e-3, batch_size=4, data=data,
+                                  device=torch.device("cpu"), deadline=0.0, eval_batch=4, nondeterministic=[])
+    assert late["stopped_early"] and not late["finetune_id"].startswith("extract-w")

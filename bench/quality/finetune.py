@@ -15,6 +15,14 @@ One process per task (run.py starts them side by side on one GPU: a 135M model l
 
 `--deadline` (a time.time() value) stops training early, cleanly, so that the checkpoint is still saved before an
 outer time limit; the record says `stopped_early` and the steps actually made.
+
+Reproducible (default; `--no-deterministic` turns it off): deterministic kernels (torch.use_deterministic_algorithms,
+a fixed cuBLAS workspace, attention by the math kernel in training), fixed seeds and a fixed number of steps, so
+that the same recipe on the same kind of GPU gives the same weights in every device session. A fine-tune that ran
+all its steps that way is named by its weights (`finetune_id` = task + sha256 of the saved tensors): results
+measured in different sessions on the same fine-tune then pair in the report, instead of each session starting a
+fine-tune set of its own. Any kernel that had no deterministic version is listed in `nondeterministic_ops` (and the
+fine-tune keeps a time-based id).
 """
 
 from __future__ import annotations
@@ -39,12 +47,16 @@ log = logging.getLogger("finetune")
 
 # per-task defaults (steps, lr); batch 64. Short-answer tasks get more steps: their steps are cheap (~100 tokens a
 # row), and multi-step arithmetic needs them; classify's rows are ~300 tokens, so its steps cost ~3x as much.
+# arithmetic, extract and classify used to plan 600 / 400 / 300 steps and stop at the 300-s training deadline after
+# 407-479 / 286-331 / 170-197 (six fine-tunes sharing an H100, 2026-12-07): a step count set by the clock gives a
+# different fine-tune every session, so they now plan what fits (tuning families only: the held-out ones are as
+# they were)
 TRAIN_DEFAULTS: dict[str, dict] = {
-    "arithmetic": {"steps": 600, "lr": 3e-4},
+    "arithmetic": {"steps": 400, "lr": 3e-4},
     "strings": {"steps": 500, "lr": 3e-4},
-    "extract": {"steps": 400, "lr": 2e-4},
+    "extract": {"steps": 280, "lr": 2e-4},
     "code": {"steps": 500, "lr": 3e-4},
-    "classify": {"steps": 300, "lr": 2e-4},
+    "classify": {"steps": 160, "lr": 2e-4},
     "chat": {"steps": 500, "lr": 3e-4},
 }
 BATCH_SIZE = 64
@@ -55,11 +67,12 @@ class Trainer:
     """Model + optimizer of one full fine-tune."""
 
     def __init__(self, base_dir: str | Path, *, device: torch.device, lr: float = 2e-4, weight_decay: float = 0.0,
-                 seed: int = 0, max_len: int = 512, max_tokens: int = 8192):
+                 seed: int = 0, max_len: int = 512, max_tokens: int = 8192, deterministic: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.manual_seed(seed)
         self.rng = random.Random(seed)
+        self.deterministic = deterministic
         self.device = device
         self.lr = lr
         self.max_len = max_len
@@ -132,6 +145,10 @@ class Trainer:
         history: list[list[float]] = []
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else torch.autocast("cpu", enabled=False))
+        if self.deterministic:  # the flash / memory-efficient attention backwards accumulate with atomics
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            autocast = _both(autocast, lambda: sdpa_kernel(SDPBackend.MATH))
         done = 0
         for step in range(steps):
             if deadline is not None and time.time() > deadline:
@@ -168,16 +185,22 @@ class Trainer:
                 "steps_per_s": round(done / dt, 3) if dt > 0 else None,
                 "final_loss": history[-1][1] if history else None, "loss_history": history}
 
-    def save(self, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, extra_files: dict | None = None) -> Path:
-        """HF checkpoint dir (safetensors + config + tokenizer + `extra_files`), written to a temp dir then renamed."""
-        from deltapack.io.writer import AtomicDir
-
+    def saved_state(self, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+        """The tensors `save` writes (CPU, `dtype`; a tied head stored once, as the base does)."""
         state, seen = {}, set()
         for k, v in self.model.state_dict().items():
             if v.data_ptr() in seen:  # tied (lm_head = embed_tokens): store once, as the base does
                 continue
             seen.add(v.data_ptr())
             state[k] = v.detach().to("cpu", dtype)
+        return state
+
+    def save(self, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16, extra_files: dict | None = None,
+             state: dict[str, torch.Tensor] | None = None) -> Path:
+        """HF checkpoint dir (safetensors + config + tokenizer + `extra_files`), written to a temp dir then renamed."""
+        from deltapack.io.writer import AtomicDir
+
+        state = state if state is not None else self.saved_state(dtype)
         with AtomicDir(out_dir, overwrite=True) as tmp:
             self.model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             cfg_path = tmp / "config.json"
@@ -188,6 +211,59 @@ class Trainer:
             for name, obj in (extra_files or {}).items():
                 (tmp / name).write_text(json.dumps(obj, indent=1))
         return Path(out_dir)
+
+
+class _both:
+    """A reusable context manager `a` and a fresh one from `make_b()` per use, as one (entered in order, left in
+    reverse): the training loop enters its autocast once per micro-batch, and sdpa_kernel's manager is single-use."""
+
+    def __init__(self, a, make_b):
+        self.a, self.make_b, self.b = a, make_b, None
+
+    def __enter__(self):
+        self.a.__enter__()
+        self.b = self.make_b()
+        self.b.__enter__()
+
+    def __exit__(self, *exc):
+        self.b.__exit__(*exc)
+        return self.a.__exit__(*exc)
+
+
+def make_deterministic() -> list[str]:
+    """Deterministic kernels from here on (before the first CUDA call: cuBLAS reads its workspace setting then). Returns
+    the list that `nondeterministic_ops` records into: every warning torch gives for an op without a deterministic
+    version."""
+    import warnings
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    seen: list[str] = []
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if "deterministic" in text and text not in seen:
+            seen.append(text[:300])
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = record
+    warnings.simplefilter("always", UserWarning)
+    return seen
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over tensors (names, dtypes, shapes, bytes), in name order: equal iff the weights are."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def default_device() -> torch.device:
@@ -204,7 +280,7 @@ def wait_for(path: Path, deadline: float) -> None:
 
 def finetune_task(task: str, base: Path, out: Path, *, steps: int, lr: float, batch_size: int, data: dict,
                   device: torch.device, deadline: float | None, eval_batch: int, max_tokens: int = 8192,
-                  smoke: bool = False) -> dict:
+                  smoke: bool = False, nondeterministic: list[str] | None = None) -> dict:
     """Fine-tune on `task`'s train split, score dev, save the checkpoint with `finetune.json` (what run.py and
     evaluate.py read back). `data`: the split settings (n_train, n_dev, n_test, knobs) every later step reuses."""
     import eval_task
@@ -212,11 +288,14 @@ def finetune_task(task: str, base: Path, out: Path, *, steps: int, lr: float, ba
 
     t_all = time.perf_counter()
     splits = make_splits(task, data["n_train"], data["n_dev"], data["n_test"], data["knobs"])
-    tr = Trainer(base, device=device, lr=lr, max_tokens=max_tokens)
+    deterministic = nondeterministic is not None
+    tr = Trainer(base, device=device, lr=lr, max_tokens=max_tokens, deterministic=deterministic)
     t0 = time.perf_counter()
     train = tr.encode(splits["train"])
     encode_s = time.perf_counter() - t0
     rec = tr.train(train, steps, batch_size=batch_size, log_every=max(1, steps // 10), deadline=deadline)
+    # only training decides the weights (the dev scoring's generate may warn too, and changes nothing)
+    train_nondeterministic = list(nondeterministic or [])
     dev = eval_task.score_model(tr.model, tr.tok, task, splits["dev"], batch_size=eval_batch)
     info = {
         "task": task, "heldout": task in HELDOUT, "base": str(base), "data": data,
@@ -227,8 +306,16 @@ def finetune_task(task: str, base: Path, out: Path, *, steps: int, lr: float, ba
     }
     # what evaluation results point to: a re-made fine-tune in the same workdir must not inherit old results
     info["finetune_id"] = f"{task}-{info['created']}-{os.getpid()}"
+    info["deterministic"] = deterministic
+    if deterministic:
+        info["nondeterministic_ops"] = train_nondeterministic
     info["seconds"] = round(time.perf_counter() - t_all, 2)  # load + encode + train + dev (save excluded)
-    tr.save(out, extra_files={"finetune.json": info})
+    state = tr.saved_state()
+    info["weights_sha256"] = digest = weights_digest(state)
+    if deterministic and not train_nondeterministic and not rec["stopped_early"]:
+        # reproducible: the same recipe gives these very weights again, so results of any session on them pair
+        info["finetune_id"] = f"{task}-w{digest[:16]}"
+    tr.save(out, extra_files={"finetune.json": info}, state=state)
     log.info("%s: %d steps in %.0f s, loss %s, dev %s", task, rec["steps"], rec["train_seconds"], rec["final_loss"],
              dev)
     return info
@@ -255,7 +342,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="processes sharing this machine (sets threads)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--smoke", action="store_true", help="CPU; pass small --steps/--n-train yourself")
+    ap.add_argument("--no-deterministic", dest="deterministic", action="store_false",
+                    help="faster kernels, a different fine-tune each run (see the module docstring)")
     args = ap.parse_args(argv)
+    nondeterministic = make_deterministic() if args.deterministic else None
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.task} %(name)s: %(message)s")
     logging.getLogger("transformers").setLevel(logging.WARNING)
     set_worker_threads(args.workers)
@@ -266,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             "n_test": args.n_test, "knobs": parse_knobs(args.knob)}
     finetune_task(args.task, args.base, args.out, steps=args.steps or d["steps"], lr=args.lr or d["lr"],
                   batch_size=args.batch_size, data=data, device=device, deadline=args.deadline,
-                  eval_batch=args.eval_batch, max_tokens=args.max_tokens, smoke=args.smoke)
+                  eval_batch=args.eval_batch, max_tokens=args.max_tokens, smoke=args.smoke,
+                  nondeterministic=nondeterministic)
     return 0
 
 
