@@ -62,6 +62,21 @@ def test_auto_with_one_candidate_is_that_method(pico_pair, tmp_path):
     assert {e["method"] for e in _manifest(out)["tensors"].values()} <= {"dare", "dense"}
 
 
+def test_auto_can_choose_by_changed_top_tokens(pico_pair, tmp_path):
+    """objective "flips" (the share of calibration tokens whose most likely next token changes) scores with the same
+    forwards as the KL, records which objective chose, and never ends above its best single candidate."""
+    base, ft = pico_pair
+    out = compress(str(base), str(ft), str(tmp_path / "d"), method="auto", ratio=1.4, progress=False,
+                   params={"objective": "flips"})
+    choice = _manifest(out)["calibration"]["auto"]
+    assert choice["objective"] == "flips"
+    assert all(0 <= v <= 1 + 1e-3 for v in choice["whole_model_kl"].values())  # shares of tokens (+ 1e-6 KL)
+    assert choice["kl"] <= min(choice["whole_model_kl"].values())
+    assert api.verify(str(base), str(out))["ok"]
+    assert _manifest(compress(str(base), str(ft), str(tmp_path / "k"), method="auto", ratio=1.4,
+                              progress=False))["calibration"]["auto"]["objective"] == "kl"
+
+
 def test_heal_moves_float_parts_only_and_never_worsens_the_held_out_fit(auto_delta, pico_pair, tmp_path):
     base, ft = pico_pair
     healed = compress(str(base), str(ft), str(tmp_path / "h"), method="auto", ratio=1.4, progress=False,

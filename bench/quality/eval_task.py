@@ -50,8 +50,8 @@ EVAL_BATCH = 256
 # for labels not timed yet in this call or an earlier one of the same fine-tune (those use their own measurement):
 # without them a job far longer than the ones timed so far (auto after dare) would start in the last minute and be
 # killed at the deadline, wasting the GPU for the others.
-PRIOR_JOB_SECONDS = {"auto": 170.0, "auto-min-gain-3pct": 170.0, "auto+heal": 260.0, "delta-come": 75.0,
-                     "deltadq": 45.0, "dare": 25.0, "lowrank": 25.0, "bitdelta": 25.0}
+PRIOR_JOB_SECONDS = {"auto": 170.0, "auto-min-gain-3pct": 170.0, "auto-flips": 170.0, "auto+heal": 260.0,
+                     "delta-come": 75.0, "deltadq": 45.0, "dare": 25.0, "lowrank": 25.0, "bitdelta": 25.0}
 
 
 # ---- answering and scoring ------------------------------------------------------------------------------------------

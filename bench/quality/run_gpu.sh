@@ -32,8 +32,11 @@
 # fine-tune set has delta-come 16-64x, auto 16x and auto+heal 16x on the held-out tasks; dare and deltadq did not
 # start; auto-min-gain-3pct switched fewer groups than auto on three tasks and kept the same accuracy on all six, so it
 # is dropped):
-#     dare@16,deltadq@16,delta-come@16,auto@16,auto+heal@16,dare@32,deltadq@32,delta-come@32,auto@32,dare@64,
-#     deltadq@64,delta-come@64,auto@64,dare@128,deltadq@128,delta-come@128,auto@128,delta-come@16:task,auto@16:task
+#     dare@16,deltadq@16,delta-come@16,auto@16,auto-flips@16,auto+heal@16,dare@32,deltadq@32,delta-come@32,auto@32,
+#     dare@64,deltadq@64,delta-come@64,auto@64,dare@128,deltadq@128,delta-come@128,auto@128,delta-come@16:task,
+#     auto@16:task
+# (auto-flips: auto choosing by changed top tokens instead of KL; it may become the default only on the tuning
+# families' results, bench/quality/common.py)
 # (with auto+heal in the plan, run `extras` with HEAL_PLAN unset only if the held-out tasks did not get it)
 # Without --plan: default calibration first at 16, 32, 64, 128x for every method, then the task-calibrated runs.
 # If a step says the machine was given back (no /root/m or no /root/dpq/ft-*), start again at step 1.

@@ -105,3 +105,19 @@ class TeacherFit:
             t = self.teacher_logp[r].float()
             total = total + F.kl_div(F.log_softmax(logits, -1), t, log_target=True, reduction="sum")
         return total / (rows.numel() * self.ids.shape[1])
+
+    def kl_and_flips(self, deltas: dict[str, torch.Tensor], rows: torch.Tensor) -> tuple[float, float]:
+        """`kl` and, from the same forwards, the share of calibration tokens whose most likely next token differs
+        between the fine-tune and base + delta: what greedy decoding sees (a KL can fall while more top tokens
+        change). Padding positions count like the rest, as in `kl`."""
+        if getattr(self, "_teacher_top", None) is None:
+            self._teacher_top = self.teacher_logp.argmax(-1)
+        total, changed = 0.0, 0
+        for s in range(0, rows.numel(), self.batch):
+            r = rows[s : s + self.batch].to(self.device)
+            logits = torch.func.functional_call(self.student, self.weights(deltas), (self.ids[r],)).logits.float()
+            total += float(F.kl_div(F.log_softmax(logits, -1), self.teacher_logp[r].float(), log_target=True,
+                                    reduction="sum"))
+            changed += int((logits.argmax(-1) != self._teacher_top[r]).sum())
+        n = rows.numel() * self.ids.shape[1]
+        return total / n, changed / n

@@ -80,7 +80,10 @@ class Auto(DeltaMethod):
         "self", description="choice calibration: the fine-tune's own replies, or text (--calib / default corpus)")
     calib_seqs: int | None = Field(None, ge=1, description="choice calibration sequences (default 32 on GPU, 8 on CPU)")
     calib_seq_len: int | None = Field(None, ge=16, description="tokens per sequence (default 512 on GPU, 128 on CPU)")
-    min_gain: float = Field(0.005, ge=0, description="a group switch must lower the KL by this fraction")
+    min_gain: float = Field(0.005, ge=0, description="a group switch must lower the objective by this fraction")
+    objective: Literal["kl", "flips"] = Field(
+        "kl", description="what the choice minimises on calibration text: KL(fine-tune || base + delta) per token, or "
+        "the share of tokens whose most likely next token changes (ties broken by KL)")
     seed: int = Field(0, description="seed of the self-calibration sampling")
 
     _members: dict = PrivateAttr(default_factory=dict)
@@ -200,7 +203,10 @@ class Auto(DeltaMethod):
                 with phase("refine.auto.decode", ctx.device):
                     deltas = {n: delta(n, assign[n]) for n in pending if n in fit.params}
                 with phase("refine.auto.kl", ctx.device):
-                    return float(fit.kl(deltas, rows))
+                    if self.objective == "kl":
+                        return float(fit.kl(deltas, rows))
+                    kl, flips = fit.kl_and_flips(deltas, rows)
+                    return flips + kl * 1e-6  # flips first; the KL (far below one flip, 1/tokens) orders equal counts
 
         def keep_only(assign: dict[str, str]) -> None:
             for key in [k for k in cache if assign.get(k[0]) != k[1]]:
@@ -233,12 +239,15 @@ class Auto(DeltaMethod):
         counts: dict[str, int] = {}
         for m in assign.values():
             counts[m] = counts.get(m, 0) + 1
+        # with objective "flips" the "kl" fields hold that objective (share of changed top tokens + 1e-6 KL)
         record = {"whole_model_kl": whole, "start": best_m, "switches": switches, "kl": best, "tensors": counts,
+                  "objective": self.objective,
                   "groups": {g: sorted({assign[n] for n in ns}) for g, ns in groups.items()},
                   "calibration": fit.record, "seconds": round(time.perf_counter() - t0, 2)}
         ctx.cache[RECORD_KEY] = record
         rec = ctx.cache.setdefault("calibration_record", {}) or {}
-        ctx.cache["calibration_record"] = dict(rec, auto={k: record[k] for k in ("whole_model_kl", "start", "switches", "kl", "tensors")})
+        ctx.cache["calibration_record"] = dict(rec, auto={k: record[k] for k in ("whole_model_kl", "start", "switches", "kl",
+                                                                             "tensors", "objective")})
         log.info("auto: whole-model KL %s; start %s, %d group switches, KL %.4g (%.0f s)",
                  {m: round(v, 5) for m, v in whole.items()}, best_m, len(switches), best, record["seconds"])
         out = dict(encoded)
