@@ -229,7 +229,11 @@ def cached_self_calibration_texts(source, model, tok, **kw) -> list[str]:
 
     if os.environ.get("DELTAPACK_NO_CALIB_CACHE") or getattr(source, "path", None) is None:
         return self_calibration_texts(model, tok, **kw)
-    path = cache_root() / "calib" / f"self-{self_texts_key(source, model, tok, **kw)}.json"
+    try:
+        path = cache_root() / "calib" / f"self-{self_texts_key(source, model, tok, **kw)}.json"
+    except (OSError, InputError) as e:  # no way to tell this fine-tune's files apart: no cache, never a failure
+        log.warning("self-calibration: not cached (%s)", e)
+        return self_calibration_texts(model, tok, **kw)
     try:
         texts = json.loads(path.read_text())["texts"]
         if isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):

@@ -246,8 +246,8 @@ class Auto(DeltaMethod):
                   "calibration": fit.record, "seconds": round(time.perf_counter() - t0, 2)}
         ctx.cache[RECORD_KEY] = record
         rec = ctx.cache.setdefault("calibration_record", {}) or {}
-        ctx.cache["calibration_record"] = dict(rec, auto={k: record[k] for k in ("whole_model_kl", "start", "switches", "kl",
-                                                                             "tensors", "objective")})
+        kept = ("whole_model_kl", "start", "switches", "kl", "tensors", "objective")
+        ctx.cache["calibration_record"] = dict(rec, auto={k: record[k] for k in kept})
         log.info("auto: whole-model KL %s; start %s, %d group switches, KL %.4g (%.0f s)",
                  {m: round(v, 5) for m, v in whole.items()}, best_m, len(switches), best, record["seconds"])
         out = dict(encoded)
