@@ -171,9 +171,9 @@ EXTRA_SPECS = [
     # changes. Measured on the next fine-tunes (2026-12-07, 22:16 UTC): it switched fewer groups than auto on three
     # tasks and kept exactly auto's accuracy on all six (docs/methods/auto.md), so min_gain stays as it is
     MethodSpec("auto-min-gain-3pct", "auto", {"min_gain": 0.03}),
-    # auto choosing by the share of calibration tokens whose top token changes instead of by KL: on `code` (16x, both
-    # fine-tune sets that have it) auto's switches lowered the KL, on calibration text and on the task's answers, and
-    # cost exact-match accuracy; greedy answers change where top tokens do. Decided on the tuning families only.
+    # auto choosing by the share of calibration tokens whose top token changes instead of by KL: on `code` (16x, the
+    # third fine-tune set) auto's switches lowered the KL, on calibration text and on the task's answers, and cost
+    # exact-match accuracy; greedy answers change where top tokens do. Decided on the tuning families only.
     MethodSpec("auto-flips", "auto", {"objective": "flips"}),
 ]
 ALIASES = {"all": LABEL_ORDER}
