@@ -17,10 +17,12 @@
 # ~1 min of transfer: the 2026-12-07 session held the machine 1676 s for 1303 s of commands):
 #   1. carry [".gpu/smol.part.aa", ".gpu/whl", ".gpu/whl2", ".gpu/whl4"]
 #        bash bench/quality/run_gpu.sh setup && <up to ~560 s of model-free work, results under $OUT>; next session:
-#        export PYTHONPATH=/root/site:src PYTHONUNBUFFERED=1; timeout 230 python3 bench/serving/coldstart.py \
+#        export PYTHONPATH=/root/site:src PYTHONUNBUFFERED=1; timeout 170 python3 bench/serving/coldstart.py \
 #            --shape smollm --runs cold,warm --max-batch 64 --timeout 100 --out $OUT/coldstart.json; \
-#        timeout 300 python3 bench/serving/live.py --modes graph,graph+merged --requests 300 --timeout-s 130 \
+#        timeout 380 python3 bench/serving/live.py --modes graph,graph+merged --requests 300 --timeout-s 130 \
 #            --out $OUT/serving_live.json                                                                ~15 s + work
+#        (coldstart: ~130 s on 2026-12-07's figures; live: the 2026-11-24 graph run spent 121 s warming up on an empty
+#        kernel cache and ~75 s serving; the second mode finds the kernels compiled; results are written per mode)
 #   2. carry [".gpu/smol.part.ab"]               bash bench/quality/run_gpu.sh finetune --plan PLAN        <= 555 s
 #        six full fine-tunes side by side (saved by 300 s), each task evaluated from the moment its fine-tune is
 #        saved until 540 s (parts tagged "ft"); `finetune --time-budget 300 --no-eval` for the fine-tunes alone
