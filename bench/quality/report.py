@@ -73,8 +73,8 @@ def merge(paths: list[Path]) -> dict:
             results[key] = {**r, "part": p.name}
         for task, f in d.get("finetunes", {}).items():
             finetunes[task][f.get("finetune_id", p.name)] = {**f, "part": p.name}
-        for t in d.get("timing", []):
-            timing[(t.get("label", t["method"]), t["target_ratio"])] = t
+        for t in d.get("timing", []):  # the part's date: a timing is only comparable with the code of its day
+            timing[(t.get("label", t["method"]), t["target_ratio"])] = {"measured": d.get("date"), **t}
         for n in d.get("notes", []):
             notes[(n.get("task"), n.get("method"), n.get("target_ratio"), n.get("calibration"), n["note"])] = n
     # a note about a job that some part did measure (e.g. "not started" in the first call, run in the second) goes
@@ -375,19 +375,20 @@ def quality_markdown(merged: dict | None, json_name: str) -> str:
     if merged.get("timing"):
         lines += ["", "**Compression time on a Llama-2-7B-shaped pair** (bench/quality/timing_7b.py; target of issue "
                   f"24: ≤ {TIME_TARGET_S:.0f} s on one H100; the largest phases say where the time goes):", "",
-                  "| method | target | seconds | ≤ 5 min | peak GPU GB | true ratio | largest phases (s) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | target | seconds | ≤ 5 min | peak GPU GB | true ratio | largest phases (s) | measured |",
+                  "|---|---|---|---|---|---|---|---|"]
         for t in merged["timing"]:
             top = sorted(((k, v) for k, v in (t.get("phases") or {}).items() if k.count(".") == 1),
                          key=lambda kv: -kv[1])[:4]
             lines.append(f"| {t.get('label', t['method'])} | {_f(t['target_ratio'], '{:g}x')} | {t['seconds']:.1f} | "
                          f"{'yes' if t['seconds'] <= TIME_TARGET_S else 'no'} | {_f(t.get('peak_gpu_gb'), '{:.1f}')} | "
-                         f"{_f(t.get('true_ratio'), '{:.1f}x')} | {', '.join(f'{k} {v:.0f}' for k, v in top) or '–'} |")
+                         f"{_f(t.get('true_ratio'), '{:.1f}x')} | {', '.join(f'{k} {v:.0f}' for k, v in top) or '–'} | "
+                         f"{(t.get('measured') or '–')[:16].replace('T', ' ')} |")
         timed = {t.get("label", t["method"]) for t in merged["timing"]}
         for n in merged.get("notes", []):
             if n.get("task") is None and n.get("method") not in timed and "error" in n.get("note", ""):
                 lines.append(f"| {n['method']} | {_f(n.get('target_ratio'), '{:g}x')} | not measured: "
-                             f"{n['note'][:160]} | no | | | |")
+                             f"{n['note'][:160]} | no | | | | |")
     if merged.get("repeats"):
         lines += ["", "<details><summary>Repeated measurements (the same job in more than one call; the tables keep "
                   "the latest)</summary>", "", "| task | method | calibration | target | kept | KL | true ratio |",
