@@ -212,8 +212,9 @@ def self_texts_key(source, model, tok, **params) -> str:
     root = Path(source.path)
     files = _weight_files(root) + sorted(p for p in root.glob("*token*") if p.is_file())
     p0 = next(model.parameters())
+    stats = [(f.name, f.stat()) for f in files]
     sig = {"v": SELF_TEXTS_VERSION, "root": str(root.resolve()), "template": tok.chat_template,
-           "files": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files], "prompts": list(GENERIC_PROMPTS),
+           "files": [(name, st.st_size, st.st_mtime_ns) for name, st in stats], "prompts": list(GENERIC_PROMPTS),
            "dtype": str(p0.dtype), "device": p0.device.type, **params}
     return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -117,8 +116,7 @@ class LayerwiseStudent:
         per-token mean is this over rows.numel() x seq_len, as TeacherFit.kl."""
         fit = self.fit
         r = rows.to(fit.device)
-        logits = self.logits(fit.ids[r]).float()
-        return F.kl_div(F.log_softmax(logits, -1), fit.teacher_logp[r].float(), log_target=True, reduction="sum")
+        return fit.kl_sum_of_logits(self.logits(fit.ids[r]).float(), r)
 
 
 # ---- memory ----------------------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class TeacherFit:
         self.ids = self.ids.to(dev)
         with phase("teacher.logprobs", dev):
             self.teacher_logp = _teacher_logprobs(teacher, self.ids, batch)  # frees the teacher
+        self._teacher_top = None  # its most likely tokens, made when first asked for (kl_and_flips)
         del teacher
         self.student = load_source_model(ctx.base, dev, self.dtype)
         for p in self.student.parameters():
@@ -94,30 +95,36 @@ class TeacherFit:
             out[name] = w + d if rows == w.shape[0] else torch.cat([w[:rows] + d, w[rows:]])
         return out
 
-    def kl(self, deltas: Callable[[], dict[str, torch.Tensor]] | dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        """Mean KL per token over calibration sequences `rows`. `deltas`: a dict, or a function returning one (called
-        once per mini-batch, so a graph through it is rebuilt for each backward)."""
-        total = 0.0
+    def _student_logits(self, deltas, rows: torch.Tensor):
+        """(rows of the mini-batch, fp32 logits of base + delta on them), one mini-batch at a time. `deltas`: a dict,
+        or a function returning one (called once per mini-batch, so a graph through it is rebuilt for each
+        backward)."""
         for s in range(0, rows.numel(), self.batch):
             r = rows[s : s + self.batch].to(self.device)
             d = deltas() if callable(deltas) else deltas
-            logits = torch.func.functional_call(self.student, self.weights(d), (self.ids[r],)).logits.float()
-            t = self.teacher_logp[r].float()
-            total = total + F.kl_div(F.log_softmax(logits, -1), t, log_target=True, reduction="sum")
+            yield r, torch.func.functional_call(self.student, self.weights(d), (self.ids[r],)).logits.float()
+
+    def kl_sum_of_logits(self, logits: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Summed KL(fine-tune ‖ student) over the tokens of calibration sequences `r`, given the student's fp32
+        logits on them."""
+        return F.kl_div(F.log_softmax(logits, -1), self.teacher_logp[r].float(), log_target=True, reduction="sum")
+
+    def kl(self, deltas: Callable[[], dict[str, torch.Tensor]] | dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """Mean KL per token over calibration sequences `rows` (differentiable through `deltas`)."""
+        total = 0.0
+        for r, logits in self._student_logits(deltas, rows):
+            total = total + self.kl_sum_of_logits(logits, r)
         return total / (rows.numel() * self.ids.shape[1])
 
     def kl_and_flips(self, deltas: dict[str, torch.Tensor], rows: torch.Tensor) -> tuple[float, float]:
         """`kl` and, from the same forwards, the share of calibration tokens whose most likely next token differs
         between the fine-tune and base + delta: what greedy decoding sees (a KL can fall while more top tokens
         change). Padding positions count like the rest, as in `kl`."""
-        if getattr(self, "_teacher_top", None) is None:
+        if self._teacher_top is None:
             self._teacher_top = self.teacher_logp.argmax(-1)
         total, changed = 0.0, 0
-        for s in range(0, rows.numel(), self.batch):
-            r = rows[s : s + self.batch].to(self.device)
-            logits = torch.func.functional_call(self.student, self.weights(deltas), (self.ids[r],)).logits.float()
-            total += float(F.kl_div(F.log_softmax(logits, -1), self.teacher_logp[r].float(), log_target=True,
-                                    reduction="sum"))
+        for r, logits in self._student_logits(deltas, rows):
+            total += float(self.kl_sum_of_logits(logits, r))
             changed += int((logits.argmax(-1) != self._teacher_top[r]).sum())
         n = rows.numel() * self.ids.shape[1]
         return total / n, changed / n

@@ -58,13 +58,22 @@ def coded_nbytes(parts: dict[str, torch.Tensor]) -> int:
         return sum(t.numel() * t.element_size() for t in encode_parts(parts)[0].values())
 
 
-def fit_coded_budget(encode: Callable[[int], Encoded], budget: int, max_budget: int, rounds: int) -> Encoded:
+def fit_coded_budget(encode: Callable[[int], Encoded], budget: int, max_budget: int, rounds: int,
+                     device: torch.device | None = None) -> Encoded:
     """Encode so that the parts AFTER the entropy stage fill `budget` bytes without passing it. `encode(b)` encodes
     at a budget of b stored (pre-entropy) bytes; `rounds` re-encodes at most. The first trial scales b by
     budget / coded; once one overshoots (the coded fraction grows with the budget: on real deltas dare's went from
     0.67 to 0.70 between 1x and 1.4x), the next ones interpolate inside the bracket [fits, overshoots]. Stops within
     CODED_FIT_TOLERANCE. An encoding whose coded size passes the budget is never returned. `max_budget`: stored
-    bytes past which more buy nothing (max_useful_bytes)."""
+    bytes past which more buy nothing (max_useful_bytes). Timed as the phase `encode.coded_fit` (`device`: the one its
+    encodes run on, synchronised at the phase edges)."""
+    from deltapack.compress import phase
+
+    with phase("encode.coded_fit", device):
+        return _fit_coded(encode, budget, max_budget, rounds)
+
+
+def _fit_coded(encode: Callable[[int], Encoded], budget: int, max_budget: int, rounds: int) -> Encoded:
     lo_b, enc = budget, encode(budget)
     enc.coded_bytes = coded_nbytes(enc.parts)
     hi: tuple[int, int] | None = None  # (stored budget, coded bytes) of the smallest overshoot
@@ -169,13 +178,10 @@ class DeltaMethod(BaseModel):
         """`encode_at(b)` (this tensor at a stored budget of b bytes) fitted to the job's budget after the entropy
         stage, up to the method's useful size; one encode at the nominal budget when the method has no entropy
         stage or no fit rounds. For overrides of `encode_coded` that only change how one budget is encoded."""
-        from deltapack.compress import phase
-
         if not self.entropy_stage or self.coded_fit_rounds < 1:
             return encode_at(job.budget_bytes)
-        with phase("encode.coded_fit", job.delta.device):
-            return fit_coded_budget(encode_at, job.budget_bytes,
-                                    max(job.budget_bytes, self.max_useful_bytes(job.shape)), self.coded_fit_rounds)
+        return fit_coded_budget(encode_at, job.budget_bytes, max(job.budget_bytes, self.max_useful_bytes(job.shape)),
+                                self.coded_fit_rounds, job.delta.device)
 
     def refine(self, encoded: dict[str, Encoded], ctx: "CompressContext") -> dict[str, Encoded]:
         """Optional whole-model pass over all encoded tensors before writing."""

@@ -639,13 +639,11 @@ class DeltaCoMe(DeltaMethod):
                           for w, sl in _width_spans(bits)]
                 return Encoded("factors", {"stored_budget": b}, build_factor_parts(groups)[1])
 
-            with _phase("encode.coded_fit", dev):
-                most = k * max(self._costs(job.shape, g)[max(self._widths())] for g in self._group_sizes())
-                # GPTQ's codes spread over the grid more than RTN's: on SmolLM2 fine-tunes they coded 2.5-4% larger
-                # than the proxy's, so the proxy aims that much lower (what stays unspent rolls over in the unit)
-                aim = max(cheapest, int(job.budget_bytes / (GPTQ_CODED_EXCESS if H is not None else RTN_CODED_EXCESS)))
-                budget = fit_coded_budget(proxy, aim, max(aim, most),
-                                          self.coded_fit_rounds).params["stored_budget"]
+            most = k * max(self._costs(job.shape, g)[max(self._widths())] for g in self._group_sizes())
+            # GPTQ's codes spread over the grid more than RTN's: on SmolLM2 fine-tunes they coded 2.5-4% larger
+            # than the proxy's, so the proxy aims that much lower (what stays unspent rolls over in the unit)
+            aim = max(cheapest, int(job.budget_bytes / (GPTQ_CODED_EXCESS if H is not None else RTN_CODED_EXCESS)))
+            budget = fit_coded_budget(proxy, aim, max(aim, most), self.coded_fit_rounds, dev).params["stored_budget"]
         gs, bits, order, record = widths(budget)
         A0, Bt0 = A0[order], Bt0[order]
 

@@ -333,11 +333,8 @@ class DeltaDQ(DeltaMethod):
                                          hashes=hashes)
             return Encoded("deltadq", params, {k: v.cpu() for k, v in parts.items()})
 
-        from deltapack.compress import phase
-
         most = max(job.budget_bytes, dq.stored_bytes(m, m * n, top, s, scale))
-        with phase("encode.coded_fit", delta.device):
-            return fit_coded_budget(at, job.budget_bytes, most, self.coded_fit_rounds)
+        return fit_coded_budget(at, job.budget_bytes, most, self.coded_fit_rounds, delta.device)
 
     def _default_g(self, m: int, n: int, n_values: int, name: str) -> int:
         if self.group_size is not None:
