@@ -499,3 +499,16 @@ def test_deterministic_finetunes_are_named_by_their_weights(q, tmp_path):
     late = finetune.finetune_task("extract", base, tmp_path / "late", steps=3, lr=1e-3, batch_size=4, data=data,
                                   device=torch.device("cpu"), deadline=0.0, eval_batch=4, nondeterministic=[])
     assert late["stopped_early"] and not late["finetune_id"].startswith("extract-w")
+
+
+def test_targets_prefer_a_row_measured_on_the_latest_finetunes(q):
+    """The targets table: a row that mixes fine-tune sets loses to one measured wholly on the latest fine-tunes,
+    even where its worst task is higher, and is marked ‡ when it is all there is."""
+    c, rep, tasks = q.common, q.report, q.tasks.TASKS
+    latest = [_record(c, t, "dare", 16.0, "default", 50) for t in tasks]
+    mixed = [_record(c, t, "auto", 16.0, "default", 58) for t in tasks]
+    mixed[0]["earlier_finetune"] = True
+    row = next(ln for ln in rep.targets_lines(latest + mixed) if ln.startswith("| 16x"))
+    assert "| dare: 0.833" in row and "‡" not in row
+    row = next(ln for ln in rep.targets_lines(mixed) if ln.startswith("| 16x"))
+    assert "| auto: 0.967" in row and row.count("‡") == 1

@@ -123,7 +123,11 @@ def worst(cell: dict[str, dict], tasks: tuple[str, ...]) -> tuple[dict | None, b
     recs = [cell[t] for t in tasks if t in cell and cell[t].get("kept") is not None]
     if not recs:
         return None, False
-    return min(recs, key=lambda r: (r["kept"], r["task"])), len(recs) == len(tasks)
+    low = min(recs, key=lambda r: (r["kept"], r["task"]))
+    if any(r.get("earlier_finetune") for r in recs) and not low.get("earlier_finetune"):
+        # the worst of a row that mixes fine-tune sets is marked too: with the other set's records the worst might differ
+        low = {**low, "mixed_sets": True}
+    return low, len(recs) == len(tasks)
 
 
 def kept_text(r: dict | None, *, ratio: bool = False, task: bool = False, complete: bool = True) -> str:
@@ -135,7 +139,7 @@ def kept_text(r: dict | None, *, ratio: bool = False, task: bool = False, comple
         text += f" {r['true_ratio']:.1f}x"
     if task:
         text += f" {r['task']}"
-    return text + ("" if complete else " †") + (" ‡" if r.get("earlier_finetune") else "")
+    return text + ("" if complete else " †") + (" ‡" if r.get("earlier_finetune") or r.get("mixed_sets") else "")
 
 
 def labels_of(results: list[dict]) -> list[str]:
@@ -196,11 +200,17 @@ def which_method_markdown(merged: dict | None, json_name: str) -> str:
     public = [lab for lab in labels_of(results) if lab in LABEL_ORDER]
     best = {}
     for ratio in ratios:
-        scores = [(worst(cells.get((lab, ratio, "default"), {}), TASKS)[0] or {}).get("kept") for lab in public]
-        best[ratio] = max((s for s in scores if s is not None), default=None)
+        # bold only a row of all six families measured on the latest fine-tunes: a partial or mixed row is no winner
+        scores = []
+        for lab in public:
+            rec, complete = worst(cells.get((lab, ratio, "default"), {}), TASKS)
+            if rec is not None and complete and not (rec.get("earlier_finetune") or rec.get("mixed_sets")):
+                scores.append(rec["kept"])
+        best[ratio] = max(scores, default=None)
     lines = [head, "Accuracy kept by the worst of the six task families (held-out families included) at each target "
              "true ratio, with no calibration file (the default), rebuilt ÷ fine-tune, 95% paired interval; best per "
-             "column in bold; † = not every family measured; ‡ = on an earlier fine-tune of the same recipe. "
+             "column in bold (among rows with all six families on the latest fine-tunes); † = not every family "
+             "measured; ‡ = on an earlier fine-tune of the same recipe, or a row mixing fine-tune sets. "
              "Per-family tables: "
              "[docs/benchmarks.md](docs/benchmarks.md).", "",
              "| method | " + " | ".join(f"{r:g}x" for r in ratios) + " |", "|---|" + "---|" * len(ratios)]
@@ -209,7 +219,8 @@ def which_method_markdown(merged: dict | None, json_name: str) -> str:
         for ratio in ratios:
             rec, complete = worst(cells.get((label, ratio, "default"), {}), TASKS)
             text = kept_text(rec, complete=complete)
-            if rec is not None and rec["kept"] == best[ratio]:
+            if (rec is not None and complete and rec["kept"] == best[ratio]
+                    and not (rec.get("earlier_finetune") or rec.get("mixed_sets"))):
                 text = f"**{_f(rec['kept'])}**" + text[len(_f(rec["kept"])):]
             row.append(text)
         lines.append(f"| {label} | " + " | ".join(row) + " |")
@@ -223,17 +234,21 @@ def targets_lines(results: list[dict]) -> list[str]:
     for ratio, goal in TARGETS.items():
         cands = []
         for label in labels_of(results):
-            rec, complete = worst(cells.get((label, ratio, "default"), {}), TASKS)
+            cell = cells.get((label, ratio, "default"), {})
+            rec, complete = worst(cell, TASKS)
             if rec is not None and complete:
-                cands.append((rec["kept"], label, rec))
+                mixed = bool(rec.get("earlier_finetune") or rec.get("mixed_sets"))
+                cands.append((not mixed, rec["kept"], label, rec))
         if not cands:
             out.append(f"| {ratio:g}x | {goal:.2f} | not measured on every family | – | – | – |")
             continue
-        kept, label, rec = max(cands, key=lambda c: (c[0], -label_key(c[1])[0]))  # a tie goes to the earlier label
+        # a row measured wholly on the latest fine-tunes first: a row that mixes fine-tune sets takes each task's
+        # worst-case from whichever set it was measured on, which no single user's fine-tune sees (marked ‡)
+        latest, kept, label, rec = max(cands, key=lambda c: (c[0], c[1], -label_key(c[2])[0]))  # tie: earlier label
         lo, hi = rec.get("kept_interval") or [None, None]
         met = "yes" if kept >= goal else ("no (interval below the target)" if hi is not None and hi < goal else "no")
-        out.append(f"| {ratio:g}x | {goal:.2f} | {label}: {kept:.3f} ({rec['task']}, true {rec['true_ratio']:.1f}x) | "
-                   f"[{_f(lo)}, {_f(hi)}] | {met} | {_f(max(0.0, goal - kept))} |")
+        out.append(f"| {ratio:g}x | {goal:.2f} | {label}: {kept:.3f} ({rec['task']}, true {rec['true_ratio']:.1f}x)"
+                   f"{'' if latest else ' ‡'} | [{_f(lo)}, {_f(hi)}] | {met} | {_f(max(0.0, goal - kept))} |")
     return out
 
 
@@ -356,7 +371,8 @@ def quality_markdown(merged: dict | None, json_name: str) -> str:
              "own training split as --calib; n/a = no task-calibrated run of this method (none exists for a data-free "
              "method; none was made in these parts otherwise); – = not measured. † = not every family of the "
              "row was measured. ‡ = measured on an earlier fine-tune of the same recipe (that task's latest fine-tune "
-             "was not evaluated in this cell); the fine-tunes table lists both.", "",
+             "was not evaluated in this cell), or, on a worst-task cell, a row whose families were measured on different "
+             "fine-tune sets; the fine-tunes table lists them.", "",
              "### Worst task, tuning families (" + ", ".join(TUNING) + ")", "", *worst_table(results, TUNING), "",
              "### Worst task, held-out families (" + ", ".join(HELDOUT) + ")", "",
              "Never used to choose a method, knob, default or calibration (decided before any result, "
