@@ -205,6 +205,15 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def save(out: Path, records: list[dict], meta: dict, *, smoke: bool) -> None:
+    if smoke:
+        write_json(out, {"coldstart": records, **meta})
+    else:
+        doc = json.loads(out.read_text()) if out.is_file() else {}
+        doc["coldstart"] = records  # the file's other parts stay as they are
+        write_json(out, doc)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU smoke: pico shape, --device cpu, background warm-up, "
@@ -223,6 +232,10 @@ def main(argv: list[str] | None = None) -> int:
         args.max_batch = min(args.max_batch, 8)
         args.ratio = min(args.ratio, 4.0)  # pico tensors are too small for 16x
         args.serve_args = ["--device", "cpu", "--warmup", "background"] + args.serve_args
+    runs = [c.strip() for c in args.runs.split(",") if c.strip()]
+    for cache in runs:
+        if cache not in ("cold", "warm"):
+            ap.error(f"--runs: {cache!r} is neither cold nor warm")
     work = args.work or Path("/tmp/deltapack_coldstart")
     work.mkdir(parents=True, exist_ok=True)
     import torch
@@ -236,22 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"command": command.strip(), "device": device_name(args.serve_args),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "shape": args.shape,
             "max_batch": args.max_batch, "ratio": args.ratio}
+    if args.smoke:
+        out = args.out or RESULTS / "serving_coldstart_cpu_smoke.json"
+    else:
+        out = args.out or RESULTS / "serving.json"
     records = []
-    for cache in [c.strip() for c in args.runs.split(",") if c.strip()]:
-        if cache not in ("cold", "warm"):
-            ap.error(f"--runs: {cache!r} is neither cold nor warm")
+    for cache in runs:
         rec = {**one_start(args, cache, base, deltas, work), **meta}
         print(json.dumps({k: rec[k] for k in ("cache", "ready_s", "first_token_s", "warmup_s", "kernels", "startup_phases")}),
               file=sys.stderr)
         records.append(rec)
-    if args.smoke:
-        out = args.out or RESULTS / "serving_coldstart_cpu_smoke.json"
-        write_json(out, {"coldstart": records, **meta})
-    else:
-        out = args.out or RESULTS / "serving.json"
-        doc = json.loads(out.read_text()) if out.is_file() else {}
-        doc["coldstart"] = records  # the file's other parts stay as they are
-        write_json(out, doc)
+        save(out, records, meta, smoke=args.smoke)  # after every start: a command killed during the next keeps this one
     print(f"wrote {out}", file=sys.stderr)
     return 0 if all(not r["errors"] and len(r["first_token_s"]) == r["tenants"] for r in records) else 1
 

@@ -520,6 +520,12 @@ TRACE_LOADS = (0.25, 0.5, 0.8, 1.0, 1.5, 2.0, 4.0, 8.0)  # offered load as a fra
 RECORD_LOAD = 0.8  # the load of the `trace` records (one of TRACE_LOADS)
 
 
+def effective_ratio(notes: dict, ratio: float) -> float:
+    """The delta-come tenants' measured compression of the linear weights (notes.decode.effective_ratio), else the
+    nominal ratio."""
+    return float((notes.get("decode", {}).get("effective_ratio") or {}).get(f"delta-come {ratio:g}x", ratio))
+
+
 def simulate_trace(costs_s: dict, tc: dict, notes: dict) -> list[dict]:
     """The trace at 0.8 of deltapack's capacity (the records), plus a sweep of offered loads (notes.trace.sweep):
     under an open-loop trace both systems serve the same arrivals, so below the slower one's capacity throughput
@@ -531,12 +537,10 @@ def simulate_trace(costs_s: dict, tc: dict, notes: dict) -> list[dict]:
     distinct = ts.expected_distinct(tc["tenants"], B)
     capacity = ts.capacity_rps(costs, B, round(distinct), tc["out"])
 
-    # what the same engine would do if every decode step ran at the issue's bound, base step x (1 + k/R): the delta
-    # bytes of k tenants read at the base's rate (R = the tenants' measured compression of the linear weights)
-    ratio = float((notes.get("decode", {}).get("effective_ratio") or {}).get(f"delta-come {tc['ratio']:g}x", tc["ratio"]))
+    # what the same engine would do if every decode step ran at the issue's bound (trace_sim.Costs.at_bound)
+    ratio = effective_ratio(notes, tc["ratio"])
     b_full = costs.decode(B, 0)
-    at_bound = ts.Costs(costs.decode_base, {k: b_full * k / ratio for k in costs.decode_extra}, costs.prefill,
-                        costs.swap_s, costs.prefill_base)
+    at_bound = costs.at_bound(ratio, B)
 
     def run(load: float) -> tuple[dict, dict, dict]:
         trace = ts.make_trace(tc["requests"], tc["tenants"], load * capacity, tc["out"], seed=0)

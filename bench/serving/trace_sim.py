@@ -57,6 +57,13 @@ class Costs:
         return cls(keyed(c["decode_base_s"]), keyed(c["decode_extra_s"]), keyed(c["prefill_s"]), float(c["swap_s"]),
                    keyed(c["prefill_base_s"]) if c.get("prefill_base_s") else None)
 
+    def at_bound(self, ratio: float, batch: int) -> "Costs":
+        """The same engine if every decode step ran at issue 26's bound, base step x (1 + k/R): the delta bytes of k
+        tenants read at the base's rate (R: the tenants' measured compression of the linear weights)."""
+        b_full = self.decode(batch, 0)
+        return Costs(self.decode_base, {k: b_full * k / ratio for k in self.decode_extra}, self.prefill, self.swap_s,
+                     self.prefill_base)
+
     def prefill_s(self, n: int) -> float:
         return self._interp(self.prefill, n)
 
