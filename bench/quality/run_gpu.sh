@@ -17,26 +17,26 @@
 # ~1 min of transfer: the 2026-12-07 session held the machine 1676 s for 1303 s of commands):
 #   1. carry [".gpu/smol.part.aa", ".gpu/whl", ".gpu/whl2", ".gpu/whl4"]
 #        bash bench/quality/run_gpu.sh setup && <up to ~560 s of model-free work, results under $OUT>; next session:
-#        export PYTHONPATH=/root/site:src PYTHONUNBUFFERED=1; timeout 170 python3 bench/serving/coldstart.py \
+#        export PYTHONPATH=/root/site:src PYTHONUNBUFFERED=1; timeout 250 python3 bench/serving/coldstart.py \
 #            --shape smollm --runs cold,warm --max-batch 64 --timeout 100 --out $OUT/coldstart.json; \
-#        timeout 380 python3 bench/serving/live.py --modes graph,graph+merged --requests 300 --timeout-s 130 \
-#            --out $OUT/serving_live.json                                                                ~15 s + work
-#        (coldstart: ~130 s on 2026-12-07's figures; live: the 2026-11-24 graph run spent 121 s warming up on an empty
-#        kernel cache and ~75 s serving; the second mode finds the kernels compiled; results are written per mode)
+#        timeout 320 bash bench/quality/run_gpu.sh timing auto --time-budget 300                       ~15 s + work
+#        (coldstart on 2026-12-08: building the models 55 s, the cold start with its background warm-up ~115 s, so
+#        the warm start did not fit the 170 s given; it now writes each start's record as it ends. The 7B timing of
+#        auto alone says where its encode time goes, now that every coded-size fit is timed)
 #   2. carry [".gpu/smol.part.ab"]               bash bench/quality/run_gpu.sh finetune --plan PLAN        <= 555 s
-#        six full fine-tunes side by side (saved by 300 s), each task evaluated from the moment its fine-tune is
-#        saved until 540 s (parts tagged "ft"); `finetune --time-budget 300 --no-eval` for the fine-tunes alone
+#        six full fine-tunes side by side (saved by 360 s), each task evaluated from the moment its fine-tune is
+#        saved until 540 s (parts tagged "ft"); `finetune --no-eval` for the fine-tunes alone (<= 360 s)
 #   3.                                           bash bench/quality/run_gpu.sh extras --plan PLAN            <= 545 s
 #        the rest of PLAN (parts tagged "e1") and auto+heal on the held-out tasks beside it (tagged "heal")
 #   4. (if device time is left)                  bash bench/quality/run_gpu.sh eval e2 --plan PLAN          <= 555 s
 # Every call continues where the previous one stopped (a ledger per task in /root/dpq). PLAN = LABEL@RATIO[:CALIB],...
-# in run order (the cells that matter most first). The plan for the next device session (2026-12-07 note: the third
-# fine-tune set has delta-come 16-64x, auto 16x and auto+heal 16x on the held-out tasks; dare and deltadq did not
-# start; auto-min-gain-3pct switched fewer groups than auto on three tasks and kept the same accuracy on all six, so it
-# is dropped):
-#     dare@16,deltadq@16,delta-come@16,auto@16,auto-flips@16,auto+heal@16,dare@32,deltadq@32,delta-come@32,auto@32,
-#     dare@64,deltadq@64,delta-come@64,auto@64,dare@128,deltadq@128,delta-come@128,auto@128,delta-come@16:task,
-#     auto@16:task
+# in run order (the cells that matter most first). The plan for the next device session (2026-12-08: the fourth
+# fine-tune set got dare, deltadq, delta-come at 16-64x and auto at 16x on all six tasks, auto-flips on chat only; the
+# fine-tunes' step counts changed after it, so only chat, whose count did not, can pair with it; auto-flips goes
+# right after auto, auto+heal after the ratios, since its held-out rows exist from earlier sets):
+#     dare@16,deltadq@16,delta-come@16,auto@16,auto-flips@16,dare@32,deltadq@32,delta-come@32,auto@32,
+#     dare@64,deltadq@64,delta-come@64,auto@64,dare@128,deltadq@128,delta-come@128,auto@128,auto+heal@16,
+#     delta-come@16:task,auto@16:task
 # (auto-flips: auto choosing by changed top tokens instead of KL; it may become the default only on the tuning
 # families' results, bench/quality/common.py)
 # (with auto+heal in the plan, run `extras` with HEAL_PLAN unset only if the held-out tasks did not get it)
@@ -102,8 +102,8 @@ finetune)
     for a in "$@"; do
         if [[ "$a" == "--no-eval" ]]; then eval_flag=(); else args+=("$a"); fi
     done
-    budget=(--train-budget 300 --time-budget 540)
-    [[ ${#eval_flag[@]} -eq 0 ]] && budget=(--time-budget 300)
+    budget=(--train-budget 360 --time-budget 540)
+    [[ ${#eval_flag[@]} -eq 0 ]] && budget=(--time-budget 360)
     python3 bench/quality/run.py finetune --workdir "$WORKDIR" --out-dir "$OUTDIR" "${budget[@]}" \
         "${eval_flag[@]}" "${args[@]}"
     ;;
