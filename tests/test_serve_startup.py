@@ -70,6 +70,9 @@ def test_health_reports_startup_phases(pair):
         for phase in ("base load", "deltas", "engine"):
             assert phase in st["phases"]
         assert set(st["notes"]["deltas"]) == {"verify_s", "fingerprint_wait_s", "pack_s"}
+        steps = st["notes"]["base load"]  # where the base load went, step by step
+        assert set(steps) == {"import_s", "read_s", "to_device_s", "wrap_s", "tokenizer_s"}
+        assert sum(steps.values()) <= st["phases"]["base load"] + 1e-3
         # registered in the order given, though prepared in parallel
         assert list(state.tiers.tenants) == list(deltas)
 
@@ -140,3 +143,41 @@ def test_cli_ready_only_when_every_model_answers(pair):
     log = b"".join(out).decode()
     assert proc.returncode == 0, log[-2000:]
     assert "ready in " in log and "base load" in log
+
+
+def test_triton_packs_in_parallel_threads_match_sequential_ones(pair):
+    """The server's start packs its deltas in parallel threads; the Triton backend's pack shares only its launch
+    masks, now under their own lock (the whole pack used to take turns): the same packed tensors and the same
+    family masks as one pack after another."""
+    pytest.importorskip("triton")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deltapack.format.directory import DeltaDir
+    from deltapack.kernels.triton import TritonKernels
+
+    _, deltas = pair
+    jobs = []
+    for path in deltas.values():
+        d = DeltaDir.open(path)
+        for name in d.manifest.tensors:
+            te = d.entry(name)
+            if len(te.shape) == 2:
+                jobs.append((te.codec, te.params, d.parts(name), tuple(te.shape)))
+    assert len(jobs) > 4
+
+    def pack_all(kernels, threads):
+        def one(job):
+            codec, params, parts, shape = job
+            return kernels.pack(codec, params, dict(parts), shape, dtype=torch.float32)
+
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(one, jobs))
+
+    seq, par = TritonKernels(), TritonKernels()
+    a, b = pack_all(seq, 1), pack_all(par, 8)
+    assert par._masks == seq._masks and seq._masks
+    for p, q in zip(a, b):
+        assert p.kind == q.kind and p.meta == q.meta
+        for k, v in vars(p).items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, getattr(q, k)), k

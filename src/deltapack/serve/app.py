@@ -132,8 +132,11 @@ def build_server(
         from deltapack.io.sources import open_model
 
         fingerprint = in_background(lambda: base_fingerprint(open_model(base)), "deltapack-fingerprint")
+    base_steps: dict[str, float] = {}
     with clock.phase("base load"):
-        runner = ModelRunner(base, device=device, dtype=dtype, kernels=kernels, max_model_len=max_model_len)
+        runner = ModelRunner(base, device=device, dtype=dtype, kernels=kernels, max_model_len=max_model_len,
+                             timings=base_steps)
+    clock.notes["base load"] = base_steps  # where the base load's time went (transformers' import, read, ...)
     if compiler is not None and hasattr(runner.state.kernels, "compiler"):
         runner.state.kernels.compiler = compiler
     name = served_model_name or str(base)

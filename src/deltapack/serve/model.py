@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,6 +283,19 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+class _Laps:
+    """Seconds since the previous lap, summed by name into `into` (nothing when `into` is None)."""
+
+    def __init__(self, into: dict[str, float] | None):
+        self.into, self.t = into, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        if self.into is not None:
+            self.into[name] = round(self.into.get(name, 0.0) + now - self.t, 4)
+        self.t = now
+
+
 class ModelRunner:
     """Loads the base model once, wraps it, and runs batched forwards with a tenant slot per row."""
 
@@ -293,11 +307,16 @@ class ModelRunner:
         dtype: str | torch.dtype | None = "auto",
         kernels: str = "auto",
         max_model_len: int | None = None,
+        timings: dict[str, float] | None = None,
     ):
+        """`timings`: filled with the seconds of each step of the load (transformers' import, reading the weights,
+        the move to the device, the tokenizer): the server's start-up record shows where its "base load" goes."""
+        lap = _Laps(timings)
         from transformers import AutoConfig, AutoModelForCausalLM
 
         from deltapack.io.sources import open_model
 
+        lap("import_s")
         self.source = open_model(base)
         self.path = Path(self.source.path)
         self.device = resolve_device(device)
@@ -311,7 +330,9 @@ class ModelRunner:
             model = AutoModelForCausalLM.from_pretrained(str(self.path), dtype=self.dtype)
         except Exception as e:
             raise InputError(f"cannot load the base model from {self.path}: {e.__class__.__name__}: {e}") from e
+        lap("read_s")
         self.model = model.to(self.device).eval()
+        lap("to_device_s")
         self.config = cfg
         emb = self.model.get_input_embeddings()
         head = self.model.get_output_embeddings()
@@ -330,9 +351,11 @@ class ModelRunner:
         self.cache_kw = cache_kwarg(self.model)
         limit = getattr(cfg, "max_position_embeddings", None) or 2048
         self.max_model_len = min(limit, max_model_len) if max_model_len else limit
+        lap("wrap_s")
         self.tokenizer = load_tokenizer(self.path)
         self.eos_ids = eos_token_ids(self.path, cfg, self.tokenizer)
         self.pad_id = 0
+        lap("tokenizer_s")
         log.info("base %s on %s in %s, %d delta sites, kernels=%s", self.path, self.device, self.dtype, len(self.sites), self.state.kernels.name)
 
     @property

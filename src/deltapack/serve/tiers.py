@@ -123,9 +123,6 @@ class DeltaTiers:
         self._fingerprint_lock = threading.Lock()  # deltas prepared in parallel hash the base once
         self._scratch: Path | None = None  # where imported peft adapters are stored as deltas while registered
         self._scratch_lock = threading.Lock()
-        # the Triton backend's pack records launch masks in shared state: packs of deltas prepared in parallel
-        # take turns there (the reference backend's pack is stateless)
-        self._pack_lock = threading.Lock()
         # where registration time goes (seconds summed over deltas; /health's startup notes)
         self.timings = {"verify_s": 0.0, "fingerprint_wait_s": 0.0, "pack_s": 0.0}
         self._timings_lock = threading.Lock()
@@ -310,12 +307,8 @@ class DeltaTiers:
             else:
                 parts = t.delta.parts(tname)
                 new_rows = parts.pop("new_rows", None)
-            kernels = r.state.kernels
-            if kernels.name == "reference":
-                p = kernels.pack(codec, params, parts, tuple(shape), dtype=r.dtype, device=device)
-            else:
-                with self._pack_lock:
-                    p = kernels.pack(codec, params, parts, tuple(shape), dtype=r.dtype, device=device)
+            # thread-safe in every backend (the Triton one locks only its launch masks): deltas pack in parallel
+            p = r.state.kernels.pack(codec, params, parts, tuple(shape), dtype=r.dtype, device=device)
             if new_rows is not None:
                 p.extra_rows = new_rows.to(r.dtype).reshape(-1, shape[1]).to(device)
             p.replace = any(rep for _, rep in t.placements[tname])

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -414,6 +415,9 @@ class TritonKernels(DeltaKernels):
         # background compilation (deltapack.kernels.compile): None = compile on first launch, as Triton does
         self.compiler = compiler
         self._masks: dict[str, list[int]] = {}  # family -> [widths, modes] union (LaunchConfig.family_masks)
+        # the masks are the only state pack() shares: deltas packed in parallel threads (the server's start) and the
+        # engine's launches update them under this lock, and the packing itself runs unlocked
+        self._masks_lock = threading.Lock()
         self.launches = {"triton": 0, "torch": 0}  # family launches by path (tests, /health)
 
     @property
@@ -434,9 +438,10 @@ class TritonKernels(DeltaKernels):
         known at pack time (as _build_plan will choose them) so that the first forward already launches every layer
         with the family's full mask."""
         def add(fam: str, bits: int, mode: int) -> None:
-            m = self._masks.setdefault(fam, [0, 0])
-            m[0] |= 1 if bits >= 16 else 1 << bits
-            m[1] |= 1 << mode
+            with self._masks_lock:
+                m = self._masks.setdefault(fam, [0, 0])
+                m[0] |= 1 if bits >= 16 else 1 << bits
+                m[1] |= 1 << mode
 
         if p.kind == "qfactors":
             for g in p.meta["groups"]:
@@ -458,10 +463,11 @@ class TritonKernels(DeltaKernels):
     def _family_mask(self, fam: str, widths: int, modes: int) -> tuple[int, int]:
         if not self.config.family_masks:
             return widths, modes
-        m = self._masks.setdefault(fam, [0, 0])
-        m[0] |= widths
-        m[1] |= modes
-        return m[0], m[1]
+        with self._masks_lock:
+            m = self._masks.setdefault(fam, [0, 0])
+            m[0] |= widths
+            m[1] |= modes
+            return m[0], m[1]
 
     # -- helpers --
     def _check_device(self, x: torch.Tensor) -> None:
