@@ -157,3 +157,15 @@ def test_heal_that_does_not_help_keeps_autos_choice(auto_delta, pico_pair, tmp_p
     plain, after = _stored(auto_delta), _stored(out)
     assert plain.keys() == after.keys()
     assert all(torch.equal(v, after[k]) for k, v in plain.items())
+
+
+def test_auto_phases_name_each_candidates_coded_fit(pico_pair, tmp_path):
+    """Under auto every candidate fits its own coded size, timed as encode.coded_fit.<method>; auto's provisional
+    entry (all candidates together) is not fitted again (it would only be zstd-coded to find it over budget)."""
+    from deltapack.compress import record_phases
+
+    base, ft = pico_pair
+    with record_phases() as phases:
+        compress(str(base), str(ft), str(tmp_path / "d"), method="auto", ratio=1.4, progress=False)
+    fits = {k.rsplit(".", 1)[1] for k in phases if k.startswith("encode.coded_fit.")}
+    assert {"dare", "deltadq", "delta-come"} <= fits and "auto" not in fits

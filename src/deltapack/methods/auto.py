@@ -137,6 +137,11 @@ class Auto(DeltaMethod):
                 m.prepare(ctx, matrices)
 
     # ---- work ----------------------------------------------------------------------------------------------------
+    def encode_coded(self, job: TensorJob, ctx) -> Encoded:
+        """Each candidate fits its own coded size (encode): the provisional entry holds all of them, so the default
+        fit would only zstd-code the lot to find it over budget, and time it as auto's own fit."""
+        return self.encode(job, ctx)
+
     def encode(self, job: TensorJob, ctx) -> Encoded:
         """Every candidate's encoding, carried as one provisional entry to refine()."""
         params: dict = {"candidates": []}

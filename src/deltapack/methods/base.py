@@ -59,17 +59,20 @@ def coded_nbytes(parts: dict[str, torch.Tensor]) -> int:
 
 
 def fit_coded_budget(encode: Callable[[int], Encoded], budget: int, max_budget: int, rounds: int,
-                     device: torch.device | None = None) -> Encoded:
+                     device: torch.device | None = None, label: str | None = None) -> Encoded:
     """Encode so that the parts AFTER the entropy stage fill `budget` bytes without passing it. `encode(b)` encodes
     at a budget of b stored (pre-entropy) bytes; `rounds` re-encodes at most. The first trial scales b by
     budget / coded; once one overshoots (the coded fraction grows with the budget: on real deltas dare's went from
     0.67 to 0.70 between 1x and 1.4x), the next ones interpolate inside the bracket [fits, overshoots]. Stops within
     CODED_FIT_TOLERANCE. An encoding whose coded size passes the budget is never returned. `max_budget`: stored
     bytes past which more buy nothing (max_useful_bytes). Timed as the phase `encode.coded_fit` (`device`: the one its
-    encodes run on, synchronised at the phase edges)."""
+    encodes run on, synchronised at the phase edges) and, with a `label` (the method's name), also as
+    `encode.coded_fit.<label>`: under auto, which fits every candidate, the sum alone cannot say whose fit it is."""
+    from contextlib import nullcontext
+
     from deltapack.compress import phase
 
-    with phase("encode.coded_fit", device):
+    with phase("encode.coded_fit", device), (phase(f"encode.coded_fit.{label}") if label else nullcontext()):
         return _fit_coded(encode, budget, max_budget, rounds)
 
 
@@ -181,7 +184,7 @@ class DeltaMethod(BaseModel):
         if not self.entropy_stage or self.coded_fit_rounds < 1:
             return encode_at(job.budget_bytes)
         return fit_coded_budget(encode_at, job.budget_bytes, max(job.budget_bytes, self.max_useful_bytes(job.shape)),
-                                self.coded_fit_rounds, job.delta.device)
+                                self.coded_fit_rounds, job.delta.device, self.name)
 
     def refine(self, encoded: dict[str, Encoded], ctx: "CompressContext") -> dict[str, Encoded]:
         """Optional whole-model pass over all encoded tensors before writing."""

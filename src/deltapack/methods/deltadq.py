@@ -334,7 +334,7 @@ class DeltaDQ(DeltaMethod):
             return Encoded("deltadq", params, {k: v.cpu() for k, v in parts.items()})
 
         most = max(job.budget_bytes, dq.stored_bytes(m, m * n, top, s, scale))
-        return fit_coded_budget(at, job.budget_bytes, most, self.coded_fit_rounds, delta.device)
+        return fit_coded_budget(at, job.budget_bytes, most, self.coded_fit_rounds, delta.device, self.name)
 
     def _default_g(self, m: int, n: int, n_values: int, name: str) -> int:
         if self.group_size is not None:

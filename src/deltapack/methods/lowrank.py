@@ -67,7 +67,7 @@ class LowRank(DeltaMethod):
         cap = min(m, n, max(1, 2 * job.budget_bytes // pair))
         U, S, Vh = top_svd(job.delta, cap)
         return fit_coded_budget(lambda b: self._factors(U, S, Vh, min(cap, self._rank_for(job, b))), job.budget_bytes,
-                                max(job.budget_bytes, cap * pair), self.coded_fit_rounds, job.delta.device)
+                                max(job.budget_bytes, cap * pair), self.coded_fit_rounds, job.delta.device, self.name)
 
     def _rank_for(self, job: TensorJob, budget: int) -> int:
         m, n = job.shape
