@@ -39,6 +39,9 @@ def test_live_trace_serves_every_request_through_the_engine(live):
                                          vocab=world.cfg["model"]["vocab"], timeout_s=120)
     assert counters["finished"] and counters["incomplete_requests"] == 0, counters
     assert all(len(r.tokens) == 2 for r in out)
+    # where the decode steps' time went: launching, waiting for the tokens, accepting them (rounded to 0.01 s each)
+    split = counters["decode_launch_s"] + counters["decode_wait_s"] + counters["decode_accept_s"]
+    assert counters["steps"] > 0 and abs(split - counters["decode_s"]) <= 0.02, counters
 
 
 def test_live_trace_with_merged_weights_merges_a_hot_tenant(live):

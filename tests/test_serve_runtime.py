@@ -208,3 +208,15 @@ def _wait_idle(state, timeout=10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_engine_says_where_decode_time_goes(env):
+    """engine.busy splits the decode steps' time into launching, waiting for the tokens and accepting them (the live
+    benchmark's record of whether a step is bound by the host or the device): the parts add up to the whole."""
+    d, root, deltas, refs = env
+    with running_server(d / "base", [("a", deltas["a"])]) as (state, url):
+        assert _gen(url, "a").json()["choices"][0]["token_ids"] == refs["a"]
+        busy = dict(state.engine.busy)
+    parts = busy["decode_launch_s"] + busy["decode_wait_s"] + busy["decode_accept_s"]
+    assert busy["decode_s"] > 0 and min(busy["decode_launch_s"], busy["decode_wait_s"], busy["decode_accept_s"]) >= 0
+    assert parts == pytest.approx(busy["decode_s"], rel=1e-9)

@@ -70,8 +70,10 @@ def live_rows(lv: dict) -> list[str]:
             continue
         of_bound = live["throughput"] / bound["throughput"]
         ttft_x = swap["ttft_p99"] / live["ttft_p99"]
-        busy = (f"; engine time: decode steps {eng['decode_s']:.0f} s, prefill forwards {eng['prefill_s']:.0f} s "
-                f"({eng['prefill_forwards']} forwards)" if "decode_s" in eng else "")
+        split = (f" (launching {eng['decode_launch_s']:.0f} s, waiting for the device {eng['decode_wait_s']:.0f} s, "
+                 f"accepting tokens {eng['decode_accept_s']:.0f} s)" if "decode_wait_s" in eng else "")
+        busy = (f"; engine time: decode steps {eng['decode_s']:.0f} s over {eng['steps']} steps{split}, prefill "
+                f"forwards {eng['prefill_s']:.0f} s ({eng['prefill_forwards']} forwards)" if "decode_s" in eng else "")
         merged = eng.get("merged")
         if merged is not None:
             busy += (f"; merged copies: {merged['merges']} merges, {merged['merged_forwards']} of "

@@ -278,7 +278,11 @@ class Engine:
         self.steps = 0
         self.max_tenants_in_step = 0
         # where the engine thread's time goes (seconds; prefill forwards, decode steps with their sampling)
-        self.busy = {"prefill_s": 0.0, "prefill_forwards": 0, "decode_s": 0.0}
+        # where the engine's time goes (benchmarks): decode_s splits into launching the step (host work until the
+        # forward is queued, or the whole forward where launches wait, as on a CPU), waiting for its tokens (the
+        # device still running it), and accepting them (streaming, stop checks, finishing rows)
+        self.busy = {"prefill_s": 0.0, "prefill_forwards": 0, "decode_s": 0.0, "decode_launch_s": 0.0,
+                     "decode_wait_s": 0.0, "decode_accept_s": 0.0}
         self.last_error: str | None = None
         # merged copies of hot tenants' weights (deltapack.serve.merged), held by the tiers; None: off
         self.merged = getattr(tiers, "merged", None)
@@ -634,6 +638,7 @@ class Engine:
         merged = self._merged_choice("decode", rows, len(rows))
         captures = getattr(self.batch, "captures", 0)
         last = self.batch.step(self.runner, [r.output_ids[-1] for r in rows], slots, merged=merged)
+        t_launched = time.perf_counter()
         # on CUDA the forward is only queued: the grammar masks are filled on the host meanwhile (they depend on the
         # tokens accepted last step only). Nothing before this point may wait for the device (no .item(), .tolist()
         # or pageable host->device copy after the launch), or the fill runs after the forward instead of beside it.
@@ -645,12 +650,17 @@ class Engine:
             self.metrics.batch_tenants.observe(tenants)
             self.metrics.batch_size.observe(len(rows))
         toks, errors = select_tokens(last, rows, masks)  # waits for the step's forward
+        t_tokens = time.perf_counter()
         if getattr(self.batch, "captures", 0) == captures:  # a step that captured a graph measures the capture
-            self._merged_record("decode", rows, len(rows), merged, time.perf_counter() - t0)
+            self._merged_record("decode", rows, len(rows), merged, t_tokens - t0)
         keep = [b for b, (r, tok) in enumerate(zip(rows, toks)) if not self._accept(r, tok, last[b], errors.get(b))]
         if len(keep) < len(rows):
             self._set_rows(keep)
-        self.busy["decode_s"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.busy["decode_s"] += t1 - t0
+        self.busy["decode_launch_s"] += t_launched - t0
+        self.busy["decode_wait_s"] += t_tokens - t_launched
+        self.busy["decode_accept_s"] += t1 - t_tokens
 
     def _fill_masks(self, rows: list[GenRequest]):
         """The rows' grammar masks filled on the host (a GrammarMasks), or None when no row is constrained. A
