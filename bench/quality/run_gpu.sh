@@ -19,10 +19,12 @@
 #        bash bench/quality/run_gpu.sh setup && <up to ~560 s of model-free work, results under $OUT>; next session:
 #        export PYTHONPATH=/root/site:src PYTHONUNBUFFERED=1; timeout 250 python3 bench/serving/coldstart.py \
 #            --shape smollm --runs cold,warm --max-batch 64 --timeout 100 --out $OUT/coldstart.json; \
-#        timeout 320 bash bench/quality/run_gpu.sh timing auto --time-budget 300                       ~15 s + work
+#        timeout 290 python3 bench/serving/live.py --modes graph --requests 300 --timeout-s 150 \
+#            --out $OUT/serving_live.json                                                                ~15 s + work
 #        (coldstart on 2026-12-08: building the models 55 s, the cold start with its background warm-up ~115 s, so
-#        the warm start did not fit the 170 s given; it now writes each start's record as it ends. The 7B timing of
-#        auto alone says where its encode time goes, now that every coded-size fit is timed)
+#        the warm start did not fit the 170 s given; it now writes each start's record as it ends. The live trace's
+#        engine now splits each decode step's time into launch, wait for the device and accept: its 2026-12-08 run
+#        took 71 ms a step where the measured step costs predict ~50)
 #   2. carry [".gpu/smol.part.ab"]               bash bench/quality/run_gpu.sh finetune --plan PLAN        <= 555 s
 #        six full fine-tunes side by side (saved by 360 s), each task evaluated from the moment its fine-tune is
 #        saved until 540 s (parts tagged "ft"); `finetune --no-eval` for the fine-tunes alone (<= 360 s)
@@ -44,6 +46,7 @@
 # If a step says the machine was given back (no /root/m or no /root/dpq/ft-*), start again at step 1.
 #
 #   5. 7B-shaped timing (no model needed):      bash bench/quality/run_gpu.sh timing auto,auto+heal        <= 555 s
+#        (encode.coded_fit.<method> now says which candidate's coded-size fit takes auto's time)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
