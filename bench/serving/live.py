@@ -191,8 +191,8 @@ def resimulate(path: Path, costs_path: Path, smoke: bool = False) -> None:
     sim += [r for r in simulated_records(trace, costs_file, tc["batch"], ratio) if r["system"] not in have]
     sim.sort(key=lambda r: SIMULATED.index(r["system"]))
     doc["records"] = sim + [r for r in doc["records"] if r["system"] not in SIMULATED]
-    doc["resimulated"] = {"command": R.command_line(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                          "costs_from": str(costs_path)}
+    doc["resimulated"] = {"command": R.command_line(), "costs_from": str(costs_path),
+                          "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     R.write_json(path, doc)
 
 
@@ -214,8 +214,8 @@ def main() -> None:
                     help="recompute FILE's simulated records from --costs (no model, no live run)")
     args = ap.parse_args()
     if args.resimulate is not None:
-        resimulate(args.resimulate, Path(args.costs or R.RESULTS / ("serving_smoke.json" if args.smoke else "serving.json")),
-                   args.smoke)
+        costs = args.costs or R.RESULTS / ("serving_smoke.json" if args.smoke else "serving.json")
+        resimulate(args.resimulate, Path(costs), args.smoke)
         return
     if args.smoke:
         import os
@@ -242,7 +242,8 @@ def main() -> None:
         "device": world.name(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "kernels_sha": R.kernels_sha(),
         "trace": {"requests": args.requests, "tenants": tc["tenants"], "prompt": tc["prompt"], "out": tc["out"],
-                  "batch": B, "ratio": tc["ratio"], "load": args.load, "rate_rps": round(rate, 3), "rate_rps_exact": rate, "costs_from": costs_file.get("command")},
+                  "batch": B, "ratio": tc["ratio"], "load": args.load, "rate_rps": round(rate, 3),
+                  "rate_rps_exact": rate, "costs_from": costs_file.get("command")},
         "records": simulated_records(trace, costs_file, B, tc["ratio"]),
         "engine": {},
     }

@@ -643,7 +643,8 @@ class DeltaCoMe(DeltaMethod):
             # GPTQ's codes spread over the grid more than RTN's: on SmolLM2 fine-tunes they coded 2.5-4% larger
             # than the proxy's, so the proxy aims that much lower (what stays unspent rolls over in the unit)
             aim = max(cheapest, int(job.budget_bytes / (GPTQ_CODED_EXCESS if H is not None else RTN_CODED_EXCESS)))
-            budget = fit_coded_budget(proxy, aim, max(aim, most), self.coded_fit_rounds, dev, self.name).params["stored_budget"]
+            fitted = fit_coded_budget(proxy, aim, max(aim, most), self.coded_fit_rounds, dev, self.name)
+            budget = fitted.params["stored_budget"]
         gs, bits, order, record = widths(budget)
         A0, Bt0 = A0[order], Bt0[order]
 

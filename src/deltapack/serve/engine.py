@@ -277,10 +277,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.max_tenants_in_step = 0
-        # where the engine thread's time goes (seconds; prefill forwards, decode steps with their sampling)
-        # where the engine's time goes (benchmarks): decode_s splits into launching the step (host work until the
-        # forward is queued, or the whole forward where launches wait, as on a CPU), waiting for its tokens (the
-        # device still running it), and accepting them (streaming, stop checks, finishing rows)
+        # where the engine thread's time goes (seconds; prefill forwards, decode steps with their sampling). decode_s
+        # splits into launching the step (host work until the forward is queued, or the whole forward where launches
+        # wait, as on a CPU), waiting for its tokens (the device still running it; grammar masks fill meanwhile) and
+        # accepting them (streaming, stop checks, finishing rows): whether the host or the device bounds a step
         self.busy = {"prefill_s": 0.0, "prefill_forwards": 0, "decode_s": 0.0, "decode_launch_s": 0.0,
                      "decode_wait_s": 0.0, "decode_accept_s": 0.0}
         self.last_error: str | None = None
