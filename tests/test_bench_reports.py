@@ -412,3 +412,26 @@ def test_readme_is_a_product_page():
     assert len(text.encode()) <= 12 * 1024
     assert text.index("bash scripts/setup.sh && .venv/bin/deltapack demo") < text.index("## Quickstart")
     assert "bash scripts/setup.sh && .venv/bin/python -m pytest -q" in text
+
+
+def test_live_rows_judge_only_the_issues_trace():
+    """A live trace row is judged against issue 26's targets (>= 0.8 of the bound model's throughput, TTFT p99 >= 5x
+    better than swap) only on the 64-tenant trace; a trace of other tenant counts is shown, not judged."""
+    rep = _load("bench_serving_report", BENCH / "serving" / "report.py")
+
+    def doc(tenants, live_tps):
+        recs = [{"system": "swap (simulated)", "throughput": 400.0, "ttft_p50": 20.0, "ttft_p99": 60.0, "itl_p50": 0.01},
+                {"system": "deltapack (simulated)", "throughput": 800.0, "ttft_p50": 3.0, "ttft_p99": 7.0, "itl_p50": 0.05},
+                {"system": "deltapack at the bound (simulated)", "throughput": 900.0, "ttft_p50": 0.3, "ttft_p99": 1.4,
+                 "itl_p50": 0.03},
+                {"system": "deltapack live (graph)", "throughput": live_tps, "ttft_p50": 2.0, "ttft_p99": 10.0,
+                 "itl_p50": 0.05}]
+        return {"device": "GPU X", "date": "2026-12-08T00:00:00", "records": recs, "engine": {"graph": {}},
+                "trace": {"requests": 10, "tenants": tenants, "load": 0.8}}
+
+    (ok,) = rep.live_rows(doc(64, 750.0), "a.json")
+    (short,) = rep.live_rows(doc(64, 700.0), "a.json")  # 0.78 of the bound model's 900
+    (other,) = rep.live_rows(doc(1, 750.0), "b.json")
+    assert ok.endswith("| yes |") and "0.83 of the bound model's 900" in ok and "(6.0x)" in ok
+    assert short.endswith("| no |")
+    assert other.endswith("| (not the issue's trace) |") and "`b.json`" in other and "1 tenant," in other

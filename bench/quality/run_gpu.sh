@@ -47,6 +47,10 @@
 #
 #   5. 7B-shaped timing (no model needed):      bash bench/quality/run_gpu.sh timing auto,auto+heal        <= 555 s
 #        (encode.coded_fit.<method> now says which candidate's coded-size fit takes auto's time)
+#   6. merged weights in a live trace (the 64-tenant one made no merge on 2026-12-08: no tenant ever owned a
+#      forward), before `--merged-bytes` may default to auto:
+#        timeout 400 python3 bench/serving/live.py --tenants 1 --modes graph,graph+merged --requests 200 \
+#            --timeout-s 150 --out $OUT/serving_live_1tenant.json
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
