@@ -69,7 +69,7 @@ def test_health_reports_startup_phases(pair):
         assert st["ready_s"] is not None  # ServerThread marks it once the socket listens
         for phase in ("base load", "deltas", "engine"):
             assert phase in st["phases"]
-        assert set(st["notes"]["deltas"]) == {"verify_s", "fingerprint_wait_s", "pack_s"}
+        assert set(st["notes"]["deltas"]) == {"verify_s", "fingerprint_wait_s", "pack_s", "prepack_s", "prepack_wait_s"}
         steps = st["notes"]["base load"]  # where the base load went, step by step
         assert set(steps) == {"import_s", "read_s", "to_device_s", "wrap_s", "tokenizer_s"}
         assert sum(steps.values()) <= st["phases"]["base load"] + 1e-3
@@ -181,3 +181,38 @@ def test_triton_packs_in_parallel_threads_match_sequential_ones(pair):
         for k, v in vars(p).items():
             if isinstance(v, torch.Tensor):
                 assert torch.equal(v, getattr(q, k)), k
+
+
+def test_deltas_packed_beside_the_base_load_serve_the_same_tokens(pair, tmp_path):
+    """build_server(prepack=True): the deltas are packed while the base loads and registration takes those packs
+    (no packing of its own) after its checks against the base; the tokens are those of a server that packed at
+    registration. A delta whose shard is corrupt still fails with the checksum error, and nothing is added."""
+    base, deltas = pair
+    prompt = [3, 1, 4, 1, 5]
+
+    def tokens(url, model):
+        r = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 4,
+                                                      "temperature": 0, "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["token_ids"]
+
+    with running_server(base, list(deltas.items()), max_batch=4, prepack=False) as (state, url):
+        want = {m: tokens(url, m) for m in deltas}
+        assert state.tiers.timings["pack_s"] > 0 and state.tiers.timings["prepack_s"] == 0
+    with running_server(base, list(deltas.items()), max_batch=4, prepack=True) as (state, url):
+        assert {m: tokens(url, m) for m in deltas} == want
+        assert state.tiers.timings["prepack_s"] > 0 and state.tiers.timings["pack_s"] == 0
+        assert not state.tiers._prepacked  # every future taken
+        notes = httpx.get(f"{url}/health", timeout=10).json()["startup"]["notes"]["deltas"]
+        assert {"prepack_s", "prepack_wait_s"} <= set(notes)
+
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(deltas["dare"]), str(broken)], check=True)
+    shard = next(p for p in broken.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    from deltapack.serve.app import build_server
+
+    with pytest.raises(FormatError, match="checksum mismatch"):
+        build_server(str(base), [("good", str(deltas["lowrank"])), ("bad", str(broken))], device="cpu", prepack=True)

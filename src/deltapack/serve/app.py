@@ -12,6 +12,7 @@ imported inside `create_app` so that importing this module does not need fastapi
 import asyncio
 import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -105,6 +106,7 @@ def build_server(
     compiler=None,
     clock: StartupClock | None = None,
     merged_bytes: int | str | None = 0,
+    prepack: bool | None = None,
 ) -> ServerState:
     """Load the base, register the deltas, start the engine thread. `compiler` (a deltapack.kernels.compile.
     KernelCompiler): Triton kernel variants compile on it in the background while their launches run on the torch
@@ -112,7 +114,9 @@ def build_server(
     phases (base load, deltas, engine) for the log and /health; build_server makes one when none is given.
     `merged_bytes`: device memory for merged copies of hot tenants' weights (deltapack.serve.merged): bytes, 0 = off
     (the default: its CUDA-graph path has not run on a GPU yet), "auto" = on a GPU as much as free memory allows
-    beyond the tiers', KV cache's and a headroom; off on a CPU."""
+    beyond the tiers', KV cache's and a headroom; off on a CPU. `prepack`: pack the deltas in background threads
+    while the base loads (None: where the host has PREPACK_MIN_CPUS cores or more; on a small host they would
+    compete with the load for the same cores)."""
     clock = clock or StartupClock(since_process_start=False)
     with clock.phase("imports"):  # torch and our kernels: already imported by the CLI, not by tests
         from deltapack.serve.model import ModelRunner
@@ -132,10 +136,23 @@ def build_server(
         from deltapack.io.sources import open_model
 
         fingerprint = in_background(lambda: base_fingerprint(open_model(base)), "deltapack-fingerprint")
+    backend, prepacked = kernels, {}
+    if prepack is None:
+        prepack = (os.cpu_count() or 1) >= PREPACK_MIN_CPUS
+    if deltas and prepack:
+        # the deltas pack beside the base load (transformers' import and the weights' read are most of it) instead
+        # of after it: packing needs only the dtype and the kernel backend, both known before the model exists
+        with clock.phase("prepack start"):
+            backend, prepacked = _start_prepacks(base, [p for _, p in deltas], device, dtype, kernels)
     base_steps: dict[str, float] = {}
-    with clock.phase("base load"):
-        runner = ModelRunner(base, device=device, dtype=dtype, kernels=kernels, max_model_len=max_model_len,
-                             timings=base_steps)
+    try:
+        with clock.phase("base load"):
+            runner = ModelRunner(base, device=device, dtype=dtype, kernels=backend, max_model_len=max_model_len,
+                                 timings=base_steps)
+    except BaseException:
+        for f in prepacked.values():
+            f.cancel()
+        raise
     clock.notes["base load"] = base_steps  # where the base load's time went (transformers' import, read, ...)
     if compiler is not None and hasattr(runner.state.kernels, "compiler"):
         runner.state.kernels.compiler = compiler
@@ -143,6 +160,7 @@ def build_server(
     tiers = DeltaTiers(runner, device_bytes=gpu_delta_bytes, host_bytes=cpu_delta_bytes, base_name=name)
     if fingerprint is not None:
         tiers.use_fingerprint(fingerprint)
+    tiers.use_prepacked(prepacked)
     budget = merged_budget(merged_bytes, runner.device)
     if budget != 0:
         from deltapack.serve.merged import MergedWeights
@@ -162,6 +180,30 @@ def build_server(
         metrics.bind(engine, tiers)
         engine.start()
     return ServerState(runner, tiers, engine, metrics, name, root, verify_base, startup=clock)
+
+
+PREPACK_MIN_CPUS = 8  # a GPU server's host; on this project's 2-core CPU machine the packing threads took the cores
+# the base load needed, and the start got no faster
+
+
+def _start_prepacks(base: str, paths: list, device: str, dtype: str, kernels: str):
+    """(kernel backend, {path: future}) for build_server: the backend the model will use, made now, and the deltas'
+    packing started on it. Anything that stops this (a base or option the model load will refuse) leaves the
+    packing to registration, and the error to the model load."""
+    from deltapack.io.sources import open_model
+    from deltapack.kernels import get_kernels
+    from deltapack.serve.model import _resolve_dtype, resolve_device
+    from deltapack.serve.tiers import start_prepacks
+
+    try:
+        dev = resolve_device(device)
+        src = open_model(base)
+        first = src.meta(src.keys()[0]).dtype if src.keys() else torch.float32
+        backend = get_kernels(kernels, dev)
+        return backend, start_prepacks(paths, _resolve_dtype(dtype, dev, first), backend)
+    except Exception as e:  # noqa: BLE001 -- an optimisation only: registration packs and reports
+        log.debug("deltas not packed ahead of the base load: %s", e)
+        return kernels, {}
 
 
 def merged_budget(merged_bytes: int | str | None, device: torch.device) -> int | None:

@@ -305,7 +305,7 @@ class ModelRunner:
         *,
         device: str | torch.device = "auto",
         dtype: str | torch.dtype | None = "auto",
-        kernels: str = "auto",
+        kernels: str | DeltaKernels = "auto",
         max_model_len: int | None = None,
         timings: dict[str, float] | None = None,
     ):
@@ -342,7 +342,7 @@ class ModelRunner:
         self.embed_key = next(n for n, m in self.model.named_modules() if m is emb) + ".weight"
         self.head_key = next(n for n, m in self.model.named_modules() if m is head) + ".weight"
         self.vocab_size = emb.weight.shape[0]
-        self.state = DeltaState(get_kernels(kernels, self.device))
+        self.state = DeltaState(get_kernels(kernels, self.device) if isinstance(kernels, str) else kernels)
         if self.state.kernels.name == "triton" and self.device.type == "cuda":
             from deltapack.kernels.compile import setup_cache_dir
 

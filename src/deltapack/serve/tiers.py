@@ -99,6 +99,76 @@ def _check_finite(name: str, tname: str, p: PackedDelta) -> None:
             raise FormatError(f"delta {name}: tensor {tname} holds non-finite values (NaN or inf) once decoded; refusing to serve it")
 
 
+def pack_tensor(d: DeltaDir, tname: str, dtype: torch.dtype, kernels, device, base_source=None,
+                label: str | None = None) -> PackedDelta | None:
+    """One tensor of a delta whose shards `d` holds verified (load_verified), packed for `kernels` in `dtype` on
+    `device`. A lossless tensor (bits against the base) needs the base's tensor: None without `base_source`.
+    `label`: the delta's name in errors (default: its directory)."""
+    te = d.entry(tname)
+    shape = list(te.shape)
+    if te.base_rows is not None:
+        shape[0] = te.base_rows
+    if len(shape) > 2:
+        raise FormatError(f"delta {label or d.path}: {tname} has {len(shape)} dimensions; only matrices and vectors "
+                          "are served")
+    codec, params = te.codec, te.params
+    if get_codec(codec).needs_base:
+        if base_source is None:
+            return None
+        # bits against the base (lossless): the float delta from the base tensor we serve, kept dense
+        base = base_source.get(tname) if te.in_base else None
+        full = d.decode(tname, base=base)  # zstd contexts are per thread (format/entropy.py)
+        parts = {"values": full[: shape[0]].reshape(shape)}
+        new_rows = full[shape[0]:] if te.base_rows is not None else None
+        codec, params = "dense", {}
+    else:
+        parts = d.parts(tname)
+        new_rows = parts.pop("new_rows", None)
+    # thread-safe in every backend (the Triton one locks only its launch masks): deltas pack in parallel
+    p = kernels.pack(codec, params, parts, tuple(shape), dtype=dtype, device=device)
+    if new_rows is not None:
+        p.extra_rows = new_rows.to(dtype).reshape(-1, shape[1]).to(device)
+    return p
+
+
+@dataclass
+class Prepacked:
+    """A delta packed before the served model exists (the server's start: beside the base load). Only packing that
+    needs no base tensor; every check against the base is still made when it is registered."""
+
+    dtype: torch.dtype
+    kernels: object
+    packed: dict[str, PackedDelta | None]  # by tensor name; None: needs the base (packed at registration)
+    seconds: float
+
+
+def prepack(path: str | Path, dtype: torch.dtype, kernels) -> Prepacked:
+    """Read, verify (sha256 of every shard) and pack a delta's tensors on the CPU, without the served model."""
+    t0 = time.perf_counter()
+    d = DeltaDir.open(path)
+    d.check(shards=False)
+    d.load_verified()
+    try:
+        packed = {tname: pack_tensor(d, tname, dtype, kernels, "cpu") for tname in d.manifest.tensors}
+    finally:
+        d.drop_verified()
+    return Prepacked(dtype, kernels, packed, time.perf_counter() - t0)
+
+
+def start_prepacks(paths: list[str | Path], dtype: torch.dtype, kernels, workers: int | None = None) -> dict[str, Future]:
+    """`prepack` every delta in background threads (reads, hashing, decoding and packing release the GIL; default
+    one thread per 4 CPU cores, torch's own ops use several): {resolved path: future}, for
+    DeltaTiers.use_prepacked. peft adapters are left out (they are converted at registration)."""
+    todo = [str(Path(p).resolve()) for p in paths if not is_peft_adapter(p)]
+    if not todo:
+        return {}
+    n = workers if workers is not None else (os.cpu_count() or 1) // 4
+    pool = ThreadPoolExecutor(max(1, min(n, len(todo))), thread_name_prefix="deltapack-prepack")
+    futures = {p: pool.submit(prepack, p, dtype, kernels) for p in dict.fromkeys(todo)}
+    pool.shutdown(wait=False)  # the threads end with their work; the futures keep the results
+    return futures
+
+
 def _config_diff(base: dict, tenant: dict) -> list[str]:
     keys = (set(base) | set(tenant)) - _BENIGN_CONFIG_KEYS
     return sorted(k for k in keys if base.get(k) != tenant.get(k) and not k.startswith("_"))
@@ -123,8 +193,10 @@ class DeltaTiers:
         self._fingerprint_lock = threading.Lock()  # deltas prepared in parallel hash the base once
         self._scratch: Path | None = None  # where imported peft adapters are stored as deltas while registered
         self._scratch_lock = threading.Lock()
+        self._prepacked: dict[str, Future] = {}  # set by use_prepacked: deltas packed while the base loaded
         # where registration time goes (seconds summed over deltas; /health's startup notes)
-        self.timings = {"verify_s": 0.0, "fingerprint_wait_s": 0.0, "pack_s": 0.0}
+        self.timings = {"verify_s": 0.0, "fingerprint_wait_s": 0.0, "pack_s": 0.0, "prepack_s": 0.0,
+                        "prepack_wait_s": 0.0}
         self._timings_lock = threading.Lock()
         # merged copies of hot tenants' weights (deltapack.serve.merged.MergedWeights), set by build_server: their
         # memory is reported beside the tiers', and a tenant leaving the device tier drops its copy
@@ -157,6 +229,28 @@ class DeltaTiers:
             return self._base_fingerprint
 
     # ---- registration -------------------------------------------------------------------------------------------
+    def use_prepacked(self, futures: dict[str, Future]) -> None:
+        """Deltas being packed already (start_prepacks, before the served model existed): registering one of these
+        paths takes its packed tensors instead of packing again, once every check against the base has passed."""
+        self._prepacked.update(futures)
+
+    def _take_prepacked(self, path: Path) -> Prepacked | None:
+        fut = self._prepacked.pop(str(path.resolve()), None)
+        if fut is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            pre = fut.result()
+        except Exception:  # packed again at registration, which raises the error where it belongs
+            return None
+        finally:
+            self._time("prepack_wait_s", time.perf_counter() - t0)
+        self._time("prepack_s", pre.seconds)
+        r = self.runner
+        if pre.dtype != r.dtype or pre.kernels is not r.state.kernels:
+            return None
+        return pre
+
     def prepare(self, name: str, path: str | Path, *, verify_base: bool = True) -> Tenant:
         """Validate a delta against the served base and pack it (slow part of a load; no lock held)."""
         if not isinstance(name, str) or not NAME_RE.match(name):
@@ -236,7 +330,16 @@ class DeltaTiers:
 
         eos = eos_token_ids(hf, tcfg, tok) if tcfg else set(r.eos_ids)
         t = Tenant(name, d.path.resolve(), d, placements, vocab, eos or set(r.eos_ids), tok, d.total_bytes())
-        t.packed = self._pack(t, "cpu")
+        pre = self._take_prepacked(d.path)
+        if pre is not None and all(pre.packed.get(n) is not None for n in placements):
+            t.packed = {}
+            for tname in placements:
+                p = pre.packed[tname]
+                p.replace = any(rep for _, rep in placements[tname])
+                _check_finite(name, tname, p)
+                t.packed[tname] = p
+        else:
+            t.packed = self._pack(t, "cpu")
         t.nbytes = sum(p.nbytes() for p in t.packed.values())
         if t.nbytes > self.budget["device"]:
             raise TooLargeError(
@@ -290,27 +393,7 @@ class DeltaTiers:
         r = self.runner
         packed: dict[str, PackedDelta] = {}
         for tname in t.placements:
-            te = t.delta.entry(tname)
-            shape = list(te.shape)
-            if te.base_rows is not None:
-                shape[0] = te.base_rows
-            if len(shape) > 2:
-                raise FormatError(f"delta {t.name}: {tname} has {len(shape)} dimensions; only matrices and vectors are served")
-            codec, params = te.codec, te.params
-            if get_codec(codec).needs_base:
-                # bits against the base (lossless): the float delta from the base tensor we serve, kept dense
-                base = r.source.get(tname) if te.in_base else None
-                full = t.delta.decode(tname, base=base)  # zstd contexts are per thread (format/entropy.py)
-                parts = {"values": full[: shape[0]].reshape(shape)}
-                new_rows = full[shape[0]:] if te.base_rows is not None else None
-                codec, params = "dense", {}
-            else:
-                parts = t.delta.parts(tname)
-                new_rows = parts.pop("new_rows", None)
-            # thread-safe in every backend (the Triton one locks only its launch masks): deltas pack in parallel
-            p = r.state.kernels.pack(codec, params, parts, tuple(shape), dtype=r.dtype, device=device)
-            if new_rows is not None:
-                p.extra_rows = new_rows.to(r.dtype).reshape(-1, shape[1]).to(device)
+            p = pack_tensor(t.delta, tname, r.dtype, r.state.kernels, device, r.source, label=t.name)
             p.replace = any(rep for _, rep in t.placements[tname])
             _check_finite(t.name, tname, p)
             packed[tname] = p
