@@ -35,10 +35,11 @@
 # in run order (the cells that matter most first). The plan for the next device session (2026-12-08: the fourth
 # fine-tune set got dare, deltadq, delta-come at 16-64x and auto at 16x on all six tasks, auto-flips on chat only; the
 # fine-tunes' step counts changed after it, so only chat, whose count did not, can pair with it; auto-flips goes
-# right after auto, auto+heal after the ratios, since its held-out rows exist from earlier sets):
+# right after auto; the task-calibrated column, never reached in four sets, right after 32x; auto+heal last, since
+# its held-out rows exist from earlier sets):
 #     dare@16,deltadq@16,delta-come@16,auto@16,auto-flips@16,dare@32,deltadq@32,delta-come@32,auto@32,
-#     dare@64,deltadq@64,delta-come@64,auto@64,dare@128,deltadq@128,delta-come@128,auto@128,auto+heal@16,
-#     delta-come@16:task,auto@16:task
+#     delta-come@16:task,auto@16:task,dare@64,deltadq@64,delta-come@64,auto@64,dare@128,deltadq@128,
+#     delta-come@128,auto@128,auto+heal@16
 # (auto-flips: auto choosing by changed top tokens instead of KL; it may become the default only on the tuning
 # families' results, bench/quality/common.py)
 # (with auto+heal in the plan, run `extras` with HEAL_PLAN unset only if the held-out tasks did not get it)
