@@ -169,3 +169,25 @@ def test_auto_phases_name_each_candidates_coded_fit(pico_pair, tmp_path):
         compress(str(base), str(ft), str(tmp_path / "d"), method="auto", ratio=1.4, progress=False)
     fits = {k.rsplit(".", 1)[1] for k in phases if k.startswith("encode.coded_fit.")}
     assert {"dare", "deltadq", "delta-come"} <= fits and "auto" not in fits
+
+
+@pytest.mark.parametrize("candidate", ["dare", "deltadq"])
+def test_heal_keeps_seeded_masks_and_heals_the_same(pico_pair, tmp_path, monkeypatch, candidate):
+    """Healing decodes every tensor at every step; the seeded masks of dare and deltadq codes are kept instead of
+    rehashed (format/masks.memoized_masks): the healed delta is byte for byte the one healed without keeping them."""
+    import deltapack.calib.heal as heal_mod
+
+    base, ft = pico_pair
+    params = {"candidates": [candidate]}
+
+    def healed(out, memo_bytes):
+        monkeypatch.setattr(heal_mod, "MASK_MEMO_CPU_BYTES", memo_bytes)
+        path = compress(str(base), str(ft), str(tmp_path / out), method="auto", ratio=1.4, progress=False,
+                        params=params, heal={"steps": 4, "seed": 0})
+        return path, _manifest(path)["calibration"]["heal"]["mask_memo"]
+
+    kept, memo = healed("kept", 1 << 30)
+    fresh, none = healed("fresh", 0)
+    assert memo["hits"] > 0 and memo["bytes"] > 0 and none["hits"] == 0 and none["bytes"] == 0
+    a, b = _stored(kept), _stored(fresh)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -41,8 +41,12 @@ from tqdm.auto import tqdm
 from deltapack.calib.layerwise import HealMemory, LayerwiseStudent, device_budget, micro_batch
 from deltapack.errors import DeltapackError
 from deltapack.format.codecs import get_codec
+from deltapack.format.masks import memoized_masks
 
 log = logging.getLogger(__name__)
+
+MASK_MEMO_FRACTION = 0.1  # of the device memory healing may use: kept masks (a 7B model's all-dare masks: ~6.5 GB)
+MASK_MEMO_CPU_BYTES = 1 << 30  # on the CPU, where no bound is known
 
 
 @dataclass
@@ -145,7 +149,12 @@ def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
 
     # one decoder layer's delta decoded at a time, each layer checkpointed (calib/layerwise.py)
     student = LayerwiseStudent(fit, list(entries), decode)
-    micro = micro_batch(device_budget(dev), heal_memory(fit, student, n_trainable), min(cfg.batch, fit.batch))
+    # every step decodes every tensor again (twice: the checkpointed layers recompute): the seeded masks of dare and
+    # deltadq codes are kept instead of rehashed each time (format/masks.memoized_masks), in a share of the memory
+    budget = device_budget(dev)
+    mask_bytes = MASK_MEMO_CPU_BYTES if budget is None else int(budget * MASK_MEMO_FRACTION)
+    micro = micro_batch(None if budget is None else budget - mask_bytes, heal_memory(fit, student, n_trainable),
+                        min(cfg.batch, fit.batch))
     tokens_per_row = fit.ids.shape[1]
 
     def kl(rows: torch.Tensor, train: bool = False) -> float:
@@ -163,41 +172,42 @@ def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
     held, train_rows = torch.arange(n_held), torch.arange(n_held, fit.n_seqs)
     if train_rows.numel() == 0:
         train_rows = held
-    with torch.no_grad():
-        kl_before = kl(held)
-    opt = torch.optim.Adam(thetas, lr=cfg.lr)
-    # cosine to lr/10 over the planned steps: late steps refine instead of bouncing around the minimum
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
-    eval_every = cfg.eval_every or max(10, cfg.steps // 6)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    best = (kl_before, 0, None)  # (held-out KL, step, θ snapshot); None: the un-healed parts
-    steps_done, losses, held_curve = 0, [], [(0, kl_before)]
-
-    def score() -> None:
-        nonlocal best
+    with memoized_masks(mask_bytes) as memo:
         with torch.no_grad():
-            k = kl(held)
-        held_curve.append((steps_done, k))
-        if k < best[0]:
-            best = (k, steps_done, [t.detach().clone() for t in thetas])
+            kl_before = kl(held)
+        opt = torch.optim.Adam(thetas, lr=cfg.lr)
+        # cosine to lr/10 over the planned steps: late steps refine instead of bouncing around the minimum
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda i: 0.1 + 0.45 * (1 + math.cos(math.pi * min(i, cfg.steps) / cfg.steps)))
+        eval_every = cfg.eval_every or max(10, cfg.steps // 6)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        best = (kl_before, 0, None)  # (held-out KL, step, θ snapshot); None: the un-healed parts
+        steps_done, losses, held_curve = 0, [], [(0, kl_before)]
 
-    for step in tqdm(range(cfg.steps), desc="heal", disable=not ctx.progress, leave=False):
-        if time.perf_counter() - t_start > cfg.max_seconds:
-            log.info("heal: stopped at step %d of %d (max_seconds %.0f)", step, cfg.steps, cfg.max_seconds)
-            break
-        pick = train_rows[torch.randint(0, train_rows.numel(), (cfg.batch,), generator=gen)]
-        opt.zero_grad(set_to_none=True)
-        loss = kl(pick, train=True)
-        opt.step()
-        sched.step()
-        steps_done += 1
-        if step % 10 == 0 or step == cfg.steps - 1:
-            losses.append(round(loss, 6))
-        if steps_done % eval_every == 0 and steps_done < cfg.steps:
-            score()
-    if held_curve[-1][0] != steps_done:
-        score()  # the final state (unless the last periodic score was it)
+        def score() -> None:
+            nonlocal best
+            with torch.no_grad():
+                k = kl(held)
+            held_curve.append((steps_done, k))
+            if k < best[0]:
+                best = (k, steps_done, [t.detach().clone() for t in thetas])
+
+        for step in tqdm(range(cfg.steps), desc="heal", disable=not ctx.progress, leave=False):
+            if time.perf_counter() - t_start > cfg.max_seconds:
+                log.info("heal: stopped at step %d of %d (max_seconds %.0f)", step, cfg.steps, cfg.max_seconds)
+                break
+            pick = train_rows[torch.randint(0, train_rows.numel(), (cfg.batch,), generator=gen)]
+            opt.zero_grad(set_to_none=True)
+            loss = kl(pick, train=True)
+            opt.step()
+            sched.step()
+            steps_done += 1
+            if step % 10 == 0 or step == cfg.steps - 1:
+                losses.append(round(loss, 6))
+            if steps_done % eval_every == 0 and steps_done < cfg.steps:
+                score()
+        if held_curve[-1][0] != steps_done:
+            score()  # the final state (unless the last periodic score was it)
     kl_after, best_step, snapshot = best
     if snapshot is not None:
         with torch.no_grad():
@@ -209,7 +219,8 @@ def heal(encoded: dict, ctx, cfg: HealConfig, fit=None) -> tuple[dict, dict]:
                steps_done=steps_done, best_step=best_step, seconds=round(seconds, 2), kl_before=kl_before,
                kl_after=kl_after, kl_last=held_curve[-1][1],
                held_out_curve=[[s, float(f"{k:.6g}")] for s, k in held_curve],
-               applied=applied, trainable=n_trainable, micro_batch=micro, layers=len(student.layers), losses=losses)
+               applied=applied, trainable=n_trainable, micro_batch=micro, layers=len(student.layers), losses=losses,
+               mask_memo={"hits": memo.hits, "misses": memo.misses, "bytes": memo.nbytes})
     log.info("heal: held-out calibration KL %.4g -> %.4g (best of %d scores, step %d of %d), %.0f s (%d trainable "
              "numbers)%s", kl_before, kl_after, len(held_curve), best_step, steps_done, seconds, n_trainable,
              "" if applied else ": not better, kept the un-healed delta")

@@ -8,10 +8,69 @@ name, so two tensors never share a mask.
 from __future__ import annotations
 
 import hashlib
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 
 _M32 = 0xFFFFFFFF
+
+
+class MaskMemo:
+    """Masks kept while a loop decodes the same deltas over and over (healing decodes every tensor at every step):
+    a mask is a pure function of its arguments, so a kept one is the regenerated one. Kept until `max_bytes` are
+    used, never evicted (the loop visits every tensor in turn, where a least-recently-used policy smaller than the
+    whole set would keep nothing useful). Returned tensors are shared: callers only read them."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._kept: dict[tuple, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        with self._lock:
+            t = self._kept.get(key)
+            if t is not None:
+                self.hits += 1
+                return t
+            self.misses += 1
+        t = make()
+        size = t.numel() * t.element_size()
+        with self._lock:
+            if key not in self._kept and self.nbytes + size <= self.max_bytes:
+                self._kept[key] = t
+                self.nbytes += size
+        return t
+
+
+# process-wide, not per thread or context: backward passes (the recompute of checkpointed layers) run on autograd's
+# own threads, and they decode the same masks
+_MEMO: MaskMemo | None = None
+_MEMO_LOCK = threading.Lock()
+
+
+@contextmanager
+def memoized_masks(max_bytes: int) -> Iterator[MaskMemo]:
+    """Within the block, bernoulli_mask and group_keep_indices keep what they make (MaskMemo), up to `max_bytes`,
+    in every thread of the process (pure functions: whoever else calls them meanwhile gets the same tensors)."""
+    global _MEMO
+    memo = MaskMemo(max_bytes)
+    with _MEMO_LOCK:
+        outer, _MEMO = _MEMO, memo
+    try:
+        yield memo
+    finally:
+        with _MEMO_LOCK:
+            _MEMO = outer
+
+
+def _memoized(kind: str, args: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    memo = _MEMO
+    return make() if memo is None else memo.get((kind, *args), make)
 
 
 def seed_for(name: str, salt: int = 0) -> int:
@@ -43,6 +102,11 @@ def row_block_hashes(shape: tuple[int, int], seed: int, device="cpu", block_elem
 
 def bernoulli_mask(shape: tuple[int, int], keep_prob: float, seed: int, device="cpu") -> torch.Tensor:
     """Each element kept independently with probability keep_prob."""
+    return _memoized("bernoulli", (tuple(shape), float(keep_prob), int(seed), str(torch.device(device))),
+                     lambda: _bernoulli_mask(shape, keep_prob, seed, device))
+
+
+def _bernoulli_mask(shape: tuple[int, int], keep_prob: float, seed: int, device) -> torch.Tensor:
     out = torch.empty(*shape, dtype=torch.bool, device=device)
     thresh = int(keep_prob * 2**32)
     for r0, r1, h in row_block_hashes(shape, seed, device):
@@ -76,6 +140,12 @@ def group_keep_indices(shape: tuple[int, int], group_size: int, keep: int, seed:
     rows, cols = shape
     if cols % group_size:
         raise ValueError(f"cols {cols} not a multiple of group size {group_size}")
+    return _memoized("group", (tuple(shape), int(group_size), int(keep), int(seed), str(torch.device(device))),
+                     lambda: _group_keep_indices(shape, group_size, keep, seed, device))
+
+
+def _group_keep_indices(shape: tuple[int, int], group_size: int, keep: int, seed: int, device) -> torch.Tensor:
+    rows, cols = shape
     groups = cols // group_size
     out = torch.empty(rows, groups * keep, dtype=torch.int64, device=device)
     offs = (torch.arange(groups, device=device, dtype=torch.int64) * group_size).view(1, groups, 1)
