@@ -155,7 +155,8 @@ def prepack(path: str | Path, dtype: torch.dtype, kernels) -> Prepacked:
     return Prepacked(dtype, kernels, packed, time.perf_counter() - t0)
 
 
-def start_prepacks(paths: list[str | Path], dtype: torch.dtype, kernels, workers: int | None = None) -> dict[str, Future]:
+def start_prepacks(paths: list[str | Path], dtype: torch.dtype, kernels,
+                   workers: int | None = None) -> dict[str, Future]:
     """`prepack` every delta in background threads (reads, hashing, decoding and packing release the GIL; default
     one thread per 4 CPU cores, torch's own ops use several): {resolved path: future}, for
     DeltaTiers.use_prepacked. peft adapters are left out (they are converted at registration)."""
