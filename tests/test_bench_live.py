@@ -36,9 +36,12 @@ def test_live_trace_serves_every_request_through_the_engine(live):
     world.install([world.tenant("delta-come", world.cfg["trace"]["ratio"], shapes, i) for i in range(2)])
     trace = [ts.Request(i, i % 2, 0.0, 2) for i in range(3)]
     out, counters = live_mod.serve_trace(world, trace, "dynamic", prompt=4, max_batch=4,
-                                         vocab=world.cfg["model"]["vocab"], timeout_s=120)
+                                         vocab=world.cfg["model"]["vocab"], timeout_s=120, warm_requests=3)
     assert counters["finished"] and counters["incomplete_requests"] == 0, counters
     assert all(len(r.tokens) == 2 for r in out)
+    # the untimed warm pass ran first (16 tokens each) and the counters restarted after it: 3 requests of 2 tokens
+    # take 1-3 decode steps, the warm pass alone 15
+    assert counters["warm_pass"]["requests"] == 3 and 1 <= counters["steps"] <= 3, counters
     # where the decode steps' time went: launching, waiting for the tokens, accepting them (rounded to 0.01 s each)
     split = counters["decode_launch_s"] + counters["decode_wait_s"] + counters["decode_accept_s"]
     assert counters["steps"] > 0 and abs(split - counters["decode_s"]) <= 0.02, counters

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import types
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -85,9 +86,12 @@ class ResidentTiers:
 
 
 def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int, max_batch: int, vocab: int,
-                timeout_s: float) -> tuple[list[ts.Request], dict]:
+                timeout_s: float, warm_requests: int = 0) -> tuple[list[ts.Request], dict]:
     """Feed the trace to a fresh engine in real time; returns the requests with their token times (seconds from
-    the trace's start) and the engine's counters."""
+    the trace's start) and the engine's counters. `warm_requests`: first, that many untimed requests of the trace's
+    shapes (its tenants in its order, all at once, 16 tokens each), so that the timed trace meets a server in its
+    steady state (kernels compiled for the prefill and decode shapes it will see: the cold start is coldstart.py's
+    to measure); the engine's counters then restart from zero."""
     import random
 
     from deltapack.serve.engine import Engine, ErrorEvent, FinishEvent, GenRequest, TokenEvent
@@ -130,6 +134,7 @@ def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int,
 
     engine.start()
     try:
+        warm = _warm_pass(engine, trace, tenants, warm_requests, prompt, vocab, rnd, timeout_s)
         t0[0] = time.perf_counter()
         for req in out:
             wait = req.arrival - (time.perf_counter() - t0[0])
@@ -145,14 +150,15 @@ def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int,
         engine.stop()
         engine.batch.clear()
     errors = sum(1 for r in out if len(r.tokens) < r.out_len)
-    counters = {"decode_mode": engine.decode_mode, "incomplete_requests": errors, "steps": engine.steps, "engine_build_s": round(build_s, 2),
-                "warmup_s": round(warm_s, 2), "warmup_graphs": graphs,
+    counters = {"decode_mode": engine.decode_mode, "incomplete_requests": errors, "steps": engine.steps,
+                "engine_build_s": round(build_s, 2), "warmup_s": round(warm_s, 2), "warmup_graphs": graphs,
+                "warm_pass": {k: v for k, v in warm.items() if k != "batch"},
                 "finished": finished, "max_tenants_in_step": engine.max_tenants_in_step,
                 **{k: round(v, 2) for k, v in engine.busy.items()}}
     batch = engine.batch
     for k in ("captures", "eager_steps", "compactions"):
         if hasattr(batch, k):
-            counters[k] = getattr(batch, k)
+            counters[k] = getattr(batch, k) - warm["batch"].get(k, 0)  # the timed trace's own
     if tiers.merged is not None:
         mw = tiers.merged
         counters["merged"] = {"merges": mw.merges, "merged_forwards": mw.merged_forwards, "forwards": mw.forwards,
@@ -164,6 +170,58 @@ def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int,
     if world.cuda:
         world.torch.cuda.empty_cache()
     return out, counters
+
+
+def _warm_pass(engine, trace, tenants, n: int, prompt: int, vocab: int, rnd, timeout_s: float) -> dict:
+    """serve_trace's untimed requests; then the engine's counters restart from zero. Returns what the pass did and
+    the batch's counters at its end (so the timed trace's own can be told apart)."""
+    from deltapack.serve.engine import ErrorEvent, FinishEvent, GenRequest
+    from deltapack.serve.sampling import SamplingParams
+
+    batch = engine.batch
+    if n <= 0:
+        return {"requests": 0, "seconds": 0.0, "batch": {}}
+    from deltapack.serve.engine import TokenEvent
+
+    done, left, lock = threading.Event(), [n], threading.Lock()
+    started: dict[int, threading.Event] = {}
+
+    def emit(i: int, ev) -> None:
+        if isinstance(ev, TokenEvent):
+            started[i].set()
+        elif isinstance(ev, (FinishEvent, ErrorEvent)):
+            started[i].set()
+            with lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+
+    # in groups of 1, 2, 3, ... 8 prompts (the engine's chunk limit here: 8 x prompt tokens), each let into a prefill
+    # before the next arrives: the trace's arrivals make chunks of every size, so the pass does too, whatever shapes
+    # the kernels specialise on
+    t = time.perf_counter()
+    i, size = 0, 1
+    while i < n:
+        group = range(i, min(n, i + size))
+        for j in group:
+            started[j] = threading.Event()
+            ten = tenants[trace[j % len(trace)].tenant]
+            ids = [rnd.randrange(3, vocab) for _ in range(prompt)]
+            params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+            engine.submit(GenRequest(f"warm{j}", ten.name, ten, ids, params, partial(emit, j), vocab=vocab))
+        for j in group:
+            started[j].wait(timeout_s)
+        i, size = group.stop, size % 8 + 1
+    finished = done.wait(timeout_s)
+    seconds = time.perf_counter() - t
+    if not finished:
+        raise RuntimeError(f"the warm pass of {n} requests did not finish in {timeout_s:.0f} s")
+    engine.steps = 0
+    engine.max_tenants_in_step = 0
+    for k in engine.busy:
+        engine.busy[k] = type(engine.busy[k])(0)
+    return {"requests": n, "seconds": round(seconds, 2),
+            "batch": {k: getattr(batch, k) for k in ("captures", "eager_steps", "compactions") if hasattr(batch, k)}}
 
 
 SIMULATED = ("deltapack (simulated)", "swap (simulated)", "deltapack at the bound (simulated)")
@@ -210,6 +268,9 @@ def main() -> None:
                     help="tenants of the trace (default: run.py's, 64; issue 26's target is about that trace). One "
                          "tenant owns every forward: where merged weights (`+merged` modes) must pay off")
     ap.add_argument("--timeout-s", type=float, default=240.0, help="per mode")
+    ap.add_argument("--warm-requests", type=int, default=None,
+                    help="untimed requests of the trace's shapes before it (steady state; default 2 x the batch, "
+                         "0 = none: the first mode then pays kernel compilation inside the trace, as on 2026-12-08)")
     ap.add_argument("--costs", default=None, help="serving.json with notes.trace.costs (default: the committed GPU "
                     "results, or the smoke results with --smoke)")
     ap.add_argument("--out", default=None, help="default bench/results/serving_live[_smoke].json")
@@ -241,6 +302,8 @@ def main() -> None:
     costs_file = json.loads(Path(costs_path).read_text())
     costs = ts.Costs.from_json(costs_file["notes"]["trace"]["costs"])
     B = tc["batch"]
+    if args.warm_requests is None:
+        args.warm_requests = 2 * B
     capacity = ts.capacity_rps(costs, B, round(ts.expected_distinct(tc["tenants"], B)), tc["out"])
     rate = args.load * capacity
     trace = ts.make_trace(args.requests, tc["tenants"], rate, tc["out"], seed=0)
@@ -251,13 +314,15 @@ def main() -> None:
         "kernels_sha": R.kernels_sha(),
         "trace": {"requests": args.requests, "tenants": tc["tenants"], "prompt": tc["prompt"], "out": tc["out"],
                   "batch": B, "ratio": tc["ratio"], "load": args.load, "rate_rps": round(rate, 3),
-                  "rate_rps_exact": rate, "costs_from": costs_file.get("command")},
+                  "rate_rps_exact": rate, "warm_requests": args.warm_requests,
+                  "costs_from": costs_file.get("command")},
         "records": simulated_records(trace, costs_file, B, tc["ratio"]),
         "engine": {},
     }
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         R.log(f"live trace, decode={mode}: {args.requests} requests at {rate:.2f} req/s")
-        reqs, counters = serve_trace(world, trace, mode, tc["prompt"], B, cfg["model"]["vocab"], args.timeout_s)
+        reqs, counters = serve_trace(world, trace, mode, tc["prompt"], B, cfg["model"]["vocab"], args.timeout_s,
+                                     warm_requests=args.warm_requests)
         served = [r for r in reqs if len(r.tokens) == r.out_len]
         rec = ts.metrics(f"deltapack live ({mode})", served)
         rec["completed"] = len(served)
