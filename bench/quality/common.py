@@ -175,6 +175,10 @@ EXTRA_SPECS = [
     # third fine-tune set) auto's switches lowered the KL, on calibration text and on the task's answers, and cost
     # exact-match accuracy; greedy answers change where top tokens do. Decided on the tuning families only.
     MethodSpec("auto-flips", "auto", {"objective": "flips"}),
+    # healing on codecs with seeded masks (rehashed at every decode until 2026-12-08, kept since: timing_7b.py
+    # --no-mask-memo runs the old way for the comparison)
+    MethodSpec("dare+heal", "dare", heal=True),
+    MethodSpec("deltadq+heal", "deltadq", heal=True),
 ]
 ALIASES = {"all": LABEL_ORDER}
 DEFAULT_RATIOS = (16.0, 32.0, 64.0, 128.0)

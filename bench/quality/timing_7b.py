@@ -201,7 +201,8 @@ class HealProbe:
                 raise
             finally:
                 rec = {"rss_entry_gb": round(rss0 / 1e9, 3), "heal_steps": out[1].get("steps_done"),
-                       "heal_seconds": out[1].get("seconds"), "fit_reused": fit is not None,
+                       "heal_seconds": out[1].get("seconds"), "mask_memo": out[1].get("mask_memo"),
+                       "fit_reused": fit is not None,
                        "ctx_cache_gb": cache_tensor_bytes(ctx.cache)}
                 if error:
                     rec["error"] = error
@@ -460,8 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heal-steps", type=int, default=None,
                     help="healing steps for +heal methods (default: heal's own); each record gets `heal_probe`: "
                          "healing's own peak RSS (and GPU memory) over the call")
+    ap.add_argument("--no-mask-memo", action="store_true",
+                    help="healing regenerates seeded masks at every decode, as before they were kept (a comparison)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.no_mask_memo:
+        import deltapack.calib.heal as heal_mod
+
+        heal_mod.MASK_MEMO_CPU_BYTES, heal_mod.MASK_MEMO_FRACTION = 0, 0.0
     logging.getLogger("deltapack.compress").setLevel(logging.WARNING)
     budget = Budget(time.time() + args.time_budget)
 
@@ -483,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
 
     doc = {"command": command_line(), "device": device_name(device), "date": now_iso(), "smoke": bool(args.smoke),
            "shape": shape.label(), "params": shape.params(), "timing": [], "notes": [], "complete": False,
-           "path": "deltapack.api.compress on sharded bf16 safetensors checkpoints (real code path)"}
+           "path": "deltapack.api.compress on sharded bf16 safetensors checkpoints (real code path)",
+           "heal_mask_memo": not args.no_mask_memo}
     write_json(args.out, doc)
     if args.gptq_check:
         doc["gptq_check"] = gptq_check(device, small=args.smoke)
