@@ -85,6 +85,24 @@ class ResidentTiers:
         pass
 
 
+class Countdown:
+    """Set once `n` requests have ended (their finish or error events may come from any thread)."""
+
+    def __init__(self, n: int):
+        self.left, self.done, self._lock = n, threading.Event(), threading.Lock()
+        if n <= 0:
+            self.done.set()
+
+    def one(self) -> None:
+        with self._lock:
+            self.left -= 1
+            if self.left == 0:
+                self.done.set()
+
+    def wait(self, timeout_s: float) -> bool:
+        return self.done.wait(timeout_s)
+
+
 def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int, max_batch: int, vocab: int,
                 timeout_s: float, warm_requests: int = 0) -> tuple[list[ts.Request], dict]:
     """Feed the trace to a fresh engine in real time; returns the requests with their token times (seconds from
@@ -117,9 +135,7 @@ def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int,
     graphs = engine.warm_up(sorted({r.tenant for r in trace}))
     warm_s = time.perf_counter() - t_warm
     rnd = random.Random(1)
-    done = threading.Event()
-    left = [len(trace)]
-    lock = threading.Lock()
+    finishes = Countdown(len(trace))
     out = ts.fresh_copies(trace)
     t0 = [0.0]
 
@@ -127,10 +143,7 @@ def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int,
         if isinstance(ev, TokenEvent):
             req.tokens.append(time.perf_counter() - t0[0])
         elif isinstance(ev, (FinishEvent, ErrorEvent)):
-            with lock:
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
+            finishes.one()
 
     engine.start()
     try:
@@ -145,7 +158,7 @@ def serve_trace(world: R.World, trace: list[ts.Request], mode: str, prompt: int,
             params = SamplingParams(max_tokens=req.out_len, temperature=0.0, ignore_eos=True)
             engine.submit(GenRequest(f"r{req.rid}", f"t{req.tenant}", ten, ids, params,
                                      lambda ev, req=req: emit(req, ev), vocab=vocab))
-        finished = done.wait(timeout_s)
+        finished = finishes.wait(timeout_s)
     finally:
         engine.stop()
         engine.batch.clear()
@@ -183,7 +196,7 @@ def _warm_pass(engine, trace, tenants, n: int, prompt: int, vocab: int, rnd, tim
         return {"requests": 0, "seconds": 0.0, "batch": {}}
     from deltapack.serve.engine import TokenEvent
 
-    done, left, lock = threading.Event(), [n], threading.Lock()
+    finishes = Countdown(n)
     started: dict[int, threading.Event] = {}
 
     def emit(i: int, ev) -> None:
@@ -191,10 +204,7 @@ def _warm_pass(engine, trace, tenants, n: int, prompt: int, vocab: int, rnd, tim
             started[i].set()
         elif isinstance(ev, (FinishEvent, ErrorEvent)):
             started[i].set()
-            with lock:
-                left[0] -= 1
-                if left[0] == 0:
-                    done.set()
+            finishes.one()
 
     # in groups of 1, 2, 3, ... 8 prompts (the engine's chunk limit here: 8 x prompt tokens), each let into a prefill
     # before the next arrives: the trace's arrivals make chunks of every size, so the pass does too, whatever shapes
@@ -212,7 +222,7 @@ def _warm_pass(engine, trace, tenants, n: int, prompt: int, vocab: int, rnd, tim
         for j in group:
             started[j].wait(timeout_s)
         i, size = group.stop, size % 8 + 1
-    finished = done.wait(timeout_s)
+    finished = finishes.wait(timeout_s)
     seconds = time.perf_counter() - t
     if not finished:
         raise RuntimeError(f"the warm pass of {n} requests did not finish in {timeout_s:.0f} s")

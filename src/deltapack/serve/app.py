@@ -192,15 +192,13 @@ def _start_prepacks(base: str, paths: list, device: str, dtype: str, kernels: st
     packing to registration, and the error to the model load."""
     from deltapack.io.sources import open_model
     from deltapack.kernels import get_kernels
-    from deltapack.serve.model import _resolve_dtype, resolve_device
+    from deltapack.serve.model import resolve_device, serving_dtype
     from deltapack.serve.tiers import start_prepacks
 
     try:
         dev = resolve_device(device)
-        src = open_model(base)
-        first = src.meta(src.keys()[0]).dtype if src.keys() else torch.float32
         backend = get_kernels(kernels, dev)
-        return backend, start_prepacks(paths, _resolve_dtype(dtype, dev, first), backend)
+        return backend, start_prepacks(paths, serving_dtype(dtype, dev, open_model(base)), backend)
     except Exception as e:  # noqa: BLE001 -- an optimisation only: registration packs and reports
         log.debug("deltas not packed ahead of the base load: %s", e)
         return kernels, {}

@@ -223,14 +223,19 @@ class MergedWeights:
             self.solo_size[solo.name] = (phase, size)
 
     # ---- per-forward choice ---------------------------------------------------------------------------------------
+    def usable_entry(self, tenant) -> MergedEntry | None:
+        """The tenant's merged copy if complete and still its own (a slot reused by another tenant is not)."""
+        e = self.entries.get(tenant.slot)
+        return e if e is not None and e.complete and e.name == tenant.name else None
+
     def choose(self, phase: str, tenants: list, size: int) -> MergedEntry | None:
         """The merged entry this forward runs on, or None (kernel path): only when one tenant owns every row and
         its copy is complete, and then as the measured costs say."""
         solo = sole_tenant(tenants)
         if solo is None or solo.slot is None:
             return None
-        e = self.entries.get(solo.slot)
-        if e is None or not e.complete or e.name != solo.name:
+        e = self.usable_entry(solo)
+        if e is None:
             return None
         mm, mn = self.costs.get(phase, PATH_MERGED, size)
         km, kn = self.costs.get(phase, PATH_KERNELS, size)
@@ -280,8 +285,7 @@ class MergedWeights:
         whole = measured(PATH_MIXED, padded(lengths))
         best, best_gain = None, 0.0
         for t in {id(t): t for t in tenants if t is not None}.values():
-            e = self.entries.get(t.slot)
-            if e is None or not e.complete or e.name != t.name:
+            if self.usable_entry(t) is None:
                 continue
             own = [n for u, n in zip(tenants, lengths) if u is t]
             rest_t = [u for u in tenants if u is not t]

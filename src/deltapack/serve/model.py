@@ -273,6 +273,12 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, ckpt_d
     return table[dtype]
 
 
+def serving_dtype(dtype: str | torch.dtype | None, device: torch.device, source) -> torch.dtype:
+    """The dtype a base (a ModelSource) is served in on `device`: `dtype`, or with "auto" from its checkpoint's."""
+    first = source.meta(source.keys()[0]).dtype if source.keys() else torch.float32
+    return _resolve_dtype(dtype, device, first)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         return device
@@ -320,8 +326,7 @@ class ModelRunner:
         self.source = open_model(base)
         self.path = Path(self.source.path)
         self.device = resolve_device(device)
-        first = self.source.meta(self.source.keys()[0]).dtype if self.source.keys() else torch.float32
-        self.dtype = _resolve_dtype(dtype, self.device, first)
+        self.dtype = serving_dtype(dtype, self.device, self.source)
         try:
             cfg = AutoConfig.from_pretrained(str(self.path))
         except Exception as e:

@@ -333,12 +333,7 @@ class DeltaTiers:
         t = Tenant(name, d.path.resolve(), d, placements, vocab, eos or set(r.eos_ids), tok, d.total_bytes())
         pre = self._take_prepacked(d.path)
         if pre is not None and all(pre.packed.get(n) is not None for n in placements):
-            t.packed = {}
-            for tname in placements:
-                p = pre.packed[tname]
-                p.replace = any(rep for _, rep in placements[tname])
-                _check_finite(name, tname, p)
-                t.packed[tname] = p
+            t.packed = {tname: self._placed(t, tname, pre.packed[tname]) for tname in placements}
         else:
             t.packed = self._pack(t, "cpu")
         t.nbytes = sum(p.nbytes() for p in t.packed.values())
@@ -394,11 +389,16 @@ class DeltaTiers:
         r = self.runner
         packed: dict[str, PackedDelta] = {}
         for tname in t.placements:
-            p = pack_tensor(t.delta, tname, r.dtype, r.state.kernels, device, r.source, label=t.name)
-            p.replace = any(rep for _, rep in t.placements[tname])
-            _check_finite(t.name, tname, p)
-            packed[tname] = p
+            packed[tname] = self._placed(t, tname, pack_tensor(t.delta, tname, r.dtype, r.state.kernels, device,
+                                                             r.source, label=t.name))
         return packed
+
+    @staticmethod
+    def _placed(t: Tenant, tname: str, p: PackedDelta) -> PackedDelta:
+        """A packed tensor made ready for its sites: whether it replaces the base's weight, and finite."""
+        p.replace = any(rep for _, rep in t.placements[tname])
+        _check_finite(t.name, tname, p)
+        return p
 
     def add(self, t: Tenant) -> None:
         with self.lock:
