@@ -94,3 +94,29 @@ def test_bernoulli_hashes_give_the_decoders_mask(p):
 
     shape, seed = (37, 1000), 123456789
     assert torch.equal(BernoulliHashes(shape, seed).mask(p), bernoulli_mask(shape, p, seed))
+
+
+def test_mask_hash_is_pinned_and_independent_of_blocking():
+    """The seeded masks are part of the file format: a delta written by an earlier version must regenerate the same
+    positions. Pinned values (computed by the original out-of-place hash); and the CPU's cache-sized blocks, other
+    block sizes and row ranges give the same hashes as hashing the flat indices at once."""
+    import hashlib
+
+    from deltapack.format import masks
+
+    idx = torch.tensor([0, 1, 2, 12345, 2**31 - 1, 2**31 + 7, 3 * 2**30 + 11], dtype=torch.int64)
+    assert masks.hash32(idx, 3012345678).tolist() == [1119649522, 345853671, 261743443, 1361520175, 983510653,
+                                                      3439106513, 3933715116]
+    assert masks.hash32(idx, 0).tolist()[:4] == [0, 1834104592, 2889141741, 724572905]
+    assert idx.tolist()[3] == 12345  # the input is not modified in place
+    mask = masks.bernoulli_mask((1000, 1000), 0.1, 5)
+    assert hashlib.sha256(mask.numpy().tobytes()).hexdigest()[:16] == "f156a3a1168a5a09"
+    keep = masks.group_keep_indices((100, 1024), 32, 3, 5)
+    assert hashlib.sha256(keep.numpy().tobytes()).hexdigest()[:16] == "11f0425c7e4e2c0f"
+
+    shape, seed = (37, 1000), 77
+    flat = masks.hash32(torch.arange(shape[0] * shape[1]), seed).view(shape)
+    for block in (1, 999, 1000, 4096, 1 << 20):
+        got = torch.cat([h for _, _, h in masks.row_block_hashes(shape, seed, block_elems=block)])
+        assert torch.equal(got, flat), block
+    assert torch.equal(masks.hash_rows(shape, 5, 30, seed), flat[5:30])

@@ -24,7 +24,7 @@ import torch
 
 from deltapack.errors import FormatError
 from deltapack.format.codecs import BITS, FLOAT, U8, Codec, _need, pchoice, pint, register_codec
-from deltapack.format.masks import group_keep_indices, hash32
+from deltapack.format.masks import group_keep_indices, hash_rows
 from deltapack.format.packing import pack_bits, packed_row_bytes, unpack_bits
 from deltapack.quant.rtn import quant_params
 
@@ -77,8 +77,8 @@ class MaskHashes:
         have = self._h.get(block)
         done = 0 if have is None else have.shape[0]
         if done < rows:
-            idx = torch.arange(done * n, rows * n, device=self.device, dtype=torch.int64).view(rows - done, n)
-            new = hash32(idx, self.seed if block == 0 else second_block_seed(self.seed))
+            new = hash_rows(self.shape, done, rows, self.seed if block == 0 else second_block_seed(self.seed),
+                            self.device)
             self._h[block] = new if have is None else torch.cat([have, new])
         return self._h[block][:rows]
 

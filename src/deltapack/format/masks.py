@@ -78,26 +78,49 @@ def seed_for(name: str, salt: int = 0) -> int:
 
 
 def hash32(idx: torch.Tensor, seed: int) -> torch.Tensor:
-    """lowbias32-style mix of (seed, idx) -> uint32 values held in int64."""
-    x = (idx.to(torch.int64) * 0x9E3779B1 + seed) & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _M32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _M32
-    x = x ^ (x >> 16)
+    """lowbias32-style mix of (seed, idx) -> uint32 values held in int64. `idx` is left as it is."""
+    # one new tensor, then in place: each out-of-place step allocated and wrote a fresh int64 tensor (7x the traffic)
+    x = idx.to(torch.int64) * 0x9E3779B1
+    x.add_(seed).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16)
+    x.mul_(0x7FEB352D).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(0x846CA68B).bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16)
     return x
 
 
-def row_block_hashes(shape: tuple[int, int], seed: int, device="cpu", block_elems: int = 1 << 24):
-    """(r0, r1, hashes of rows r0:r1) over the matrix, about `block_elems` elements a block: the int64 temporaries
-    stay bounded whatever the tensor (a 70B model's embedding is 1G elements)."""
+def default_block_elems(device) -> int:
+    """Elements hashed per block. On a CPU, blocks that stay in its caches: an int64 temporary of 2^24 elements is
+    128 MB and the hash's dozen passes over it were memory-bound (a Bernoulli mask cost 26 ns an element on one
+    thread, 2^18-element blocks 4.4 ns; more threads share a larger block); on a GPU, large blocks (few launches)."""
+    if torch.device(device).type == "cpu":
+        return min(1 << 21, (1 << 18) * max(1, torch.get_num_threads() // 2))
+    return 1 << 24
+
+
+def row_block_hashes(shape: tuple[int, int], seed: int, device="cpu", block_elems: int | None = None,
+                     row_range: tuple[int, int] | None = None):
+    """(r0, r1, hashes of rows r0:r1) over the matrix (or over its rows `row_range`), about `block_elems` elements a
+    block (default: by device, default_block_elems): the int64 temporaries stay bounded whatever the tensor (a 70B
+    model's embedding is 1G elements)."""
     rows, cols = shape
-    step = max(1, block_elems // max(cols, 1))
+    first, last = row_range or (0, rows)
+    step = max(1, (block_elems or default_block_elems(device)) // max(cols, 1))
     base = torch.arange(cols, device=device, dtype=torch.int64)
-    for r0 in range(0, rows, step):
-        r1 = min(rows, r0 + step)
-        idx = torch.arange(r0, r1, device=device, dtype=torch.int64).unsqueeze(1) * cols + base
+    for r0 in range(first, last, step):
+        r1 = min(last, r0 + step)
+        idx = torch.arange(r0 * cols, r1 * cols, cols, device=device, dtype=torch.int64).unsqueeze(1) + base
         yield r0, r1, hash32(idx, seed)
+
+
+def hash_rows(shape: tuple[int, int], r0: int, r1: int, seed: int, device="cpu") -> torch.Tensor:
+    """Hashes of rows r0:r1 of the matrix as one (r1 - r0, cols) int64 tensor, made block by block
+    (row_block_hashes' sizes): the same values as hash32 of those rows' flat indices."""
+    out = torch.empty(r1 - r0, shape[1], dtype=torch.int64, device=device)
+    for a, b, h in row_block_hashes(shape, seed, device, row_range=(r0, r1)):
+        out[a - r0 : b - r0] = h
+    return out
 
 
 def bernoulli_mask(shape: tuple[int, int], keep_prob: float, seed: int, device="cpu") -> torch.Tensor:
@@ -149,7 +172,7 @@ def _group_keep_indices(shape: tuple[int, int], group_size: int, keep: int, seed
     groups = cols // group_size
     out = torch.empty(rows, groups * keep, dtype=torch.int64, device=device)
     offs = (torch.arange(groups, device=device, dtype=torch.int64) * group_size).view(1, groups, 1)
-    for r0, r1, h in row_block_hashes(shape, seed, device, block_elems=1 << 23):
+    for r0, r1, h in row_block_hashes(shape, seed, device, block_elems=min(1 << 23, default_block_elems(device))):
         h = h.view(r1 - r0, groups, group_size)
         sel = torch.topk(h, keep, dim=-1, largest=False, sorted=False).indices.sort(-1).values
         out[r0:r1] = (sel + offs).view(r1 - r0, groups * keep)

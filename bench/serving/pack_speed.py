@@ -1,0 +1,88 @@
+"""Seconds to pack each of coldstart.py's four deltas (SmolLM2-135M shape, 16x) for serving, on the CPU.
+
+Every server start packs its deltas on the host's CPU before they move to the device (serve/tiers.py: the packed
+host copy is also the host tier), whatever the kernels: the reference backend's layouts (a CPU server) and the Triton
+backend's (a GPU server: the same CSR, re-laid out as ELL tiles, kernels/triton/layouts.py). Sparse codecs regenerate
+their seeded masks there (format/masks.py), which made dare and deltadq most of the `deltas` phase of a start
+(bench/results/serving.json coldstart: startup_phases.notes.deltas.pack_s). This times that packing alone, per delta
+and layout, with a given number of torch threads, best of --repeat runs, shards already read and verified.
+
+    PYTHONPATH=src python bench/serving/pack_speed.py --threads 1 --out bench/results/serving_pack_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/deltapack_coldstart"), help="coldstart.py's models")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from coldstart import TENANTS, make_models
+    from deltapack.format.directory import DeltaDir
+    from deltapack.kernels.reference import ReferenceKernels
+    from deltapack.kernels.triton.layouts import pack_entry
+
+    torch.set_num_threads(args.threads)
+    args.work.mkdir(parents=True, exist_ok=True)
+    _, deltas, _ = make_models(args.work, "smollm", 16.0, "cpu")
+    ref = ReferenceKernels()
+    layouts = {
+        "reference": lambda c, p, parts, s: ref.pack(c, p, parts, s, dtype=torch.bfloat16, device="cpu"),
+        "triton (ELL, on the CPU)": lambda c, p, parts, s: pack_entry(c, p, parts, s, torch.bfloat16),
+    }
+    rows = []
+    for name in TENANTS:
+        d = DeltaDir.open(deltas[name])
+        d.load_verified()
+        try:
+            for layout, pack in layouts.items():
+                best = float("inf")
+                for _ in range(args.repeat):
+                    t0 = time.perf_counter()
+                    for tname in d.manifest.tensors:
+                        te = d.entry(tname)
+                        parts = d.parts(tname)
+                        parts.pop("new_rows", None)
+                        pack(te.codec, te.params, parts, tuple(te.shape))
+                    best = min(best, time.perf_counter() - t0)
+                rows.append({"delta": name, "layout": layout, "seconds": round(best, 3)})
+                print(f"{name:11s} {layout:26s} {best:7.3f} s", flush=True)
+        finally:
+            d.drop_verified()
+    doc = {
+        "command": "PYTHONPATH=src python bench/serving/pack_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {args.threads} torch threads",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                                 cwd=HERE).stdout.strip(),
+        "torch": torch.__version__, "shape": "smollm", "ratio": 16.0, "repeat": args.repeat, "packs": rows,
+    }
+    if args.out:
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1) + "\n")
+        tmp.replace(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
