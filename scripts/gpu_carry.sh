@@ -29,20 +29,8 @@ if [[ ! -f .gpu/smol.part.aa || ! -f .gpu/smol.part.ab ]]; then
     mv .gpu/smol.part.ab.tmp .gpu/smol.part.ab
 fi
 
-wheels() {  # wheels DIR PACKAGE... : binary wheels for the device's python, with their dependencies
-    local dir=$1
-    shift
-    if compgen -G "$dir/*.whl" > /dev/null; then
-        return
-    fi
-    "$PY" -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-        -d "$dir.tmp" "$@"
-    mv "$dir.tmp" "$dir"
-}
-
 # --no-deps lists: the machine's python has torch, numpy, transformers, httpx...; only what is missing goes along
-nodeps() {
+nodeps() {  # nodeps DIR PACKAGE...: binary wheels for the device's python, no dependencies
     local dir=$1
     shift
     if compgen -G "$dir/*.whl" > /dev/null; then
