@@ -57,7 +57,10 @@ class TeacherFit:
         self.batch = batch
         from deltapack.compress.context import phase
 
-        teacher = load_source_model(ctx.finetuned, dev, self.dtype)
+        # the loads are timed: on the 7B-shaped pair (H100) auto's teacher took 35-40 s, of which the calibration
+        # text and the log-probs were under 1 s
+        with phase("teacher.load_finetune", dev):
+            teacher = load_source_model(ctx.finetuned, dev, self.dtype)
         with phase("teacher.calibration_text", dev):
             self.ids, self.record = calibration_ids(ctx, source=source, n_seqs=n_seqs, seq_len=seq_len, model=teacher,
                                                     tok=load_tokenizer(ctx.finetuned), seed=seed)
@@ -66,7 +69,8 @@ class TeacherFit:
             self.teacher_logp = _teacher_logprobs(teacher, self.ids, batch)  # frees the teacher
         self._teacher_top = None  # its most likely tokens, made when first asked for (kl_and_flips)
         del teacher
-        self.student = load_source_model(ctx.base, dev, self.dtype)
+        with phase("teacher.load_base", dev):
+            self.student = load_source_model(ctx.base, dev, self.dtype)
         for p in self.student.parameters():
             p.requires_grad_(False)
         self.params = _grow_vocabulary(self.student, ctx, dev, self.dtype)
