@@ -278,6 +278,61 @@ def test_prefill_split_follows_measured_costs():
     assert m.prefill_split(rows, lengths) is None
 
 
+def test_mixed_prefill_chunks_make_a_tenant_hot():
+    """A tenant's share of the rows of mixed prefill chunks counts towards its hotness (prefill_split can run those
+    rows on a copy); mixed decode steps do not (a copy cannot serve a shared step). With solo forwards alone, no
+    tenant of a many-tenant trace ever became hot."""
+    a, b = _tenant("a", 0), _tenant("b", 1)
+    m = _stub_merged({})
+    m.scores, m.solo_size, m.forwards, m._decay = {}, {}, 0, 1.0
+    for _ in range(3):
+        m.observe([a, b, b, None], "decode", 4)
+    assert m.scores == {}
+    m.observe([a, b, b, None], "prefill", 40)
+    assert m.scores == pytest.approx({"a": 0.25, "b": 0.5})
+    assert m.solo_size == {"a": ("prefill", 10), "b": ("prefill", 20)}  # the size their rows would run at apart
+    m.observe([a, a], "decode", 2)  # a solo forward: a full count, and its own size wins
+    assert m.scores["a"] == pytest.approx(1.25) and m.solo_size["a"] == ("decode", 2)
+    for _ in range(8):
+        m.observe([a, b, b, None], "prefill", 40)
+    assert m.scores["b"] >= mw.MIN_SOLO_SCORE  # hot from shared prefills alone
+
+
+def test_a_tenant_hot_from_mixed_prefills_alone_is_merged_and_served_apart(env):
+    """End to end: prompts of two tenants that only ever meet in shared prefill chunks (never a forward to one
+    tenant) make the busier tenant hot; it gets a copy, its rows are split onto it, and every answer is unchanged."""
+    from deltapack.serve.engine import GenRequest
+    from deltapack.serve.sampling import SamplingParams
+
+    _, _, refs = env
+    with _server(env, decode="static", max_batch=8) as (state, url):
+        m = state.tiers.merged
+        m.costs = FixedCosts()
+        ta, tb = state.tiers.tenants["a"], state.tiers.tenants["b"]
+        for t in (ta, tb):  # both device-resident, without a forward of their own
+            assert state.tiers.acquire(t)
+            state.tiers.release(t)
+        assert m.snapshot()["merges"] == 0
+        reqs = [GenRequest(f"r{i}", t.name, t, list(PROMPT), SamplingParams(max_tokens=1), lambda ev: None)
+                for i, t in enumerate((ta, ta, ta, tb))]
+        with state.tiers.lock:  # as the engine thread does, between its steps
+            for _ in range(8):  # the engine's bookkeeping of a mixed prefill chunk: a owns 3 of its 4 rows
+                assert state.engine._merged_choice("prefill", reqs, 20) is None  # never a copy for a mixed chunk
+            assert m.scores["a"] > mw.MIN_SOLO_SCORE > m.scores["b"]
+            for _ in range(100):
+                m.tick()
+                if m.snapshot()["tenants"].get("a", {}).get("complete"):
+                    break
+        snap = m.snapshot()
+        assert snap["tenants"]["a"]["complete"] and "b" not in snap["tenants"]
+        # such a chunk is now split: a's prompts run apart, on the copy (its prefill is not yet measured: probed)
+        assert [[r.tenant.name for r in c] for c in state.engine._chunks(reqs)] == [["a", "a", "a"], ["b"]]
+        with ThreadPoolExecutor(4) as pool:
+            outs = list(pool.map(lambda n: (n, _gen(url, n)), ["a", "b", "a", "a"]))
+        for n, toks in outs:
+            assert toks == refs[n], n
+
+
 def test_a_merged_tenants_prompts_run_apart_on_its_copy(env):
     """In the engine: a prefill chunk holding a merged tenant's prompt and another tenant's is split, the merged
     tenant's part runs on its copy, and both answer exactly as alone."""

@@ -1,4 +1,5 @@
-"""Seconds to pack each of coldstart.py's four deltas (SmolLM2-135M shape, 16x) for serving, on the CPU.
+"""Seconds to pack each of coldstart.py's four deltas for serving, on the CPU: SmolLM2-135M's shape (`--shape smollm`,
+coldstart.py's models) or one decoder layer of Llama-2-7B's widths (`--shape 7b-layer`: x32 for a 7B model's layers).
 
 Every server start packs its deltas on the host's CPU before they move to the device (serve/tiers.py: the packed
 host copy is also the host tier), whatever the kernels: the reference backend's layouts (a CPU server) and the Triton
@@ -8,6 +9,8 @@ their seeded masks there (format/masks.py), which made dare and deltadq most of 
 and layout, with a given number of torch threads, best of --repeat runs, shards already read and verified.
 
     PYTHONPATH=src python bench/serving/pack_speed.py --threads 1 --out bench/results/serving_pack_cpu.json
+    PYTHONPATH=src python bench/serving/pack_speed.py --shape 7b-layer --threads 2 \
+        --out bench/results/serving_pack_cpu_7b_layer.json
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ sys.path.insert(0, str(HERE))
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/deltapack_coldstart"), help="coldstart.py's models")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/deltapack_coldstart"), help="models (kept, reused)")
+    ap.add_argument("--shape", choices=["smollm", "7b-layer"], default="smollm")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
@@ -36,14 +40,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from coldstart import TENANTS, make_models
+    from coldstart import SHAPES, TENANTS, make_models
     from deltapack.format.directory import DeltaDir
     from deltapack.kernels.reference import ReferenceKernels
     from deltapack.kernels.triton.layouts import pack_entry
 
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
-    _, deltas, _ = make_models(args.work, "smollm", 16.0, "cpu")
+    if args.shape == "7b-layer":  # Llama-2-7B's widths, one layer, a small vocabulary: the layers dominate a 7B
+        SHAPES["7b-layer"] = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
+                                  num_attention_heads=32, num_key_value_heads=32, vocab_size=256,
+                                  max_position_embeddings=512, tie_word_embeddings=False)
+    _, deltas, _ = make_models(args.work, args.shape, 16.0, "cpu")
     ref = ReferenceKernels()
     layouts = {
         "reference": lambda c, p, parts, s: ref.pack(c, p, parts, s, dtype=torch.bfloat16, device="cpu"),
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                  cwd=HERE).stdout.strip(),
-        "torch": torch.__version__, "shape": "smollm", "ratio": 16.0, "repeat": args.repeat, "packs": rows,
+        "torch": torch.__version__, "shape": args.shape, "ratio": 16.0, "repeat": args.repeat, "packs": rows,
     }
     if args.out:
         tmp = args.out.with_suffix(".tmp")

@@ -11,9 +11,10 @@ bound. The cost is memory: a full copy of the tenant's changed linear weights (a
     base weight in float32, rounded once to the model dtype), a few sites per engine step so that a merge never
     stalls the running batch for long; an entry is used only once complete, and every site records the
     PackedDelta it came from, which the layer checks before using the copy (`MergedEntry.weight`);
-  * hotness from recent token counts: per tenant, a decayed count of forwards it had to itself (half-life
-    HALF_LIFE_FORWARDS forwards); the hottest tenant above MIN_SOLO_SCORE is merged when memory allows; an entry
-    whose score cools below COOL_SCORE is dropped, as is one the measured costs keep skipping;
+  * hotness from recent forwards: per tenant, a decayed count of forwards it had to itself plus its share of the
+    rows of mixed prefill chunks (half-life HALF_LIFE_FORWARDS forwards); the hottest tenant above MIN_SOLO_SCORE is
+    merged when memory allows; an entry whose score cools below COOL_SCORE is dropped, as is one the measured costs
+    keep skipping;
   * memory: `budget` bytes (None = auto: limited by free device memory only) and, on a GPU, never more than the free
     memory minus what other work may still claim (the device tier's unused budget, the dynamic KV cache's worst case,
     HEADROOM_BYTES); an allocation failure while building drops the entry and backs off;
@@ -40,7 +41,7 @@ from deltapack.kernels.schedule import dense_delta
 log = logging.getLogger(__name__)
 
 HALF_LIFE_FORWARDS = 64  # hotness halves after this many forwards without the tenant alone in one
-MIN_SOLO_SCORE = 4.0  # decayed solo forwards before a tenant is worth a merged copy
+MIN_SOLO_SCORE = 4.0  # decayed solo forwards (or shares of mixed prefill chunks) before a copy is worth making
 COOL_SCORE = 0.25  # a merged tenant whose score falls below this has cooled down: its copy is dropped
 PROBES = 3  # measurements of a path before its cost is trusted
 REPROBE_EVERY = 64  # choices between re-measurements of the path currently losing
@@ -145,8 +146,8 @@ class MergedWeights:
         self.clock = clock
         self.linear = {m.wkey: m for m in runner.model.modules() if isinstance(m, DeltaLinear)}
         self.entries: dict[int, MergedEntry] = {}  # by slot
-        self.scores: dict[str, float] = {}  # tenant name -> decayed solo forwards
-        self.solo_size: dict[str, tuple[str, int]] = {}  # tenant name -> (phase, size) of its last solo forward
+        self.scores: dict[str, float] = {}  # tenant name -> decayed solo forwards + shares of mixed prefills
+        self.solo_size: dict[str, tuple[str, int]] = {}  # tenant name -> (phase, size) its rows ran or would run at
         self.costs = StepCosts()
         self.extra_reserve = 0  # bytes other work may still claim on the device (the engine: a dynamic KV cache)
         self.version = 0  # changes whenever an entry becomes usable or is dropped
@@ -221,6 +222,20 @@ class MergedWeights:
         if solo is not None:
             self.scores[solo.name] = self.scores.get(solo.name, 0.0) + 1.0
             self.solo_size[solo.name] = (phase, size)
+        elif phase == "prefill" and tenants:
+            # a mixed prefill chunk: each tenant's share of its rows counts too, since prefill_split can run those
+            # rows on a copy. Counting solo forwards alone, no tenant of the 64-tenant trace ever became hot (H100,
+            # 2026-12-08: 0 merges), as every forward there is shared. Mixed decode steps never count: a copy cannot
+            # serve a step it shares with other tenants
+            rows: dict[int, list] = {}
+            for t in tenants:
+                if t is not None:
+                    rows.setdefault(id(t), [t, 0])[1] += 1
+            for t, n in rows.values():
+                share = n / len(tenants)
+                self.scores[t.name] = self.scores.get(t.name, 0.0) + share
+                # the size its rows would run at, split off (a solo forward's own size is better evidence)
+                self.solo_size.setdefault(t.name, (phase, max(1, round(size * share))))
 
     # ---- per-forward choice ---------------------------------------------------------------------------------------
     def usable_entry(self, tenant) -> MergedEntry | None:
@@ -354,7 +369,7 @@ class MergedWeights:
             self._serial += 1
             e = MergedEntry(name, t.slot, self._serial, need, todo=sites)
             self.entries[t.slot] = e
-            log.info("merging %s (%d sites, %.2f GB; hotness %.1f solo forwards)", name, len(sites), need / 1e9, score)
+            log.info("merging %s (%d sites, %.2f GB; hotness %.1f)", name, len(sites), need / 1e9, score)
             self._build(e)
             return
 
