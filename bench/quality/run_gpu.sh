@@ -24,7 +24,13 @@
 #        (coldstart on 2026-12-08: building the models 55 s, the cold start with its background warm-up ~115 s, so
 #        the warm start did not fit the 170 s given; it now writes each start's record as it ends. The live trace's
 #        engine now splits each decode step's time into launch, wait for the device and accept: its 2026-12-08 run
-#        took 71 ms a step where the measured step costs predict ~50)
+#        took 71 ms a step where the measured step costs predict ~50. Since 2026-12-08 (third session) the deltas
+#        pack faster on the host (masks hashed in cache-sized blocks): the records' startup_phases.notes.deltas.pack_s
+#        compares with the 26.9 s of the earlier cold start's printed phases. If time is left in the call:
+#        timeout 150 python3 bench/serving/pack_speed.py --shape 7b-layer --threads 16 --compress-device cuda \
+#            --work /root/p7b --out $OUT/serving_pack_h100host_7b_layer.json   (a GPU host's CPU packing one 7B-wide
+#        layer: x32 is what a 7B delta costs at a server's start; on this 2-core machine 2-4 s a layer for dare and
+#        deltadq, bench/results/serving_pack_cpu_7b_layer.json)
 #   2. carry [".gpu/smol.part.ab"]               bash bench/quality/run_gpu.sh finetune --plan PLAN        <= 555 s
 #        six full fine-tunes side by side (saved by 360 s), each task evaluated from the moment its fine-tune is
 #        saved until 540 s (parts tagged "ft"); `finetune --no-eval` for the fine-tunes alone (<= 360 s)
@@ -47,11 +53,16 @@
 # If a step says the machine was given back (no /root/m or no /root/dpq/ft-*), start again at step 1.
 #
 #   5. 7B-shaped timing (no model needed):      bash bench/quality/run_gpu.sh timing auto,auto+heal        <= 555 s
-#        (encode.coded_fit.<method> now says which candidate's coded-size fit takes auto's time)
+#        (encode.coded_fit.<method> now says which candidate's coded-size fit takes auto's time; teacher.load_finetune
+#        and teacher.load_base time the two model loads that seemed to be most of refine.auto.teacher's 35-40 s,
+#        which now read ahead while copying)
 #   6. merged weights in a live trace (the 64-tenant one made no merge on 2026-12-08: no tenant ever owned a
-#      forward), before `--merged-bytes` may default to auto:
-#        timeout 400 python3 bench/serving/live.py --tenants 1 --modes graph,graph+merged --requests 200 \
-#            --timeout-s 150 --out $OUT/serving_live_1tenant.json
+#      forward; hotness now also counts a tenant's share of mixed prefill chunks, whose rows prefill_split can run on
+#      its copy), before `--merged-bytes` may default to auto:
+#        timeout 290 python3 bench/serving/live.py --modes graph+merged --requests 300 --timeout-s 150 \
+#            --out $OUT/serving_live_merged.json   (compare with call 1's graph row: same trace, same warm pass)
+#        timeout 290 python3 bench/serving/live.py --tenants 1 --modes graph,graph+merged --requests 200 \
+#            --timeout-s 120 --out $OUT/serving_live_1tenant.json
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

@@ -11,6 +11,7 @@ and layout, with a given number of torch threads, best of --repeat runs, shards 
     PYTHONPATH=src python bench/serving/pack_speed.py --threads 1 --out bench/results/serving_pack_cpu.json
     PYTHONPATH=src python bench/serving/pack_speed.py --shape 7b-layer --threads 2 \
         --out bench/results/serving_pack_cpu_7b_layer.json
+    (a GPU host's CPU: --threads 16 --compress-device cuda)
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/deltapack_coldstart"), help="models (kept, reused)")
     ap.add_argument("--shape", choices=["smollm", "7b-layer"], default="smollm")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compress-device", default="cpu", help="where the deltas are compressed (once; cuda on a GPU host)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         SHAPES["7b-layer"] = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=256,
                                   max_position_embeddings=512, tie_word_embeddings=False)
-    _, deltas, _ = make_models(args.work, args.shape, 16.0, "cpu")
+    _, deltas, _ = make_models(args.work, args.shape, 16.0, args.compress_device)
     ref = ReferenceKernels()
     layouts = {
         "reference": lambda c, p, parts, s: ref.pack(c, p, parts, s, dtype=torch.bfloat16, device="cpu"),
