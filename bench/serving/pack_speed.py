@@ -17,11 +17,6 @@ and layout, with a given number of torch threads, best of --repeat runs, shards 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from coldstart import SHAPES, TENANTS, make_models
+    from cpu_bench import record, save
     from deltapack.format.directory import DeltaDir
     from deltapack.kernels.reference import ReferenceKernels
     from deltapack.kernels.triton.layouts import pack_entry
@@ -78,19 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:11s} {layout:26s} {best:7.3f} s", flush=True)
         finally:
             d.drop_verified()
-    doc = {
-        "command": "PYTHONPATH=src python bench/serving/pack_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {args.threads} torch threads",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                                 cwd=HERE).stdout.strip(),
-        "torch": torch.__version__, "shape": args.shape, "ratio": 16.0, "repeat": args.repeat, "packs": rows,
-    }
-    if args.out:
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(doc, indent=1) + "\n")
-        tmp.replace(args.out)
-        print(f"wrote {args.out}")
+    save(args.out, record("pack_speed.py", args.threads, torch=torch.__version__, shape=args.shape, ratio=16.0,
+                          repeat=args.repeat, packs=rows))
     return 0
 
 
