@@ -145,6 +145,29 @@ def test_serving_report_renders_every_part(tmp_path):
     assert "merge --dtype float32" in text
 
 
+def test_host_lines_set_each_result_beside_its_baseline(tmp_path):
+    """CPU micro-benchmarks of the serving host: a result `<name>.json` is shown beside `<name>_<commit>.json` (the
+    same command on older code) and a baseline is never shown as a result of its own; a name that merely extends
+    another (serving_pack_cpu_7b_layer beside serving_pack_cpu) is not taken for its baseline."""
+    rep = _load("bench_serving_report", BENCH / "serving" / "report.py")
+
+    def pack(commit, shape, dare):
+        return {"commit": commit, "shape": shape, "device": "cpu", "date": "2026-12-08T00:00:00+00:00",
+                "packs": [{"delta": "dare", "layout": "reference", "seconds": dare}]}
+
+    (tmp_path / "serving_pack_cpu.json").write_text(json.dumps(pack("new1", "smollm", 1.5)))
+    (tmp_path / "serving_pack_cpu_74f2553.json").write_text(json.dumps(pack("74f2553", "smollm", 3.5)))
+    (tmp_path / "serving_pack_cpu_7b_layer.json").write_text(json.dumps(pack("new2", "7b-layer", 2.3)))
+    (tmp_path / "serving_detok_cpu.json").write_text(json.dumps({
+        "device": "cpu", "date": "2026-12-08T00:00:00+00:00", "rows": 64, "tokenizer": "T",
+        "steps": [{"output_tokens": 2048, "ms_per_step": 0.54, "ms_per_step_last_100": 0.52}]}))
+    text = "\n".join(rep.host_lines(tmp_path))
+    assert "| dare | reference | 1.50 s | 3.50 s |" in text  # beside its baseline
+    assert "| dare | reference | 2.30 s |\n" in text + "\n"  # 7b-layer: no baseline of its own
+    assert "| new1 | 74f2553 |" in text and "serving_pack_cpu_74f2553.json:" not in text
+    assert "| 2048 | 0.54 / 0.52 |" in text
+
+
 def test_share_targets_compare_with_layer_dropping_on_both_sides():
     share = _load("bench_share_run", BENCH / "share" / "run.py")
     res = {"original": {"params": 1000, "ppl": 10.0, "task_items_kept": 10, "task_items": 20},

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,6 +196,53 @@ def coldstart_lines(sv: dict) -> list[str]:
     return out
 
 
+def _baseline_of(results: Path, current: Path) -> dict | None:
+    """`<name>_<commit>.json` beside `<name>.json`: the same command run on older code."""
+    for f in sorted(results.glob(f"{current.stem}_*.json")):
+        if re.fullmatch(r"[0-9a-f]{7,40}", f.stem[len(current.stem) + 1:]):
+            return _load(f)
+    return None
+
+
+def host_lines(results: Path) -> list[str]:
+    """CPU micro-benchmarks of the host's share of serving (bench/serving/pack_speed.py, detok_speed.py), each beside
+    its baseline file when there is one (_baseline_of)."""
+    out: list[str] = []
+    for p in sorted(results.glob("serving_pack_cpu*.json")):
+        cur = _load(p)
+        if cur is None or re.fullmatch(r"[0-9a-f]{7,40}", p.stem.rsplit("_", 1)[-1]):
+            continue
+        base = _baseline_of(results, p)
+        if not out:
+            out += ["", "**Packing deltas for serving, on the host** (`bench/serving/pack_speed.py`: every start packs its "
+                    "deltas on the CPU before they go to the device; seconds per delta at 16x, best of the repeats, "
+                    "against the same command on older code where kept):", ""]
+        out += [f"{_rel(p)}: {cur['shape']} shape, {cur['device']}, {cur['date'][:10]}", "",
+                f"| delta | layout | {cur['commit']} |" + (f" {base['commit'].split(' ')[0]} |" if base else ""),
+                "|---|---|---|" + ("---|" if base else "")]
+        old = {(r["delta"], r["layout"]): r["seconds"] for r in (base or {}).get("packs", [])}
+        for r in cur["packs"]:
+            prev = old.get((r["delta"], r["layout"]))
+            out.append(f"| {r['delta']} | {r['layout']} | {r['seconds']:.2f} s |"
+                       + ((" – |" if prev is None else f" {prev:.2f} s |") if base else ""))
+        out.append("")
+    path = results / "serving_detok_cpu.json"
+    det = _load(path)
+    if det:
+        base = _baseline_of(results, path)
+        old = {r["output_tokens"]: r for r in (base or {}).get("steps", [])}
+        out += ["", f"**Detokenization per decode step** (`bench/serving/detok_speed.py`, {det['device']}, "
+                f"{det['date'][:10]}: {det['rows']} rows, {det['tokenizer']}'s tokenizer; ms of host time per step, "
+                "mean over the output / over its last 100 tokens):", "",
+                "| output tokens | now |" + (f" {base['commit'].split(' (')[0]} |" if base else ""),
+                "|---|---|" + ("---|" if base else "")]
+        for r in det["steps"]:
+            o = old.get(r["output_tokens"])
+            out.append(f"| {r['output_tokens']} | {r['ms_per_step']:.2f} / {r['ms_per_step_last_100']:.2f} |"
+                       + (f" {o['ms_per_step']:.2f} / {o['ms_per_step_last_100']:.2f} |" if o else ""))
+    return out
+
+
 def merged_lines(md: dict | None) -> list[str]:
     """k = 1 (every row one tenant's) on the merged copy against the delta kernels and the base
     (bench/serving/merged.py)."""
@@ -274,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += bench_lines(sv, live)
         lines += coldstart_lines(sv)
     lines += merged_lines(_load(args.merged))
+    lines += host_lines(RESULTS)
     lines += constrained_lines(_load(args.constrained))
     tmp = args.out.with_name(args.out.name + ".part")
     tmp.write_text("\n".join(lines) + "\n")
