@@ -5,8 +5,8 @@
 #     mkdir -p bench/results/quality_parts && cp <files_at>/quality-*.json <files_at>/finetune.json bench/results/quality_parts/
 #     python bench/quality/report.py --merge bench/results/quality_parts/quality-*.json
 #
-# One-time preparation on this machine, in every fresh checkout: `bash scripts/gpu_carry.sh` makes .gpu/smol.part.aa (the first 42 MiB of the GGUF of
-# SmolLM2-135M-Instruct), .gpu/smol.part.ab (the rest; `cat aa ab` has sha256 b179c9523d0e6a0f...), .gpu/whl/ (gguf,
+# One-time preparation on this machine, in every fresh checkout: `bash scripts/gpu_carry.sh` makes
+# .gpu/smol.part.aa (the first 42 MiB of the GGUF of SmolLM2-135M-Instruct), .gpu/smol.part.ab (the rest; `cat aa ab` has sha256 b179c9523d0e6a0f...), .gpu/whl/ (gguf,
 # pydantic, pydantic-core, annotated-types, typing-inspection, typing-extensions>=4.16), .gpu/whl2/ (zstandard: every
 # compression needs it) and .gpu/whl4/ (fastapi, uvicorn, click...: the serving benchmarks). A call carries at most
 # 64 MiB with the tree (~8.5 MiB): part aa + all wheels ~60 MiB, part ab ~61 MiB. The split is chosen so that the

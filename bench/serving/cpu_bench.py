@@ -17,7 +17,8 @@ def record(script: str, threads: int, **figures) -> dict:
     """The command (this process's own arguments), the CPU, the date, the commit (`-dirty` with local changes)."""
     return {
         "command": f"PYTHONPATH=src python bench/serving/{script} " + " ".join(sys.argv[1:]),
-        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {threads} torch threads",
+        "device": (f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
+                   f"{threads} torch threads"),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "commit": subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
                                  cwd=ROOT).stdout.strip(),

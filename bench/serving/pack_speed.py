@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/deltapack_coldstart"), help="models (kept, reused)")
     ap.add_argument("--shape", choices=["smollm", "7b-layer"], default="smollm")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--compress-device", default="cpu", help="where the deltas are compressed (once; cuda on a GPU host)")
+    ap.add_argument("--compress-device", default="cpu",
+                    help="where the deltas are compressed (once; cuda on a GPU host)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)

@@ -26,7 +26,6 @@ class TextStream:
         self.include_stop = include_stop  # the stop string itself ends the returned text (vLLM's include_stop_str_in_output)
         self.stop_from = 0  # stop strings count only when they end past this character (min_tokens)
         self.all_ids = list(prompt_ids[-CONTEXT_TOKENS:])  # the context, then the output's tokens
-        self.ids: list[int] = []
         # all_ids[prefix_offset:read_offset]: tokens already turned into text, decoded again in front of the new ones
         self.prefix_offset, self.read_offset = 0, len(self.all_ids)
         self.emitted = 0  # characters of the output text already released
@@ -65,7 +64,6 @@ class TextStream:
         (before min_tokens) stop strings are not looked for, and none ending in the text so far will count."""
         if self.stopped:
             return "", True
-        self.ids.append(token_id)
         self.all_ids.append(token_id)
         text = self._output_text()  # final text + the pending tail (a trailing U+FFFD is held back below)
         if self.stop and not may_stop:
