@@ -69,7 +69,9 @@ def test_health_reports_startup_phases(pair):
         assert st["ready_s"] is not None  # ServerThread marks it once the socket listens
         for phase in ("base load", "deltas", "engine"):
             assert phase in st["phases"]
-        assert set(st["notes"]["deltas"]) == {"verify_s", "fingerprint_wait_s", "pack_s", "prepack_s", "prepack_wait_s"}
+        assert set(st["notes"]["deltas"]) == {"verify_s", "fingerprint_wait_s", "pack_s", "prepack_s", "prepack_wait_s",
+                                              "pack_device", "device_pack_fallbacks"}
+        assert st["notes"]["deltas"]["pack_device"] == "host"  # the default, and a CPU server's only choice
         steps = st["notes"]["base load"]  # where the base load went, step by step
         assert set(steps) == {"import_s", "read_s", "to_device_s", "wrap_s", "tokenizer_s"}
         assert sum(steps.values()) <= st["phases"]["base load"] + 1e-3

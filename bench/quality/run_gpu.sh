@@ -30,7 +30,12 @@
 #        timeout 150 python3 bench/serving/pack_speed.py --shape 7b-layer --threads 16 --compress-device cuda \
 #            --work /root/p7b --out $OUT/serving_pack_h100host_7b_layer.json   (a GPU host's CPU packing one 7B-wide
 #        layer: x32 is what a 7B delta costs at a server's start; on this 2-core machine 2-4 s a layer for dare and
-#        deltadq, bench/results/serving_pack_cpu_7b_layer.json)
+#        deltadq, bench/results/serving_pack_cpu_7b_layer.json); then the same on the GPU (serve --pack-device auto):
+#        timeout 60 python3 bench/serving/pack_speed.py --shape 7b-layer --work-device cuda --compress-device cuda \
+#            --work /root/p7b --out $OUT/serving_pack_h100_7b_layer.json
+#        and a warm start packing on the GPU (its default may become auto once this is measured):
+#        timeout 100 python3 bench/serving/coldstart.py --shape smollm --runs warm --max-batch 64 --timeout 90 \
+#            --serve-arg=--pack-device --serve-arg=auto --out $OUT/coldstart_pack_gpu.json
 #   2. carry [".gpu/smol.part.ab"]               bash bench/quality/run_gpu.sh finetune --plan PLAN        <= 555 s
 #        six full fine-tunes side by side (saved by 360 s), each task evaluated from the moment its fine-tune is
 #        saved until 540 s (parts tagged "ft"); `finetune --no-eval` for the fine-tunes alone (<= 360 s)

@@ -26,7 +26,8 @@ import torch
 
 from deltapack.errors import FormatError
 from deltapack.format.codecs import FactorsCodec, LoraCodec, SparseCodec, decode_entry, get_codec
-from deltapack.kernels import DeltaKernels, LayerDeltas, PackedDelta, TokenSlots, register_backend, rows_with_growth, sign_parts
+from deltapack.kernels import (DeltaKernels, LayerDeltas, PackedDelta, TokenSlots, parts_device, register_backend,
+                               rows_with_growth, sign_parts)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def csr_from_positions(
     """CSR parts from (row, col, value) triples sorted row-major. Column indices are int16 when the matrix is at most
     32768 columns wide (index bytes are most of a sparse delta's resident size), row pointers int32."""
     counts = torch.bincount(rows, minlength=m)
-    crow = torch.zeros(m + 1, dtype=torch.int64)
+    crow = torch.zeros(m + 1, dtype=torch.int64, device=rows.device)
     crow[1:] = torch.cumsum(counts, 0)
     ptr_t = torch.int32 if cols.numel() < 2**31 else torch.int64
     n = int(cols.max()) + 1 if n is None and cols.numel() else (n or 0)
@@ -90,16 +91,17 @@ def csr_from_positions(
 @packer("sparse")
 def _pack_sparse(params, parts, shape, dtype) -> PackedDelta:
     m, n = shape
-    pos = SparseCodec.positions(params, shape)
+    dev = parts_device(parts)
+    pos = SparseCodec.positions(params, shape, dev)
     if params["mask"] == "bernoulli":
         rc = torch.nonzero(pos)  # row-major: the order the values are stored in
         nnz = rc.shape[0]
-        vals = SparseCodec.values(params, parts, 1, nnz).view(-1) if nnz else torch.zeros(0)
+        vals = SparseCodec.values(params, parts, 1, nnz).view(-1) if nnz else torch.zeros(0, device=dev)
         csr = csr_from_positions(rc[:, 0], rc[:, 1], vals, m, dtype, n)
     else:
         k = pos.shape[1]
         vals = SparseCodec.values(params, parts, m, k)
-        rows = torch.arange(m).repeat_interleave(k)
+        rows = torch.arange(m, device=dev).repeat_interleave(k)
         csr = csr_from_positions(rows, pos.reshape(-1), vals.reshape(-1), m, dtype, n)
     return PackedDelta("sparse", shape, csr, {"nnz": int(csr["col"].numel())})
 
@@ -110,7 +112,8 @@ def _pack_deltadq(params, parts, shape, dtype) -> PackedDelta:
     try:
         from deltapack.format import codec_deltadq as dq
 
-        hi, lo = dq.positions(params, shape)
+        dev = parts_device(parts)
+        hi, lo = dq.positions(params, shape, dev)
         vals = dq.decode_values(params, parts, shape).float().reshape(-1)
     except (ImportError, AttributeError, TypeError) as e:  # codec module changed shape: stay correct, lose layout
         log.warning("deltadq packer unavailable (%s): decoding instead", e)
@@ -118,7 +121,8 @@ def _pack_deltadq(params, parts, shape, dtype) -> PackedDelta:
     m = shape[0]
     rows_hi = hi.shape[0]
     rows = torch.cat(
-        [torch.arange(rows_hi).repeat_interleave(hi.shape[1]), torch.arange(rows_hi, m).repeat_interleave(lo.shape[1])]
+        [torch.arange(rows_hi, device=dev).repeat_interleave(hi.shape[1]),
+         torch.arange(rows_hi, m, device=dev).repeat_interleave(lo.shape[1])]
     )
     cols = torch.cat([hi.reshape(-1), lo.reshape(-1)])
     if vals.numel() != cols.numel():

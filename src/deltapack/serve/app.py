@@ -107,6 +107,7 @@ def build_server(
     clock: StartupClock | None = None,
     merged_bytes: int | str | None = 0,
     prepack: bool | None = None,
+    pack_device: str = "host",
 ) -> ServerState:
     """Load the base, register the deltas, start the engine thread. `compiler` (a deltapack.kernels.compile.
     KernelCompiler): Triton kernel variants compile on it in the background while their launches run on the torch
@@ -116,7 +117,10 @@ def build_server(
     (the default: its CUDA-graph path has not run on a GPU yet), "auto" = on a GPU as much as free memory allows
     beyond the tiers', KV cache's and a headroom; off on a CPU. `prepack`: pack the deltas in background threads
     while the base loads (None: where the host has PREPACK_MIN_CPUS cores or more; on a small host they would
-    compete with the load for the same cores)."""
+    compete with the load for the same cores). `pack_device`: "host" packs the deltas on the CPU; "auto" on the
+    serving device when it is a GPU (tiers.pack_tensor's work_device)."""
+    if pack_device not in ("host", "auto"):
+        raise DeltapackError(f"--pack-device must be host or auto, got {pack_device!r}")
     clock = clock or StartupClock(since_process_start=False)
     with clock.phase("imports"):  # torch and our kernels: already imported by the CLI, not by tests
         from deltapack.serve.model import ModelRunner
@@ -143,7 +147,7 @@ def build_server(
         # the deltas pack beside the base load (transformers' import and the weights' read are most of it) instead
         # of after it: packing needs only the dtype and the kernel backend, both known before the model exists
         with clock.phase("prepack start"):
-            backend, prepacked = _start_prepacks(base, [p for _, p in deltas], device, dtype, kernels)
+            backend, prepacked = _start_prepacks(base, [p for _, p in deltas], device, dtype, kernels, pack_device)
     base_steps: dict[str, float] = {}
     try:
         with clock.phase("base load"):
@@ -157,7 +161,8 @@ def build_server(
     if compiler is not None and hasattr(runner.state.kernels, "compiler"):
         runner.state.kernels.compiler = compiler
     name = served_model_name or str(base)
-    tiers = DeltaTiers(runner, device_bytes=gpu_delta_bytes, host_bytes=cpu_delta_bytes, base_name=name)
+    tiers = DeltaTiers(runner, device_bytes=gpu_delta_bytes, host_bytes=cpu_delta_bytes, base_name=name,
+                       pack_device=work_device(pack_device, runner.device))
     if fingerprint is not None:
         tiers.use_fingerprint(fingerprint)
     tiers.use_prepacked(prepacked)
@@ -169,7 +174,13 @@ def build_server(
     try:
         with clock.phase("deltas"):
             tiers.register_many(list(deltas), verify_base=verify_base)  # prepared in parallel threads
-        clock.notes["deltas"] = dict(tiers.timings)  # summed over the threads: where the deltas' time went
+        # summed over the threads: where the deltas' time went; and where they were packed
+        from deltapack.serve.tiers import PACK_STATS
+
+        clock.notes["deltas"] = dict(tiers.timings, pack_device=str(tiers.pack_device or "host"),
+                                     device_pack_fallbacks=PACK_STATS["device_fallbacks"])
+        if tiers.pack_device is not None:  # the packs' temporaries, kept by the caching allocator, would count as
+            torch.cuda.empty_cache()  # used memory where the KV cache and merged copies are sized from free memory
     except BaseException:
         tiers.close()
         raise
@@ -186,7 +197,12 @@ PREPACK_MIN_CPUS = 8  # a GPU server's host; on this project's 2-core CPU machin
 # the base load needed, and the start got no faster
 
 
-def _start_prepacks(base: str, paths: list, device: str, dtype: str, kernels: str):
+def work_device(pack_device: str, device: torch.device) -> torch.device | None:
+    """Where deltas are packed (tiers.pack_tensor's work_device): the serving GPU for "auto", else the host (None)."""
+    return device if pack_device == "auto" and device.type == "cuda" else None
+
+
+def _start_prepacks(base: str, paths: list, device: str, dtype: str, kernels: str, pack_device: str = "host"):
     """(kernel backend, {path: future}) for build_server: the backend the model will use, made now, and the deltas'
     packing started on it. Anything that stops this (a base or option the model load will refuse) leaves the
     packing to registration, and the error to the model load."""
@@ -198,7 +214,8 @@ def _start_prepacks(base: str, paths: list, device: str, dtype: str, kernels: st
     try:
         dev = resolve_device(device)
         backend = get_kernels(kernels, dev)
-        return backend, start_prepacks(paths, serving_dtype(dtype, dev, open_model(base)), backend)
+        return backend, start_prepacks(paths, serving_dtype(dtype, dev, open_model(base)), backend,
+                                       work_device=work_device(pack_device, dev))
     except Exception as e:  # noqa: BLE001 -- an optimisation only: registration packs and reports
         log.debug("deltas not packed ahead of the base load: %s", e)
         return kernels, {}

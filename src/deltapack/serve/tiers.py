@@ -100,10 +100,16 @@ def _check_finite(name: str, tname: str, p: PackedDelta) -> None:
 
 
 def pack_tensor(d: DeltaDir, tname: str, dtype: torch.dtype, kernels, device, base_source=None,
-                label: str | None = None) -> PackedDelta | None:
+                label: str | None = None, work_device=None) -> PackedDelta | None:
     """One tensor of a delta whose shards `d` holds verified (load_verified), packed for `kernels` in `dtype` on
     `device`. A lossless tensor (bits against the base) needs the base's tensor: None without `base_source`.
-    `label`: the delta's name in errors (default: its directory)."""
+    `label`: the delta's name in errors (default: its directory).
+
+    `work_device`: where the packing itself runs; default the host. On a GPU, the parts go there and every tensor
+    of the layout is made there (the packers follow their inputs' device), then the layout moves to `device`: on the
+    host, a sparse delta's seeded masks hash every element of its matrices, 70-140 s per 7B delta on two cores
+    (bench/results/serving_pack_cpu_7b_layer.json). Lossless tensors (decoded against the base) pack on the host,
+    and so does a tensor the device has no memory for (counted in PACK_STATS, logged)."""
     te = d.entry(tname)
     shape = list(te.shape)
     if te.base_rows is not None:
@@ -121,14 +127,28 @@ def pack_tensor(d: DeltaDir, tname: str, dtype: torch.dtype, kernels, device, ba
         parts = {"values": full[: shape[0]].reshape(shape)}
         new_rows = full[shape[0]:] if te.base_rows is not None else None
         codec, params = "dense", {}
+        work_device = None
     else:
         parts = d.parts(tname)
         new_rows = parts.pop("new_rows", None)
-    # thread-safe in every backend (the Triton one locks only its launch masks): deltas pack in parallel
-    p = kernels.pack(codec, params, parts, tuple(shape), dtype=dtype, device=device)
+    p = None
+    if work_device is not None and torch.device(work_device).type != "cpu":
+        try:
+            p = kernels.pack(codec, params, {k: v.to(work_device) for k, v in parts.items()}, tuple(shape),
+                             dtype=dtype, device=device)
+        except torch.OutOfMemoryError:
+            PACK_STATS["device_fallbacks"] += 1
+            log.warning("delta %s: no memory on %s to pack %s there; packed on the host", label or d.path,
+                        work_device, tname)
+    if p is None:
+        # thread-safe in every backend (the Triton one locks only its launch masks): deltas pack in parallel
+        p = kernels.pack(codec, params, parts, tuple(shape), dtype=dtype, device=device)
     if new_rows is not None:
         p.extra_rows = new_rows.to(dtype).reshape(-1, shape[1]).to(device)
     return p
+
+
+PACK_STATS = {"device_fallbacks": 0}  # tensors a work device had no memory to pack (pack_tensor), process-wide
 
 
 @dataclass
@@ -142,21 +162,23 @@ class Prepacked:
     seconds: float
 
 
-def prepack(path: str | Path, dtype: torch.dtype, kernels) -> Prepacked:
-    """Read, verify (sha256 of every shard) and pack a delta's tensors on the CPU, without the served model."""
+def prepack(path: str | Path, dtype: torch.dtype, kernels, work_device=None) -> Prepacked:
+    """Read, verify (sha256 of every shard) and pack a delta's tensors into host memory, without the served model
+    (the packing itself on `work_device`, see pack_tensor)."""
     t0 = time.perf_counter()
     d = DeltaDir.open(path)
     d.check(shards=False)
     d.load_verified()
     try:
-        packed = {tname: pack_tensor(d, tname, dtype, kernels, "cpu") for tname in d.manifest.tensors}
+        packed = {tname: pack_tensor(d, tname, dtype, kernels, "cpu", work_device=work_device)
+                  for tname in d.manifest.tensors}
     finally:
         d.drop_verified()
     return Prepacked(dtype, kernels, packed, time.perf_counter() - t0)
 
 
 def start_prepacks(paths: list[str | Path], dtype: torch.dtype, kernels,
-                   workers: int | None = None) -> dict[str, Future]:
+                   workers: int | None = None, work_device=None) -> dict[str, Future]:
     """`prepack` every delta in background threads (reads, hashing, decoding and packing release the GIL; default
     one thread per 4 CPU cores, torch's own ops use several): {resolved path: future}, for
     DeltaTiers.use_prepacked. peft adapters are left out (they are converted at registration)."""
@@ -165,7 +187,7 @@ def start_prepacks(paths: list[str | Path], dtype: torch.dtype, kernels,
         return {}
     n = workers if workers is not None else (os.cpu_count() or 1) // 4
     pool = ThreadPoolExecutor(max(1, min(n, len(todo))), thread_name_prefix="deltapack-prepack")
-    futures = {p: pool.submit(prepack, p, dtype, kernels) for p in dict.fromkeys(todo)}
+    futures = {p: pool.submit(prepack, p, dtype, kernels, work_device) for p in dict.fromkeys(todo)}
     pool.shutdown(wait=False)  # the threads end with their work; the futures keep the results
     return futures
 
@@ -176,8 +198,10 @@ def _config_diff(base: dict, tenant: dict) -> list[str]:
 
 
 class DeltaTiers:
-    def __init__(self, runner, *, device_bytes: int, host_bytes: int, base_name: str = "base"):
+    def __init__(self, runner, *, device_bytes: int, host_bytes: int, base_name: str = "base",
+                 pack_device: torch.device | None = None):
         self.runner = runner
+        self.pack_device = pack_device  # where deltas are packed (pack_tensor's work_device); None: the host
         self.base_name = base_name
         self.budget = {"device": int(device_bytes), "host": int(host_bytes)}
         self.lock = FairRLock()  # the engine takes it every step; admin calls must still get their turn
@@ -390,7 +414,7 @@ class DeltaTiers:
         packed: dict[str, PackedDelta] = {}
         for tname in t.placements:
             packed[tname] = self._placed(t, tname, pack_tensor(t.delta, tname, r.dtype, r.state.kernels, device,
-                                                             r.source, label=t.name))
+                                                             r.source, label=t.name, work_device=self.pack_device))
         return packed
 
     @staticmethod

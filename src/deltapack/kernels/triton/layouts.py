@@ -43,7 +43,7 @@ import torch
 from deltapack.errors import FormatError
 from deltapack.format.codecs import decode_entry, get_codec, lora_as_factors
 from deltapack.format.packing import packed_row_bytes, unpack_bits
-from deltapack.kernels import PackedDelta, rows_with_growth, sign_parts
+from deltapack.kernels import PackedDelta, parts_device, rows_with_growth, sign_parts
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,11 @@ def pack_code_parts(codes: torch.Tensor, bits: int) -> torch.Tensor:
         if pad:
             part = torch.nn.functional.pad(part, (0, pad))
         part = part.view(rows, -1, per)
-        word = (part << (torch.arange(per, dtype=torch.int64) * w)).sum(-1)  # (rows, words) < 2**32
+        word = (part << (torch.arange(per, dtype=torch.int64, device=codes.device) * w)).sum(-1)  # < 2**32 each
         word = torch.where(word >= (1 << 31), word - _I32, word).to(torch.int32)
         out.append(word.reshape(-1))
         shift += w
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int32)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int32, device=codes.device)
 
 
 def unpack_code_parts(
@@ -121,6 +121,7 @@ def _pad_rows_to_words(packed: torch.Tensor) -> torch.Tensor:
 # ---- packers --------------------------------------------------------------------------------------------------------
 def pack_qfactors(params: dict, parts: dict[str, torch.Tensor], shape: tuple[int, int], dtype: torch.dtype) -> PackedDelta:
     m, n = shape
+    dev = parts_device(parts)
     tensors: dict[str, torch.Tensor] = {}
     meta: dict = {"groups": []}
     groups = [g for g in params.get("groups", []) if int(g["rank"]) > 0]
@@ -131,9 +132,9 @@ def pack_qfactors(params: dict, parts: dict[str, torch.Tensor], shape: tuple[int
     meta["rank"] = z_off
     # stored side -> resident side: A as stored (rows = rank, cols = in); Bt transposed into B (rows = out)
     for side, key, cols, gkey in (("A", "A", n, "group_size"), ("Bt", "B", m, "group_size_bt")):
-        blob = parts.get(f"{side}.codes", torch.zeros(0, dtype=torch.uint8)).reshape(-1).to(torch.uint8)
-        scale = parts.get(f"{side}.scale", torch.zeros(0, dtype=torch.float16)).reshape(-1)
-        zero = parts.get(f"{side}.zero", torch.zeros(0, dtype=torch.float16)).reshape(-1)
+        blob = parts.get(f"{side}.codes", torch.zeros(0, dtype=torch.uint8, device=dev)).reshape(-1).to(torch.uint8)
+        scale = parts.get(f"{side}.scale", torch.zeros(0, dtype=torch.float16, device=dev)).reshape(-1)
+        zero = parts.get(f"{side}.zero", torch.zeros(0, dtype=torch.float16, device=dev)).reshape(-1)
         floats = parts.get(f"{side}.float")
         words, info, fl = [], [], []
         w_off = c_off = s_off = f_row = 0
@@ -160,10 +161,10 @@ def pack_qfactors(params: dict, parts: dict[str, torch.Tensor], shape: tuple[int
             s_off += r * ng
         for gm, i in zip(meta["groups"], info):
             gm[key] = i
-        tensors[f"{key}.words"] = torch.cat(words) if words else torch.zeros(0, dtype=torch.int32)
+        tensors[f"{key}.words"] = torch.cat(words) if words else torch.zeros(0, dtype=torch.int32, device=dev)
         tensors[f"{key}.scale"] = scale[:s_off].to(torch.float16).contiguous()
         tensors[f"{key}.zero"] = zero[:s_off].to(torch.float16).contiguous()
-        f = torch.cat(fl, 0) if fl else torch.zeros(0, cols)
+        f = torch.cat(fl, 0) if fl else torch.zeros(0, cols, device=dev)
         tensors[f"{key}.float"] = (f if side == "A" else f.T).to(dtype).contiguous()  # A: (r16, in); B: (out, r16)
     return PackedDelta("qfactors", (m, n), tensors, meta)
 
@@ -181,29 +182,30 @@ def pack_sign32(params: dict, parts: dict[str, torch.Tensor], shape: tuple[int, 
 def ell_from_csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int], dtype) -> PackedDelta:
     """CSR (row pointers, columns, values) -> the ELL tile layout (see the module docstring)."""
     m, n = shape
+    dev = crow.device
     crow = crow.to(torch.int64)
     counts = crow[1:] - crow[:-1]
     tiles = (m + ELL_ROWS - 1) // ELL_ROWS
-    padded = torch.zeros(tiles * ELL_ROWS, dtype=torch.int64)
+    padded = torch.zeros(tiles * ELL_ROWS, dtype=torch.int64, device=dev)
     padded[:m] = counts
     cap = padded.view(tiles, ELL_ROWS).amax(1)
-    tile_off = torch.zeros(tiles + 1, dtype=torch.int64)
+    tile_off = torch.zeros(tiles + 1, dtype=torch.int64, device=dev)
     tile_off[1:] = torch.cumsum(cap * ELL_ROWS, 0)
     total = int(tile_off[-1])
     if total >= 2**31:
         raise FormatError(f"sparse delta of shape {list(shape)} has too many entries for the ELL layout")
     col_t = torch.int16 if n <= 32767 else torch.int32
-    col_out = torch.full((total,), -1, dtype=col_t)
-    val_out = torch.zeros(total, dtype=dtype)
+    col_out = torch.full((total,), -1, dtype=col_t, device=dev)
+    val_out = torch.zeros(total, dtype=dtype, device=dev)
     nnz = col.numel()
     if nnz:
         # entry i of row r (i counted from the matrix's first entry) goes to tile_off[r // ELL_ROWS] + r % ELL_ROWS
         # + (i - crow[r]) * ELL_ROWS: a per-row constant (m numbers) spread over the row's entries plus i * ELL_ROWS,
         # instead of gathers over every entry (4x faster on a CPU, where the deltas pack at every start)
-        r = torch.arange(m)
+        r = torch.arange(m, device=dev)
         row_const = tile_off[r // ELL_ROWS] + r % ELL_ROWS - crow[:-1] * ELL_ROWS
         pos = torch.repeat_interleave(row_const, counts, output_size=nnz)
-        pos += torch.arange(0, nnz * ELL_ROWS, ELL_ROWS)
+        pos += torch.arange(0, nnz * ELL_ROWS, ELL_ROWS, device=dev)
         col_out[pos] = col.to(col_t)
         val_out[pos] = values.to(dtype)
     return PackedDelta(
