@@ -63,12 +63,16 @@ def test_every_packer_makes_its_layout_where_its_inputs_are(deltas, backend):
     codecs = set()
     for method, path in deltas.items():
         for tname, codec, params, parts, shape in _packs(path):
-            codecs.add(codec)
-            plain = pack(codec, params, parts, shape)
-            with torch.device("meta"):  # a tensor made without following the inputs lands here
-                on_inputs = pack(codec, params, parts, shape)
-            assert _same(plain, on_inputs), (method, tname, codec)
-    assert {"factors", "sparse", "deltadq", "sign", "dense"} <= codecs  # every codec a method stores by default
+            entries = [(codec, params)]
+            if codec == "factors":  # a peft adapter's tensors: factors with a scale (import_lora)
+                entries.append(("lora", dict(params, scale=0.5)))
+            for c, p in entries:
+                codecs.add(c)
+                plain = pack(c, p, parts, shape)
+                with torch.device("meta"):  # a tensor made without following the inputs lands here
+                    on_inputs = pack(c, p, parts, shape)
+                assert _same(plain, on_inputs), (method, tname, c)
+    assert {"factors", "lora", "sparse", "deltadq", "sign", "dense"} <= codecs  # every codec deltapack stores lossily
 
 
 def test_a_device_out_of_memory_packs_on_the_host(deltas, monkeypatch):

@@ -40,6 +40,15 @@ U8, FLOAT, ANY = "u8", "float", "any"
 Layout = dict[str, tuple[str, "int | None"]]  # part -> (kind, element count; None: depends on the data, decode checks)
 
 
+def parts_device(parts: dict[str, torch.Tensor]) -> torch.device:
+    """Where a stored entry's parts are: decoding and packing make their tensors there (on a GPU, the masks' hashing
+    and the layout's scatters are the device's work instead of the host's)."""
+    for t in parts.values():
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
 def pint(params: dict, key: str, lo: int, hi: int | None = None, default=None, *, choices=None) -> int:
     """A codec parameter that must be an int in [lo, hi] (or one of `choices`); bools and strings are refused."""
     v = params.get(key, default)
@@ -207,8 +216,9 @@ class FactorsCodec(Codec):
     def _side(cls, params, parts, side: str, cols: int) -> torch.Tensor:
         key = "group_size" if side == "A" else "group_size_bt"
         blocks = [{"rows": g["rank"], "bits": g["bits"], "group_size": g.get(key) or cols} for g in params["groups"]]
-        empty8 = torch.zeros(0, dtype=torch.uint8)
-        empty16 = torch.zeros(0, dtype=torch.float16)
+        dev = parts_device(parts)
+        empty8 = torch.zeros(0, dtype=torch.uint8, device=dev)
+        empty16 = torch.zeros(0, dtype=torch.float16, device=dev)
         return decode_qblocks(
             blocks,
             cols,

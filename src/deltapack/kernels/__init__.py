@@ -189,15 +189,6 @@ class DeltaKernels(ABC):
         """1-D deltas (biases, norm weights): (T, n) = dv_{slot(t)}, or None when no token has one."""
 
 
-def parts_device(parts: dict[str, torch.Tensor]) -> torch.device:
-    """Where a stored entry's parts are: packing makes every tensor of its layout there (on a GPU, the masks' hashing
-    and the layout's scatters are the device's work instead of the host's)."""
-    for t in parts.values():
-        if isinstance(t, torch.Tensor):
-            return t.device
-    return torch.device("cpu")
-
-
 def sign_parts(params: dict, parts: dict[str, torch.Tensor], shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The sign codec's stored parts, checked: (packed sign rows (planes*m, ceil(n/8)) uint8, scales (planes, 1 or m)
     fp32, planes). Shared by every backend's sign layout."""

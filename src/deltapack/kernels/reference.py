@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 
 from deltapack.errors import FormatError
-from deltapack.format.codecs import FactorsCodec, LoraCodec, SparseCodec, decode_entry, get_codec
-from deltapack.kernels import (DeltaKernels, LayerDeltas, PackedDelta, TokenSlots, parts_device, register_backend,
+from deltapack.format.codecs import FactorsCodec, LoraCodec, SparseCodec, decode_entry, get_codec, parts_device
+from deltapack.kernels import (DeltaKernels, LayerDeltas, PackedDelta, TokenSlots, register_backend,
                                rows_with_growth, sign_parts)
 
 log = logging.getLogger(__name__)

@@ -41,9 +41,9 @@ import logging
 import torch
 
 from deltapack.errors import FormatError
-from deltapack.format.codecs import decode_entry, get_codec, lora_as_factors
+from deltapack.format.codecs import decode_entry, get_codec, lora_as_factors, parts_device
 from deltapack.format.packing import packed_row_bytes, unpack_bits
-from deltapack.kernels import PackedDelta, parts_device, rows_with_growth, sign_parts
+from deltapack.kernels import PackedDelta, rows_with_growth, sign_parts
 
 log = logging.getLogger(__name__)
 
