@@ -101,6 +101,9 @@ class GenRequest:
     last_token_at: float | None = None
     acquired: bool = False
     done: bool = False
+    # this request's (generated tokens counter, inter-token latency histogram): prometheus' labels() lookup, taken
+    # once instead of at every token of every row
+    metric_children: tuple | None = None
 
     @property
     def slot(self) -> int:
@@ -691,11 +694,14 @@ class Engine:
         now = time.monotonic()
         r.output_ids.append(tok)
         if self.metrics:
-            self.metrics.generation_tokens.labels(r.model).inc()
+            if r.metric_children is None:
+                r.metric_children = (self.metrics.generation_tokens.labels(r.model), self.metrics.itl.labels(r.model))
+            tokens, itl = r.metric_children
+            tokens.inc()
             if r.first_token_at is None:
                 self.metrics.ttft.labels(r.model).observe(now - r.arrival)
             else:
-                self.metrics.itl.labels(r.model).observe(now - (r.last_token_at or now))
+                itl.observe(now - (r.last_token_at or now))
         if r.first_token_at is None:
             r.first_token_at = now
         r.last_token_at = now
