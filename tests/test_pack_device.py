@@ -97,3 +97,26 @@ def test_a_device_out_of_memory_packs_on_the_host(deltas, monkeypatch):
     assert calls == [{"meta"}, {"cpu"}]  # tried where asked, then on the host
     assert tiers.PACK_STATS["device_fallbacks"] == before + 1
     assert _same(want, got)
+
+
+def test_pack_device_option_on_a_cpu_server(tmp_path):
+    """--pack-device auto on a CPU server packs on the host (there is no other device) and says so in /health's
+    start-up notes; an unknown value is refused before anything loads."""
+    import httpx
+
+    from deltapack.errors import DeltapackError
+    from deltapack.serve.app import build_server, work_device
+    from deltapack.serve.testing import running_server
+
+    make_llama(tmp_path / "base", hidden=64, vocab=96, dtype=torch.float32)
+    make_finetune(tmp_path / "base", tmp_path / "ft", scale=0.5, seed=5)
+    to_float32(tmp_path / "ft")
+    delta = api.compress(tmp_path / "base", tmp_path / "ft", tmp_path / "delta", method="dare", ratio=4.0,
+                         progress=False)
+    with running_server(tmp_path / "base", [("t", delta)], device="cpu", pack_device="auto") as (state, url):
+        notes = httpx.get(f"{url}/health", timeout=10).json()["startup"]["notes"]["deltas"]
+        assert notes["pack_device"] == "host" and state.tiers.pack_device is None
+    assert work_device("auto", torch.device("cuda", 0)) == torch.device("cuda", 0)
+    assert work_device("host", torch.device("cuda", 0)) is None
+    with pytest.raises(DeltapackError, match="--pack-device"):
+        build_server(str(tmp_path / "base"), [], device="cpu", pack_device="gpu")
