@@ -19,23 +19,23 @@
 #        bash bench/quality/run_gpu.sh setup && <up to ~560 s of model-free work, results under $OUT>; next session:
 #        export PYTHONPATH=/root/site:src PYTHONUNBUFFERED=1; timeout 250 python3 bench/serving/coldstart.py \
 #            --shape smollm --runs cold,warm --max-batch 64 --timeout 100 --out $OUT/coldstart.json; \
-#        timeout 290 python3 bench/serving/live.py --modes graph --requests 300 --timeout-s 150 \
+#        timeout 60 python3 bench/serving/coldstart.py --shape smollm --runs warm --max-batch 64 --timeout 50 \
+#            --serve-arg=--pack-device --serve-arg=auto --out $OUT/coldstart_pack_gpu.json; \
+#        timeout 270 python3 bench/serving/live.py --modes graph --requests 300 --timeout-s 140 \
 #            --out $OUT/serving_live.json                                                                ~15 s + work
 #        (coldstart on 2026-12-08: building the models 55 s, the cold start with its background warm-up ~115 s, so
-#        the warm start did not fit the 170 s given; it now writes each start's record as it ends. The live trace's
-#        engine now splits each decode step's time into launch, wait for the device and accept: its 2026-12-08 run
-#        took 71 ms a step where the measured step costs predict ~50. Since 2026-12-08 (third session) the deltas
-#        pack faster on the host (masks hashed in cache-sized blocks): the records' startup_phases.notes.deltas.pack_s
-#        compares with the 26.9 s of the earlier cold start's printed phases. If time is left in the call:
-#        timeout 150 python3 bench/serving/pack_speed.py --shape 7b-layer --threads 16 --compress-device cuda \
-#            --work /root/p7b --out $OUT/serving_pack_h100host_7b_layer.json   (a GPU host's CPU packing one 7B-wide
-#        layer: x32 is what a 7B delta costs at a server's start; on this 2-core machine 2-4 s a layer for dare and
-#        deltadq, bench/results/serving_pack_cpu_7b_layer.json); then the same on the GPU (serve --pack-device auto):
-#        timeout 60 python3 bench/serving/pack_speed.py --shape 7b-layer --work-device cuda --compress-device cuda \
-#            --work /root/p7b --out $OUT/serving_pack_h100_7b_layer.json
-#        and a warm start packing on the GPU (its default may become auto once this is measured):
-#        timeout 100 python3 bench/serving/coldstart.py --shape smollm --runs warm --max-batch 64 --timeout 90 \
-#            --serve-arg=--pack-device --serve-arg=auto --out $OUT/coldstart_pack_gpu.json
+#        the warm start did not fit the 170 s given; it now writes each start's record as it ends. Since then the
+#        deltas pack faster on the host (masks hashed in cache-sized blocks): startup_phases.notes.deltas.pack_s
+#        compares with the 26.9 s of the earlier cold start's printed phases; the second coldstart.py packs on the GPU
+#        (serve --pack-device auto, whose default may become auto once measured). The live trace's engine splits each
+#        decode step into launch, wait for the device and accept: its 2026-12-08 run took 71 ms a step where the
+#        measured step costs predict ~50.)
+#      With a call to spare (model-free, after call 3), packing one 7B-wide layer on the GPU host's CPU and on its GPU
+#      (x32 is a 7B delta at a server's start; this 2-core machine: 2-4 s a layer for dare and deltadq,
+#      bench/results/serving_pack_cpu_7b_layer.json):
+#        python3 bench/serving/pack_speed.py --shape 7b-layer --threads 16 --compress-device cuda --work /root/p7b \
+#            --out $OUT/serving_pack_h100host_7b_layer.json; python3 bench/serving/pack_speed.py --shape 7b-layer \
+#            --work-device cuda --compress-device cuda --work /root/p7b --out $OUT/serving_pack_h100_7b_layer.json
 #   2. carry [".gpu/smol.part.ab"]               bash bench/quality/run_gpu.sh finetune --plan PLAN        <= 555 s
 #        six full fine-tunes side by side (saved by 360 s), each task evaluated from the moment its fine-tune is
 #        saved until 540 s (parts tagged "ft"); `finetune --no-eval` for the fine-tunes alone (<= 360 s)
