@@ -66,10 +66,10 @@ def register(main: click.Group) -> None:
                        "device tier's budget, the KV cache and 1 GiB (off on a CPU); 0: off (the default until the "
                        "live engine has served with it on a GPU: bench/serving/live.py --modes graph+merged)")
     @click.option("--pack-device", type=click.Choice(["host", "auto"]), default="host", show_default=True,
-                  help="where deltas are packed for the kernels at load: host (the CPU) or auto (the serving GPU, "
-                       "where a sparse delta's seeded masks hash in a fraction of the time: 70-140 s per 7B sparse "
-                       "delta on two host cores; host again on a CPU, for lossless tensors and when the GPU is out "
-                       "of memory). host is the default until a GPU start has been measured with auto")
+                  help="where deltas are packed for the kernels at load: host (the CPU; a 7B sparse delta's "
+                       "seeded masks took 70-140 s there on two cores) or auto (the serving GPU; the host still on a "
+                       "CPU, for lossless tensors and when the GPU is out of memory). host is the default until a "
+                       "GPU start has been measured with auto")
     @click.option("--decode", "decode", type=click.Choice(["auto", "graph", "static", "dynamic"]), default="auto",
                   show_default=True,
                   help="decode steps: graph (rows in a static KV cache, each step a CUDA-graph replay), static (the "
