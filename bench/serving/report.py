@@ -196,10 +196,14 @@ def coldstart_lines(sv: dict) -> list[str]:
     return out
 
 
+def _is_commit(s: str) -> bool:
+    return re.fullmatch(r"[0-9a-f]{7,40}", s) is not None
+
+
 def _baseline_of(results: Path, current: Path) -> dict | None:
     """`<name>_<commit>.json` beside `<name>.json`: the same command run on older code."""
     for f in sorted(results.glob(f"{current.stem}_*.json")):
-        if re.fullmatch(r"[0-9a-f]{7,40}", f.stem[len(current.stem) + 1:]):
+        if _is_commit(f.stem[len(current.stem) + 1:]):
             return _load(f)
     return None
 
@@ -210,7 +214,7 @@ def host_lines(results: Path) -> list[str]:
     out: list[str] = []
     for p in sorted(results.glob("serving_pack_cpu*.json")):
         cur = _load(p)
-        if cur is None or re.fullmatch(r"[0-9a-f]{7,40}", p.stem.rsplit("_", 1)[-1]):
+        if cur is None or _is_commit(p.stem.rsplit("_", 1)[-1]):
             continue
         base = _baseline_of(results, p)
         if not out:

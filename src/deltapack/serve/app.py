@@ -55,7 +55,7 @@ from deltapack.serve.protocol import (
 from deltapack.serve.sampling import SamplingParams
 from deltapack.serve.startup import StartupClock, in_background
 from deltapack.serve.text import token_text
-from deltapack.serve.tiers import ConflictError, DeltaTiers, Tenant, TooLargeError
+from deltapack.serve.tiers import PACK_STATS, ConflictError, DeltaTiers, Tenant, TooLargeError
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,6 @@ def build_server(
         with clock.phase("deltas"):
             tiers.register_many(list(deltas), verify_base=verify_base)  # prepared in parallel threads
         # summed over the threads: where the deltas' time went; and where they were packed
-        from deltapack.serve.tiers import PACK_STATS
-
         clock.notes["deltas"] = dict(tiers.timings, pack_device=str(tiers.pack_device or "host"),
                                      device_pack_fallbacks=PACK_STATS["device_fallbacks"])
         if tiers.pack_device is not None:  # the packs' temporaries, kept by the caching allocator, would count as

@@ -20,7 +20,6 @@ MAX_PENDING_TOKENS = 16  # tokens that have not formed a character yet, at most,
 class TextStream:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None, skip_special_tokens: bool = True,
                  include_stop: bool = False):
-        self.tok = tokenizer
         # a fast tokenizer's own (Rust) decode is what its decode() returns when it cleans up no spaces, without
         # ~10 us of Python argument handling a call (two calls per token of every row)
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -54,12 +53,10 @@ class TextStream:
 
     def _output_text(self) -> str:
         added, final = self._pending()
-        if final:
+        # past MAX_PENDING_TOKENS, text that never becomes final (bytes that form no character, a run of skipped
+        # special tokens) is taken as decoded: the window stays bounded
+        if final or len(self.all_ids) - self.read_offset > MAX_PENDING_TOKENS:
             self.text += added
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.all_ids)
-            return self.text
-        if len(self.all_ids) - self.read_offset > MAX_PENDING_TOKENS:  # never final (bytes that form no character,
-            self.text += added  # a run of skipped special tokens): released as decoded, the window kept bounded
             self.prefix_offset, self.read_offset = self.read_offset, len(self.all_ids)
             return self.text
         return self.text + added  # the caller holds back a trailing U+FFFD

@@ -99,6 +99,9 @@ def _check_finite(name: str, tname: str, p: PackedDelta) -> None:
             raise FormatError(f"delta {name}: tensor {tname} holds non-finite values (NaN or inf) once decoded; refusing to serve it")
 
 
+PACK_STATS = {"device_fallbacks": 0}  # tensors a work device had no memory to pack (pack_tensor), process-wide
+
+
 def pack_tensor(d: DeltaDir, tname: str, dtype: torch.dtype, kernels, device, base_source=None,
                 label: str | None = None, work_device=None) -> PackedDelta | None:
     """One tensor of a delta whose shards `d` holds verified (load_verified), packed for `kernels` in `dtype` on
@@ -146,9 +149,6 @@ def pack_tensor(d: DeltaDir, tname: str, dtype: torch.dtype, kernels, device, ba
     if new_rows is not None:
         p.extra_rows = new_rows.to(dtype).reshape(-1, shape[1]).to(device)
     return p
-
-
-PACK_STATS = {"device_fallbacks": 0}  # tensors a work device had no memory to pack (pack_tensor), process-wide
 
 
 @dataclass
